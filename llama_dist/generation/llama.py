@@ -1,0 +1,134 @@
+"""The Llama class: Meta's generation API (build, text_completion, chat_completion) on any backend.
+
+SPMD with one driver: every rank runs these methods with the same arguments; rank 0 tokenizes
+and samples, and broadcasts prompt ids and each chosen token, so ranks can never drift apart.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TypedDict
+
+import torch
+import torch.nn.functional as F
+
+from ..checkpoint.loader import load_model, open_checkpoint
+from ..distributed.context import ParallelContext, init_distributed
+from ..model.transformer import Transformer
+from ..tokenizer import Tokenizer, check_vocab, load_tokenizer
+from ..tokenizer.chat import Dialog, encode_llama2_dialog
+from .sampling import sample
+
+PAD = -1  # never fed to the model: positions past a prompt's end are filled before they are read
+
+
+class CompletionPrediction(TypedDict, total=False):
+    generation: str
+    tokens: list[str]
+    logprobs: list[float]
+
+
+class ChatPrediction(TypedDict, total=False):
+    generation: dict
+    tokens: list[str]
+    logprobs: list[float]
+
+
+class Llama:
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: ParallelContext, seed: int = 1):
+        self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
+        self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
+
+    @staticmethod
+    def build(ckpt_dir: str | Path, tokenizer_path: str | Path, max_seq_len: int = 512, max_batch_size: int = 8,
+              backend: str = "auto", device: str | None = None, dtype: str | torch.dtype | None = None,
+              seed: int = 1, ctx: ParallelContext | None = None) -> "Llama":
+        """Validate everything cheap first (paths, shapes, world size, tokenizer), then load this rank's shard."""
+        source = open_checkpoint(ckpt_dir)
+        tokenizer = load_tokenizer(tokenizer_path)
+        check_vocab(tokenizer, source.args.vocab_size)
+        ctx = ctx or init_distributed(backend, device)
+        source.args.check_world_size(ctx.world_size)
+        start = time.perf_counter()
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        model = load_model(source, ctx, dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        if ctx.is_driver:
+            print(f"Loaded {source.format} checkpoint {ckpt_dir} on {ctx.world_size} rank(s) "
+                  f"({ctx.backend}, {ctx.device}, {model.output.weight.dtype}) in {time.perf_counter() - start:.2f} s")
+        return Llama(model, tokenizer, ctx, seed)
+
+    @property
+    def is_driver(self) -> bool:
+        return self.ctx.is_driver
+
+    @torch.inference_mode()
+    def generate(self, prompt_tokens: list[list[int]], max_gen_len: int, temperature: float = 0.6,
+                 top_p: float = 0.9, logprobs: bool = False, echo: bool = False
+                 ) -> tuple[list[list[int]], list[list[float]] | None]:
+        """Batched generation from prompts of different lengths; each stops at a stop token or max_gen_len."""
+        prompt_tokens = self.ctx.comm.broadcast_object(prompt_tokens)
+        model, device = self.model, self.ctx.device
+        bsz = len(prompt_tokens)
+        if not 0 < bsz <= model.max_batch_size:
+            raise ValueError(f"{bsz} prompts given; this model was built for 1 to {model.max_batch_size} "
+                             "(raise max_batch_size).")
+        lengths = [len(p) for p in prompt_tokens]
+        if min(lengths) == 0:
+            raise ValueError("An empty prompt cannot be completed: give at least one token.")
+        if max(lengths) >= model.max_seq_len:
+            raise ValueError(f"A prompt of {max(lengths)} tokens does not fit the context of {model.max_seq_len} "
+                             "tokens with room to generate; shorten it or raise max_seq_len.")
+        total_len = min(model.max_seq_len, max_gen_len + max(lengths))
+        tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=device)
+        for i, p in enumerate(prompt_tokens):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        is_prompt = tokens != PAD
+        token_logprobs = torch.zeros(bsz, total_len, device=device) if logprobs else None
+        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), device=device)
+        stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
+        prev_pos = 0
+        for cur_pos in range(min(lengths), total_len):
+            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            next_token = sample(logits[:, -1], temperature, top_p, self.generator)
+            next_token = self.ctx.comm.broadcast(next_token, src=0)
+            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
+            tokens[:, cur_pos] = next_token
+            if logprobs:
+                token_logprobs[:, prev_pos + 1:cur_pos + 1] = -F.cross_entropy(
+                    logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none", ignore_index=PAD)
+            stopped |= ~is_prompt[:, cur_pos] & torch.isin(next_token, stop_ids)
+            prev_pos = cur_pos
+            if bool(stopped.all()):
+                break
+        out_tokens, out_logprobs = [], []
+        for i, n in enumerate(lengths):
+            start = 0 if echo else n
+            row = tokens[i, start:prev_pos + 1].tolist()
+            cut = next((j for j, t in enumerate(row) if j + start >= n and t in self.tokenizer.stop_ids), len(row))
+            out_tokens.append(row[:cut])
+            if logprobs:
+                out_logprobs.append(token_logprobs[i, start:start + cut].tolist())
+        return out_tokens, (out_logprobs if logprobs else None)
+
+    def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: int | None = None, logprobs: bool = False,
+                        echo: bool = False) -> list[CompletionPrediction]:
+        max_gen_len = max_gen_len or self.model.max_seq_len - 1
+        ids = [self.tokenizer.encode(p, bos=True, eos=False) for p in prompts] if self.is_driver else None
+        tokens, lps = self.generate(ids, max_gen_len, temperature, top_p, logprobs, echo)
+        return [self._prediction({"generation": self.tokenizer.decode(t)}, t, lps[i] if logprobs else None)
+                for i, t in enumerate(tokens)]
+
+    def chat_completion(self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9,
+                        max_gen_len: int | None = None, logprobs: bool = False) -> list[ChatPrediction]:
+        max_gen_len = max_gen_len or self.model.max_seq_len - 1
+        ids = [encode_llama2_dialog(d, self.tokenizer) for d in dialogs] if self.is_driver else None
+        tokens, lps = self.generate(ids, max_gen_len, temperature, top_p, logprobs)
+        return [self._prediction({"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}},
+                                 t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]
+
+    def _prediction(self, base: dict, tokens: list[int], logprobs: list[float] | None) -> dict:
+        if logprobs is not None:
+            base.update(tokens=[self.tokenizer.decode([t]) for t in tokens], logprobs=logprobs)
+        return base

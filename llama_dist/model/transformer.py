@@ -1,0 +1,163 @@
+"""The Llama network (Llama 1/2/3, GQA), written once for any tensor-parallel size.
+
+Reads top to bottom like Meta's llama/model.py: RMSNorm, rotary embeddings in Meta's
+interleaved pair layout, attention with a preallocated KV cache, SwiGLU feed-forward.
+Every projection is a model-parallel layer, so per layer there are exactly two all-reduces
+(after wo and after w2) and one gather for the logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed.comm import Communicator
+from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
+from .args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, dtype=None, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_frequencies(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies, with Llama 3.1's long-context scaling when configured."""
+    freqs = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
+    s = args.rope_scaling
+    if s:
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old_len = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / freqs
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0, 1)
+        freqs = torch.where(wavelen < old_len / high, freqs,
+                            torch.where(wavelen > old_len / low, freqs / factor,
+                                        (1 - smooth) * freqs / factor + smooth * freqs))
+    return freqs
+
+
+def rope_table(args: ModelArgs, length: int) -> torch.Tensor:
+    """[length, head_dim/2, 2] table of (cos, sin) per position and pair."""
+    angles = torch.outer(torch.arange(length, dtype=torch.float64), rope_frequencies(args))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [batch, seq, heads, head_dim] by the table's angles [seq, head_dim/2, 2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    cos, sin = table[:, None, :, 0], table[:, None, :, 1]
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
+        super().__init__()
+        tp = comm.world_size
+        self.head_dim = args.head_dim
+        self.n_local_heads = args.n_heads // tp
+        # With more ranks than kv heads, each rank keeps a copy of the one kv head its q heads use.
+        self.n_local_kv_heads = max(1, args.n_kv_heads // tp)
+        self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        kw = dict(comm=comm, dtype=dtype, device=device)
+        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
+        self.wk = ColumnParallelLinear(args.dim, self.n_local_kv_heads * tp * self.head_dim, gather_output=False, **kw)
+        self.wv = ColumnParallelLinear(args.dim, self.n_local_kv_heads * tp * self.head_dim, gather_output=False, **kw)
+        self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
+        self.cache_k: torch.Tensor | None = None
+        self.cache_v: torch.Tensor | None = None
+
+    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
+        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+        self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
+        self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = apply_rotary(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), rope)
+        k = apply_rotary(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rope)
+        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
+        end = start_pos + seqlen
+        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
+        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
+        keys, values = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]
+        if self.n_rep > 1:
+            keys, values = keys.repeat_interleave(self.n_rep, 1), values.repeat_interleave(self.n_rep, 1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
+        super().__init__()
+        kw = dict(comm=comm, dtype=dtype, device=device)
+        self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, gather_output=False, **kw)
+        self.w2 = RowParallelLinear(args.hidden_dim, args.dim, input_is_parallel=True, **kw)
+        self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, gather_output=False, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
+        super().__init__()
+        self.attention = Attention(args, comm, dtype, device)
+        self.feed_forward = FeedForward(args, comm, dtype, device)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+
+    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """Parameters are created at this rank's shard size (on the `meta` device when loading)."""
+
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
+        super().__init__()
+        args.check_world_size(comm.world_size)
+        self.args = args
+        embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
+        self.tok_embeddings = embedding(args.vocab_size, args.dim, comm, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(TransformerBlock(args, comm, dtype, device) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+        self.output = ColumnParallelLinear(args.dim, args.vocab_size, comm, gather_output=True,
+                                           dtype=dtype, device=device)
+        self.rope: torch.Tensor | None = None
+
+    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
+        """Allocate the KV cache and rotary table once, on the device and dtype the weights ended up on."""
+        weight = self.output.weight
+        for layer in self.layers:
+            layer.attention.setup_cache(max_batch_size, max_seq_len, weight.dtype, weight.device)
+        self.rope = rope_table(self.args, max_seq_len).to(weight.device)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+        """Logits (float32, full vocabulary on every rank) for `tokens` placed at positions start_pos.."""
+        bsz, seqlen = tokens.shape
+        if start_pos + seqlen > self.max_seq_len or bsz > self.max_batch_size:
+            raise ValueError(f"{bsz} x {start_pos + seqlen} tokens exceed the cache "
+                             f"({self.max_batch_size} x {self.max_seq_len}); raise max_batch_size / max_seq_len.")
+        h = self.tok_embeddings(tokens)
+        rope = self.rope[start_pos:start_pos + seqlen]
+        mask = None
+        if seqlen > 1:  # causal within the new tokens; all cached positions are visible
+            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
+            mask = mask.tril(diagonal=start_pos)
+        for layer in self.layers:
+            h = layer(h, start_pos, rope, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()

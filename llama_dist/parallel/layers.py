@@ -1,0 +1,103 @@
+"""Model-parallel layers with fairscale's semantics; weights are allocated at shard size.
+
+Each layer holds only its rank's slice of the full weight and talks to the other ranks through
+a Communicator, so the same layers run in one process (identity collectives) or across ranks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..distributed.comm import Communicator
+
+
+def divide(total: int, parts: int, what: str) -> int:
+    if total % parts:
+        raise ValueError(f"{what} ({total}) is not divisible by the tensor-parallel size ({parts}).")
+    return total // parts
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T with A split along its output rows; each rank computes its slice of y.
+
+    gather_output=True concatenates the slices so every rank holds the full y.
+    """
+
+    def __init__(self, in_features: int, out_features: int, comm: Communicator, bias: bool = False,
+                 gather_output: bool = True, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.comm, self.gather_output = comm, gather_output
+        self.in_features, self.out_features = in_features, out_features
+        local_out = divide(out_features, comm.world_size, "output features")
+        self.weight = nn.Parameter(torch.empty(local_out, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(local_out, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return self.comm.all_gather(y, dim=-1) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T with A split along its input columns; partial products are summed across ranks.
+
+    input_is_parallel=True means x already holds this rank's slice (the output of a
+    ColumnParallelLinear with gather_output=False); otherwise x is full and is sliced here.
+    """
+
+    def __init__(self, in_features: int, out_features: int, comm: Communicator, bias: bool = False,
+                 input_is_parallel: bool = False, dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.comm, self.input_is_parallel = comm, input_is_parallel
+        self.in_features, self.out_features = in_features, out_features
+        self.local_in = divide(in_features, comm.world_size, "input features")
+        self.weight = nn.Parameter(torch.empty(out_features, self.local_in, dtype=dtype, device=device),
+                                   requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
+                                 requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel:
+            x = x.narrow(-1, self.comm.rank * self.local_in, self.local_in)
+        y = self.comm.all_reduce(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class ParallelEmbedding(nn.Module):
+    """Embedding split along the embedding dim (Llama 1/2 checkpoints); slices are gathered."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, comm: Communicator,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.comm = comm
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        local_dim = divide(embedding_dim, comm.world_size, "embedding dim")
+        self.weight = nn.Parameter(torch.empty(num_embeddings, local_dim, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.comm.all_gather(F.embedding(ids, self.weight), dim=-1)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding split along the vocabulary (Llama 3): each rank looks up the ids it owns, others add zeros."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, comm: Communicator,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        self.comm = comm
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        local_vocab = divide(num_embeddings, comm.world_size, "vocabulary size")
+        self.vocab_start = comm.rank * local_vocab
+        self.weight = nn.Parameter(torch.empty(local_vocab, embedding_dim, dtype=dtype, device=device),
+                                   requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.comm.world_size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="llama-dist",
+    version="0.1.0",
+    description="Llama-family inference sharded with tensor parallelism on any backend: one process, NCCL, Gloo, MPI",
+    packages=find_packages(include=["llama_dist", "llama_dist.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        "torch>=2.1",
+        "sentencepiece",
+        "fire",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "dev": ["pytest", "transformers", "accelerate", "fairscale==0.4.13"],
+        "mpi": ["mpi4py"],
+    },
+    entry_points={"console_scripts": ["llama-dist=llama_dist.cli:main"]},
+)

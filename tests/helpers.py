@@ -1,0 +1,95 @@
+"""Shared test machinery: tiny random models, checkpoints written on the fly, and real multi-process launches."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from llama_dist.checkpoint.meta import save_meta_checkpoint
+from llama_dist.checkpoint.shard import full_shape, param_names
+from llama_dist.checkpoint.source import StateDictSource
+from llama_dist.model.args import ModelArgs
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = Path(__file__).resolve().parent / "workers"
+
+TINY_MHA = dict(dim=64, n_layers=2, n_heads=4, vocab_size=384, multiple_of=32)
+TINY_GQA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, multiple_of=32, rope_theta=500000.0)
+
+
+def random_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Weights scaled like a trained model's (unit-variance activations), so logits are far from ties."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name in param_names(args):
+        shape = full_shape(name, args)
+        if len(shape) == 1:
+            sd[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        else:
+            scale = 1.0 if name == "tok_embeddings.weight" else shape[1] ** -0.5
+            sd[name] = scale * torch.randn(shape, generator=g)
+    return sd
+
+
+def write_meta_checkpoint(path: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], mp: int = 1) -> Path:
+    return save_meta_checkpoint(StateDictSource(args, state_dict), path, mp=mp)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(world_size: int, argv: list[str], timeout: float = 240,
+                 extra_env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """Start `world_size` real processes with the environment torchrun gives its workers."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
+               "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
+def check_all_ok(results: list[subprocess.CompletedProcess]) -> None:
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+
+
+TRAINING_TEXT = """\
+The quick brown fox jumps over the lazy dog. A journey of a thousand miles begins with a single step.
+I believe the meaning of life is to find your gift and give it away. Simply put, the theory of relativity
+states that the laws of physics are the same for all observers. Hi everyone, I just wanted to say congratulations
+on the launch. Translate English to French: sea otter => loutre de mer, peppermint => menthe poivree,
+plush girafe => girafe peluche, cheese => fromage. Numbers like 1, 2, 3, 42 and 1000 appear in text too.
+def main(): return sum(x * x for x in range(10))  # code appears as well
+Tensor parallelism splits each layer across ranks; every rank holds a slice of every weight matrix.
+"""
+
+
+def train_sentencepiece(out_dir: Path, vocab_size: int = 300) -> Path:
+    import sentencepiece as spm
+
+    corpus = out_dir / "corpus.txt"
+    corpus.write_text(TRAINING_TEXT * 20)
+    prefix = out_dir / "tokenizer"
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
+                                   model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+    return prefix.with_suffix(".model")
