@@ -83,7 +83,7 @@ Tensor parallelism splits each layer across ranks; every rank holds a slice of e
 """
 
 
-def train_sentencepiece(out_dir: Path, vocab_size: int = 300) -> Path:
+def train_sentencepiece(out_dir: Path, vocab_size: int = 384) -> Path:
     import sentencepiece as spm
 
     corpus = out_dir / "corpus.txt"

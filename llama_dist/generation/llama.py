@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ..checkpoint.loader import load_model, open_checkpoint
 from ..distributed.context import ParallelContext, init_distributed
+from ..distributed.env import detect_launch
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, check_vocab, load_tokenizer
 from ..tokenizer.chat import Dialog, encode_llama2_dialog
@@ -47,8 +48,8 @@ class Llama:
         source = open_checkpoint(ckpt_dir)
         tokenizer = load_tokenizer(tokenizer_path)
         check_vocab(tokenizer, source.args.vocab_size)
+        source.args.check_world_size(ctx.world_size if ctx else detect_launch().world_size)
         ctx = ctx or init_distributed(backend, device)
-        source.args.check_world_size(ctx.world_size)
         start = time.perf_counter()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -104,7 +105,7 @@ class Llama:
         out_tokens, out_logprobs = [], []
         for i, n in enumerate(lengths):
             start = 0 if echo else n
-            row = tokens[i, start:prev_pos + 1].tolist()
+            row = tokens[i, start:min(prev_pos + 1, n + max_gen_len)].tolist()
             cut = next((j for j, t in enumerate(row) if j + start >= n and t in self.tokenizer.stop_ids), len(row))
             out_tokens.append(row[:cut])
             if logprobs:

