@@ -8,21 +8,51 @@ from tqdm import tqdm
 
 from ..distributed.context import ParallelContext
 from ..model.transformer import Transformer
+from ..models import resolve_model
+from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_gguf
+from .gguf import GGUFCheckpoint
+from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
 from .shard import param_layout
 from .source import CheckpointError, CheckpointSource
 
 
+FORMATS_HELP = ("a Meta folder (params.json + consolidated.*.pth), a Hugging Face folder "
+                "(config.json + *.safetensors) or a .gguf file")
+
+
 def open_checkpoint(path: str | Path) -> CheckpointSource:
-    """Validate and open a checkpoint (cheap: nothing but indexes and metadata is read)."""
-    path = Path(path)
+    """Find the format and validate (cheap: nothing but headers, indexes and metadata is read)."""
+    path = Path(resolve_model(str(path)))
     if not path.exists():
-        raise CheckpointError(f"Model path {path} does not exist. Pass a Meta checkpoint folder "
-                              "(params.json + consolidated.*.pth).")
-    if path.is_dir() and ((path / "params.json").exists() or any(path.glob("*.pth"))):
+        raise CheckpointError(f"Model path {path} does not exist. Pass {FORMATS_HELP}.")
+    if path.is_file():
+        return GGUFCheckpoint(path)  # says so clearly if the file is not GGUF
+    if (path / "params.json").exists() or any(path.glob("*.pth")):
         return MetaCheckpoint(path)
-    raise CheckpointError(f"Cannot tell the format of {path}: expected a Meta checkpoint folder "
-                          "(params.json + consolidated.*.pth).")
+    if (path / "config.json").exists() or any(path.glob("*.safetensors")):
+        return HFCheckpoint(path)
+    raise CheckpointError(f"Cannot tell the format of {path}: expected {FORMATS_HELP}.")
+
+
+def describe(source: CheckpointSource) -> str:
+    return {"meta": "Meta checkpoint", "hf": "Hugging Face safetensors", "gguf": "GGUF file"}.get(
+        source.format, source.format)
+
+
+def open_tokenizer(source: CheckpointSource, tokenizer_path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer given, else the one the model carries (GGUF metadata, HF folder, Meta's tokenizer.model)."""
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer(tokenizer_path)
+    elif isinstance(source, GGUFCheckpoint):
+        tokenizer = tokenizer_from_gguf(source.metadata)
+    elif isinstance(source, HFCheckpoint):
+        tokenizer = load_tokenizer(source.path)
+    else:  # Meta ships tokenizer.model beside the weights or one folder up; `convert` writes it inside
+        inside = any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = load_tokenizer(source.path if inside else source.path.parent / "tokenizer.model")
+    check_vocab(tokenizer, source.args.vocab_size)
+    return tokenizer
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

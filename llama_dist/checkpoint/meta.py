@@ -13,7 +13,7 @@ import torch
 
 from ..model.args import ModelArgs
 from .shard import ShardLayout, full_shape, param_layout, param_names, take_from_pieces
-from .source import CheckpointError, CheckpointSource
+from .source import CheckpointError, CheckpointSource, count_types
 
 
 def shard_paths(ckpt_dir: Path) -> list[Path]:
@@ -56,6 +56,9 @@ class MetaCheckpoint:
         except Exception as e:
             raise CheckpointError(f"{path} ({size} bytes) is not a readable PyTorch checkpoint; it is probably "
                                   f"truncated or corrupt (re-download or re-copy it). Reader said: {e}") from None
+
+    def tensor_types(self) -> dict[str, int]:
+        return count_types(t.dtype for t in self.shards[0].values())
 
     def read(self, name: str, layout: ShardLayout) -> torch.Tensor:
         return take_from_pieces([s[name] for s in self.shards], full_shape(name, self.args), layout)

@@ -1,7 +1,8 @@
 """The interface every checkpoint format implements: a ModelArgs plus per-rank slices by canonical name."""
 from __future__ import annotations
 
-from typing import Protocol
+from collections import Counter
+from typing import Any, Iterable, Protocol
 
 import torch
 
@@ -21,6 +22,14 @@ class CheckpointSource(Protocol):
         """The `layout` slice of canonical parameter `name`, reading as little of the file as possible."""
         ...
 
+    def tensor_types(self) -> dict[str, int]:
+        """Stored element type -> number of tensors (for `info`)."""
+        ...
+
+
+def count_types(types: Iterable[Any]) -> dict[str, int]:
+    return dict(Counter(str(t).removeprefix("torch.") for t in types))
+
 
 class StateDictSource:
     """An in-memory state dict of full tensors in canonical names (random-weight models, tests)."""
@@ -32,3 +41,6 @@ class StateDictSource:
 
     def read(self, name: str, layout: ShardLayout) -> torch.Tensor:
         return layout.take(self.state_dict[name])
+
+    def tensor_types(self) -> dict[str, int]:
+        return count_types(t.dtype for t in self.state_dict.values())

@@ -12,12 +12,12 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.loader import load_model, open_checkpoint
+from ..checkpoint.loader import describe, load_model, open_checkpoint, open_tokenizer
 from ..distributed.context import ParallelContext, init_distributed
 from ..distributed.env import detect_launch
 from ..model.transformer import Transformer
-from ..tokenizer import Tokenizer, check_vocab, load_tokenizer
-from ..tokenizer.chat import Dialog, encode_llama2_dialog
+from ..tokenizer import Tokenizer
+from ..tokenizer.chat import Dialog, encode_dialog
 from .sampling import sample
 
 PAD = -1  # never fed to the model: positions past a prompt's end are filled before they are read
@@ -41,13 +41,16 @@ class Llama:
         self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
 
     @staticmethod
-    def build(ckpt_dir: str | Path, tokenizer_path: str | Path, max_seq_len: int = 512, max_batch_size: int = 8,
+    def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None, max_seq_len: int = 512, max_batch_size: int = 8,
               backend: str = "auto", device: str | None = None, dtype: str | torch.dtype | None = None,
               seed: int = 1, ctx: ParallelContext | None = None) -> "Llama":
-        """Validate everything cheap first (paths, shapes, world size, tokenizer), then load this rank's shard."""
+        """Validate everything cheap first (paths, shapes, world size, tokenizer), then load this rank's shard.
+
+        `ckpt_dir`: a Meta folder, an HF folder or a .gguf file; `tokenizer_path`: optional when
+        the model carries its tokenizer (GGUF, HF) or has tokenizer.model beside it (Meta).
+        """
         source = open_checkpoint(ckpt_dir)
-        tokenizer = load_tokenizer(tokenizer_path)
-        check_vocab(tokenizer, source.args.vocab_size)
+        tokenizer = open_tokenizer(source, tokenizer_path)
         source.args.check_world_size(ctx.world_size if ctx else detect_launch().world_size)
         ctx = ctx or init_distributed(backend, device)
         start = time.perf_counter()
@@ -55,7 +58,7 @@ class Llama:
             dtype = getattr(torch, dtype)
         model = load_model(source, ctx, dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
         if ctx.is_driver:
-            print(f"Loaded {source.format} checkpoint {ckpt_dir} on {ctx.world_size} rank(s) "
+            print(f"Loaded {describe(source)} {ckpt_dir} ({tokenizer.kind} tokenizer) on {ctx.world_size} rank(s) "
                   f"({ctx.backend}, {ctx.device}, {model.output.weight.dtype}) in {time.perf_counter() - start:.2f} s")
         return Llama(model, tokenizer, ctx, seed)
 
@@ -122,9 +125,11 @@ class Llama:
                 for i, t in enumerate(tokens)]
 
     def chat_completion(self, dialogs: list[Dialog], temperature: float = 0.6, top_p: float = 0.9,
-                        max_gen_len: int | None = None, logprobs: bool = False) -> list[ChatPrediction]:
+                        max_gen_len: int | None = None, logprobs: bool = False,
+                        chat_template: str | None = None) -> list[ChatPrediction]:
+        """Answer each dialog in the model's chat format (its own template, or one named in TEMPLATES)."""
         max_gen_len = max_gen_len or self.model.max_seq_len - 1
-        ids = [encode_llama2_dialog(d, self.tokenizer) for d in dialogs] if self.is_driver else None
+        ids = [encode_dialog(d, self.tokenizer, chat_template) for d in dialogs] if self.is_driver else None
         tokens, lps = self.generate(ids, max_gen_len, temperature, top_p, logprobs)
         return [self._prediction({"generation": {"role": "assistant", "content": self.tokenizer.decode(t)}},
                                  t, lps[i] if logprobs else None) for i, t in enumerate(tokens)]

@@ -1,25 +1,52 @@
-"""Tokenizers behind one interface, chosen by what the file is."""
+"""Tokenizers behind one interface, found from what the model path holds."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .base import Tokenizer
-from .sentencepiece import SentencePieceTokenizer
 
 
 class TokenizerError(ValueError):
     """A tokenizer that is missing, unreadable or does not fit the model."""
 
 
+def tokenizer_from_gguf(meta: dict[str, Any]) -> Tokenizer:
+    from .bpe import BPETokenizer
+    from .sentencepiece import SentencePieceTokenizer
+
+    model = meta.get("tokenizer.ggml.model")
+    if model == "gpt2":
+        return BPETokenizer.from_gguf(meta)
+    if model == "llama":
+        return SentencePieceTokenizer.from_gguf(meta)
+    raise TokenizerError(f"GGUF tokenizer model {model!r} is not supported (supported: 'llama', 'gpt2').")
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """A tokenizer.model (SentencePiece or Llama 3 tiktoken), an HF folder, or a GGUF file."""
+    from .bpe import BPETokenizer
+    from .sentencepiece import SentencePieceTokenizer
+    from .tiktoken_llama3 import TiktokenTokenizer, is_tiktoken_file
+
     path = Path(path)
+    if path.is_dir():
+        if (path / "tokenizer.json").is_file():
+            return BPETokenizer.from_folder(path)
+        path = path / "tokenizer.model"
     if not path.is_file():
-        raise TokenizerError(f"Tokenizer file {path} does not exist. Pass --tokenizer_path pointing at the "
-                             "model's tokenizer.model.")
+        raise TokenizerError(f"Tokenizer file {path} does not exist. Pass the model's tokenizer.model "
+                             "(--tokenizer_path), an HF folder with tokenizer.json, or a .gguf file.")
+    if path.suffix == ".gguf":
+        from ..checkpoint.gguf_file import GGUFFile
+
+        return tokenizer_from_gguf(GGUFFile(path).metadata)
     try:
-        return SentencePieceTokenizer(path)
+        if is_tiktoken_file(path):
+            return TiktokenTokenizer(path)
+        return SentencePieceTokenizer.from_file(path)
     except Exception as e:
-        raise TokenizerError(f"{path} is not a SentencePiece tokenizer model: {e}") from None
+        raise TokenizerError(f"{path} is neither a SentencePiece model nor a Llama 3 tiktoken file: {e}") from None
 
 
 def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
@@ -29,4 +56,4 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
                              f"{vocab_size}: they do not belong together. Pass the model's own tokenizer.")
 
 
-__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "check_vocab", "SentencePieceTokenizer"]
+__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_from_gguf", "check_vocab"]

@@ -1,7 +1,17 @@
-"""Chat formats: a dialog (list of {"role", "content"}) to prompt token ids."""
+"""Chat templates: a dialog (list of {"role", "content"}) to prompt token ids.
+
+Every format is a Jinja template, the built-in ones (Llama 2, Llama 3, ChatML) and the
+`chat_template` text a GGUF or HF model ships; all are rendered in a sandboxed environment,
+then tokenized with special tokens written in the text mapped to their ids.
+"""
 from __future__ import annotations
 
+from datetime import datetime
+from functools import lru_cache
 from typing import Sequence, TypedDict
+
+from jinja2.exceptions import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from .base import Tokenizer
 
@@ -13,28 +23,73 @@ class Message(TypedDict):
 
 Dialog = Sequence[Message]
 
-B_INST, E_INST = "[INST]", "[/INST]"
-B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+TEMPLATES = {
+    # Meta's Llama 2 chat format: system prompt folded into the first user turn.
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}"
+        "{% set sys = '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n' %}{% set messages = messages[1:] %}"
+        "{% else %}{% set sys = '' %}{% endif %}"
+        "{% for m in messages %}{% if m['role'] == 'user' %}"
+        "{{ bos_token }}[INST] {{ ((sys if loop.first else '') + m['content']) | trim }} [/INST]"
+        "{% else %} {{ m['content'] | trim }} {{ eos_token }}{% endif %}{% endfor %}"),
+    "llama3": (
+        "{{ bos_token }}{% for m in messages %}"
+        "<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"),
+    "chatml": (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
+}
 
 
 def check_dialog(dialog: Dialog) -> None:
-    roles = [m["role"] for m in dialog if m["role"] != "system"]
-    if not roles or roles[-1] != "user" or any(r != ("user" if i % 2 == 0 else "assistant")
-                                               for i, r in enumerate(roles)):
+    roles = [m.get("role") for m in dialog]
+    turns = [r for r in roles if r != "system"]
+    if (not turns or turns[-1] != "user" or "system" in roles[1:]
+            or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(turns))
+            or not all(isinstance(m.get("content"), str) for m in dialog)):
         raise ValueError("A dialog is an optional system message, then user/assistant turns alternating, "
-                         f"ending with a user turn; got roles {[m['role'] for m in dialog]}.")
+                         f"ending with a user turn, each with string content; got roles {roles}.")
 
 
-def encode_llama2_dialog(dialog: Dialog, tokenizer: Tokenizer) -> list[int]:
-    """Meta's Llama 2 chat format: each exchange `<s>[INST] user [/INST] answer </s>`, system folded into turn 1."""
+def default_template(tokenizer: Tokenizer) -> str:
+    """The model's own template if it ships one; else the format its tokenizer implies."""
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    if tokenizer.kind == "tiktoken":
+        return TEMPLATES["llama3"]
+    if tokenizer.encode("<|im_start|>", bos=False) == [_id_of(tokenizer, "<|im_start|>")]:
+        return TEMPLATES["chatml"]
+    return TEMPLATES["llama2"]
+
+
+def _id_of(tokenizer: Tokenizer, text: str) -> int | None:
+    ids = tokenizer.encode(text, bos=False)
+    return ids[0] if len(ids) == 1 and tokenizer.token_text(ids[0]) == text else None
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str):
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str):
+        raise TemplateError(message)
+
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def render_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None) -> str:
     check_dialog(dialog)
-    messages = list(dialog)
-    if messages[0]["role"] == "system":
-        messages = [{"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]}] \
-            + messages[2:]
-    ids: list[int] = []
-    for user, answer in zip(messages[::2], messages[1::2]):
-        ids += tokenizer.encode(f"{B_INST} {user['content'].strip()} {E_INST} {answer['content'].strip()} ",
-                                bos=True, eos=True)
-    ids += tokenizer.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
+    template = TEMPLATES.get(template, template) if template else default_template(tokenizer)
+    return _compile(template).render(messages=list(dialog), add_generation_prompt=True,
+                                     bos_token=tokenizer.token_text(tokenizer.bos_id),
+                                     eos_token=tokenizer.token_text(tokenizer.eos_id))
+
+
+def encode_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None) -> list[int]:
+    """Prompt ids for the assistant's next turn. `template`: a TEMPLATES name, Jinja text, or None (the model's)."""
+    ids = tokenizer.encode(render_dialog(dialog, tokenizer, template), bos=False)
+    if tokenizer.add_bos and ids[:1] != [tokenizer.bos_id]:
+        ids = [tokenizer.bos_id] + ids
     return ids
