@@ -91,5 +91,6 @@ def train_sentencepiece(out_dir: Path, vocab_size: int = 384) -> Path:
     prefix = out_dir / "tokenizer"
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(prefix), vocab_size=vocab_size,
                                    model_type="bpe", byte_fallback=True, character_coverage=1.0,
-                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2)
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)  # as Llama's
     return prefix.with_suffix(".model")

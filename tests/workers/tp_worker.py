@@ -9,10 +9,11 @@ PROMPTS = [[1, 5, 9, 200, 31, 7], [1, 17, 33]]
 
 
 def main(out: str, tokenizer: str, *ckpts: str) -> None:
+    """tokenizer "-": the one each model carries."""
     ctx = init_distributed("gloo" if "--gloo" in sys.argv else "auto")
     results = {}
     for ckpt in ckpts:
-        llama = Llama.build(ckpt, tokenizer, max_seq_len=64, max_batch_size=2, ctx=ctx)
+        llama = Llama.build(ckpt, None if tokenizer == "-" else tokenizer, max_seq_len=64, max_batch_size=2, ctx=ctx)
         vocab = llama.model.args.vocab_size
         tokens = (torch.arange(2 * 12).reshape(2, 12) * 37 + 3) % vocab
         logits = llama.model(tokens, 0)
