@@ -3,7 +3,9 @@ import pytest
 import torch
 
 from llama_dist.checkpoint.hf_names import hf_name, interleaved_to_hf, rotary_permuted
-from llama_dist.distributed.comm import Communicator
+from llama_dist.checkpoint.loader import load_model
+from llama_dist.checkpoint.source import StateDictSource
+from llama_dist.distributed.context import init_distributed
 from llama_dist.model.args import ModelArgs
 from llama_dist.model.transformer import Transformer
 
@@ -29,10 +31,8 @@ def hf_model(args: ModelArgs, sd: dict[str, torch.Tensor]):
 
 
 def our_model(args: ModelArgs, sd: dict[str, torch.Tensor]) -> Transformer:
-    model = Transformer(args, Communicator(), dtype=torch.float32)
-    model.load_state_dict(sd)
-    model.setup_caches(max_batch_size=2, max_seq_len=64)
-    return model
+    return load_model(StateDictSource(args, sd), init_distributed(), torch.float32, max_seq_len=64,
+                      max_batch_size=2, progress=False)
 
 
 @pytest.mark.parametrize("shape", [TINY_MHA, dict(TINY_GQA, use_scaled_rope=True)], ids=["mha", "gqa-llama3.1-rope"])

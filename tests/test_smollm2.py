@@ -131,5 +131,6 @@ def test_three_ranks_equal_one_rank(converted, tmp_path):
             got = rank_result[ckpt]
             assert got["greedy"] == ref["greedy"]
             assert (got["logits"] - ref["logits"]).abs().max() / ref["logits"].abs().max() < 1e-5
-        assert results[3][0][ckpt]["shapes"]["layers.0.attention.wk.weight"] == (64, 576)  # one kv head per rank
+        # three q heads and one kv head (k and v) per rank
+        assert results[3][0][ckpt]["shapes"]["layers.0.attention.wqkv.weight"] == ((3 + 2) * 64, 576)
     assert results[1][0][ckpts[0]]["greedy"] == results[1][0][ckpts[1]]["greedy"]

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from llama_dist.checkpoint.shard import param_layout
+from llama_dist.checkpoint.shard import read_shard
+from llama_dist.checkpoint.source import StateDictSource
 
 from .helpers import WORKERS, check_all_ok, launch_ranks
 
@@ -37,8 +38,9 @@ def test_tensor_parallel_matches_single_process(world, single_process, tiny_chec
             assert rel < 1e-5, (rank, ckpt, rel)
             assert got["greedy"] == ref["greedy"], (rank, ckpt)
             # Each rank holds only its slice of every weight.
-            for name, tensor in full.items():
-                expected = tuple(param_layout(name, args, world, rank).take(tensor).shape)
-                assert got["shapes"][name] == expected, name
-    wq = res[ckpts[0]]["shapes"]["layers.0.attention.wq.weight"]
-    assert wq == (args.dim // world, args.dim)
+            for name, shape in got["shapes"].items():
+                assert shape == tuple(read_shard(StateDictSource(args, full), name, args, world, rank).shape), name
+    # q heads split `world` ways; the 2 kv heads split, or replicated once world exceeds them
+    qkv = res[ckpts[0]]["shapes"]["layers.0.attention.wqkv.weight"]
+    head_dim = args.dim // args.n_heads
+    assert qkv == ((args.n_heads // world + 2 * max(1, args.n_kv_heads // world)) * head_dim, args.dim)

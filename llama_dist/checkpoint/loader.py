@@ -13,7 +13,7 @@ from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_g
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
-from .shard import param_layout
+from .shard import read_shard
 from .source import CheckpointError, CheckpointSource
 
 
@@ -75,7 +75,7 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
     names = list(model.state_dict())
     for name in tqdm(names, desc="loading", unit="tensor", disable=not (progress and ctx.is_driver)):
         expected = model.get_parameter(name).shape
-        tensor = source.read(name, param_layout(name, args, ctx.world_size, ctx.rank))
+        tensor = read_shard(source, name, args, ctx.world_size, ctx.rank)
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)} for rank {ctx.rank} "
                                   f"but the model expects {tuple(expected)}; the weights do not match the config.")

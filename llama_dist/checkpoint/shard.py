@@ -26,6 +26,11 @@ SPLIT_DIMS: dict[str, int | None] = {
     "output.weight": 0,
 }
 KV_WEIGHTS = ("attention.wk.weight", "attention.wv.weight")
+# Model parameters that concatenate several canonical ones (each sharded by its own layout) along dim 0.
+FUSED: dict[str, tuple[str, ...]] = {
+    "attention.wqkv.weight": ("attention.wq.weight", "attention.wk.weight", "attention.wv.weight"),
+    "feed_forward.w13.weight": ("feed_forward.w1.weight", "feed_forward.w3.weight"),
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,21 @@ def param_layout(name: str, args: ModelArgs, world_size: int, rank: int) -> Shar
         # More ranks than kv heads: each group of world/n_kv ranks shares one kv head.
         return ShardLayout(0, args.n_kv_heads, rank // (world_size // args.n_kv_heads))
     return ShardLayout(dim, world_size, rank)
+
+
+def canonical_parts(model_param: str) -> list[str]:
+    """The canonical names a model parameter is assembled from ('layers.0.attention.wqkv.weight' -> wq, wk, wv)."""
+    base = base_name(model_param)
+    if base not in FUSED:
+        return [model_param]
+    prefix = model_param[: len(model_param) - len(base)]
+    return [prefix + part for part in FUSED[base]]
+
+
+def read_shard(source, model_param: str, args: ModelArgs, world_size: int, rank: int) -> torch.Tensor:
+    """This rank's slice of a model parameter, fused ones assembled from their canonical parts."""
+    parts = [source.read(n, param_layout(n, args, world_size, rank)) for n in canonical_parts(model_param)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
 
 def full_shape(name: str, args: ModelArgs) -> tuple[int, ...]:

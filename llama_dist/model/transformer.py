@@ -3,7 +3,13 @@
 Reads top to bottom like Meta's llama/model.py: RMSNorm, rotary embeddings in Meta's
 interleaved pair layout, attention with a preallocated KV cache, SwiGLU feed-forward.
 Every projection is a model-parallel layer, so per layer there are exactly two all-reduces
-(after wo and after w2) and one gather for the logits.
+(after wo and after w2) and one gather for the logits. q/k/v and w1/w3 are fused into one
+matrix each per shard (one matmul instead of three or two); the loader assembles them from
+the canonical per-projection weights (checkpoint/shard.py: FUSED).
+
+Rows of a batch may sit at different positions and in any cache slot, which is what the
+server's continuous batching needs; Meta-style generation is the special case of one
+start position for all rows in slots 0..B-1.
 """
 from __future__ import annotations
 
@@ -50,10 +56,10 @@ def rope_table(args: ModelArgs, length: int) -> torch.Tensor:
     return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
 
 
-def apply_rotary(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x [batch, seq, heads, head_dim] by the table's angles [seq, head_dim/2, 2]."""
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of x [batch, seq, heads, head_dim] by rope [batch, seq, head_dim/2, 2]."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = table[:, None, :, 0], table[:, None, :, 1]
+    cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
@@ -67,10 +73,9 @@ class Attention(nn.Module):
         # With more ranks than kv heads, each rank keeps a copy of the one kv head its q heads use.
         self.n_local_kv_heads = max(1, args.n_kv_heads // tp)
         self.n_rep = self.n_local_heads // self.n_local_kv_heads
+        local_qkv = (self.n_local_heads + 2 * self.n_local_kv_heads) * self.head_dim
         kw = dict(comm=comm, dtype=dtype, device=device)
-        self.wq = ColumnParallelLinear(args.dim, args.n_heads * self.head_dim, gather_output=False, **kw)
-        self.wk = ColumnParallelLinear(args.dim, self.n_local_kv_heads * tp * self.head_dim, gather_output=False, **kw)
-        self.wv = ColumnParallelLinear(args.dim, self.n_local_kv_heads * tp * self.head_dim, gather_output=False, **kw)
+        self.wqkv = ColumnParallelLinear(args.dim, local_qkv * tp, gather_output=False, **kw)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
@@ -80,15 +85,22 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                slots: torch.Tensor | None, length: int) -> torch.Tensor:
+        """pos [B, S]: each token's position; slots [B] cache rows (None: rows 0..B-1); attend to [0, length)."""
         bsz, seqlen, _ = x.shape
-        q = apply_rotary(self.wq(x).view(bsz, seqlen, self.n_local_heads, self.head_dim), rope)
-        k = apply_rotary(self.wk(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim), rope)
-        v = self.wv(x).view(bsz, seqlen, self.n_local_kv_heads, self.head_dim)
-        end = start_pos + seqlen
-        self.cache_k[:bsz, :, start_pos:end] = k.transpose(1, 2)
-        self.cache_v[:bsz, :, start_pos:end] = v.transpose(1, 2)
-        keys, values = self.cache_k[:bsz, :, :end], self.cache_v[:bsz, :, :end]
+        hd, nh, nkv = self.head_dim, self.n_local_heads, self.n_local_kv_heads
+        q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
+        k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
+        v = v.view(bsz, seqlen, nkv, hd)
+        rows = (torch.arange(bsz, device=x.device) if slots is None else slots).view(bsz, 1).expand(bsz, seqlen)
+        self.cache_k[rows, :, pos] = k
+        self.cache_v[rows, :, pos] = v
+        if slots is None:
+            keys, values = self.cache_k[:bsz, :, :length], self.cache_v[:bsz, :, :length]
+        else:
+            keys, values = self.cache_k[slots, :, :length], self.cache_v[slots, :, :length]
         if self.n_rep > 1:
             keys, values = keys.repeat_interleave(self.n_rep, 1), values.repeat_interleave(self.n_rep, 1)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
@@ -99,12 +111,12 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
         super().__init__()
         kw = dict(comm=comm, dtype=dtype, device=device)
-        self.w1 = ColumnParallelLinear(args.dim, args.hidden_dim, gather_output=False, **kw)
+        self.w13 = ColumnParallelLinear(args.dim, 2 * args.hidden_dim, gather_output=False, **kw)
         self.w2 = RowParallelLinear(args.hidden_dim, args.dim, input_is_parallel=True, **kw)
-        self.w3 = ColumnParallelLinear(args.dim, args.hidden_dim, gather_output=False, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -115,8 +127,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
 
-    def forward(self, x: torch.Tensor, start_pos: int, rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), start_pos, rope, mask)
+    def forward(self, x, pos, rope, mask, slots, length) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), pos, rope, mask, slots, length)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -138,26 +150,42 @@ class Transformer(nn.Module):
     def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
         """Allocate the KV cache and rotary table once, on the device and dtype the weights ended up on."""
         weight = self.output.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
         for layer in self.layers:
-            layer.attention.setup_cache(max_batch_size, max_seq_len, weight.dtype, weight.device)
+            layer.attention.setup_cache(max_batch_size, max_seq_len, dtype, weight.device)
         self.rope = rope_table(self.args, max_seq_len).to(weight.device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        """Logits (float32, full vocabulary on every rank) for `tokens` placed at positions start_pos.."""
+    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
+                slots: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
+        """Logits (float32, full vocabulary on every rank) for `tokens` [B, S] placed at start_pos.. .
+
+        start_pos: an int for all rows, or a tensor [B] per row. slots: cache rows per batch row
+        (None: rows 0..B-1). length: how much of the cache to attend to; defaults to the end of the
+        furthest row (pass max_seq_len for the fixed shapes a compiled decode step needs).
+        """
         bsz, seqlen = tokens.shape
-        if start_pos + seqlen > self.max_seq_len or bsz > self.max_batch_size:
-            raise ValueError(f"{bsz} x {start_pos + seqlen} tokens exceed the cache "
-                             f"({self.max_batch_size} x {self.max_seq_len}); raise max_batch_size / max_seq_len.")
-        h = self.tok_embeddings(tokens)
-        rope = self.rope[start_pos:start_pos + seqlen]
+        device = tokens.device
+        offsets = torch.arange(seqlen, device=device)
+        if isinstance(start_pos, int):
+            end = start_pos + seqlen
+            pos = (start_pos + offsets).expand(bsz, seqlen)
+        else:
+            pos = start_pos.view(bsz, 1) + offsets
+            end = None
+        if length is None:
+            length = end if end is not None else int(pos.max()) + 1
+        if length > self.max_seq_len or (slots is None and bsz > self.max_batch_size):
+            raise ValueError(f"{bsz} x {length} tokens exceed the cache ({self.max_batch_size} x "
+                             f"{self.max_seq_len}); raise max_batch_size / max_seq_len.")
         mask = None
-        if seqlen > 1:  # causal within the new tokens; all cached positions are visible
-            mask = torch.ones(seqlen, start_pos + seqlen, dtype=torch.bool, device=tokens.device)
-            mask = mask.tril(diagonal=start_pos)
+        if not (seqlen == 1 and end == length):  # visible: cached positions up to each token's own
+            mask = (torch.arange(length, device=device) <= pos[..., None]).unsqueeze(1)
+        h = self.tok_embeddings(tokens)
+        rope = self.rope[pos]
         for layer in self.layers:
-            h = layer(h, start_pos, rope, mask)
+            h = layer(h, pos, rope, mask, slots, length)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
