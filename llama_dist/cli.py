@@ -5,6 +5,7 @@ MODEL is a Meta folder, a Hugging Face folder, a .gguf file, or `smollm2` (the b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import fire
 
@@ -17,11 +18,12 @@ def _prompts(prompt: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def generate(model: str = "smollm2", prompt: str | list[str] = "I believe the meaning of life is",
              tokenizer: str | None = None, max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9,
-             max_seq_len: int = 512, backend: str = "auto", dtype: str | None = None, seed: int = 1) -> None:
+             max_seq_len: int = 512, backend: str = "auto", dtype: str | None = None, seed: int = 1,
+             quantize: str = "auto") -> None:
     """Complete each prompt (--prompt may be a list) and print prompt + completion on rank 0."""
     prompts = _prompts(prompt)
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=len(prompts), backend=backend,
-                        dtype=dtype, seed=seed)
+                        dtype=dtype, seed=seed, quantize=quantize)
     results = llama.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     if llama.is_driver:
         for p, r in zip(prompts, results):
@@ -30,11 +32,12 @@ def generate(model: str = "smollm2", prompt: str | list[str] = "I believe the me
 
 def chat(prompt: str | list[str], model: str = "smollm2", system: str | None = None, tokenizer: str | None = None,
          max_gen_len: int = 256, temperature: float = 0.0, top_p: float = 0.9, max_seq_len: int = 2048,
-         backend: str = "auto", dtype: str | None = None, chat_template: str | None = None, seed: int = 1) -> None:
+         backend: str = "auto", dtype: str | None = None, chat_template: str | None = None, seed: int = 1,
+         quantize: str = "auto") -> None:
     """Answer each --prompt as a one-turn chat, in the model's own chat format."""
     prompts = _prompts(prompt)
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=len(prompts), backend=backend,
-                        dtype=dtype, seed=seed)
+                        dtype=dtype, seed=seed, quantize=quantize)
     head = [{"role": "system", "content": system}] if system else []
     dialogs = [head + [{"role": "user", "content": p}] for p in prompts]
     results = llama.chat_completion(dialogs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
@@ -52,6 +55,32 @@ def convert(model: str, out: str, to: str = "meta", mp: int = 1, dtype: str = "f
     print(f"Wrote {to} checkpoint to {path}")
 
 
+def quantize(model: str, out: str, type: str = "int8", group_size: int = 32) -> None:
+    """Write MODEL with int8 (per channel) or int4 (--group-size) linear weights; it loads at any TP size."""
+    from .checkpoint.loader import open_checkpoint, open_tokenizer
+    from .checkpoint.quantized import save_quantized_checkpoint
+
+    source = open_checkpoint(model)
+    path = save_quantized_checkpoint(source, out, type, group_size)
+    open_tokenizer(source).save(path)
+    print(f"Wrote {type} checkpoint to {path}")
+
+
+def perplexity(model: str = "smollm2", file: str = "/usr/share/common-licenses/GPL-3", ctx: int = 512,
+               tokenizer: str | None = None, backend: str = "auto", dtype: str | None = None,
+               quantize: str = "auto", group_size: int = 32) -> None:
+    """Perplexity of MODEL on a text file (llama.cpp's method); runs under tensor parallelism too."""
+    from .generation.perplexity import perplexity as run
+
+    text = Path(file).read_text(encoding="utf-8", errors="replace")
+    llama = Llama.build(model, tokenizer, max_seq_len=ctx, max_batch_size=1, backend=backend, dtype=dtype,
+                        quantize=quantize, group_size=group_size)
+    result = run(llama, text, ctx=ctx)
+    if llama.is_driver:
+        print(f"Final estimate: PPL = {result['ppl']:.4f} +/- {result['ppl_error']:.5f} "
+              f"({result['scored_tokens']} tokens scored in {result['windows']} windows of {ctx})")
+
+
 def info(model: str = "smollm2") -> None:
     """Architecture, size, tensor types, tokenizer and the tensor-parallel sizes MODEL allows."""
     from .info import model_info
@@ -60,7 +89,8 @@ def info(model: str = "smollm2") -> None:
 
 
 def main() -> None:
-    fire.Fire({"generate": generate, "chat": chat, "convert": convert, "info": info})
+    fire.Fire({"generate": generate, "chat": chat, "convert": convert, "quantize": quantize,
+               "perplexity": perplexity, "info": info})
 
 
 if __name__ == "__main__":

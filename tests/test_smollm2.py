@@ -19,7 +19,7 @@ GENERATIONS = FIXTURE["generations"]
 
 @pytest.fixture(scope="module")
 def llama():
-    return Llama.build(bundled_model_path(), max_seq_len=256, max_batch_size=4, dtype="float32")
+    return Llama.build(bundled_model_path(), max_seq_len=256, max_batch_size=4, dtype="float32", quantize="none")
 
 
 def greedy_ids(model, prompt_ids, n):
@@ -109,7 +109,8 @@ def test_conversions_give_the_gguf_logits(llama, converted):
     ctx = init_distributed()
     for name, path in converted.items():
         source = open_checkpoint(path)
-        model = load_model(source, ctx, torch.float32, max_seq_len=64, max_batch_size=1, progress=False)
+        model = load_model(source, ctx, torch.float32, max_seq_len=64, max_batch_size=1, progress=False,
+                           quantize="none")
         assert (model(ids, 0) - expected).abs().max() < 1e-5, name
         again = Llama.build(path, max_seq_len=64, max_batch_size=1)
         assert again.tokenizer.encode("abc 123 <|im_end|>", bos=False) == \

@@ -140,3 +140,33 @@ def dequantize_rows(raw: torch.Tensor, type_name: str) -> torch.Tensor:
     block, size, fn = BLOCK_TYPES[type_name]
     rows = raw.shape[0]
     return fn(raw.reshape(-1, size)).reshape(rows, -1)
+
+
+def _q4_0_groups(b: torch.Tensor):
+    d = _f16(b[:, :2])
+    return _nibbles(b[:, 2:]), d, torch.zeros_like(d)
+
+
+def _q4_1_groups(b: torch.Tensor):
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    return _nibbles(b[:, 4:]), d, m + 8 * d
+
+
+def _q4_k_groups(b: torch.Tensor):
+    n = b.shape[0]
+    sc, mn = _k_scales(b[:, 4:16])
+    d, dm = _f16(b[:, :2]) * sc, _f16(b[:, 2:4]) * mn  # [n, 8]: one scale and min per 32 values
+    q = _bits(b[:, 16:].reshape(n, 4, 32), [0, 4], 0x0F).reshape(n * 8, 32)
+    return q, d.reshape(-1, 1), (8 * d - dm).reshape(-1, 1)
+
+
+# GGML types whose blocks are exactly int4 groups of 32: value = (q - 8) * scale + zero.
+INT4_GROUPS = {"Q4_0": _q4_0_groups, "Q4_1": _q4_1_groups, "Q4_K": _q4_k_groups}
+
+
+def int4_groups_rows(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw rows of a Q4_0/Q4_1/Q4_K tensor -> (q [rows, cols] in 0..15, scales, zeros [rows, cols / 32])."""
+    _, size, _ = BLOCK_TYPES[type_name]
+    rows = raw.shape[0]
+    q, scales, zeros = INT4_GROUPS[type_name](raw.reshape(-1, size))
+    return q.reshape(rows, -1), scales.reshape(rows, -1), zeros.reshape(rows, -1)

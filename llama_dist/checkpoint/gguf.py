@@ -1,6 +1,6 @@
 """GGUF files (llama.cpp, Ollama): metadata into ModelArgs, tensors into canonical names, per-rank slices.
 
-The file is memory-mapped; a rank copies out and dequantizes only
+A rank reads (pread) and decodes only
 the rows (or, for row-parallel weights, the column range of whole blocks) of its own shard.
 GGUF keeps Q/K rows in Meta's interleaved rotary order, so no permutation is needed.
 """
@@ -14,10 +14,10 @@ import numpy as np
 import torch
 
 from ..model.args import ModelArgs
-from .ggml_quants import BLOCK_TYPES, dequantize_rows
+from .ggml_quants import BLOCK_TYPES, INT4_GROUPS, dequantize_rows, int4_groups_rows
 from .gguf_file import GGUFFile
 from .shard import ShardLayout
-from .source import CheckpointError, count_types
+from .source import CheckpointError, QuantizedShard, count_types
 
 _LAYER_NAMES = {
     "attn_q": "attention.wq", "attn_k": "attention.wk", "attn_v": "attention.wv", "attn_output": "attention.wo",
@@ -97,25 +97,42 @@ class GGUFCheckpoint:
                          vocab_size=emb.shape[0], hidden_dim=get("feed_forward_length"),
                          norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
                          rope_theta=float(get("rope.freq_base", 10000.0)),
-                         max_seq_len=get("context_length", 2048))
+                         max_seq_len=get("context_length", 2048),
+                         # a tied output shares the embedding's vocab-split shard at any TP size
+                         vocab_parallel_embedding=self.tied_output)
 
     def tensor_types(self) -> dict[str, int]:
         return count_types(t.type_name for t in self.file.tensors.values())
 
-    def read(self, name: str, layout: ShardLayout) -> torch.Tensor:
+    def stored_type(self, name: str) -> str:
+        return self.tensors[name].type_name
+
+    def _raw_slice(self, name: str, layout: ShardLayout) -> tuple[torch.Tensor, ShardLayout]:
+        """The stored bytes covering this rank's slice, and what is left to cut after decoding them."""
         t = self.tensors[name]
         block, size, _ = BLOCK_TYPES[t.type_name]
-
-        def dequantize(raw: np.ndarray) -> torch.Tensor:
-            return dequantize_rows(torch.from_numpy(np.array(raw)), t.type_name)
-
-        if len(t.shape) == 1:
-            return dequantize(t.data).reshape(t.shape)
-        if layout.dim == 0 and layout.parts > 1:
+        if len(t.shape) == 2 and layout.dim == 0 and layout.parts > 1:
             start, stop = layout.bounds(t.shape[0])
-            return dequantize(t.data[start:stop])
-        if layout.dim == 1 and layout.parts > 1:
+            return torch.from_numpy(t.read_rows(start, stop)), ShardLayout(None)
+        if len(t.shape) == 2 and layout.dim == 1 and layout.parts > 1:
             start, stop = layout.bounds(t.shape[1])
-            if start % block == 0 and stop % block == 0:  # whole blocks: copy only this rank's byte range
-                return dequantize(t.data[:, start // block * size: stop // block * size])
-        return layout.take(dequantize(t.data))
+            if start % block == 0 and stop % block == 0:  # whole blocks: this rank's byte range of each row
+                raw = t.read_rows(0, t.shape[0])[:, start // block * size: stop // block * size]
+                return torch.from_numpy(np.ascontiguousarray(raw)), ShardLayout(None)
+        return torch.from_numpy(t.read_rows(0, t.data_rows)), layout
+
+    def read(self, name: str, layout: ShardLayout) -> torch.Tensor:
+        t = self.tensors[name]
+        raw, rest = self._raw_slice(name, layout)
+        values = dequantize_rows(raw, t.type_name)
+        return rest.take(values.reshape(t.shape) if len(t.shape) == 1 else values)
+
+    def read_quantized(self, name: str, layout: ShardLayout) -> QuantizedShard | None:
+        """Q4_0/Q4_1/Q4_K blocks are int4 groups of 32 exactly; other types (8-bit and wider) load dense."""
+        t = self.tensors[name]
+        if t.type_name not in INT4_GROUPS or len(t.shape) != 2:
+            return None
+        raw, rest = self._raw_slice(name, layout)
+        if rest.dim is not None and rest.parts > 1:  # a slice through the middle of blocks
+            return None
+        return QuantizedShard("int4", *int4_groups_rows(raw, t.type_name), group_size=32)

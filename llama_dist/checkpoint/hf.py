@@ -73,11 +73,11 @@ class HFCheckpoint:
             except Exception as e:
                 raise CheckpointError(f"{self.path / f} is missing, truncated or not safetensors: {e}") from None
         self.where = weight_map or {k: files[0] for k in self.handles[files[0]].keys()}
-        if "lm_head.weight" not in self.where:  # tied output
+        self.tied_output = "lm_head.weight" not in self.where
+        self.aliases = {"lm_head.weight": "model.embed_tokens.weight"} if self.tied_output else {}
+        if self.tied_output:
             self.where["lm_head.weight"] = self.where["model.embed_tokens.weight"]
-            self.aliases = {"lm_head.weight": "model.embed_tokens.weight"}
-        else:
-            self.aliases = {}
+            self.args.vocab_parallel_embedding = True  # the output then shares the embedding's shard
         missing = [n for n in param_names(self.args) if hf_name(n) not in self.where]
         if missing:
             raise CheckpointError(f"{self.path} lacks {len(missing)} weights config.json implies "

@@ -13,7 +13,10 @@ from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_g
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
-from .shard import read_shard
+from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
+from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
+from .ggml_quants import INT4_GROUPS
+from .shard import canonical_parts, param_layout, read_shard
 from .source import CheckpointError, CheckpointSource
 
 
@@ -55,31 +58,97 @@ def open_tokenizer(source: CheckpointSource, tokenizer_path: str | Path | None =
     return tokenizer
 
 
-def default_dtype(device: torch.device) -> torch.dtype:
+def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
+    """bf16 on GPUs that have it; on CPU fp32, or bf16 with quantized weights (whose kernels run in bf16)."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if quantized else torch.float32
+
+
+def quant_act_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """PyTorch's packed int8/int4 matmuls are fast with bf16 inputs on CPU and CUDA."""
+    return torch.bfloat16 if device.type in ("cpu", "cuda") else dtype
+
+
+QUANTIZE_CHOICES = ("auto", "none", *QUANT_TYPES)
+_NONE = torch.empty(0)
+
+
+def stores_quantized(source: CheckpointSource) -> bool:
+    if isinstance(source, GGUFCheckpoint):
+        return any(t in INT4_GROUPS for t in source.tensor_types())
+    return bool(getattr(source, "quantization", None))
 
 
 def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtype | None = None,
-               max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True) -> Transformer:
-    """Create the model at shard size without memory, then fill each parameter with this rank's slice."""
+               max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
+               quantize: str = "auto", group_size: int = 32) -> Transformer:
+    """Create the model at shard size without memory, then fill each parameter with this rank's slice.
+
+    quantize: "auto" keeps weights as the checkpoint stores them (GGUF Q4_0/Q4_1/Q4_K blocks become
+    int4 groups of 32 exactly, a quantized checkpoint stays quantized, the rest is dense); "none"
+    makes everything dense; "int8"/"int4" also quantize dense weights, after sharding.
+    """
     args = source.args
     args.check_world_size(ctx.world_size)
-    dtype = dtype or default_dtype(ctx.device)
+    if quantize not in QUANTIZE_CHOICES:
+        raise ValueError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}.")
+    quantized = quantize in QUANT_TYPES or (quantize == "auto" and stores_quantized(source))
+    dtype = dtype or default_dtype(ctx.device, quantized=quantized)
     with torch.device("meta"):
         model = Transformer(args, ctx.comm, dtype=dtype)
+    owners = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ShardedWeight)}
     state = {}
-    names = list(model.state_dict())
+    names = [n for n, _ in model.named_parameters()]
     for name in tqdm(names, desc="loading", unit="tensor", disable=not (progress and ctx.is_driver)):
+        owner = owners.get(name)
+        if owner is not None and quantize != "none":
+            qweight = _quantized_shard(source, name, owner, quantize, group_size,
+                                       quant_act_dtype(ctx.device, dtype), ctx)
+            if qweight is not None:
+                owner.set_quantized(qweight)
+                continue
         expected = model.get_parameter(name).shape
         tensor = read_shard(source, name, args, ctx.world_size, ctx.rank)
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)} for rank {ctx.rank} "
                                   f"but the model expects {tuple(expected)}; the weights do not match the config.")
         state[name] = tensor.to(device=ctx.device, dtype=dtype).contiguous()
-    model.load_state_dict(state, assign=True)
-    model.setup_caches(max_batch_size, max_seq_len)
+    if getattr(source, "tied_output", False) and args.vocab_parallel_embedding and \
+            torch.equal(state.get("output.weight", _NONE), state.get("tok_embeddings.weight", _NONE)):
+        state["output.weight"] = state["tok_embeddings.weight"]  # one copy of the tied matrix, not two
+    missing, _ = model.load_state_dict(state, assign=True, strict=False)
+    assert all(".qweight." in k for k in missing), missing  # quantized weights were set in place above
+    model.setup_caches(max_batch_size, max_seq_len, dtype, ctx.device)
     return model.eval()
+
+
+def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, quantize: str, group_size: int,
+                     act_dtype: torch.dtype, ctx: ParallelContext) -> QuantizedWeight | None:
+    """This rank's slice of a linear or embedding weight, quantized; None keeps it dense.
+
+    "auto" keeps what the checkpoint stores quantized (GGUF Q4 blocks, our quantized checkpoints);
+    "int8"/"int4" quantize dense weights after sharding. Embeddings are looked up by row, so they
+    are only ever int8 (one scale per row).
+    """
+    args, world, rank = source.args, ctx.world_size, ctx.rank
+    is_embedding = isinstance(owner, (ParallelEmbedding, VocabParallelEmbedding))
+    parts = canonical_parts(name)
+    reader = getattr(source, "read_quantized", None)
+    stored = [reader(p, param_layout(p, args, world, rank)) for p in parts] if reader else [None]
+    if all(s is not None for s in stored) and len({s.kind for s in stored}) == 1:
+        if not is_embedding or stored[0].kind == "int8":
+            return quantized_from_shards(stored, act_dtype, ctx.device)
+    if quantize not in QUANT_TYPES:
+        return None
+    weight = read_shard(source, name, args, world, rank).to(ctx.device)
+    return quantize_weight(weight, "int8" if is_embedding else quantize, group_size, act_dtype)
+
+
+def weight_summary(model: Transformer) -> str:
+    """', int4 weights' / ', int8 weights' / '' (dense) for the load report."""
+    kinds = sorted({type(m.qweight).__name__.removesuffix("Weight").lower()
+                    for m in model.modules() if isinstance(m, ShardedWeight) and m.qweight is not None})
+    return f", {'+'.join(kinds)} weights" if kinds else ""

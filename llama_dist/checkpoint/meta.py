@@ -13,7 +13,8 @@ import torch
 
 from ..model.args import ModelArgs
 from .shard import ShardLayout, full_shape, param_layout, param_names, take_from_pieces
-from .source import CheckpointError, CheckpointSource, count_types
+from .quantized import QuantizedReader
+from .source import CheckpointError, CheckpointSource, QuantizedShard, count_types
 
 
 def shard_paths(ckpt_dir: Path) -> list[Path]:
@@ -40,9 +41,15 @@ class MetaCheckpoint:
         with open(params) as f:
             raw = json.load(f)
         if raw.get("vocab_size", -1) <= 0:  # Llama 1/2 params.json leave it to the tokenizer; the weights know
-            raw["vocab_size"] = self.shards[0]["output.weight"].shape[0] * len(self.shards)
+            raw["vocab_size"] = self.shards[0]["tok_embeddings.weight"].shape[0]
         self.args = ModelArgs.from_dict(raw)
-        missing = [n for n in param_names(self.args) if n not in self.shards[0]]
+        self.quantization = raw.get("quantization")
+        self.quantized = QuantizedReader(self.shards[0], self.quantization, self.path) if self.quantization else None
+        if self.quantized and len(self.shards) > 1:
+            raise CheckpointError(f"{self.path}: a quantized checkpoint is one consolidated.00.pth; found "
+                                  f"{len(self.shards)} shards.")
+        missing = [n for n in param_names(self.args)
+                   if n not in self.shards[0] and not (self.quantized and self.quantized.has(n))]
         if missing:
             raise CheckpointError(f"{self.paths[0]} lacks {len(missing)} parameters of the model params.json "
                                   f"describes (first: {missing[0]}); the files do not match params.json.")
@@ -61,7 +68,12 @@ class MetaCheckpoint:
         return count_types(t.dtype for t in self.shards[0].values())
 
     def read(self, name: str, layout: ShardLayout) -> torch.Tensor:
+        if self.quantized and self.quantized.has(name):  # dense view of a quantized weight (convert, info)
+            return layout.take(self.quantized.dequantized(name))
         return take_from_pieces([s[name] for s in self.shards], full_shape(name, self.args), layout)
+
+    def read_quantized(self, name: str, layout: ShardLayout) -> QuantizedShard | None:
+        return self.quantized.read_quantized(name, layout) if self.quantized and self.quantized.has(name) else None
 
 
 def save_meta_checkpoint(source: CheckpointSource, out_dir: str | Path, mp: int = 1,

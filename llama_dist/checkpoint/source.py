@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Iterable, Protocol
 
 import torch
@@ -12,6 +13,17 @@ from .shard import ShardLayout
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as given; the message says what is wrong and what to do."""
+
+
+@dataclass
+class QuantizedShard:
+    """A rank's slice of a weight as stored quantized: int8 (q, per-row scales) or int4 (q, scales, zeros)."""
+
+    kind: str
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None = None
+    group_size: int = 0
 
 
 class CheckpointSource(Protocol):
@@ -25,6 +37,8 @@ class CheckpointSource(Protocol):
     def tensor_types(self) -> dict[str, int]:
         """Stored element type -> number of tensors (for `info`)."""
         ...
+
+    # Optional: read_quantized(name, layout) -> QuantizedShard | None, for weights stored quantized.
 
 
 def count_types(types: Iterable[Any]) -> dict[str, int]:

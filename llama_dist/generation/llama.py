@@ -12,7 +12,7 @@ from typing import TypedDict
 import torch
 import torch.nn.functional as F
 
-from ..checkpoint.loader import describe, load_model, open_checkpoint, open_tokenizer
+from ..checkpoint.loader import describe, load_model, open_checkpoint, open_tokenizer, weight_summary
 from ..distributed.context import ParallelContext, init_distributed
 from ..distributed.env import detect_launch
 from ..distributed.fingerprint import check_same_on_all_ranks, checkpoint_fingerprint, code_fingerprint
@@ -44,11 +44,14 @@ class Llama:
     @staticmethod
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None, max_seq_len: int = 512, max_batch_size: int = 8,
               backend: str = "auto", device: str | None = None, dtype: str | torch.dtype | None = None,
-              seed: int = 1, ctx: ParallelContext | None = None) -> "Llama":
+              seed: int = 1, ctx: ParallelContext | None = None, quantize: str = "auto",
+              group_size: int = 32) -> "Llama":
         """Validate everything cheap first (paths, shapes, world size, tokenizer), then load this rank's shard.
 
         `ckpt_dir`: a Meta folder, an HF folder or a .gguf file; `tokenizer_path`: optional when
         the model carries its tokenizer (GGUF, HF) or has tokenizer.model beside it (Meta).
+        `quantize`: "auto" keeps stored quantization (GGUF Q4 blocks, quantized checkpoints),
+        "none" loads dense, "int8"/"int4" quantize at load time (int4 in groups of `group_size`).
         """
         source = open_checkpoint(ckpt_dir)
         tokenizer = open_tokenizer(source, tokenizer_path)
@@ -60,10 +63,11 @@ class Llama:
         start = time.perf_counter()
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        model = load_model(source, ctx, dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size)
+        model = load_model(source, ctx, dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
+                           quantize=quantize, group_size=group_size)
         if ctx.is_driver:
             print(f"Loaded {describe(source)} {ckpt_dir} ({tokenizer.kind} tokenizer) on {ctx.world_size} rank(s) "
-                  f"({ctx.backend}, {ctx.device}, {model.output.weight.dtype}) in {time.perf_counter() - start:.2f} s")
+                  f"({ctx.backend}, {ctx.device}, {model.norm.weight.dtype}{weight_summary(model)}) in {time.perf_counter() - start:.2f} s")
         return Llama(model, tokenizer, ctx, seed)
 
     @property

@@ -147,16 +147,14 @@ class Transformer(nn.Module):
                                            dtype=dtype, device=device)
         self.rope: torch.Tensor | None = None
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int) -> None:
-        """Allocate the KV cache and rotary table once, on the device and dtype the weights ended up on."""
-        weight = self.output.weight
-        dtype = weight.dtype if weight.is_floating_point() else torch.get_default_dtype()
+    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
+        """Allocate the KV cache (in the activation dtype) and the rotary table once."""
         for layer in self.layers:
-            layer.attention.setup_cache(max_batch_size, max_seq_len, dtype, weight.device)
-        self.rope = rope_table(self.args, max_seq_len).to(weight.device)
+            layer.attention.setup_cache(max_batch_size, max_seq_len, dtype, device)
+        self.rope = rope_table(self.args, max_seq_len).to(device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
                 slots: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
         """Logits (float32, full vocabulary on every rank) for `tokens` [B, S] placed at start_pos.. .
@@ -182,7 +180,7 @@ class Transformer(nn.Module):
         mask = None
         if not (seqlen == 1 and end == length):  # visible: cached positions up to each token's own
             mask = (torch.arange(length, device=device) <= pos[..., None]).unsqueeze(1)
-        h = self.tok_embeddings(tokens)
+        h = self.tok_embeddings(tokens).to(self.norm.weight.dtype)  # an int8 table dequantizes to fp32
         rope = self.rope[pos]
         for layer in self.layers:
             h = layer(h, pos, rope, mask, slots, length)

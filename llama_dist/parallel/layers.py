@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.comm import Communicator
+from ..quant.weights import QuantizedWeight
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -18,7 +19,27 @@ def divide(total: int, parts: int, what: str) -> int:
     return total // parts
 
 
-class ColumnParallelLinear(nn.Module):
+class ShardedWeight(nn.Module):
+    """A layer's local weight shard: dense, or replaced by a quantized one after loading."""
+
+    weight: nn.Parameter | None
+
+    def __init__(self):
+        super().__init__()
+        self.qweight: QuantizedWeight | None = None
+
+    def set_quantized(self, qweight: QuantizedWeight) -> None:
+        self.weight = None
+        self.qweight = qweight
+
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return self.qweight(x) if self.qweight is not None else F.linear(x, self.weight)
+
+    def local_lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.qweight.rows(ids) if self.qweight is not None else F.embedding(ids, self.weight)
+
+
+class ColumnParallelLinear(ShardedWeight):
     """y = x A^T with A split along its output rows; each rank computes its slice of y.
 
     gather_output=True concatenates the slices so every rank holds the full y.
@@ -36,11 +57,13 @@ class ColumnParallelLinear(nn.Module):
                                  requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.local_linear(x)
+        if self.bias is not None:
+            y = y + self.bias
         return self.comm.all_gather(y, dim=-1) if self.gather_output else y
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(ShardedWeight):
     """y = x A^T with A split along its input columns; partial products are summed across ranks.
 
     input_is_parallel=True means x already holds this rank's slice (the output of a
@@ -61,11 +84,11 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = x.narrow(-1, self.comm.rank * self.local_in, self.local_in)
-        y = self.comm.all_reduce(F.linear(x, self.weight))
+        y = self.comm.all_reduce(self.local_linear(x))
         return y + self.bias if self.bias is not None else y
 
 
-class ParallelEmbedding(nn.Module):
+class ParallelEmbedding(ShardedWeight):
     """Embedding split along the embedding dim (Llama 1/2 checkpoints); slices are gathered."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, comm: Communicator,
@@ -78,10 +101,10 @@ class ParallelEmbedding(nn.Module):
                                    requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.comm.all_gather(F.embedding(ids, self.weight), dim=-1)
+        return self.comm.all_gather(self.local_lookup(ids), dim=-1)
 
 
-class VocabParallelEmbedding(nn.Module):
+class VocabParallelEmbedding(ShardedWeight):
     """Embedding split along the vocabulary (Llama 3): each rank looks up the ids it owns, others add zeros."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, comm: Communicator,
@@ -89,15 +112,15 @@ class VocabParallelEmbedding(nn.Module):
         super().__init__()
         self.comm = comm
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        local_vocab = divide(num_embeddings, comm.world_size, "vocabulary size")
+        self.local_vocab = local_vocab = divide(num_embeddings, comm.world_size, "vocabulary size")
         self.vocab_start = comm.rank * local_vocab
         self.weight = nn.Parameter(torch.empty(local_vocab, embedding_dim, dtype=dtype, device=device),
                                    requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm.world_size == 1:
-            return F.embedding(ids, self.weight)
+            return self.local_lookup(ids)
         local = ids - self.vocab_start
-        outside = (local < 0) | (local >= self.weight.shape[0])
-        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        outside = (local < 0) | (local >= self.local_vocab)
+        out = self.local_lookup(local.masked_fill(outside, 0))
         return self.comm.all_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0))

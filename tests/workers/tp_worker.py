@@ -18,13 +18,21 @@ def main(out: str, tokenizer: str, *ckpts: str) -> None:
         ckpts = (os.environ["LLAMA_DIST_TEST_CKPTS"].split(",")[ctx.rank],)
     results = {}
     for ckpt in ckpts:
-        llama = Llama.build(ckpt, None if tokenizer == "-" else tokenizer, max_seq_len=64, max_batch_size=2, ctx=ctx)
+        quantize = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--quantize=")), "none")
+        llama = Llama.build(ckpt, None if tokenizer == "-" else tokenizer, max_seq_len=64, max_batch_size=2, ctx=ctx,
+                            quantize=quantize, dtype="float32")  # quantized matmuls still run in bf16
         vocab = llama.model.args.vocab_size
         tokens = (torch.arange(2 * 12).reshape(2, 12) * 37 + 3) % vocab
         logits = llama.model(tokens, 0)
         greedy, _ = llama.generate(PROMPTS, max_gen_len=24, temperature=0.0)
-        results[ckpt] = {"logits": logits, "greedy": greedy,
-                         "shapes": {k: tuple(v.shape) for k, v in llama.model.state_dict().items()}}
+        gaps = []  # top-2 logit gap at each greedy step: where it is tiny, rounding may pick either token
+        for prompt, completion in zip(PROMPTS, greedy):
+            seq_logits = llama.model(torch.tensor([prompt + completion]), 0)[0, len(prompt) - 1:-1]
+            top = seq_logits.topk(2).values
+            gaps.append((top[:, 0] - top[:, 1]).tolist())
+        results[ckpt] = {"logits": logits, "greedy": greedy, "gaps": gaps,
+                         "shapes": {k: tuple(v.shape) for k, v in llama.model.state_dict().items()},
+                         "weight_bytes": sum(t.nbytes for t in llama.model.state_dict().values())}
     torch.save(results, f"{out}.rank{ctx.rank}")
 
 
