@@ -73,7 +73,6 @@ def quant_act_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 QUANTIZE_CHOICES = ("auto", "none", *QUANT_TYPES)
-_NONE = torch.empty(0)
 
 
 def stores_quantized(source: CheckpointSource) -> bool:
@@ -89,7 +88,8 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
 
     quantize: "auto" keeps weights as the checkpoint stores them (GGUF Q4_0/Q4_1/Q4_K blocks become
     int4 groups of 32 exactly, a quantized checkpoint stays quantized, the rest is dense); "none"
-    makes everything dense; "int8"/"int4" also quantize dense weights, after sharding.
+    makes everything dense; "int8"/"int4" quantize every weight (dequantized first if stored otherwise),
+    after sharding.
     """
     args = source.args
     args.check_world_size(ctx.world_size)
@@ -116,8 +116,9 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
             raise CheckpointError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)} for rank {ctx.rank} "
                                   f"but the model expects {tuple(expected)}; the weights do not match the config.")
         state[name] = tensor.to(device=ctx.device, dtype=dtype).contiguous()
-    if getattr(source, "tied_output", False) and args.vocab_parallel_embedding and \
-            torch.equal(state.get("output.weight", _NONE), state.get("tok_embeddings.weight", _NONE)):
+    tied = ("output.weight", "tok_embeddings.weight")
+    if getattr(source, "tied_output", False) and args.vocab_parallel_embedding and all(k in state for k in tied) \
+            and torch.equal(state[tied[0]], state[tied[1]]):
         state["output.weight"] = state["tok_embeddings.weight"]  # one copy of the tied matrix, not two
     missing, _ = model.load_state_dict(state, assign=True, strict=False)
     assert all(".qweight." in k for k in missing), missing  # quantized weights were set in place above
@@ -130,13 +131,13 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
     """This rank's slice of a linear or embedding weight, quantized; None keeps it dense.
 
     "auto" keeps what the checkpoint stores quantized (GGUF Q4 blocks, our quantized checkpoints);
-    "int8"/"int4" quantize dense weights after sharding. Embeddings are looked up by row, so they
+    "int8"/"int4" quantize the (dequantized) weights after sharding. Embeddings are looked up by row, so they
     are only ever int8 (one scale per row).
     """
     args, world, rank = source.args, ctx.world_size, ctx.rank
     is_embedding = isinstance(owner, (ParallelEmbedding, VocabParallelEmbedding))
     parts = canonical_parts(name)
-    reader = getattr(source, "read_quantized", None)
+    reader = getattr(source, "read_quantized", None) if quantize == "auto" else None
     stored = [reader(p, param_layout(p, args, world, rank)) for p in parts] if reader else [None]
     if all(s is not None for s in stored) and len({s.kind for s in stored}) == 1:
         if not is_embedding or stored[0].kind == "int8":
