@@ -81,6 +81,16 @@ def perplexity(model: str = "smollm2", file: str = "/usr/share/common-licenses/G
               f"({result['scored_tokens']} tokens scored in {result['windows']} windows of {ctx})")
 
 
+def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple = (1, 8, 32), steps: int = 128,
+          prefill: int = 512, compile: bool = True, hf: bool = True, quantize: str = "none",
+          backend: str = "auto") -> None:
+    """Prefill and decode tokens/s beside the bandwidth ceiling and HF transformers (random weights of a
+    configs/ shape, or --model); prints JSON on rank 0."""
+    from .bench import bench as run
+
+    run(config, model, tuple(batches), steps, prefill, compile, hf, quantize, backend)
+
+
 def info(model: str = "smollm2") -> None:
     """Architecture, size, tensor types, tokenizer and the tensor-parallel sizes MODEL allows."""
     from .info import model_info
@@ -90,7 +100,7 @@ def info(model: str = "smollm2") -> None:
 
 def main() -> None:
     fire.Fire({"generate": generate, "chat": chat, "convert": convert, "quantize": quantize,
-               "perplexity": perplexity, "info": info})
+               "perplexity": perplexity, "bench": bench, "info": info})
 
 
 if __name__ == "__main__":

@@ -58,3 +58,27 @@ class StateDictSource:
 
     def tensor_types(self) -> dict[str, int]:
         return count_types(t.dtype for t in self.state_dict.values())
+
+
+class RandomSource:
+    """Random weights of a given shape, made on the target device (benchmarks: speed does not depend on
+    values). Each full tensor is drawn from a generator seeded by its name, then sliced, so every
+    tensor-parallel size sees the same model."""
+
+    format = "random"
+
+    def __init__(self, args: ModelArgs, device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0):
+        self.args, self.device, self.dtype, self.seed = args, device, dtype, seed
+
+    def read(self, name: str, layout: ShardLayout) -> torch.Tensor:
+        from .shard import full_shape
+
+        shape = full_shape(name, self.args)
+        g = torch.Generator(device=self.device).manual_seed(self.seed + sum(map(ord, name)) * 7919)
+        if len(shape) == 1:
+            return torch.ones(shape, device=self.device, dtype=self.dtype)
+        full = torch.randn(shape, generator=g, device=self.device, dtype=self.dtype) * shape[1] ** -0.5
+        return layout.take(full).clone()
+
+    def tensor_types(self) -> dict[str, int]:
+        return {str(self.dtype).removeprefix("torch."): 0}

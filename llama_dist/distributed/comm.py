@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 
 
 class Communicator:
@@ -59,11 +60,16 @@ class TorchCommunicator(Communicator):
             raise
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traceable form: no graph break inside a compiled decode step
+            return funcol.all_reduce(tensor, "sum", self.group or dist.group.WORLD)
         with self._guard():
             dist.all_reduce(tensor, group=self.group)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            gathered = funcol.all_gather_tensor(tensor.contiguous(), 0, self.group or dist.group.WORLD)
+            return torch.cat(gathered.chunk(self.world_size, dim=0), dim=dim)
         tensor = tensor.contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         with self._guard():

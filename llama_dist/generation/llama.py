@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TypedDict
+from typing import Callable, TypedDict
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,19 @@ from ..tokenizer.chat import Dialog, encode_dialog
 from .sampling import sample
 
 PAD = -1  # never fed to the model: positions past a prompt's end are filled before they are read
+STOP_CHECK_EVERY = 8  # tokens past a stop are computed and discarded; checking less often avoids syncs
+
+
+def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """(tokens [B, 1], position) -> logits [B, 1, vocab]. Compiled, it attends over the whole cache with
+    a mask and takes the position as a tensor (fixed shapes: one graph, CUDA-graph friendly); eager,
+    it attends over the filled part only."""
+    if not compile:
+        return lambda tokens, pos: model(tokens, pos)
+    on_gpu = model.rope.device.type == "cuda"
+    step = torch.compile(lambda tokens, positions: model(tokens, positions, length=model.max_seq_len),
+                         mode="reduce-overhead" if on_gpu else None, fullgraph=on_gpu, dynamic=False)
+    return lambda tokens, pos: step(tokens, torch.full((tokens.shape[0],), pos, device=tokens.device))
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -37,21 +50,24 @@ class ChatPrediction(TypedDict, total=False):
 
 
 class Llama:
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: ParallelContext, seed: int = 1):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, ctx: ParallelContext, seed: int = 1,
+                 compile: bool = False):
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
         self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
+        self.decode = make_decode_step(model, compile)
 
     @staticmethod
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None, max_seq_len: int = 512, max_batch_size: int = 8,
               backend: str = "auto", device: str | None = None, dtype: str | torch.dtype | None = None,
               seed: int = 1, ctx: ParallelContext | None = None, quantize: str = "auto",
-              group_size: int = 32) -> "Llama":
+              group_size: int = 32, compile: bool = False) -> "Llama":
         """Validate everything cheap first (paths, shapes, world size, tokenizer), then load this rank's shard.
 
         `ckpt_dir`: a Meta folder, an HF folder or a .gguf file; `tokenizer_path`: optional when
         the model carries its tokenizer (GGUF, HF) or has tokenizer.model beside it (Meta).
         `quantize`: "auto" keeps stored quantization (GGUF Q4 blocks, quantized checkpoints),
         "none" loads dense, "int8"/"int4" quantize at load time (int4 in groups of `group_size`).
+        `compile`: torch.compile the one-token decode step (CUDA graphs on GPUs); the first call compiles.
         """
         source = open_checkpoint(ckpt_dir)
         tokenizer = open_tokenizer(source, tokenizer_path)
@@ -68,7 +84,7 @@ class Llama:
         if ctx.is_driver:
             print(f"Loaded {describe(source)} {ckpt_dir} ({tokenizer.kind} tokenizer) on {ctx.world_size} rank(s) "
                   f"({ctx.backend}, {ctx.device}, {model.norm.weight.dtype}{weight_summary(model)}) in {time.perf_counter() - start:.2f} s")
-        return Llama(model, tokenizer, ctx, seed)
+        return Llama(model, tokenizer, ctx, seed, compile)
 
     @property
     def is_driver(self) -> bool:
@@ -101,7 +117,10 @@ class Llama:
         stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
         prev_pos = 0
         for cur_pos in range(min(lengths), total_len):
-            logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
+            if cur_pos - prev_pos == 1 and not logprobs:  # one token per row: the (compiled) decode step
+                logits = self.decode(tokens[:, prev_pos:cur_pos], prev_pos)
+            else:
+                logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
             next_token = sample(logits[:, -1], temperature, top_p, self.generator)
             next_token = self.ctx.comm.broadcast(next_token, src=0)
             next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
@@ -111,7 +130,7 @@ class Llama:
                     logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none", ignore_index=PAD)
             stopped |= ~is_prompt[:, cur_pos] & torch.isin(next_token, stop_ids)
             prev_pos = cur_pos
-            if bool(stopped.all()):
+            if cur_pos % STOP_CHECK_EVERY == 0 and bool(stopped.all()):  # a host sync: not every token
                 break
         out_tokens, out_logprobs = [], []
         for i, n in enumerate(lengths):

@@ -1,0 +1,128 @@
+"""llama-dist vs llama.cpp (llama-cpp-python) on the same GGUF, prompt and thread count, same run.
+
+    pip install llama-cpp-python==0.3.36   # compiles for ~5 minutes; not a CI dependency
+    python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp2]
+
+Each repetition runs each engine in a fresh process (alternating), with a 100-token prompt and 128
+greedy tokens; the table shows medians. --tp2 adds llama-dist at TP=2 (Gloo, one thread per rank).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPT_WORDS = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+                "combined movable metal type, oil-based ink and a wooden screw press into a system that could "
+                "produce books quickly and cheaply. Before that, texts were copied by hand, and a single Bible "
+                "could take a scribe years to finish. The new machines spread across Europe within decades, ")
+
+
+def run_llamacpp(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    import time
+
+    t0 = time.perf_counter()
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=model, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    load = time.perf_counter() - t0
+    ids = llm.tokenize((PROMPT_WORDS * 3).encode(), add_bos=False)[:n_prompt]
+    t = time.perf_counter()
+    llm.eval(ids)
+    prompt_s = time.perf_counter() - t
+    t = time.perf_counter()
+    tok = None
+    for _ in range(n_gen):
+        tok = llm.sample(temp=0.0)
+        llm.eval([tok])
+    decode_s = time.perf_counter() - t
+    return {"load_s": load, "prompt_tok_s": len(ids) / prompt_s, "decode_tok_s": n_gen / decode_s}
+
+
+def run_ours(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+    import time
+
+    t0 = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(threads)
+    from llama_dist import Llama
+
+    llama = Llama.build(model, max_seq_len=512, max_batch_size=1)
+    load = time.perf_counter() - t0
+    ids = llama.tokenizer.encode(PROMPT_WORDS * 3, bos=False)[:n_prompt]
+    model_ = llama.model
+    t = time.perf_counter()
+    logits = model_(torch.tensor([ids]), 0, last_only=True)
+    prompt_s = time.perf_counter() - t
+    t = time.perf_counter()
+    pos = len(ids)
+    for _ in range(n_gen):
+        nxt = llama.ctx.comm.broadcast(logits[:, -1].argmax(-1, keepdim=True))
+        logits = model_(nxt, pos)
+        pos += 1
+    decode_s = time.perf_counter() - t
+    return {"load_s": load, "prompt_tok_s": len(ids) / prompt_s, "decode_tok_s": n_gen / decode_s}
+
+
+def child(engine: str, model: str, threads: int) -> None:
+    import resource
+
+    result = {"llamacpp": run_llamacpp, "ours": run_ours}[engine](model, threads, 100, 128)
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(result))
+
+
+def measure(engine: str, model: str, threads: int, world: int = 1) -> dict:
+    cmd = [sys.executable, __file__, "--child", engine, "--model", model, "--threads", str(threads)]
+    if world > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), *cmd[1:]]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
+    if out.returncode or not line:
+        raise RuntimeError(f"{engine} failed:\n{out.stderr[-2000:]}")
+    return json.loads(line[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tp2", action="store_true")
+    p.add_argument("--child")
+    p.add_argument("--model")
+    a = p.parse_args()
+    if a.child:
+        return child(a.child, a.model, a.threads)
+    sys.path.insert(0, str(ROOT))
+    from llama_dist.models import bundled_model_path
+
+    model = str(bundled_model_path())
+    runs = {"llama.cpp": [], "llama-dist": [], "llama-dist TP=2 (Gloo)": []}
+    for _ in range(a.reps):
+        runs["llama.cpp"].append(measure("llamacpp", model, a.threads))
+        runs["llama-dist"].append(measure("ours", model, a.threads))
+        if a.tp2:
+            runs["llama-dist TP=2 (Gloo)"].append(measure("ours", model, 1, world=2))
+    keys = ("load_s", "prompt_tok_s", "decode_tok_s", "peak_rss_mib")
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items() if rs}
+    print(f"SmolLM2-135M-Instruct Q4_1, {a.threads} threads, 100-token prompt, 128 greedy tokens, "
+          f"medians of {a.reps} fresh processes")
+    print(f"| engine | load s | prompt tok/s | decode tok/s | peak RSS MiB |\n|---|---|---|---|---|")
+    for name, m in med.items():
+        print(f"| {name} | {m['load_s']:.2f} | {m['prompt_tok_s']:.0f} | {m['decode_tok_s']:.1f} | "
+              f"{m['peak_rss_mib']:.0f} |")
+    ref, ours = med["llama.cpp"], med["llama-dist"]
+    print(f"ours/llama.cpp: load {ours['load_s'] / ref['load_s']:.1f}x time, prompt "
+          f"{ours['prompt_tok_s'] / ref['prompt_tok_s']:.2f}x, decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
+          f"RSS {ours['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""`llama-dist bench`: prefill and decode tokens/s beside the memory-bandwidth ceiling and HF transformers.
+
+Random weights of a configs/ shape (or a real checkpoint), on whatever the launcher gives: one GPU,
+torchrun over several (NCCL), or CPU. Batch-1 decode reads every weight once per token, so its
+ceiling is (weight bytes per rank) / (measured read bandwidth).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint.loader import load_model, open_checkpoint
+from .checkpoint.source import RandomSource
+from .distributed.context import init_distributed
+from .generation.llama import make_decode_step
+from .model.args import ModelArgs
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def read_bandwidth(device: torch.device, gib: float = 2.0) -> float:
+    """Bytes/s of a large reduction: the read bandwidth decode can hope for."""
+    x = torch.ones(int(gib * 2**30 / 2), dtype=torch.bfloat16, device=device)
+    for _ in range(3):
+        x.sum()
+    sync(device)
+    n, t = 10, time.perf_counter()
+    for _ in range(n):
+        x.sum()
+    sync(device)
+    return n * x.nbytes / (time.perf_counter() - t)
+
+
+def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: int = 16) -> float:
+    decode = make_decode_step(model, compile)
+    tokens = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device=ctx.device)
+    model(tokens, 0, last_only=True)
+    nxt = tokens[:, -1:]
+    for pos in range(prompt_len, prompt_len + 3):  # compile and warm up
+        nxt = ctx.comm.broadcast(decode(nxt, pos)[:, -1].argmax(-1, keepdim=True))
+    sync(ctx.device)
+    start = time.perf_counter()
+    for pos in range(prompt_len + 3, prompt_len + 3 + steps):
+        nxt = ctx.comm.broadcast(decode(nxt, pos)[:, -1].argmax(-1, keepdim=True))
+    sync(ctx.device)
+    return batch * steps / (time.perf_counter() - start)
+
+
+def hf_figures(args: ModelArgs, device: torch.device, steps: int) -> dict[str, float]:
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim,
+                                      intermediate_size=args.hidden_dim, num_hidden_layers=args.n_layers,
+                                      num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
+                                      rms_norm_eps=args.norm_eps, tie_word_embeddings=False)
+    with torch.device(device):
+        hf = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    out = {}
+    for batch in (1, 16):
+        prompt = torch.randint(0, args.vocab_size, (batch, 16), device=device)
+        with torch.no_grad():
+            hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            sync(device)
+            t = time.perf_counter()
+            hf.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
+            sync(device)
+        out[f"hf_eager_decode_b{batch}"] = batch * steps / (time.perf_counter() - t)
+    del hf
+    return out
+
+
+def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
+          steps: int = 128, prefill: int = 512, compile: bool = True, hf: bool = True, quantize: str = "none",
+          backend: str = "auto", max_seq_len: int = 1024) -> dict:
+    ctx = init_distributed(backend)
+    if model:
+        source = open_checkpoint(model)
+    else:
+        path = Path(config) if Path(config).exists() else CONFIGS / f"{config}.json"
+        source = RandomSource(ModelArgs.from_params_json(path), ctx.device)
+    start = time.perf_counter()
+    m = load_model(source, ctx, torch.bfloat16 if ctx.device.type == "cuda" else None, max_seq_len=max_seq_len,
+                   max_batch_size=max(batches), progress=False, quantize=quantize)
+    sync(ctx.device)
+    result = {"config": str(config if not model else model), "world_size": ctx.world_size,
+              "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+              "load_s": time.perf_counter() - start, "quantize": quantize, "compile": compile}
+    weight_bytes = sum(t.nbytes for t in {t.data_ptr(): t for t in m.state_dict().values()}.values())
+    bw = read_bandwidth(ctx.device, 2.0 if ctx.device.type == "cuda" else 0.5)
+    result.update(weight_bytes_per_rank=weight_bytes, read_bandwidth_gbs=bw / 1e9, ceiling_tok_s=bw / weight_bytes)
+    tokens = torch.randint(0, m.args.vocab_size, (1, prefill), device=ctx.device)
+    m(tokens, 0, last_only=True)
+    sync(ctx.device)
+    t = time.perf_counter()
+    m(tokens, 0, last_only=True)
+    sync(ctx.device)
+    result["prefill_tok_s"] = prefill / (time.perf_counter() - t)
+    for b in batches:
+        result[f"decode_b{b}_tok_s"] = decode_tok_s(m, ctx, b, steps, compile)
+    result["b1_fraction_of_ceiling"] = result["decode_b1_tok_s"] / result["ceiling_tok_s"]
+    if hf and ctx.world_size == 1 and not model:
+        del m
+        torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
+        result.update(hf_figures(source.args, ctx.device, min(steps, 64)))
+    if ctx.is_driver:
+        print(json.dumps(result, indent=1))
+        if os.environ.get("OUT"):
+            name = f"bench_{Path(str(config)).stem}_tp{ctx.world_size}_{quantize}.json"
+            Path(os.environ["OUT"], name).write_text(json.dumps(result, indent=1))
+    return result
