@@ -32,6 +32,8 @@ def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tenso
     if not compile:
         return lambda tokens, pos: model(tokens, pos)
     on_gpu = model.rope.device.type == "cuda"
+    if on_gpu:  # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
+        torch._inductor.config.coordinate_descent_tuning = True
     step = torch.compile(lambda tokens, positions: model(tokens, positions, length=model.max_seq_len),
                          mode="reduce-overhead" if on_gpu else None, fullgraph=on_gpu, dynamic=False)
     return lambda tokens, pos: step(tokens, torch.full((tokens.shape[0],), pos, device=tokens.device))
