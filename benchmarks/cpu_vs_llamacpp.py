@@ -1,10 +1,11 @@
 """llama-dist vs llama.cpp (llama-cpp-python) on the same GGUF, prompt and thread count, same run.
 
     pip install llama-cpp-python==0.3.36   # compiles for ~5 minutes; not a CI dependency
-    python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp2]
+    python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp 3]
 
 Each repetition runs each engine in a fresh process (alternating), with a 100-token prompt and 128
-greedy tokens; the table shows medians. --tp2 adds llama-dist at TP=2 (Gloo, one thread per rank).
+greedy tokens; the table shows medians. --tp 3 adds llama-dist tensor-parallel over Gloo, one thread per
+rank (SmolLM2's 9 heads allow TP=1, 3 and 9 only, so TP=2 cannot split it).
 """
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tp2", action="store_true")
+    p.add_argument("--tp", type=int, default=0)
     p.add_argument("--child")
     p.add_argument("--model")
     a = p.parse_args()
@@ -104,12 +105,12 @@ def main() -> None:
     from llama_dist.models import bundled_model_path
 
     model = str(bundled_model_path())
-    runs = {"llama.cpp": [], "llama-dist": [], "llama-dist TP=2 (Gloo)": []}
+    runs = {"llama.cpp": [], "llama-dist": [], f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)": []}
     for _ in range(a.reps):
         runs["llama.cpp"].append(measure("llamacpp", model, a.threads))
         runs["llama-dist"].append(measure("ours", model, a.threads))
-        if a.tp2:
-            runs["llama-dist TP=2 (Gloo)"].append(measure("ours", model, 1, world=2))
+        if a.tp:
+            runs[f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)"].append(measure("ours", model, 1, world=a.tp))
     keys = ("load_s", "prompt_tok_s", "decode_tok_s", "peak_rss_mib")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items() if rs}
     print(f"SmolLM2-135M-Instruct Q4_1, {a.threads} threads, 100-token prompt, 128 greedy tokens, "

@@ -98,9 +98,18 @@ def info(model: str = "smollm2") -> None:
     print(json.dumps(model_info(model), indent=2))
 
 
+def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, ctx: int = 2048,
+          max_queue: int = 64, api_key: str | None = None, backend: str = "auto", dtype: str | None = None,
+          quantize: str = "auto", tokenizer: str | None = None) -> None:
+    """HTTP server: llama.cpp's /completion and OpenAI's /v1 API, continuous batching across ranks."""
+    from .serving.server import serve as run
+
+    run(model, host, port, max_batch, ctx, max_queue, api_key, backend, dtype, quantize, tokenizer)
+
+
 def main() -> None:
     fire.Fire({"generate": generate, "chat": chat, "convert": convert, "quantize": quantize,
-               "perplexity": perplexity, "bench": bench, "info": info})
+               "perplexity": perplexity, "bench": bench, "serve": serve, "info": info})
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Choosing the next token from logits."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -19,3 +21,36 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float,
     if temperature <= 0:
         return logits.argmax(dim=-1)
     return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
+
+
+@dataclass
+class SamplingParams:
+    """llama.cpp's sampler settings; temperature 0 is greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+
+
+def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+               history: list[int]) -> int:
+    """One token from one row of logits [vocab], in llama.cpp's order: penalty, top-k, min-p, top-p, temperature."""
+    logits = logits.float().clone()
+    if params.repeat_penalty != 1.0 and history:
+        recent = torch.tensor(history[-params.repeat_last_n:], device=logits.device).unique()
+        picked = logits[recent]
+        logits[recent] = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
+    if params.temperature <= 0:
+        return int(logits.argmax())
+    if 0 < params.top_k < logits.numel():
+        kth = logits.topk(params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        return int(sample_top_p(probs[None] / probs.sum(), params.top_p, generator)[0])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))

@@ -1,0 +1,177 @@
+"""Continuous batching across tensor-parallel ranks.
+
+Rank 0 owns the requests. Each step it plans which waiting requests join (prefill into a free
+cache slot) and which running ones decode one token, and broadcasts that plan; every rank runs
+the same step, so the model's collectives line up. Rank 0 samples each request with its own
+generator (seeded sampling does not depend on what else is in the batch), streams text to the
+request's listener, and frees the slot when the request stops or its client goes away.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..generation.llama import Llama
+from ..generation.sampling import SamplingParams, sample_row
+from ..tokenizer.stream import TextStream
+
+IDLE_PLAN_EVERY_S = 0.5  # an idle driver still broadcasts, so followers' collectives never time out
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    on_event: Callable[[dict], None]  # called from the engine thread: {"token"...} then one {"done"...}
+    stop_words: list[str] = field(default_factory=list)
+    seed: int | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled in by the engine
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_first: float = 0.0
+    prompt_ms: float = 0.0
+    generator: torch.Generator | None = None
+    stream: TextStream | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Engine:
+    def __init__(self, llama: Llama, max_batch: int | None = None, max_queue: int = 64):
+        self.llama, self.model, self.ctx = llama, llama.model, llama.ctx
+        self.max_batch = min(max_batch or self.model.max_batch_size, self.model.max_batch_size)
+        self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self.running: dict[int, Request] = {}
+        self.stopping = threading.Event()
+
+    # ---- rank 0 side -------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if self.stopping.is_set():
+            raise QueueFull("the server is shutting down")
+        try:
+            self.waiting.put_nowait(request)
+        except queue.Full:
+            raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
+
+    def _plan(self) -> dict[str, Any]:
+        for slot in [s for s, r in self.running.items() if r.cancelled.is_set()]:
+            self._finish(self.running.pop(slot), "cancelled")
+        if self.stopping.is_set():
+            for r in list(self.running.values()):
+                self._finish(r, "cancelled")
+            self.running.clear()
+            while not self.waiting.empty():
+                self._finish(self.waiting.get_nowait(), "cancelled")
+            return {"shutdown": True}
+        free = [s for s in range(self.max_batch) if s not in self.running]
+        admitted = []
+        deadline = time.monotonic() + (0 if self.running else IDLE_PLAN_EVERY_S)
+        while free:
+            try:
+                r = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if r.cancelled.is_set():
+                self._finish(r, "cancelled")
+                continue
+            r.slot = free.pop(0)
+            r.stream = TextStream(self.llama.tokenizer)
+            if r.seed is not None:
+                r.generator = torch.Generator(device=self.ctx.device).manual_seed(r.seed)
+            self.running[r.slot] = r
+            admitted.append(r)
+            deadline = time.monotonic()  # take what is queued now, then run
+        decode = [(s, r.generated[-1], len(r.prompt_ids) + len(r.generated) - 1)
+                  for s, r in self.running.items() if r.generated]
+        return {"prefill": [(r.slot, r.prompt_ids) for r in admitted], "decode": decode}
+
+    def _emit_text(self, r: Request, final: bool) -> None:
+        hold = 0 if final else max((len(w) for w in r.stop_words), default=1) - 1
+        upto = max(r.sent, len(r.text) - hold)
+        if upto > r.sent:
+            r.on_event({"type": "token", "text": r.text[r.sent:upto], "token": r.generated[-1]})
+            r.sent = upto
+
+    def _finish(self, r: Request, stop_type: str, stopping_word: str = "") -> None:
+        if stop_type != "cancelled":
+            self._emit_text(r, final=True)
+        now = time.perf_counter()
+        predicted_ms = (now - r.t_first) * 1e3 if r.t_first else 0.0
+        r.on_event({"type": "done", "stop_type": stop_type, "stopping_word": stopping_word, "timings": {
+            "prompt_n": len(r.prompt_ids), "prompt_ms": r.prompt_ms,
+            "prompt_per_second": len(r.prompt_ids) / max(r.prompt_ms, 1e-9) * 1e3,
+            "predicted_n": len(r.generated), "predicted_ms": predicted_ms,
+            "predicted_per_second": len(r.generated) / max(predicted_ms, 1e-9) * 1e3}})
+
+    def _accept(self, r: Request, logits: torch.Tensor) -> None:
+        """Sample this request's next token and decide whether it is done."""
+        token = sample_row(logits, r.params, r.generator, r.prompt_ids + r.generated)
+        r.generated.append(token)
+        if token in self.llama.tokenizer.stop_ids:
+            r.generated.pop()
+            return self._done(r, "eos")
+        r.text += r.stream.push(token)
+        for word in r.stop_words:
+            at = r.text.find(word)
+            if at >= 0:
+                r.text = r.text[:at]
+                return self._done(r, "word", word)
+        if len(r.generated) >= r.max_new_tokens or len(r.prompt_ids) + len(r.generated) >= self.model.max_seq_len:
+            r.text += r.stream.flush()
+            return self._done(r, "limit")
+        self._emit_text(r, final=False)
+
+    def _done(self, r: Request, stop_type: str, word: str = "") -> None:
+        self.running.pop(r.slot, None)
+        self._finish(r, stop_type, word)
+
+    # ---- every rank ----------------------------------------------------------------------------
+    def run(self) -> None:
+        """The SPMD loop: rank 0 plans and broadcasts; all ranks execute. Returns on shutdown."""
+        while True:
+            plan = self._plan() if self.ctx.is_driver else None
+            plan = self.ctx.comm.broadcast_object(plan)
+            if plan.get("shutdown"):
+                return
+            self._execute(plan)
+
+    def _execute(self, plan: dict[str, Any]) -> None:
+        device, driver = self.ctx.device, self.ctx.is_driver
+        for slot, ids in plan["prefill"]:
+            start = time.perf_counter()
+            logits = self.model(torch.tensor([ids], device=device), 0, last_only=True,
+                                slots=torch.tensor([slot], device=device))
+            if driver:
+                r = self.running[slot]
+                r.prompt_ms, r.t_first = (time.perf_counter() - start) * 1e3, time.perf_counter()
+                self._safely(r, logits[0, -1])
+        if plan["decode"]:
+            slots, tokens, positions = (torch.tensor(col, device=device) for col in zip(*plan["decode"]))
+            logits = self.model(tokens[:, None], positions, slots=slots)
+            if driver:
+                for i, (slot, _, _) in enumerate(plan["decode"]):
+                    if slot in self.running:
+                        self._safely(self.running[slot], logits[i, -1])
+
+    def _safely(self, r: Request, logits: torch.Tensor) -> None:
+        """An exception in one request's sampling or decoding fails that request only."""
+        try:
+            self._accept(r, logits)
+        except Exception as e:  # noqa: BLE001
+            self.running.pop(r.slot, None)
+            r.on_event({"type": "error", "message": f"{type(e).__name__}: {e}"})

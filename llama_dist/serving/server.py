@@ -1,0 +1,57 @@
+"""`llama-dist serve`: rank 0 listens (HTTP in a thread), every rank runs the engine loop in its main thread."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+from pathlib import Path
+
+from ..distributed.context import init_distributed
+from ..generation.llama import Llama
+from .api import State, build_app
+from .engine import Engine
+
+
+def model_name(model: str) -> str:
+    return Path(model).stem if model not in ("smollm2",) else "smollm2"
+
+
+def start_http(state: State, host: str, port: int):
+    """uvicorn on its own thread and event loop; returns its Server (set should_exit to stop it)."""
+    import uvicorn
+
+    config = uvicorn.Config(build_app(state), host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="http", daemon=True)
+    thread.start()
+    return server, thread
+
+
+def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, ctx: int = 2048,
+          max_queue: int = 64, api_key: str | None = None, backend: str = "auto", dtype: str | None = None,
+          quantize: str = "auto", tokenizer: str | None = None) -> None:
+    """Serve MODEL over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks."""
+    pctx = init_distributed(backend)
+    state, http = State(model_name(model), api_key), None
+    if pctx.is_driver:  # answer /health with 503 while the model loads
+        http, thread = start_http(state, host, port)
+    llama = Llama.build(model, tokenizer, max_seq_len=ctx, max_batch_size=max_batch, dtype=dtype, ctx=pctx,
+                        quantize=quantize)
+    engine = Engine(llama, max_batch, max_queue)
+
+    def stop(signum, frame):  # SIGTERM/SIGINT: cancel in-flight work, then every rank leaves the loop
+        engine.stopping.set()
+
+    if pctx.is_driver:
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        state.engine = engine
+        print(f"Serving {state.model_name} on http://{host}:{port} ({pctx.world_size} rank(s), "
+              f"batch {max_batch}, context {ctx})", flush=True)
+    else:  # followers leave when rank 0's plan says so
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine.run()
+    if http is not None:
+        http.should_exit = True
+        thread.join(timeout=5)

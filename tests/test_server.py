@@ -1,0 +1,201 @@
+"""`llama-dist serve` over loopback: OpenAI client, llama.cpp fields, continuous batching, bad input, shutdown."""
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from .helpers import ROOT, free_port, start_ranks
+
+openai = pytest.importorskip("openai")
+
+
+class Server:
+    def __init__(self, *args: str, world: int = 1, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = ["-m", "llama_dist.cli", "serve", "--port", str(self.port), *args]
+        if world > 1:  # ranks started as torchrun starts its workers; SIGTERM goes to the driver, as from mpirun
+            self.procs = start_ranks(world, argv)
+        else:
+            self.procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE,
+                                           stderr=subprocess.STDOUT, text=True,
+                                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})]
+        self.proc = self.procs[0]
+        self.saw_loading = False
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert all(p.poll() is None for p in self.procs), self.proc.communicate()
+            try:
+                r = httpx.get(f"{self.url}/health", timeout=2)
+                if r.status_code == 503:
+                    assert r.json()["error"]["code"] == "loading"
+                    self.saw_loading = True
+                elif r.status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def post(self, path: str, body, **kw) -> httpx.Response:
+        content = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return httpx.post(f"{self.url}{path}", content=content, timeout=120, **kw)
+
+    def stop(self) -> list[int]:
+        """SIGTERM to the driver: in-flight work is cancelled and every rank exits."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return [p.wait(timeout=60) for p in self.procs]
+        finally:
+            for p in self.procs:
+                p.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--model", "smollm2", "--quantize", "none", "--dtype", "float32", "--max_batch", "16", "--ctx", "512")
+    yield s
+    assert s.stop() == [0]
+
+
+def client(server) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+
+
+def test_health_and_models(server):
+    assert server.saw_loading  # /health answered 503 while the model loaded
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+    assert [m.id for m in client(server).models.list().data] == ["smollm2"]
+
+
+def test_openai_chat_and_completion(server):
+    c = client(server)
+    chat = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=32,
+                                     messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in chat.choices[0].message.content
+    assert chat.choices[0].finish_reason == "stop" and chat.usage.completion_tokens > 0
+    stream = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=32, stream=True,
+                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
+    pieces = [ch.choices[0].delta.content or "" for ch in stream if ch.choices]
+    assert "".join(pieces) == chat.choices[0].message.content and len(pieces) > 3
+    comp = c.completions.create(model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0)
+    assert comp.choices[0].text.startswith(" Paris") and comp.choices[0].finish_reason == "length"
+    assert comp.usage.completion_tokens == 5
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0, stream=True))
+    assert streamed == comp.choices[0].text
+
+
+def test_llamacpp_completion_fields(server):
+    r = server.post("/completion", {"prompt": "The capital of France is", "n_predict": 8, "temperature": 0})
+    body = r.json()
+    assert r.status_code == 200
+    for key in ("content", "tokens", "stop", "stop_type", "stopping_word", "timings"):
+        assert key in body
+    assert body["stop_type"] == "limit" and len(body["tokens"]) == 8
+    assert body["timings"]["predicted_n"] == 8 and body["timings"]["predicted_per_second"] > 0
+    ids = server.post("/tokenize", {"content": "The capital of France is"}).json()["tokens"]
+    same = server.post("/completion", {"prompt": ids, "n_predict": 8, "temperature": 0}).json()
+    assert same["tokens"] == body["tokens"]
+    assert server.post("/detokenize", {"tokens": body["tokens"]}).json()["content"] == body["content"]
+    stopped = server.post("/completion", {"prompt": "The capital of France is", "n_predict": 8, "temperature": 0,
+                                          "stop": ["."]}).json()
+    assert stopped["stop_type"] == "word" and stopped["stopping_word"] == "." and "." not in stopped["content"]
+    with httpx.stream("POST", f"{server.url}/completion", timeout=60,
+                      content=json.dumps({"prompt": "The capital of France is", "n_predict": 8, "temperature": 0,
+                                          "stream": True})) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    assert "".join(e["content"] for e in events) == body["content"]
+    assert events[-1]["stop"] is True and events[-1]["stop_type"] == "limit" and "timings" in events[-1]
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
+           "The quick brown fox", "Water boils at", "In 1492, Columbus", "import numpy as np\n",
+           "My favourite colour is", "The largest planet is", "Roses are red,", "SELECT * FROM",
+           "A haiku about rain:", "The sun rises in the", "Translate to French: cat =>", "Dear Sir or Madam,"]
+
+
+def _greedy(server, prompt: str, n: int) -> list[int]:
+    r = server.post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_sixteen_concurrent_requests_equal_each_alone(server):
+    lengths = [4 + (i * 5) % 20 for i in range(16)]
+    alone = [_greedy(server, p, n) for p, n in zip(PROMPTS, lengths)]
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda a: _greedy(server, *a), zip(PROMPTS, lengths)))
+    assert together == alone
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(server):
+    body = {"prompt": "Once upon a time", "n_predict": 16, "temperature": 1.0, "seed": 1234}
+    alone = server.post("/completion", body).json()["tokens"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        others = [pool.submit(_greedy, server, p, 12) for p in PROMPTS[:3]]
+        batched = pool.submit(lambda: server.post("/completion", body).json()["tokens"]).result()
+        [o.result() for o in others]
+    assert batched == alone
+
+
+@pytest.mark.parametrize("path,body,status,code", [
+    ("/completion", b"{not json", 400, "invalid_json"),
+    ("/completion", {"prompt": 42}, 400, None),
+    ("/completion", {"prompt": "hi", "n_predict": "ten"}, 400, None),
+    ("/completion", {"prompt": "hi", "n_predict": -5}, 400, None),
+    ("/completion", {"prompt": "hi", "n_predict": 10**9}, 400, None),
+    ("/completion", {"prompt": "hi", "temperature": "hot"}, 400, None),
+    ("/completion", {"prompt": "word " * 600}, 400, "context_length_exceeded"),
+    ("/v1/chat/completions", {"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]}, 404,
+     "model_not_found"),
+    ("/v1/chat/completions", {"messages": "hi"}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, None),
+    ("/completion", b"x" * (2 << 20), 413, "body_too_large"),
+])
+def test_bad_input_gets_an_error_then_service_continues(server, path, body, status, code):
+    r = server.post(path, body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    if code:
+        assert error["code"] == code
+    assert _greedy(server, "The capital of France is", 3)  # still serving
+
+
+def test_disconnected_stream_frees_its_slot(server):
+    with httpx.stream("POST", f"{server.url}/completion", timeout=60,
+                      content=json.dumps({"prompt": "Once upon a time", "n_predict": 400, "stream": True})) as s:
+        for i, _ in enumerate(s.iter_lines()):
+            if i > 4:
+                break
+    deadline = time.monotonic() + 20
+    while httpx.get(f"{server.url}/health").json()["slots_processing"]:
+        assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.2)
+
+
+def test_api_key_and_two_ranks(tiny_checkpoints, sp_tokenizer):
+    """A tiny model over 2 Gloo ranks with --api_key: 401 without it; batching still equals alone; SIGTERM exits all."""
+    s = Server("--model", str(tiny_checkpoints["mp2"]), "--tokenizer", str(sp_tokenizer), "--api_key", "sekrit",
+               "--max_batch", "8", "--ctx", "128", "--backend", "gloo", world=2)
+    try:
+        assert s.post("/completion", {"prompt": "hi"}).status_code == 401
+        auth = {"Authorization": "Bearer sekrit"}
+
+        def greedy(prompt, n):
+            return s.post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0},
+                          headers=auth).json()["tokens"]
+
+        alone = [greedy(p, 6 + i) for i, p in enumerate(PROMPTS[:8])]
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(lambda a: greedy(*a), [(p, 6 + i) for i, p in enumerate(PROMPTS[:8])]))
+        assert together == alone and all(len(t) > 0 for t in alone)
+    finally:
+        assert s.stop() == [0, 0]
