@@ -1,0 +1,108 @@
+"""`llama-dist chat`: an interactive multi-turn chat (or Meta-style raw completion loop) on the terminal.
+
+Rank 0 reads stdin and prints; the engine runs the same continuous-batching loop as the server, so
+under torchrun/mpirun every rank follows along. Ctrl-C stops the current answer, not the program.
+"""
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+
+from ..generation.llama import Llama
+from ..generation.sampling import SamplingParams
+from ..tokenizer.chat import encode_dialog
+from .engine import Engine, Request
+
+COMMANDS = "/reset clears the conversation, /exit quits, Ctrl-C stops an answer"
+
+
+def _colour(code: str) -> str:
+    return f"\033[{code}m" if sys.stdout.isatty() else ""
+
+
+USER, BOT, DIM, RESET = _colour("1;32"), _colour("36"), _colour("2"), _colour("0")
+
+
+def fit_history(history: list[dict], tokenizer, budget: int) -> list[int]:
+    """Prompt ids for the history, dropping the oldest exchanges until it fits `budget` tokens."""
+    while True:
+        ids = encode_dialog(history, tokenizer)
+        first = 1 if history[0]["role"] == "system" else 0
+        if len(ids) <= budget or len(history) - first <= 1:
+            return ids
+        del history[first:first + 2]
+
+
+def ask(engine: Engine, ids: list[int], params: SamplingParams, max_new: int) -> str:
+    """Stream one answer to stdout; Ctrl-C cancels it. Returns the text produced."""
+    events: queue.Queue[dict] = queue.Queue()
+    req = Request(ids, params, max_new, on_event=events.put)
+    engine.submit(req)
+    text = []
+    while True:
+        try:
+            e = events.get()
+        except KeyboardInterrupt:
+            req.cancel()
+            print(f"{RESET}{DIM} [stopped]{RESET}", flush=True)
+            continue
+        if e["type"] == "token":
+            text.append(e["text"])
+            print(e["text"], end="", flush=True)
+        else:
+            if e["type"] == "error":
+                print(f"\n[error: {e['message']}]", flush=True)
+            return "".join(text)
+
+
+def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, max_gen_len: int) -> None:
+    """Rank 0's side: the engine loop runs in a thread while the main thread talks to the user."""
+    engine = Engine(llama, max_batch=1)
+    loop = threading.Thread(target=engine.run, name="engine", daemon=True)
+    loop.start()
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    print(f"{DIM}{'Enter a prompt to complete' if raw else 'Chat with the model'}; {COMMANDS}.{RESET}")
+    try:
+        while True:
+            try:
+                line = input(f"{USER}{'Enter prompt: ' if raw else '> '}{RESET}")
+            except KeyboardInterrupt:
+                print()
+                continue
+            except EOFError:
+                break
+            if line.strip() == "/exit":
+                break
+            if line.strip() == "/reset":
+                history = history[:1] if system else []
+                print(f"{DIM}(conversation cleared){RESET}")
+                continue
+            if not line.strip():
+                continue
+            budget = llama.model.max_seq_len - max_gen_len
+            if raw:
+                ids = llama.tokenizer.encode(line, bos=True)[-budget:]
+            else:
+                history.append({"role": "user", "content": line})
+                ids = fit_history(history, llama.tokenizer, budget)
+            print(BOT, end="")
+            answer = ask(engine, ids, params, max_gen_len)
+            print(RESET)
+            if not raw:
+                history.append({"role": "assistant", "content": answer})
+    finally:
+        engine.stopping.set()
+        loop.join()
+
+
+def interactive(model: str, system: str | None = None, raw: bool = False, tokenizer: str | None = None,
+                max_gen_len: int = 512, max_seq_len: int = 2048, temperature: float = 0.7, top_p: float = 0.95,
+                backend: str = "auto", dtype: str | None = None, quantize: str = "auto") -> None:
+    llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=1, backend=backend, dtype=dtype,
+                        quantize=quantize)
+    if llama.is_driver:
+        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, min_p=0.0)
+        repl(llama, system, raw, params, min(max_gen_len, max_seq_len // 2))
+    else:
+        Engine(llama, max_batch=1).run()
