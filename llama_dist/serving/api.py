@@ -10,11 +10,12 @@ import asyncio
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..generation.sampling import SamplingParams
@@ -22,6 +23,7 @@ from ..tokenizer.chat import encode_dialog
 from .engine import Engine, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
+CHAT_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
 class APIError(Exception):
@@ -255,6 +257,10 @@ class API:
                   if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
         return JSONResponse({**head, "object": obj, "choices": [choice], "usage": _usage(req)})
 
+    async def page(self, request: HTTPRequest) -> Response:
+        """The chat web page: a static, self-contained client of /v1/chat/completions."""
+        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
+
     async def health(self, request: HTTPRequest) -> Response:
         if self.state.engine is None:
             return APIError(503, "Loading model", "unavailable", "loading").response()
@@ -288,7 +294,8 @@ def build_app(state: State) -> Starlette:
                 return e.response()
         return endpoint
 
-    routes = [Route("/health", wrap(api.health), methods=["GET"]),
+    routes = [Route("/", api.page, methods=["GET"]),
+              Route("/health", wrap(api.health), methods=["GET"]),
               Route("/completion", wrap(api.completion), methods=["POST"]),
               Route("/completions", wrap(api.completion), methods=["POST"]),
               Route("/tokenize", wrap(api.tokenize), methods=["POST"]),
