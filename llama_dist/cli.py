@@ -31,22 +31,23 @@ def generate(model: str = "smollm2", prompt: str | list[str] = "I believe the me
 
 
 def chat(prompt: str | list[str] | None = None, model: str = "smollm2", system: str | None = None,
-         tokenizer: str | None = None, max_gen_len: int = 256, temperature: float = 0.0, top_p: float = 0.9,
+         tokenizer: str | None = None, max_gen_len: int = 256, temperature: float | None = None, top_p: float = 0.9,
          max_seq_len: int = 2048, backend: str = "auto", dtype: str | None = None, chat_template: str | None = None,
          seed: int = 1, quantize: str = "auto", raw: bool = False) -> None:
     """Without --prompt: an interactive chat (--raw: Meta's "Enter prompt:" completion loop).
-    With --prompt: answer each as a one-turn chat, in the model's own chat format, and exit."""
+    With --prompt: answer each as a one-turn chat, in the model's own chat format, and exit.
+    --temperature defaults to 0.7 interactively and 0 (greedy) for --prompt."""
     if prompt is None:
         from .serving.interactive import interactive
 
-        return interactive(model, system, raw, tokenizer, max_gen_len, max_seq_len, temperature or 0.7, top_p,
-                           backend, dtype, quantize)
+        return interactive(model, system, raw, tokenizer, max_gen_len, max_seq_len,
+                           0.7 if temperature is None else temperature, top_p, backend, dtype, quantize)
     prompts = _prompts(prompt)
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=len(prompts), backend=backend,
                         dtype=dtype, seed=seed, quantize=quantize)
     head = [{"role": "system", "content": system}] if system else []
     dialogs = [head + [{"role": "user", "content": p}] for p in prompts]
-    results = llama.chat_completion(dialogs, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len,
+    results = llama.chat_completion(dialogs, temperature=temperature or 0.0, top_p=top_p, max_gen_len=max_gen_len,
                                     chat_template=chat_template)
     if llama.is_driver:
         for p, r in zip(prompts, results):
