@@ -115,7 +115,7 @@ def main() -> None:
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items() if rs}
     print(f"SmolLM2-135M-Instruct Q4_1, {a.threads} threads, 100-token prompt, 128 greedy tokens, "
           f"medians of {a.reps} fresh processes")
-    print(f"| engine | load s | prompt tok/s | decode tok/s | peak RSS MiB |\n|---|---|---|---|---|")
+    print("| engine | load s | prompt tok/s | decode tok/s | peak RSS MiB |\n|---|---|---|---|---|")
     for name, m in med.items():
         print(f"| {name} | {m['load_s']:.2f} | {m['prompt_tok_s']:.0f} | {m['decode_tok_s']:.1f} | "
               f"{m['peak_rss_mib']:.0f} |")

@@ -1,6 +1,5 @@
 """Every input format loads into the same model: GGUF (SentencePiece vocab), HF safetensors, Meta; bad files fail clearly."""
 import json
-import shutil
 
 import numpy as np
 import pytest

@@ -9,13 +9,13 @@ from tqdm import tqdm
 from ..distributed.context import ParallelContext
 from ..model.transformer import Transformer
 from ..models import resolve_model
+from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
+from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
 from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_gguf
+from .ggml_quants import INT4_GROUPS
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
-from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
-from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
-from .ggml_quants import INT4_GROUPS
 from .shard import canonical_parts, param_layout, read_shard
 from .source import CheckpointError, CheckpointSource
 

@@ -146,15 +146,16 @@ class API:
         finally:
             req.cancel()  # no-op once done; frees the slot when the client disconnected
 
-    async def _collect(self, req: Request) -> tuple[str, list[int], dict]:
-        text, tokens = [], []
+    async def _collect(self, req: Request) -> tuple[str, dict]:
+        """The whole answer and the final event, for non-streaming responses."""
+        text = []
         async for e in self._events(req):
             if e["type"] == "token":
                 text.append(e["text"])
             elif e["type"] == "error":
                 raise APIError(500, e["message"], "server_error")
             else:
-                return "".join(text), req.generated, e
+                return "".join(text), e
         raise APIError(500, "generation ended without a result", "server_error")
 
     # ---- llama.cpp API ---------------------------------------------------------------------------
@@ -171,7 +172,7 @@ class API:
                     else:
                         yield _sse(self._llamacpp_final("", req, e))
             return StreamingResponse(sse(), media_type="text/event-stream")
-        text, _, done = await self._collect(req)
+        text, done = await self._collect(req)
         return JSONResponse(self._llamacpp_final(text, req, done))
 
     def _llamacpp_final(self, text: str, req: Request, done: dict) -> dict:
@@ -251,7 +252,7 @@ class API:
                                     "usage": _usage(req)})
                 yield "data: [DONE]\n\n"
             return StreamingResponse(sse(), media_type="text/event-stream")
-        text, _, done = await self._collect(req)
+        text, done = await self._collect(req)
         finish = _finish_reason(done["stop_type"])
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
                   if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
