@@ -181,6 +181,19 @@ def test_disconnected_stream_frees_its_slot(server):
         time.sleep(0.2)
 
 
+def test_port_in_use_fails_fast_and_clearly():
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "llama_dist.cli", "serve", "--port", str(port)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0
+    assert f"Could not listen on 127.0.0.1:{port}" in r.stderr and "Loaded" not in r.stdout
+
+
 def test_api_key_and_two_ranks(tiny_checkpoints, sp_tokenizer):
     """A tiny model over 2 Gloo ranks with --api_key: 401 without it; batching still equals alone; SIGTERM exits all."""
     s = Server("--model", str(tiny_checkpoints["mp2"]), "--tokenizer", str(sp_tokenizer), "--api_key", "sekrit",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from pathlib import Path
 
 from ..distributed.context import init_distributed
@@ -24,6 +25,12 @@ def start_http(state: State, host: str, port: int):
     server = uvicorn.Server(config)
     thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="http", daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:  # fail now, before loading the model, if the port cannot be had
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"Could not listen on {host}:{port} (is another server using the port?). "
+                               "Choose another --port.")
+        time.sleep(0.05)
     return server, thread
 
 
