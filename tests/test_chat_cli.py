@@ -22,7 +22,8 @@ def test_two_turns_ctrl_c_and_exit():
         child.expect("Berlin")
         child.expect("> ")
         child.sendline("Write a very long story about a dragon who learns to bake bread.")
-        child.expect(r"\w+ \w+ \w+")  # the answer is streaming
+        child.expect("bread.")  # the terminal's echo of the question
+        child.expect(r"\w+ \w+ \w+ \w+")  # the answer is streaming
         child.sendintr()
         child.expect(r"\[stopped\]")
         child.expect("> ")

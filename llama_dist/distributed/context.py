@@ -32,7 +32,6 @@ class ParallelContext:
     device: torch.device
     comm: Communicator
     monitor: FailureMonitor | None = None
-    store: dist.Store | None = None
     failed: bool = field(default=False, repr=False)
 
     @property
@@ -51,12 +50,8 @@ class ParallelContext:
         if self.failed:
             sys.stderr.flush()
             os._exit(1)
-        if self.store is not None:  # wait for every rank through the store, not a collective: an NCCL
-            self.store.set(f"exit/{self.rank}", "1")  # barrier hung at exit after CUDA-graph collectives
-            self.store.wait([f"exit/{r}" for r in range(self.world_size)])
-        elif dist.is_initialized():
-            self.comm.barrier()
         if dist.is_initialized():
+            self.comm.barrier()
             dist.destroy_process_group()
 
     def _install_exit_hooks(self) -> None:
@@ -142,6 +137,6 @@ def init_distributed(backend: str = "auto", device: str | torch.device | None = 
                             timeout=timedelta(seconds=timeout_s))
     monitor = FailureMonitor(store, launch.rank, launch.world_size, dead_after_s=dead_after_s)
     ctx = ParallelContext(launch.rank, launch.world_size, launch.local_rank, launch.launcher, backend, device,
-                          TorchCommunicator(on_failure=monitor.await_verdict), monitor, store)
+                          TorchCommunicator(on_failure=monitor.await_verdict), monitor)
     ctx._install_exit_hooks()
     return ctx

@@ -35,7 +35,7 @@ def fit_history(history: list[dict], tokenizer, budget: int) -> list[int]:
 
 
 def ask(engine: Engine, ids: list[int], params: SamplingParams, max_new: int) -> str:
-    """Stream one answer to stdout; Ctrl-C cancels it. Returns the text produced."""
+    """Stream one answer to stdout; Ctrl-C (wherever it lands) cancels it. Returns the text produced."""
     events: queue.Queue[dict] = queue.Queue()
     req = Request(ids, params, max_new, on_event=events.put)
     engine.submit(req)
@@ -43,17 +43,17 @@ def ask(engine: Engine, ids: list[int], params: SamplingParams, max_new: int) ->
     while True:
         try:
             e = events.get()
+            if e["type"] == "token":
+                text.append(e["text"])
+                print(e["text"], end="", flush=True)
+                continue
         except KeyboardInterrupt:
             req.cancel()
             print(f"{RESET}{DIM} [stopped]{RESET}", flush=True)
             continue
-        if e["type"] == "token":
-            text.append(e["text"])
-            print(e["text"], end="", flush=True)
-        else:
-            if e["type"] == "error":
-                print(f"\n[error: {e['message']}]", flush=True)
-            return "".join(text)
+        if e["type"] == "error":
+            print(f"\n[error: {e['message']}]", flush=True)
+        return "".join(text)
 
 
 def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, max_gen_len: int) -> None:
@@ -81,11 +81,17 @@ def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, ma
             if not line.strip():
                 continue
             budget = llama.model.max_seq_len - max_gen_len
-            if raw:
-                ids = llama.tokenizer.encode(line, bos=True)[-budget:]
-            else:
-                history.append({"role": "user", "content": line})
-                ids = fit_history(history, llama.tokenizer, budget)
+            try:
+                if raw:
+                    ids = llama.tokenizer.encode(line, bos=True)[-budget:]
+                else:
+                    history.append({"role": "user", "content": line})
+                    ids = fit_history(history, llama.tokenizer, budget)
+            except KeyboardInterrupt:  # Ctrl-C before the answer started: drop this turn
+                if not raw and history and history[-1]["role"] == "user":
+                    history.pop()
+                print(f"{RESET}{DIM} [stopped]{RESET}")
+                continue
             print(BOT, end="")
             answer = ask(engine, ids, params, max_gen_len)
             print(RESET)
