@@ -80,6 +80,3 @@ def mpi4py_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-
