@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..quant.weights import int4_dequantize, int4_quantize
+from ..quant.weights import int4_dequantize, int4_quantize, int8_quantize
 from .shard import ShardLayout, param_names, split_dim
 from .source import CheckpointError, CheckpointSource, QuantizedShard
 
@@ -43,9 +43,7 @@ def save_quantized_checkpoint(source: CheckpointSource, out_dir: str | Path, kin
         if not is_quantizable(name):
             tensors[name] = w.to(dtype).contiguous()
         elif kind == "int8":
-            scales = (w.float().abs().amax(dim=1) / 127).clamp(min=1e-10)
-            tensors[f"{name}.q"] = torch.round(w.float() / scales[:, None]).clamp(-127, 127).to(torch.int8)
-            tensors[f"{name}.scales"] = scales
+            tensors[f"{name}.q"], tensors[f"{name}.scales"] = int8_quantize(w)
         else:
             q, scales, zeros = int4_quantize(w, group_size)
             tensors[f"{name}.q"], tensors[f"{name}.scales"], tensors[f"{name}.zeros"] = pack_nibbles(q), scales, zeros

@@ -33,10 +33,7 @@ class Int8Weight(QuantizedWeight):
 
     @classmethod
     def quantize(cls, w: torch.Tensor, act_dtype: torch.dtype) -> "Int8Weight":
-        w = w.float()
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
-        q = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scales, act_dtype)
+        return cls(*int8_quantize(w), act_dtype)
 
     def dequantize(self) -> torch.Tensor:
         return self.q.float() * self.scales.float()[:, None]
@@ -94,6 +91,13 @@ class Int4Weight(QuantizedWeight):
         else:
             y = x2 @ self._dense().to(x2.dtype).t()
         return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric, one scale per output row: (q int8 [out, in], scales [out])."""
+    w = w.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    return torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8), scales
 
 
 def int4_quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
