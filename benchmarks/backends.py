@@ -20,6 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from llama_dist.bench import decode_tok_s  # noqa: E402
 from llama_dist.checkpoint.loader import load_model, open_checkpoint  # noqa: E402
 from llama_dist.checkpoint.meta import save_meta_checkpoint  # noqa: E402
 from llama_dist.checkpoint.source import StateDictSource  # noqa: E402
@@ -43,11 +44,7 @@ def allreduce_us(comm, numel: int, iters: int = 300) -> float:
 
 def token_ms(ctx, ckpt: str, tokens: int = 48) -> float:
     model = load_model(open_checkpoint(ckpt), ctx, torch.float32, max_seq_len=128, max_batch_size=1, progress=False)
-    tok = model(torch.arange(8).view(1, -1), 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
-    start = time.perf_counter()
-    for pos in range(8, 8 + tokens):
-        tok = ctx.comm.broadcast(model(tok, pos)[:, -1].argmax(-1, keepdim=True))
-    return (time.perf_counter() - start) / tokens * 1e3
+    return 1e3 / decode_tok_s(model, ctx, batch=1, steps=tokens, compile=False)
 
 
 def main() -> None:

@@ -28,21 +28,16 @@ from tests.helpers import free_port, random_state_dict  # noqa: E402
 
 
 def decode_worker(ckpt: str, tokens: int) -> None:
-    """One rank: greedy-decode `tokens` tokens at batch 1 from a 16-token prompt; rank 0 prints tok/s."""
+    """One rank: greedy-decode `tokens` tokens at batch 1; rank 0 prints tok/s."""
+    from llama_dist.bench import decode_tok_s
     from llama_dist.checkpoint.loader import load_model, open_checkpoint
     from llama_dist.distributed.context import init_distributed
 
     ctx = init_distributed("gloo")
     model = load_model(open_checkpoint(ckpt), ctx, torch.float32, max_seq_len=256, max_batch_size=1, progress=False)
-    prompt = torch.arange(16).view(1, -1)
-    for _ in range(2):  # warm-up, then measured
-        next_tok = model(prompt, 0, last_only=True)[:, -1].argmax(-1, keepdim=True)
-        start = time.perf_counter()
-        for pos in range(16, 16 + tokens):
-            next_tok = ctx.comm.broadcast(model(next_tok, pos)[:, -1].argmax(-1, keepdim=True))
-        elapsed = time.perf_counter() - start
+    tok_s = decode_tok_s(model, ctx, batch=1, steps=tokens, compile=False)
     if ctx.is_driver:
-        print(json.dumps({"tok_s": tokens / elapsed}))
+        print(json.dumps({"tok_s": tok_s}))
 
 
 def launch(world: int, ckpt: Path, tokens: int) -> float:

@@ -42,7 +42,8 @@ def read_bandwidth(device: torch.device, gib: float = 2.0) -> float:
 
 def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: int = 16) -> float:
     decode = make_decode_step(model, compile)
-    tokens = torch.randint(0, model.args.vocab_size, (batch, prompt_len), device=ctx.device)
+    # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
+    tokens = (torch.arange(batch * prompt_len, device=ctx.device) % model.args.vocab_size).view(batch, prompt_len)
     model(tokens, 0, last_only=True)
     nxt = tokens[:, -1:]
     for pos in range(prompt_len, prompt_len + 3):  # compile and warm up
