@@ -52,6 +52,11 @@ class ParallelContext:
             os._exit(1)
         if dist.is_initialized():
             self.comm.barrier()
+            if self.device.type == "cuda":  # CUDA graphs that captured NCCL kernels keep its communicators
+                torch.cuda.synchronize(self.device)  # busy: destroying them first would hang (pytorch#115388)
+                from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+                reset_cudagraph_trees()
             dist.destroy_process_group()
 
     def _install_exit_hooks(self) -> None:

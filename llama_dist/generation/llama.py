@@ -5,6 +5,7 @@ and samples, and broadcasts prompt ids and each chosen token, so ranks can never
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Callable, TypedDict
@@ -25,18 +26,35 @@ PAD = -1  # never fed to the model: positions past a prompt's end are filled bef
 STOP_CHECK_EVERY = 8  # tokens past a stop are computed and discarded; checking less often avoids syncs
 
 
+MIN_ATTENTION_WINDOW = 256  # the shortest cache prefix a compiled step attends over
+
+
+def attention_window(pos: int, max_seq_len: int) -> int:
+    """The cache prefix a compiled step at `pos` attends over: a power of two (at least
+    MIN_ATTENTION_WINDOW) holding pos + 1, so a few graphs cover every position and a step reads
+    at most twice the cache it needs instead of all of it."""
+    window = MIN_ATTENTION_WINDOW
+    while window < pos + 1:
+        window *= 2
+    return min(window, max_seq_len)
+
+
 def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """(tokens [B, 1], position) -> logits [B, 1, vocab]. Compiled, it attends over the whole cache with
-    a mask and takes the position as a tensor (fixed shapes: one graph, CUDA-graph friendly); eager,
-    it attends over the filled part only."""
+    """(tokens [B, 1], position) -> logits [B, 1, vocab]. Compiled, it takes the position as a tensor
+    and attends over a fixed window of the cache with a mask (fixed shapes: one CUDA graph per
+    window size); eager, it attends over the filled part only."""
     if not compile:
         return lambda tokens, pos: model(tokens, pos)
     on_gpu = model.rope.device.type == "cuda"
     if on_gpu:  # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
         torch._inductor.config.coordinate_descent_tuning = True
-    step = torch.compile(lambda tokens, positions: model(tokens, positions, length=model.max_seq_len),
+        model.comm.enable_fast_all_reduce()
+    windows = math.ceil(math.log2(max(model.max_seq_len / MIN_ATTENTION_WINDOW, 1))) + 1
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, windows + 2)
+    step = torch.compile(lambda tokens, positions, window: model(tokens, positions, length=window),
                          mode="reduce-overhead" if on_gpu else None, fullgraph=on_gpu, dynamic=False)
-    return lambda tokens, pos: step(tokens, torch.full((tokens.shape[0],), pos, device=tokens.device))
+    return lambda tokens, pos: step(tokens, torch.full((tokens.shape[0],), pos, device=tokens.device),
+                                    attention_window(pos, model.max_seq_len))
 
 
 class CompletionPrediction(TypedDict, total=False):

@@ -101,10 +101,12 @@ class Attention(nn.Module):
             keys, values = self.cache_k[:bsz, :, :length], self.cache_v[:bsz, :, :length]
         else:
             keys, values = self.cache_k[slots, :, :length], self.cache_v[slots, :, :length]
-        if self.n_rep > 1:
-            keys, values = keys.repeat_interleave(self.n_rep, 1), values.repeat_interleave(self.n_rep, 1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
-        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+        # GQA without copying the cache: the n_rep query heads of one kv head attend as n_rep * seqlen rows
+        q = q.transpose(1, 2).reshape(bsz, nkv, self.n_rep * seqlen, hd)
+        if mask is not None and self.n_rep > 1:
+            mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).reshape(bsz, 1, self.n_rep * seqlen, -1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.wo(out.view(bsz, nh, seqlen, hd).transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
 class FeedForward(nn.Module):
@@ -138,7 +140,7 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
         super().__init__()
         args.check_world_size(comm.world_size)
-        self.args = args
+        self.args, self.comm = args, comm
         embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
         self.tok_embeddings = embedding(args.vocab_size, args.dim, comm, dtype=dtype, device=device)
         self.layers = nn.ModuleList(TransformerBlock(args, comm, dtype, device) for _ in range(args.n_layers))
