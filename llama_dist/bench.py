@@ -40,20 +40,29 @@ def read_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return n * x.nbytes / (time.perf_counter() - t)
 
 
-def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: int = 16) -> float:
+def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: int = 16,
+                 greedy: list[int] | None = None) -> float:
+    """Greedy decode tokens/s after a short prompt; `greedy`, if given, receives row 0's tokens
+    (to compare runs: the same weights at any tensor-parallel size should choose the same ones)."""
     decode = make_decode_step(model, compile)
     # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
     tokens = (torch.arange(batch * prompt_len, device=ctx.device) % model.args.vocab_size).view(batch, prompt_len)
     model(tokens, 0, last_only=True)
     nxt = tokens[:, -1:]
+    chosen = []
     for pos in range(prompt_len, prompt_len + 3):  # compile and warm up
         nxt = ctx.comm.broadcast(decode(nxt, pos)[:, -1].argmax(-1, keepdim=True))
+        chosen.append(nxt[0])
     sync(ctx.device)
     start = time.perf_counter()
     for pos in range(prompt_len + 3, prompt_len + 3 + steps):
         nxt = ctx.comm.broadcast(decode(nxt, pos)[:, -1].argmax(-1, keepdim=True))
+        chosen.append(nxt[0])
     sync(ctx.device)
-    return batch * steps / (time.perf_counter() - start)
+    elapsed = time.perf_counter() - start
+    if greedy is not None:
+        greedy.extend(torch.cat(chosen).tolist())
+    return batch * steps / elapsed
 
 
 def hf_figures(args: ModelArgs, device: torch.device, steps: int) -> dict[str, float]:
@@ -106,8 +115,12 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     sync(ctx.device)
     result["prefill_tok_s"] = prefill / (time.perf_counter() - t)
     for b in batches:
-        result[f"decode_b{b}_tok_s"] = decode_tok_s(m, ctx, b, steps, compile)
-    result["b1_fraction_of_ceiling"] = result["decode_b1_tok_s"] / result["ceiling_tok_s"]
+        greedy: list[int] = []
+        result[f"decode_b{b}_tok_s"] = decode_tok_s(m, ctx, b, steps, compile, greedy=greedy)
+        if b == 1:
+            result["greedy_b1"] = greedy
+    if "decode_b1_tok_s" in result:
+        result["b1_fraction_of_ceiling"] = result["decode_b1_tok_s"] / result["ceiling_tok_s"]
     if hf and ctx.world_size == 1 and not model:
         del m
         torch.cuda.empty_cache() if ctx.device.type == "cuda" else None

@@ -1,0 +1,75 @@
+"""Tensor-parallel scaling on one GPU host: `llama-dist bench` at several TP sizes, one after another.
+
+    python benchmarks/tp_scaling.py --config llama-2-7b --tp 1,2,4 [--batches 1] [--quantize none]
+
+Prints decode tokens/s per TP size, the speed-up over the first size, each run's fraction of its
+own bandwidth ceiling, and whether batch-1 greedy tokens are identical across sizes (the same
+random weights at every size: RandomSource draws each full tensor from a seed, then slices it).
+Extra environment for every run: --env "LLAMA_DIST_SYMM_MEM=0" (A/B the one-shot all-reduce).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GPU_DECODE = Path(__file__).resolve().parent / "gpu_decode.py"
+
+
+def run_bench(tp: int, args: argparse.Namespace) -> dict:
+    """One torchrun job of tp ranks; its rank 0 writes the bench JSON into a fresh folder."""
+    with tempfile.TemporaryDirectory() as out:
+        env = dict(os.environ, OUT=out, **dict(kv.split("=", 1) for kv in args.env))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), str(GPU_DECODE),
+               "--config", args.config, "--batches", f"({args.batches},)", "--steps", str(args.steps),
+               "--hf", "False", "--quantize", args.quantize]
+        proc = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
+        files = list(Path(out).glob("bench_*.json"))
+        if proc.returncode != 0 or not files:
+            return {"tp": tp, "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+        return {"tp": tp, **json.loads(files[0].read_text())}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="llama-2-7b")
+    p.add_argument("--tp", default="1,2,4", help="comma-separated TP sizes, the first is the baseline")
+    p.add_argument("--batches", default="1", help="comma-separated batch sizes")
+    p.add_argument("--steps", type=int, default=128)
+    p.add_argument("--quantize", default="none")
+    p.add_argument("--env", nargs="*", default=[], help="KEY=VALUE pairs for every run")
+    p.add_argument("--timeout", type=float, default=480, help="seconds per run (a hang must not eat the machine)")
+    args = p.parse_args()
+    runs = [run_bench(int(tp), args) for tp in args.tp.split(",")]
+    base = runs[0]
+    summary = {"config": args.config, "quantize": args.quantize, "env": args.env, "runs": []}
+    for r in runs:
+        row = {"tp": r["tp"]}
+        if "error" in r:
+            row["error"] = r["error"]
+        else:
+            row.update(device=r["device"], ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"])
+            for b in args.batches.split(","):
+                key = f"decode_b{b}_tok_s"
+                row[key] = r[key]
+                if key in base:
+                    row[f"b{b}_speedup_vs_tp{base['tp']}"] = r[key] / base[key]
+            if "greedy_b1" in r and "greedy_b1" in base:
+                row["greedy_b1_same_as_baseline"] = r["greedy_b1"] == base["greedy_b1"]
+                row["greedy_b1_first_difference"] = next(
+                    (i for i, (a, b) in enumerate(zip(r["greedy_b1"], base["greedy_b1"])) if a != b), None)
+            if "b1_fraction_of_ceiling" in r:
+                row["b1_fraction_of_ceiling"] = r["b1_fraction_of_ceiling"]
+        summary["runs"].append(row)
+    print(json.dumps(summary, indent=1))
+    if os.environ.get("OUT"):
+        name = f"tp_scaling_{Path(args.config).stem}_{args.quantize}{'_' + '_'.join(args.env) if args.env else ''}.json"
+        Path(os.environ["OUT"], name).write_text(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
