@@ -29,8 +29,10 @@ def run_bench(tp: int, args: argparse.Namespace) -> dict:
                "--hf", "False", "--quantize", args.quantize]
         proc = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
         files = list(Path(out).glob("bench_*.json"))
-        if proc.returncode != 0 or not files:
-            return {"tp": tp, "error": f"exit {proc.returncode}: {proc.stderr[-2000:]}"}
+        if proc.returncode != 0 or not files:  # the ranks' own errors, not torchrun's summary of them
+            errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
+            return {"tp": tp, "error": f"exit {proc.returncode}", "stderr_errors": errors[-20:],
+                    "stderr_tail": proc.stderr[-6000:]}
         return {"tp": tp, **json.loads(files[0].read_text())}
 
 
@@ -50,7 +52,7 @@ def main() -> None:
     for r in runs:
         row = {"tp": r["tp"]}
         if "error" in r:
-            row["error"] = r["error"]
+            row.update((k, r[k]) for k in ("error", "stderr_errors", "stderr_tail"))
         else:
             row.update(device=r["device"], ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"])
             for b in args.batches.split(","):

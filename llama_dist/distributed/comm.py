@@ -39,8 +39,9 @@ class Communicator:
     def barrier(self) -> None:
         pass
 
-    def enable_fast_all_reduce(self) -> bool:
-        """Let compiled graphs run small all-reduces by a faster route, where the transport has one."""
+    def enable_fast_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Let compiled graphs run all-reduces of up to `numel` elements by a faster route, where the
+        transport has one."""
         return False
 
 
@@ -52,6 +53,7 @@ class TorchCommunicator(Communicator):
         """on_failure: called when a collective raises, before the error propagates (the failure
         monitor uses it to name the rank that died instead of blaming this one)."""
         self.group, self.on_failure = group, on_failure
+        self._one_shot_buffer: torch.Tensor | None = None  # see enable_fast_all_reduce
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
@@ -66,7 +68,13 @@ class TorchCommunicator(Communicator):
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traceable form: no graph break inside a compiled decode step
-            return funcol.all_reduce(tensor, "sum", self.group or dist.group.WORLD)
+            group = self.group or dist.group.WORLD
+            buffer = self._one_shot_buffer
+            if buffer is not None and tensor.dtype == buffer.dtype and tensor.numel() <= buffer.numel():
+                staging = buffer[:tensor.numel()].view(tensor.shape)
+                return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, tensor.contiguous(), "sum",
+                                                                   group.group_name)
+            return funcol.all_reduce(tensor, "sum", group)
         with self._guard():
             dist.all_reduce(tensor, group=self.group)
         return tensor
@@ -96,18 +104,29 @@ class TorchCommunicator(Communicator):
         with self._guard():
             dist.barrier(group=self.group)
 
-    def enable_fast_all_reduce(self) -> bool:
-        """NCCL on GPUs: compiled graphs lower decode-sized all-reduces to a one-shot kernel that reads
-        every peer's buffer over NVLink (symmetric memory), a few microseconds instead of NCCL's launch
-        and stream hand-off. No multicast is involved. LLAMA_DIST_SYMM_MEM=0 turns it off."""
+    def enable_fast_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """NCCL on GPUs: compiled graphs run all-reduces of up to `numel` elements of `dtype` as one
+        kernel that copies into a symmetric-memory buffer and reads every peer's copy over NVLink
+        (torch's one-shot all-reduce; no multicast): a few microseconds instead of NCCL's launch and
+        stream hand-off, twice per layer. Checked once here; LLAMA_DIST_SYMM_MEM=0 turns it off."""
         group = self.group or dist.group.WORLD
-        if dist.get_backend(group) != "nccl" or os.environ.get("LLAMA_DIST_SYMM_MEM", "1") == "0":
+        if (device.type != "cuda" or dist.get_backend(group) != "nccl"
+                or os.environ.get("LLAMA_DIST_SYMM_MEM", "1") == "0"):
             return False
         try:
-            import torch._inductor.config as inductor_config
-            from torch.distributed._symmetric_memory import enable_symm_mem_for_group
-        except ImportError:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            symm_mem.enable_symm_mem_for_group(group.group_name)
+            buffer = symm_mem.empty(numel, dtype=dtype, device=device)
+            symm_mem.rendezvous(buffer, group.group_name)
+            ones = torch.ones(min(numel, 1024), dtype=dtype, device=device)
+            total = torch.ops.symm_mem.one_shot_all_reduce_copy(buffer[:ones.numel()], ones, "sum", group.group_name)
+            if not bool((total == self.world_size).all()):
+                raise RuntimeError(f"one-shot all-reduce summed to {total[0].item()}, not {self.world_size}")
+        except Exception as e:  # old PyTorch, no peer access: NCCL still works
+            if self.rank == 0:
+                print(f"llama-dist: one-shot all-reduce unavailable ({e}); using NCCL's", flush=True)
             return False
-        enable_symm_mem_for_group(group.group_name)
-        inductor_config._collective.auto_select = True
+        torch._dynamo.mark_static_address(buffer)  # CUDA graphs must use it in place, never a copy
+        self._one_shot_buffer = buffer
         return True

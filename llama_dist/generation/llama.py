@@ -48,7 +48,8 @@ def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tenso
     on_gpu = model.rope.device.type == "cuda"
     if on_gpu:  # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
         torch._inductor.config.coordinate_descent_tuning = True
-        model.comm.enable_fast_all_reduce()
+        model.comm.enable_fast_all_reduce(model.max_batch_size * model.args.dim, model.norm.weight.dtype,
+                                          model.rope.device)
     windows = math.ceil(math.log2(max(model.max_seq_len / MIN_ATTENTION_WINDOW, 1))) + 1
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, windows + 2)
     step = torch.compile(lambda tokens, positions, window: model(tokens, positions, length=window),
