@@ -14,6 +14,25 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 
+_ONE_SHOT_BUFFERS: dict[str, torch.Tensor] = {}  # group name -> its symmetric-memory staging buffer
+
+
+@torch.library.custom_op("llama_dist::one_shot_all_reduce", mutates_args=())
+def one_shot_all_reduce(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Sum over the group in one kernel: copy into this rank's symmetric buffer, read every peer's.
+
+    An opaque op to the compiler on purpose: the staging buffer is allocated once outside any graph,
+    so a CUDA graph replays it at a fixed address (inductor's own lowering would allocate it inside
+    the graph's memory pool)."""
+    staging = _ONE_SHOT_BUFFERS[group_name][:tensor.numel()].view(tensor.shape)
+    return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, tensor.contiguous(), "sum", group_name)
+
+
+@one_shot_all_reduce.register_fake
+def _(tensor: torch.Tensor, group_name: str) -> torch.Tensor:
+    return torch.empty_like(tensor)
+
+
 class Communicator:
     """One process: every collective is the identity."""
 
@@ -53,7 +72,7 @@ class TorchCommunicator(Communicator):
         """on_failure: called when a collective raises, before the error propagates (the failure
         monitor uses it to name the rank that died instead of blaming this one)."""
         self.group, self.on_failure = group, on_failure
-        self._one_shot_buffer: torch.Tensor | None = None  # see enable_fast_all_reduce
+        self._one_shot: tuple[int, torch.dtype] | None = None  # see enable_fast_all_reduce
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
 
@@ -69,11 +88,8 @@ class TorchCommunicator(Communicator):
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():  # traceable form: no graph break inside a compiled decode step
             group = self.group or dist.group.WORLD
-            buffer = self._one_shot_buffer
-            if buffer is not None and tensor.dtype == buffer.dtype and tensor.numel() <= buffer.numel():
-                staging = buffer[:tensor.numel()].view(tensor.shape)
-                return torch.ops.symm_mem.one_shot_all_reduce_copy(staging, tensor.contiguous(), "sum",
-                                                                   group.group_name)
+            if self._one_shot and tensor.numel() <= self._one_shot[0] and tensor.dtype == self._one_shot[1]:
+                return one_shot_all_reduce(tensor, group.group_name)
             return funcol.all_reduce(tensor, "sum", group)
         with self._guard():
             dist.all_reduce(tensor, group=self.group)
@@ -105,9 +121,8 @@ class TorchCommunicator(Communicator):
             dist.barrier(group=self.group)
 
     def enable_fast_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
-        """NCCL on GPUs: compiled graphs run all-reduces of up to `numel` elements of `dtype` as one
-        kernel that copies into a symmetric-memory buffer and reads every peer's copy over NVLink
-        (torch's one-shot all-reduce; no multicast): a few microseconds instead of NCCL's launch and
+        """NCCL on GPUs: compiled graphs run all-reduces of up to `numel` elements of `dtype` as
+        one_shot_all_reduce (no multicast involved): a few microseconds instead of NCCL's launch and
         stream hand-off, twice per layer. Checked once here; LLAMA_DIST_SYMM_MEM=0 turns it off."""
         group = self.group or dist.group.WORLD
         if (device.type != "cuda" or dist.get_backend(group) != "nccl"
@@ -119,14 +134,14 @@ class TorchCommunicator(Communicator):
             symm_mem.enable_symm_mem_for_group(group.group_name)
             buffer = symm_mem.empty(numel, dtype=dtype, device=device)
             symm_mem.rendezvous(buffer, group.group_name)
-            ones = torch.ones(min(numel, 1024), dtype=dtype, device=device)
-            total = torch.ops.symm_mem.one_shot_all_reduce_copy(buffer[:ones.numel()], ones, "sum", group.group_name)
+            _ONE_SHOT_BUFFERS[group.group_name] = buffer
+            total = one_shot_all_reduce(torch.ones(min(numel, 1024), dtype=dtype, device=device), group.group_name)
             if not bool((total == self.world_size).all()):
-                raise RuntimeError(f"one-shot all-reduce summed to {total[0].item()}, not {self.world_size}")
+                raise RuntimeError(f"it summed to {total[0].item()}, not {self.world_size}")
         except Exception as e:  # old PyTorch, no peer access: NCCL still works
+            _ONE_SHOT_BUFFERS.pop(group.group_name, None)
             if self.rank == 0:
                 print(f"llama-dist: one-shot all-reduce unavailable ({e}); using NCCL's", flush=True)
             return False
-        torch._dynamo.mark_static_address(buffer)  # CUDA graphs must use it in place, never a copy
-        self._one_shot_buffer = buffer
+        self._one_shot = (numel, dtype)
         return True
