@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,19 +22,26 @@ GPU_DECODE = Path(__file__).resolve().parent / "gpu_decode.py"
 
 
 def run_bench(tp: int, args: argparse.Namespace) -> dict:
-    """One torchrun job of tp ranks; its rank 0 writes the bench JSON into a fresh folder."""
+    """One torchrun job of tp ranks; its rank 0 writes the bench JSON into a fresh folder. A job past
+    --timeout is killed; if its JSON was written (the work done, the exit stuck) it still counts."""
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, OUT=out, **dict(kv.split("=", 1) for kv in args.env))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), str(GPU_DECODE),
                "--config", args.config, "--batches", f"({args.batches},)", "--steps", str(args.steps),
                "--hf", "False", "--quantize", args.quantize]
-        proc = subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, text=True)
+        log = Path(os.environ.get("OUT", out), f"tp{tp}_{Path(args.config).stem}.log")
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+            try:
+                code = proc.wait(timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                code = "timeout"
         files = list(Path(out).glob("bench_*.json"))
-        if proc.returncode != 0 or not files:  # the ranks' own errors, not torchrun's summary of them
-            errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error:" in line]
-            return {"tp": tp, "error": f"exit {proc.returncode}", "stderr_errors": errors[-20:],
-                    "stderr_tail": proc.stderr[-6000:]}
-        return {"tp": tp, **json.loads(files[0].read_text())}
+        if not files:
+            errors = [line for line in log.read_text().splitlines() if "Error" in line or "error:" in line]
+            return {"tp": tp, "error": f"exit {code}", "log_errors": errors[-20:]}
+        return {"tp": tp, "exit": code, **json.loads(files[0].read_text())}
 
 
 def main() -> None:
@@ -46,15 +54,18 @@ def main() -> None:
     p.add_argument("--env", nargs="*", default=[], help="KEY=VALUE pairs for every run")
     p.add_argument("--timeout", type=float, default=480, help="seconds per run (a hang must not eat the machine)")
     args = p.parse_args()
-    runs = [run_bench(int(tp), args) for tp in args.tp.split(",")]
+    runs = []
+    for tp in args.tp.split(","):
+        runs.append(run_bench(int(tp), args))
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "greedy_b1"}), flush=True)
     base = runs[0]
     summary = {"config": args.config, "quantize": args.quantize, "env": args.env, "runs": []}
     for r in runs:
         row = {"tp": r["tp"]}
         if "error" in r:
-            row.update((k, r[k]) for k in ("error", "stderr_errors", "stderr_tail"))
+            row.update((k, r[k]) for k in ("error", "log_errors"))
         else:
-            row.update(device=r["device"], ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"])
+            row.update(exit=r["exit"], device=r["device"], ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"])
             for b in args.batches.split(","):
                 key = f"decode_b{b}_tok_s"
                 row[key] = r[key]
