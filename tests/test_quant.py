@@ -121,7 +121,7 @@ def test_gguf_weights_stay_quantized_near_file_size():
     assert weight_bytes <= 1.5 * file_bytes, (weight_bytes, file_bytes)
     # exactness: the int4 layer computes what the dequantized Q4_1 matrix computes
     w = source.read("layers.0.feed_forward.w2.weight", __import__("llama_dist").checkpoint.shard.ShardLayout(None))
-    layer = model.layers[0].feed_forward.w2.qweight
+    layer = model.layers["0"].feed_forward.w2.qweight
     x = torch.randn(3, w.shape[1])
     assert (layer(x) - x @ w.t()).abs().max() / (x @ w.t()).abs().max() < 1e-2
 

@@ -10,6 +10,7 @@ from ..distributed.context import ParallelContext
 from ..model.transformer import Transformer
 from ..models import resolve_model
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
+from ..parallel.pipeline import pipeline_stage
 from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
 from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_gguf
 from .ggml_quants import INT4_GROUPS
@@ -83,22 +84,26 @@ def stores_quantized(source: CheckpointSource) -> bool:
 
 def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtype | None = None,
                max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
-               quantize: str = "auto", group_size: int = 32) -> Transformer:
-    """Create the model at shard size without memory, then fill each parameter with this rank's slice.
+               quantize: str = "auto", group_size: int = 32, pp_split: list[int] | None = None,
+               micro_batches: int | None = None) -> Transformer:
+    """Create the model at shard size without memory, then fill each parameter with this rank's slice
+    (of this rank's pipeline stage: its layers only).
 
     quantize: "auto" keeps weights as the checkpoint stores them (GGUF Q4_0/Q4_1/Q4_K blocks become
     int4 groups of 32 exactly, a quantized checkpoint stays quantized, the rest is dense); "none"
     makes everything dense; "int8"/"int4" quantize every weight (dequantized first if stored otherwise),
-    after sharding.
+    after sharding. pp_split: layers per pipeline stage (default even); micro_batches: how many
+    parts a batch is cut into to keep the stages busy (default 2 x stages).
     """
     args = source.args
-    args.check_world_size(ctx.world_size)
+    args.check_world_size(ctx.tp_size)
     if quantize not in QUANTIZE_CHOICES:
         raise ValueError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}.")
+    stage = pipeline_stage(ctx.rank, ctx.tp_size, ctx.pp_size, args.n_layers, ctx.comm, pp_split, micro_batches)
     quantized = quantize in QUANT_TYPES or (quantize == "auto" and stores_quantized(source))
     dtype = dtype or default_dtype(ctx.device, quantized=quantized)
     with torch.device("meta"):
-        model = Transformer(args, ctx.comm, dtype=dtype)
+        model = Transformer(args, ctx.tp_comm, dtype=dtype, stage=stage)
     owners = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ShardedWeight)}
     state = {}
     names = [n for n, _ in model.named_parameters()]
@@ -111,7 +116,7 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
                 owner.set_quantized(qweight)
                 continue
         expected = model.get_parameter(name).shape
-        tensor = read_shard(source, name, args, ctx.world_size, ctx.rank)
+        tensor = read_shard(source, name, args, ctx.tp_size, ctx.tp_rank)
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)} for rank {ctx.rank} "
                                   f"but the model expects {tuple(expected)}; the weights do not match the config.")
@@ -134,7 +139,7 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
     "int8"/"int4" quantize the (dequantized) weights after sharding. Embeddings are looked up by row, so they
     are only ever int8 (one scale per row).
     """
-    args, world, rank = source.args, ctx.world_size, ctx.rank
+    args, world, rank = source.args, ctx.tp_size, ctx.tp_rank
     is_embedding = isinstance(owner, (ParallelEmbedding, VocabParallelEmbedding))
     parts = canonical_parts(name)
     reader = getattr(source, "read_quantized", None) if quantize == "auto" else None

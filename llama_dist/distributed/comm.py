@@ -58,6 +58,14 @@ class Communicator:
     def barrier(self) -> None:
         pass
 
+    def send(self, tensor: torch.Tensor, dst: int) -> Any:
+        """Start sending to rank `dst`; returns a handle whose wait() says the tensor may change again."""
+        raise RuntimeError("A single process has no other rank to send to.")
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        """Fill the tensor with what rank `src` sends; returns it."""
+        raise RuntimeError("A single process has no other rank to receive from.")
+
     def enable_fast_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
         """Let compiled graphs run all-reduces of up to `numel` elements by a faster route, where the
         transport has one."""
@@ -119,6 +127,15 @@ class TorchCommunicator(Communicator):
     def barrier(self) -> None:
         with self._guard():
             dist.barrier(group=self.group)
+
+    def send(self, tensor: torch.Tensor, dst: int) -> Any:
+        with self._guard():
+            return dist.isend(tensor, dst, group=self.group)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        with self._guard():
+            dist.recv(tensor, src, group=self.group)
+        return tensor
 
     def enable_fast_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
         """NCCL on GPUs: compiled graphs run all-reduces of up to `numel` elements of `dtype` as

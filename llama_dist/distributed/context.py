@@ -30,14 +30,27 @@ class ParallelContext:
     launcher: str
     backend: str  # "none" for a single process
     device: torch.device
-    comm: Communicator
+    comm: Communicator  # the whole job: the driver's broadcasts, pipeline sends
     monitor: FailureMonitor | None = None
     failed: bool = field(default=False, repr=False)
+    pp_size: int = 1  # pipeline stages; stage = rank // tp_size
+    tp_comm: Communicator | None = None  # this rank's stage: the model's all-reduces (None: the whole job)
+
+    def __post_init__(self):
+        self.tp_comm = self.tp_comm or self.comm
 
     @property
     def is_driver(self) -> bool:
         """Rank 0 owns all I/O: stdin, files, sockets, printing."""
         return self.rank == 0
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp_comm.world_size
+
+    @property
+    def tp_rank(self) -> int:
+        return self.tp_comm.rank
 
     def shutdown(self) -> None:
         """Leave together: mark a clean exit, wait for every rank, then close the process group.
@@ -108,19 +121,49 @@ def _set_cpu_threads(launch: LaunchEnv) -> None:
 
 
 def init_distributed(backend: str = "auto", device: str | torch.device | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S, dead_after_s: float = DEFAULT_DEAD_AFTER_S
-                     ) -> ParallelContext:
+                     timeout_s: float = DEFAULT_TIMEOUT_S, dead_after_s: float = DEFAULT_DEAD_AFTER_S,
+                     pp: int = 1) -> ParallelContext:
     """Detect the launcher, pick the device and backend, and bring the ranks together (if more than one).
 
     timeout_s bounds the rendezvous and every collective; a rank silent for dead_after_s is declared
-    dead and every other rank exits non-zero naming it.
+    dead and every other rank exits non-zero naming it. pp: pipeline stages; the ranks of a stage
+    (world / pp consecutive ranks) form its tensor-parallel group.
     """
+    ctx = _init_world(backend, device, timeout_s, dead_after_s, pp)
+    return _split_stages(ctx, pp, detect_launch()) if pp > 1 else ctx
+
+
+def _split_stages(ctx: ParallelContext, pp: int, launch: LaunchEnv) -> ParallelContext:
+    """Give each pipeline stage its own tensor-parallel communicator (every rank joins every group's
+    creation, in the same order, as torch.distributed requires)."""
+    from ..parallel.pipeline import check_layout
+
+    tp = check_layout(ctx.world_size, pp)
+    stage = ctx.rank // tp
+    if launch.local_world_size > 1 and launch.local_world_size % tp and ctx.is_driver:
+        print(f"llama-dist: warning: hosts run {launch.local_world_size} ranks each, so a tensor-parallel group "
+              f"of {tp} spans hosts; choose --pp so that world / pp divides the ranks per host.", flush=True)
+    ctx.pp_size = pp
+    if ctx.backend == "mpi4py":
+        ctx.tp_comm = ctx.comm.split(stage)
+        return ctx
+    groups = [dist.new_group(list(range(s * tp, (s + 1) * tp))) for s in range(pp)]
+    on_failure = ctx.monitor.await_verdict if ctx.monitor is not None else None
+    ctx.tp_comm = TorchCommunicator(groups[stage], on_failure=on_failure) if tp > 1 else Communicator()
+    return ctx
+
+
+def _init_world(backend: str, device: str | torch.device | None, timeout_s: float, dead_after_s: float,
+                pp: int) -> ParallelContext:
     launch = detect_launch()
     device = torch.device(device) if device is not None else pick_device(launch.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launch.world_size == 1:
         resolve_backend(backend, device)  # still refuse an impossible request
+        if pp > 1:
+            raise ValueError(f"--pp {pp} needs {pp} or more ranks; this is a single process. Launch with "
+                             f"torchrun --nproc_per_node {pp} (or mpirun -np {pp}).")
         return ParallelContext(0, 1, 0, launch.launcher, "none", device, Communicator())
     backend = resolve_backend(backend, device)
     if device.type == "cpu":

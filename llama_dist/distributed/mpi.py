@@ -22,10 +22,11 @@ def cuda_aware(MPI) -> bool:
 
 
 class MpiCommunicator(Communicator):
-    def __init__(self):
+    def __init__(self, comm: Any = None):
+        """comm: an mpi4py communicator (a tensor-parallel group); default the whole job."""
         from mpi4py import MPI
 
-        self.MPI, self.comm = MPI, MPI.COMM_WORLD
+        self.MPI, self.comm = MPI, comm or MPI.COMM_WORLD
         self.rank, self.world_size = self.comm.Get_rank(), self.comm.Get_size()
         self.cuda_aware = cuda_aware(MPI)
 
@@ -72,6 +73,33 @@ class MpiCommunicator(Communicator):
 
     def barrier(self) -> None:
         self.comm.Barrier()
+
+    def send(self, tensor: torch.Tensor, dst: int) -> Any:
+        buf, staged = self._buffer(tensor)
+        if staged.is_cuda:
+            torch.cuda.current_stream().synchronize()
+        return _Pending(self.comm.Isend(buf, dest=dst), staged)
+
+    def recv(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
+        buf, staged = self._buffer(tensor)
+        self.comm.Recv(buf, source=src)
+        if staged.data_ptr() != tensor.data_ptr():
+            tensor.copy_(staged)
+        return tensor
+
+    def split(self, color: int) -> "MpiCommunicator":
+        """The sub-communicator of the ranks that pass the same color."""
+        return MpiCommunicator(self.comm.Split(color, self.rank))
+
+
+class _Pending:
+    """An MPI send in flight; keeps its (possibly staged) buffer alive until wait()."""
+
+    def __init__(self, request: Any, buffer: torch.Tensor):
+        self.request, self.buffer = request, buffer
+
+    def wait(self) -> None:
+        self.request.Wait()
 
 
 def mpi4py_available() -> bool:

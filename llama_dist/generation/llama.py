@@ -48,7 +48,7 @@ def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tenso
     on_gpu = model.rope.device.type == "cuda"
     if on_gpu:  # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
         torch._inductor.config.coordinate_descent_tuning = True
-        model.comm.enable_fast_all_reduce(model.max_batch_size * model.args.dim, model.norm.weight.dtype,
+        model.comm.enable_fast_all_reduce(model.max_batch_size * model.args.dim, model.act_dtype,
                                           model.rope.device)
     windows = math.ceil(math.log2(max(model.max_seq_len / MIN_ATTENTION_WINDOW, 1))) + 1
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, windows + 2)
@@ -104,7 +104,7 @@ class Llama:
                            quantize=quantize, group_size=group_size)
         if ctx.is_driver:
             print(f"Loaded {describe(source)} {ckpt_dir} ({tokenizer.kind} tokenizer) on {ctx.world_size} rank(s) "
-                  f"({ctx.backend}, {ctx.device}, {model.norm.weight.dtype}{weight_summary(model)}) in {time.perf_counter() - start:.2f} s")
+                  f"({ctx.backend}, {ctx.device}, {model.act_dtype}{weight_summary(model)}) in {time.perf_counter() - start:.2f} s")
         return Llama(model, tokenizer, ctx, seed, compile)
 
     @property

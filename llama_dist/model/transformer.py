@@ -21,6 +21,7 @@ from torch import nn
 
 from ..distributed.comm import Communicator
 from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
+from ..parallel.pipeline import PipelineStage, whole_model
 from .args import ModelArgs
 
 
@@ -135,23 +136,35 @@ class TransformerBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """Parameters are created at this rank's shard size (on the `meta` device when loading)."""
+    """Parameters are created at this rank's shard size (on the `meta` device when loading).
 
-    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
+    With a pipeline `stage`, only its layers exist (named by their global index, as in the
+    checkpoint), the embedding only on the first stage and norm + output only on the last.
+    """
+
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None,
+                 stage: PipelineStage | None = None):
         super().__init__()
         args.check_world_size(comm.world_size)
         self.args, self.comm = args, comm
-        embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
-        self.tok_embeddings = embedding(args.vocab_size, args.dim, comm, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(TransformerBlock(args, comm, dtype, device) for _ in range(args.n_layers))
-        self.norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
-        self.output = ColumnParallelLinear(args.dim, args.vocab_size, comm, gather_output=True,
-                                           dtype=dtype, device=device)
+        self.stage = stage = stage or whole_model(args.n_layers)
+        if stage.is_first:
+            embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
+            self.tok_embeddings = embedding(args.vocab_size, args.dim, comm, dtype=dtype, device=device)
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, comm, dtype, device) for i in stage.layers})
+        if stage.is_last:
+            self.norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
+            self.output = ColumnParallelLinear(args.dim, args.vocab_size, comm, gather_output=True,
+                                               dtype=dtype, device=device)
         self.rope: torch.Tensor | None = None
+
+    @property
+    def act_dtype(self) -> torch.dtype:
+        return next(iter(self.layers.values())).attention_norm.weight.dtype
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
         """Allocate the KV cache (in the activation dtype) and the rotary table once."""
-        for layer in self.layers:
+        for layer in self.layers.values():
             layer.attention.setup_cache(max_batch_size, max_seq_len, dtype, device)
         self.rope = rope_table(self.args, max_seq_len).to(device)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -164,6 +177,7 @@ class Transformer(nn.Module):
         start_pos: an int for all rows, or a tensor [B] per row. slots: cache rows per batch row
         (None: rows 0..B-1). length: how much of the cache to attend to; defaults to the end of the
         furthest row (pass max_seq_len for the fixed shapes a compiled decode step needs).
+        Every rank calls it with the same tokens, whichever stage it holds.
         """
         bsz, seqlen = tokens.shape
         device = tokens.device
@@ -182,10 +196,42 @@ class Transformer(nn.Module):
         mask = None
         if not (seqlen == 1 and end == length):  # visible: cached positions up to each token's own
             mask = (torch.arange(length, device=device) <= pos[..., None]).unsqueeze(1)
-        h = self.tok_embeddings(tokens).to(self.norm.weight.dtype)  # an int8 table dequantizes to fp32
+        if self.stage.pipelined:
+            return self._pipelined(tokens, pos, mask, slots, length, last_only)
+        h = self.tok_embeddings(tokens).to(self.act_dtype)  # an int8 table dequantizes to fp32
+        h = self._layers(h, pos, mask, slots, length)
+        return self._logits(h, last_only)
+
+    def _layers(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | None,
+                length: int) -> torch.Tensor:
         rope = self.rope[pos]
-        for layer in self.layers:
+        for layer in self.layers.values():
             h = layer(h, pos, rope, mask, slots, length)
+        return h
+
+    def _logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
+
+    def _pipelined(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
+                   slots: torch.Tensor | None, length: int, last_only: bool) -> torch.Tensor:
+        """The batch in micro-batches: while stage s works on micro-batch m, stage s-1 works on m+1."""
+        stage, (bsz, seqlen), device = self.stage, tokens.shape, tokens.device
+        rows = slots if slots is not None else torch.arange(bsz, device=device)
+        parts = torch.arange(bsz, device=device).tensor_split(min(bsz, stage.micro_batches))
+        logits, sending = [], []
+        for part in parts:
+            if stage.is_first:
+                h = self.tok_embeddings(tokens[part]).to(self.act_dtype)
+            else:
+                h = stage.receive((len(part), seqlen, self.args.dim), self.act_dtype, device)
+            h = self._layers(h, pos[part], None if mask is None else mask[part], rows[part], length)
+            if stage.is_last:
+                logits.append(self._logits(h, last_only))
+            else:
+                sending.append(stage.send(h))
+        for handle in sending:
+            handle.wait()
+        shape = (bsz, 1 if last_only else seqlen, self.args.vocab_size)
+        return stage.share_logits(torch.cat(logits) if logits else None, shape, device)
