@@ -90,8 +90,8 @@ def hf_figures(args: ModelArgs, device: torch.device, steps: int) -> dict[str, f
 
 def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
           steps: int = 128, prefill: int = 512, compile: bool = True, hf: bool = True, quantize: str = "none",
-          backend: str = "auto", max_seq_len: int = 1024) -> dict:
-    ctx = init_distributed(backend)
+          backend: str = "auto", max_seq_len: int = 1024, pp: int = 1) -> dict:
+    ctx = init_distributed(backend, pp=pp)
     if model:
         source = open_checkpoint(model)
     else:
@@ -101,7 +101,7 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     m = load_model(source, ctx, torch.bfloat16 if ctx.device.type == "cuda" else None, max_seq_len=max_seq_len,
                    max_batch_size=max(batches), progress=False, quantize=quantize)
     sync(ctx.device)
-    result = {"config": str(config if not model else model), "world_size": ctx.world_size,
+    result = {"config": str(config if not model else model), "world_size": ctx.world_size, "pp": ctx.pp_size,
               "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
               "load_s": time.perf_counter() - start, "quantize": quantize, "compile": compile}
     weight_bytes = sum(t.nbytes for t in {t.data_ptr(): t for t in m.state_dict().values()}.values())
@@ -128,6 +128,6 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
         if os.environ.get("OUT"):
-            name = f"bench_{Path(str(config)).stem}_tp{ctx.world_size}_{quantize}.json"
+            name = f"bench_{Path(str(config)).stem}_tp{ctx.tp_size}_pp{ctx.pp_size}_{quantize}.json"
             Path(os.environ["OUT"], name).write_text(json.dumps(result, indent=1))
     return result

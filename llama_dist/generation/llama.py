@@ -18,6 +18,7 @@ from ..distributed.context import ParallelContext, init_distributed
 from ..distributed.env import detect_launch
 from ..distributed.fingerprint import check_same_on_all_ranks, checkpoint_fingerprint, code_fingerprint
 from ..model.transformer import Transformer
+from ..parallel.pipeline import check_layout, parse_split, split_layers
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import Dialog, encode_dialog
 from .sampling import sample
@@ -43,7 +44,7 @@ def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tenso
     """(tokens [B, 1], position) -> logits [B, 1, vocab]. Compiled, it takes the position as a tensor
     and attends over a fixed window of the cache with a mask (fixed shapes: one CUDA graph per
     window size); eager, it attends over the filled part only."""
-    if not compile:
+    if not compile or model.stage.pipelined:  # pipeline sends and receives stay eager
         return lambda tokens, pos: model(tokens, pos)
     on_gpu = model.rope.device.type == "cuda"
     if on_gpu:  # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
@@ -81,7 +82,8 @@ class Llama:
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None, max_seq_len: int = 512, max_batch_size: int = 8,
               backend: str = "auto", device: str | None = None, dtype: str | torch.dtype | None = None,
               seed: int = 1, ctx: ParallelContext | None = None, quantize: str = "auto",
-              group_size: int = 32, compile: bool = False) -> "Llama":
+              group_size: int = 32, compile: bool = False, pp: int = 1,
+              pp_split: str | list[int] | None = None, micro_batches: int | None = None) -> "Llama":
         """Validate everything cheap first (paths, shapes, world size, tokenizer), then load this rank's shard.
 
         `ckpt_dir`: a Meta folder, an HF folder or a .gguf file; `tokenizer_path`: optional when
@@ -89,11 +91,16 @@ class Llama:
         `quantize`: "auto" keeps stored quantization (GGUF Q4 blocks, quantized checkpoints),
         "none" loads dense, "int8"/"int4" quantize at load time (int4 in groups of `group_size`).
         `compile`: torch.compile the one-token decode step (CUDA graphs on GPUs); the first call compiles.
+        `pp`: pipeline stages (world = TP x PP ranks); `pp_split`: layers per stage ("10,20"; default
+        even); `micro_batches`: parts a batch is cut into to keep the stages busy (default 2 x pp).
         """
         source = open_checkpoint(ckpt_dir)
         tokenizer = open_tokenizer(source, tokenizer_path)
-        source.args.check_world_size(ctx.world_size if ctx else detect_launch().world_size)
-        ctx = ctx or init_distributed(backend, device)
+        pp = ctx.pp_size if ctx else pp
+        pp_split = parse_split(pp_split)
+        source.args.check_world_size(check_layout(ctx.world_size if ctx else detect_launch().world_size, pp))
+        split_layers(source.args.n_layers, pp, pp_split)
+        ctx = ctx or init_distributed(backend, device, pp=pp)
         check_same_on_all_ranks(ctx, code_fingerprint(), "llama-dist code")
         check_same_on_all_ranks(ctx, checkpoint_fingerprint(source.path, source.format, source.args.to_params_json()),
                                 "checkpoint")
@@ -101,10 +108,12 @@ class Llama:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         model = load_model(source, ctx, dtype, max_seq_len=max_seq_len, max_batch_size=max_batch_size,
-                           quantize=quantize, group_size=group_size)
+                           quantize=quantize, group_size=group_size, pp_split=pp_split, micro_batches=micro_batches)
         if ctx.is_driver:
+            layout = f"TP {ctx.tp_size} x PP {ctx.pp_size}, " if ctx.pp_size > 1 else ""
             print(f"Loaded {describe(source)} {ckpt_dir} ({tokenizer.kind} tokenizer) on {ctx.world_size} rank(s) "
-                  f"({ctx.backend}, {ctx.device}, {model.act_dtype}{weight_summary(model)}) in {time.perf_counter() - start:.2f} s")
+                  f"({layout}"
+                  f"{ctx.backend}, {ctx.device}, {model.act_dtype}{weight_summary(model)}) in {time.perf_counter() - start:.2f} s")
         return Llama(model, tokenizer, ctx, seed, compile)
 
     @property

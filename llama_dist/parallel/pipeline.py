@@ -37,11 +37,22 @@ def split_layers(n_layers: int, pp: int, split: list[int] | None = None) -> list
     return [range(start, start + n) for start, n in zip(starts, split)]
 
 
+def parse_split(value: str | int | list | tuple | None) -> list[int] | None:
+    """--pp-split as the command line gives it ("10,20", or a tuple from fire) -> layer counts."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        return [int(v) for v in value.split(",") if v.strip()]
+    if isinstance(value, int):
+        return [value]
+    return [int(v) for v in value]
+
+
 def check_layout(world_size: int, pp: int) -> int:
     """The tensor-parallel size of a world of `world_size` ranks in `pp` stages."""
     if pp < 1 or world_size % pp:
-        raise ValueError(f"{world_size} ranks cannot form {pp} pipeline stages: TP x PP must equal the number "
-                         f"of ranks, so --pp must divide {world_size}.")
+        raise ValueError(f"{world_size} rank(s) cannot form {pp} pipeline stages: TP x PP must equal the number "
+                         f"of ranks. Launch a multiple of {pp} ranks, or pick a --pp that divides {world_size}.")
     return world_size // pp
 
 

@@ -1,4 +1,5 @@
-"""One rank of a tensor-parallel run: load each checkpoint, record logits, greedy tokens and shard shapes."""
+"""One rank of a tensor- (and pipeline-) parallel run: load each checkpoint, record logits, greedy tokens and
+shard shapes. Flags: --gloo, --quantize=TYPE, --pp=STAGES, --pp-split=A,B."""
 import os
 import sys
 
@@ -9,18 +10,22 @@ from llama_dist import Llama, init_distributed
 PROMPTS = [[1, 5, 9, 200, 31, 7], [1, 17, 33]]
 
 
+def flag(name: str, default: str | None) -> str | None:
+    return next((a.split("=", 1)[1] for a in sys.argv if a.startswith(f"--{name}=")), default)
+
+
 def main(out: str, tokenizer: str, *ckpts: str) -> None:
     """tokenizer "-": the one each model carries."""
-    ctx = init_distributed("gloo" if "--gloo" in sys.argv else "auto")
+    ctx = init_distributed("gloo" if "--gloo" in sys.argv else "auto", pp=int(flag("pp", "1")))
     if os.environ.get("LLAMA_DIST_TEST_FAIL_RANK") == str(ctx.rank):
         raise RuntimeError(f"injected failure on rank {ctx.rank}")
     if ckpts == ("PER_RANK",):  # each rank its own checkpoint, for the fingerprint test
         ckpts = (os.environ["LLAMA_DIST_TEST_CKPTS"].split(",")[ctx.rank],)
     results = {}
     for ckpt in ckpts:
-        quantize = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--quantize=")), "none")
         llama = Llama.build(ckpt, None if tokenizer == "-" else tokenizer, max_seq_len=64, max_batch_size=2, ctx=ctx,
-                            quantize=quantize, dtype="float32")  # quantized matmuls still run in bf16
+                            quantize=flag("quantize", "none"), dtype="float32",  # quantized matmuls run in bf16
+                            pp_split=flag("pp-split", None))
         vocab = llama.model.args.vocab_size
         tokens = (torch.arange(2 * 12).reshape(2, 12) * 37 + 3) % vocab
         logits = llama.model(tokens, 0)
