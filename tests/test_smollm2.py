@@ -117,21 +117,49 @@ def test_conversions_give_the_gguf_logits(llama, converted):
             llama.tokenizer.encode("abc 123 <|im_end|>", bos=False)
 
 
-def test_three_ranks_equal_one_rank(converted, tmp_path):
+@pytest.fixture(scope="module")
+def one_rank(converted, tmp_path_factory):
+    out = tmp_path_factory.mktemp("w1") / "res"
+    ckpts = [str(bundled_model_path()), str(converted["meta3"])]
+    check_all_ok(launch_ranks(1, [str(WORKERS / "tp_worker.py"), str(out), "-", *ckpts, "--gloo"], timeout=400))
+    return torch.load(f"{out}.rank0")
+
+
+def run_ranks(world: int, ckpts: list[str], out: Path, *flags: str) -> list[dict]:
+    check_all_ok(launch_ranks(world, [str(WORKERS / "tp_worker.py"), str(out), "-", *ckpts, "--gloo", *flags],
+                              timeout=400))
+    return [torch.load(f"{out}.rank{r}") for r in range(world)]
+
+
+def assert_same_as_one_rank(ranks: list[dict], ref: dict, ckpt: str) -> None:
+    for got in ranks:
+        assert got[ckpt]["greedy"] == ref[ckpt]["greedy"]
+        assert (got[ckpt]["logits"] - ref[ckpt]["logits"]).abs().max() / ref[ckpt]["logits"].abs().max() < 1e-5
+
+
+def test_three_ranks_equal_one_rank(one_rank, converted, tmp_path):
     """9 heads / 3 kv heads split 3 ways, from the GGUF and from the MP=3 Meta conversion."""
     ckpts = [str(bundled_model_path()), str(converted["meta3"])]
-    results = {}
-    for world in (1, 3):
-        out = tmp_path / f"w{world}"
-        check_all_ok(launch_ranks(world, [str(WORKERS / "tp_worker.py"), str(out), "-", *ckpts, "--gloo"],
-                                  timeout=400))
-        results[world] = [torch.load(f"{out}.rank{r}") for r in range(world)]
+    ranks = run_ranks(3, ckpts, tmp_path / "tp3")
     for ckpt in ckpts:
-        ref = results[1][0][ckpt]
-        for rank_result in results[3]:
-            got = rank_result[ckpt]
-            assert got["greedy"] == ref["greedy"]
-            assert (got["logits"] - ref["logits"]).abs().max() / ref["logits"].abs().max() < 1e-5
+        assert_same_as_one_rank(ranks, one_rank, ckpt)
         # three q heads and one kv head (k and v) per rank
-        assert results[3][0][ckpt]["shapes"]["layers.0.attention.wqkv.weight"] == ((3 + 2) * 64, 576)
-    assert results[1][0][ckpts[0]]["greedy"] == results[1][0][ckpts[1]]["greedy"]
+        assert ranks[0][ckpt]["shapes"]["layers.0.attention.wqkv.weight"] == ((3 + 2) * 64, 576)
+    assert one_rank[ckpts[0]]["greedy"] == one_rank[ckpts[1]]["greedy"]
+
+
+def test_three_pipeline_stages_equal_one_rank(one_rank, converted, tmp_path):
+    """30 layers in 3 stages of 10 (TP=2 is impossible with 9 heads), GGUF weights kept int4."""
+    ckpts = [str(bundled_model_path()), str(converted["meta3"])]
+    ranks = run_ranks(3, ckpts, tmp_path / "pp3", "--pp=3")
+    for ckpt in ckpts:
+        assert_same_as_one_rank(ranks, one_rank, ckpt)
+    gguf = ckpts[0]
+    for stage, got in enumerate(ranks):
+        layers = {int(n.split(".")[1]) for n in got[gguf]["shapes"] if n.startswith("layers.")}
+        assert layers == set(range(10 * stage, 10 * stage + 10))
+    # each stage holds its third of the layers; the first and last also hold the (tied) int8 embedding
+    total = one_rank[gguf]["weight_bytes"]
+    shares = [got[gguf]["weight_bytes"] / total for got in ranks]
+    print(f"SmolLM2 Q4_1, PP=3: stage weight bytes / one-rank bytes = {[round(x, 3) for x in shares]}")
+    assert all(share < 0.5 for share in shares) and shares[1] < 0.3
