@@ -26,11 +26,14 @@ def one_process(tiny_checkpoints, sp_tokenizer):
 
 
 @needs_mpirun
-@pytest.mark.parametrize("n,backend", [(2, "mpi"), (4, "mpi"), (2, "gloo")])
-def test_mpirun_prints_what_one_process_prints(n, backend, tiny_checkpoints, sp_tokenizer, one_process):
-    """--backend mpi goes through mpi4py; --backend gloo under mpirun bootstraps its rendezvous through MPI."""
-    out = run_example(mpirun(n), tiny_checkpoints["mp2"], sp_tokenizer, "--temperature", "0", "--backend", backend)
-    assert f"on {n} rank(s) ({'mpi4py' if backend == 'mpi' else 'gloo'}" in out
+@pytest.mark.parametrize("n,backend,pp", [(2, "mpi", 1), (4, "mpi", 1), (2, "gloo", 1), (4, "mpi", 2), (2, "gloo", 2)])
+def test_mpirun_prints_what_one_process_prints(n, backend, pp, tiny_checkpoints, sp_tokenizer, one_process):
+    """--backend mpi goes through mpi4py; --backend gloo under mpirun bootstraps its rendezvous through MPI.
+    With --pp 2 the two layers sit in two stages (TP x PP = n)."""
+    out = run_example(mpirun(n), tiny_checkpoints["mp2"], sp_tokenizer, "--temperature", "0", "--backend", backend,
+                      "--pp", str(pp))
+    layout = f"TP {n // pp} x PP {pp}, " if pp > 1 else ""
+    assert f"on {n} rank(s) ({layout}{'mpi4py' if backend == 'mpi' else 'gloo'}" in out
     assert completions(out) == one_process
 
 
@@ -95,8 +98,10 @@ def _netns_available() -> bool:
 
 
 @pytest.mark.skipif(not _netns_available(), reason="needs root and `ip netns` (network namespaces) to fake two hosts")
-def test_two_hosts_over_a_veth_link(tiny_checkpoints, sp_tokenizer, one_process):
-    """Two network namespaces joined by a veth pair stand in for two hosts; one rank in each, Gloo across."""
+@pytest.mark.parametrize("pp", [1, 2])
+def test_two_hosts_over_a_veth_link(pp, tiny_checkpoints, sp_tokenizer, one_process):
+    """Two network namespaces joined by a veth pair stand in for two hosts; one rank in each, Gloo across:
+    tensor parallel (pp=1) or one pipeline stage per host (pp=2)."""
     from .helpers import free_port
 
     tag = str(os.getpid() % 10000)
@@ -121,12 +126,12 @@ def test_two_hosts_over_a_veth_link(tiny_checkpoints, sp_tokenizer, one_process)
             cmd = ["ip", "netns", "exec", h, "env", *[f"{k}={v}" for k, v in env.items()], sys.executable,
                    str(ROOT / "examples" / "example.py"), "--ckpt_dir", str(tiny_checkpoints["mp2"]),
                    "--tokenizer_path", str(sp_tokenizer), "--max_gen_len", "16", "--temperature", "0",
-                   "--backend", "gloo"]
+                   "--backend", "gloo", "--pp", str(pp)]
             procs.append(subprocess.Popen(cmd, cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         outs = [p.communicate(timeout=180) for p in procs]
         for p, (out, err) in zip(procs, outs):
             assert p.returncode == 0, err[-2000:]
-        assert "on 2 rank(s) (gloo" in outs[0][0]
+        assert f"on 2 rank(s) ({'TP 1 x PP 2, ' if pp == 2 else ''}gloo" in outs[0][0]
         assert completions(outs[0][0]) == one_process
         assert outs[1][0] == ""  # only rank 0 prints
     finally:
