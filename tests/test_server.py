@@ -194,10 +194,15 @@ def test_port_in_use_fails_fast_and_clearly():
     assert f"Could not listen on 127.0.0.1:{port}" in r.stderr and "Loaded" not in r.stdout
 
 
-def test_api_key_and_two_ranks(tiny_checkpoints, sp_tokenizer):
-    """A tiny model over 2 Gloo ranks with --api_key: 401 without it; batching still equals alone; SIGTERM exits all."""
+TWO_RANK_ANSWERS: dict[int, list] = {}
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_api_key_and_two_ranks(pp, tiny_checkpoints, sp_tokenizer):
+    """A tiny model over 2 Gloo ranks (tensor parallel, or --pp 2: a layer per stage) with --api_key: 401
+    without it; batching still equals alone, and both layouts answer alike; SIGTERM exits all."""
     s = Server("--model", str(tiny_checkpoints["mp2"]), "--tokenizer", str(sp_tokenizer), "--api_key", "sekrit",
-               "--max_batch", "8", "--ctx", "128", "--backend", "gloo", world=2)
+               "--max_batch", "8", "--ctx", "128", "--backend", "gloo", "--pp", str(pp), world=2)
     try:
         assert s.post("/completion", {"prompt": "hi"}).status_code == 401
         auth = {"Authorization": "Bearer sekrit"}
@@ -210,5 +215,8 @@ def test_api_key_and_two_ranks(tiny_checkpoints, sp_tokenizer):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda a: greedy(*a), [(p, 6 + i) for i, p in enumerate(PROMPTS[:8])]))
         assert together == alone and all(len(t) > 0 for t in alone)
+        TWO_RANK_ANSWERS[pp] = alone
+        if len(TWO_RANK_ANSWERS) == 2:
+            assert TWO_RANK_ANSWERS[1] == TWO_RANK_ANSWERS[2]
     finally:
         assert s.stop() == [0, 0]
