@@ -48,11 +48,15 @@ def single_process(tiny_pp, sp_tokenizer, tmp_path_factory):
     return torch.load(f"{out}.rank0")[str(tiny_pp)]
 
 
-@pytest.mark.parametrize("tp, pp, split", [(2, 2, None), (1, 3, None), (3, 1, None), (1, 2, "1,3")])
-def test_pipeline_matches_single_process(tp, pp, split, single_process, tiny_pp, sp_tokenizer, tmp_path):
+@pytest.mark.parametrize("tp, pp, split, min_part", [(2, 2, None, 1), (1, 3, None, 1), (3, 1, None, 1),
+                                                     (1, 2, "1,3", 1), (1, 2, None, None)])
+def test_pipeline_matches_single_process(tp, pp, split, min_part, single_process, tiny_pp, sp_tokenizer, tmp_path):
+    """min_part 1: micro-batches of rows (two prompts) and of sequence chunks (one prompt) even for these few
+    tokens; None: the default, under which these small steps run whole."""
     args = ModelArgs(**TINY_PP)
     out, ckpt = tmp_path / "res", str(tiny_pp)
     flags = ["--gloo", f"--pp={pp}"] + ([f"--pp-split={split}"] if split else [])
+    flags += [f"--min-part-tokens={min_part}"] if min_part else []
     check_all_ok(launch_ranks(tp * pp, [str(WORKERS / "tp_worker.py"), str(out), str(sp_tokenizer), ckpt, *flags]))
     layers = split_layers(args.n_layers, pp, parse_split(split))
     for rank in range(tp * pp):

@@ -93,7 +93,7 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
     int4 groups of 32 exactly, a quantized checkpoint stays quantized, the rest is dense); "none"
     makes everything dense; "int8"/"int4" quantize every weight (dequantized first if stored otherwise),
     after sharding. pp_split: layers per pipeline stage (default even); micro_batches: how many
-    parts a batch is cut into to keep the stages busy (default 2 x stages).
+    parts a batch is cut into to keep the stages busy (default: one per stage).
     """
     args = source.args
     args.check_world_size(ctx.tp_size)

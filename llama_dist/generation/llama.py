@@ -92,7 +92,7 @@ class Llama:
         "none" loads dense, "int8"/"int4" quantize at load time (int4 in groups of `group_size`).
         `compile`: torch.compile the one-token decode step (CUDA graphs on GPUs); the first call compiles.
         `pp`: pipeline stages (world = TP x PP ranks); `pp_split`: layers per stage ("10,20"; default
-        even); `micro_batches`: parts a batch is cut into to keep the stages busy (default 2 x pp).
+        even); `micro_batches`: parts a batch is cut into to keep the stages busy (default pp).
         """
         source = open_checkpoint(ckpt_dir)
         tokenizer = open_tokenizer(source, tokenizer_path)

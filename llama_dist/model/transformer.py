@@ -135,6 +135,9 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+MIN_MICRO_BATCH_TOKENS = 64  # below this, a pipeline part is too small to be worth another pass over a stage
+
+
 class Transformer(nn.Module):
     """Parameters are created at this rank's shard size (on the `meta` device when loading).
 
@@ -216,22 +219,35 @@ class Transformer(nn.Module):
 
     def _pipelined(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                    slots: torch.Tensor | None, length: int, last_only: bool) -> torch.Tensor:
-        """The batch in micro-batches: while stage s works on micro-batch m, stage s-1 works on m+1."""
+        """The batch in micro-batches: while stage s works on micro-batch m, stage s-1 works on m+1.
+
+        A micro-batch is a group of rows or, for fewer rows than micro-batches (one long prompt), a
+        chunk of the sequence: chunk c attends to chunks before it, which this stage has already
+        cached. Too few tokens per part is slower (each part reads the stage's weights again), so
+        parts hold at least MIN_MICRO_BATCH_TOKENS tokens: decode steps of small batches run whole.
+        """
         stage, (bsz, seqlen), device = self.stage, tokens.shape, tokens.device
         rows = slots if slots is not None else torch.arange(bsz, device=device)
-        parts = torch.arange(bsz, device=device).tensor_split(min(bsz, stage.micro_batches))
+        n_parts = max(1, min(stage.micro_batches, bsz * seqlen // MIN_MICRO_BATCH_TOKENS))
+        if bsz >= n_parts:  # (row indices, sequence slice) per part
+            parts = [(idx, slice(None)) for idx in torch.arange(bsz, device=device).tensor_split(n_parts)]
+        else:
+            cuts = torch.arange(seqlen).tensor_split(n_parts)
+            parts = [(torch.arange(bsz, device=device), slice(int(c[0]), int(c[-1]) + 1)) for c in cuts]
         logits, sending = [], []
-        for part in parts:
+        for idx, cols in parts:
+            part_pos = pos[idx][:, cols]
             if stage.is_first:
-                h = self.tok_embeddings(tokens[part]).to(self.act_dtype)
+                h = self.tok_embeddings(tokens[idx][:, cols]).to(self.act_dtype)
             else:
-                h = stage.receive((len(part), seqlen, self.args.dim), self.act_dtype, device)
-            h = self._layers(h, pos[part], None if mask is None else mask[part], rows[part], length)
-            if stage.is_last:
-                logits.append(self._logits(h, last_only))
-            else:
+                h = stage.receive((len(idx), part_pos.shape[1], self.args.dim), self.act_dtype, device)
+            h = self._layers(h, part_pos, None if mask is None else mask[idx][:, :, cols], rows[idx], length)
+            if not stage.is_last:
                 sending.append(stage.send(h))
+            elif not (last_only and cols.stop is not None and cols.stop < seqlen):  # a last-only chunk: only the end
+                logits.append(self._logits(h, last_only))
         for handle in sending:
             handle.wait()
         shape = (bsz, 1 if last_only else seqlen, self.args.vocab_size)
-        return stage.share_logits(torch.cat(logits) if logits else None, shape, device)
+        by_rows = parts[0][1] == slice(None)
+        return stage.share_logits(torch.cat(logits, dim=0 if by_rows else 1) if logits else None, shape, device)

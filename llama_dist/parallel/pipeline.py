@@ -107,4 +107,4 @@ def pipeline_stage(rank: int, tp: int, pp: int, n_layers: int, comm: Communicato
     stage = rank // tp
     return PipelineStage(ranges[stage], n_layers, comm,
                          prev=rank - tp if stage > 0 else None, next=rank + tp if stage < pp - 1 else None,
-                         last_root=(pp - 1) * tp, micro_batches=micro_batches or 2 * pp)
+                         last_root=(pp - 1) * tp, micro_batches=micro_batches or pp)

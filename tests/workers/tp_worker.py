@@ -1,11 +1,13 @@
 """One rank of a tensor- (and pipeline-) parallel run: load each checkpoint, record logits, greedy tokens and
-shard shapes. Flags: --gloo, --quantize=TYPE, --pp=STAGES, --pp-split=A,B."""
+shard shapes. Flags: --gloo, --quantize=TYPE, --pp=STAGES, --pp-split=A,B, --min-part-tokens=N (pipeline
+micro-batches even for the few tokens tests use)."""
 import os
 import sys
 
 import torch
 
 from llama_dist import Llama, init_distributed
+from llama_dist.model import transformer
 
 PROMPTS = [[1, 5, 9, 200, 31, 7], [1, 17, 33]]
 
@@ -17,6 +19,8 @@ def flag(name: str, default: str | None) -> str | None:
 def main(out: str, tokenizer: str, *ckpts: str) -> None:
     """tokenizer "-": the one each model carries."""
     ctx = init_distributed("gloo" if "--gloo" in sys.argv else "auto", pp=int(flag("pp", "1")))
+    if flag("min-part-tokens", None):
+        transformer.MIN_MICRO_BATCH_TOKENS = int(flag("min-part-tokens", None))
     if os.environ.get("LLAMA_DIST_TEST_FAIL_RANK") == str(ctx.rank):
         raise RuntimeError(f"injected failure on rank {ctx.rank}")
     if ckpts == ("PER_RANK",):  # each rank its own checkpoint, for the fingerprint test

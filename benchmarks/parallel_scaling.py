@@ -1,11 +1,13 @@
-"""Tensor-parallel scaling on one GPU host: `llama-dist bench` at several TP sizes, one after another.
+"""Parallel scaling on one host: `llama-dist bench` at several TP x PP layouts, one after another.
 
-    python benchmarks/tp_scaling.py --config llama-2-7b --tp 1,2,4 [--batches 1] [--quantize none]
+    python benchmarks/parallel_scaling.py --config llama-2-7b --layouts 1,2,4 [--batches 1]   # GPUs, TP
+    python benchmarks/parallel_scaling.py --config small-bench --layouts 1,2,1x2 --batches 8  # CPU, PP too
 
-Prints decode tokens/s per TP size, the speed-up over the first size, each run's fraction of its
-own bandwidth ceiling, and whether batch-1 greedy tokens are identical across sizes (the same
-random weights at every size: RandomSource draws each full tensor from a seed, then slices it).
-Extra environment for every run: --env "LLAMA_DIST_SYMM_MEM=0" (A/B the one-shot all-reduce).
+A layout is TP or TPxPP (ranks = TP x PP). Prints decode tokens/s per layout, the speed-up over the
+first, each run's fraction of its own bandwidth ceiling, and whether batch-1 greedy tokens are
+identical across layouts (the same random weights in every layout: RandomSource draws each full
+tensor from a seed, then slices it). Extra environment for every run: --env "LLAMA_DIST_SYMM_MEM=0"
+(A/B the one-shot all-reduce).
 """
 from __future__ import annotations
 
@@ -21,15 +23,16 @@ from pathlib import Path
 GPU_DECODE = Path(__file__).resolve().parent / "gpu_decode.py"
 
 
-def run_bench(tp: int, args: argparse.Namespace) -> dict:
-    """One torchrun job of tp ranks; its rank 0 writes the bench JSON into a fresh folder. A job past
+def run_bench(layout: str, args: argparse.Namespace) -> dict:
+    """One torchrun job of TP x PP ranks; its rank 0 writes the bench JSON into a fresh folder. A job past
     --timeout is killed; if its JSON was written (the work done, the exit stuck) it still counts."""
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, OUT=out, **dict(kv.split("=", 1) for kv in args.env))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp), str(GPU_DECODE),
+        tp, pp = (int(n) for n in (layout.split("x") + ["1"])[:2])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), str(GPU_DECODE),
                "--config", args.config, "--batches", f"({args.batches},)", "--steps", str(args.steps),
-               "--hf", "False", "--quantize", args.quantize]
-        log = Path(os.environ.get("OUT", out), f"tp{tp}_{Path(args.config).stem}.log")
+               "--hf", "False", "--quantize", args.quantize, "--pp", str(pp), "--compile", str(args.compile)]
+        log = Path(os.environ.get("OUT", out), f"{layout}_{Path(args.config).stem}.log")
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             try:
@@ -40,28 +43,29 @@ def run_bench(tp: int, args: argparse.Namespace) -> dict:
         files = list(Path(out).glob("bench_*.json"))
         if not files:
             errors = [line for line in log.read_text().splitlines() if "Error" in line or "error:" in line]
-            return {"tp": tp, "error": f"exit {code}", "log_errors": errors[-20:]}
-        return {"tp": tp, "exit": code, **json.loads(files[0].read_text())}
+            return {"layout": layout, "error": f"exit {code}", "log_errors": errors[-20:]}
+        return {"layout": layout, "exit": code, **json.loads(files[0].read_text())}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama-2-7b")
-    p.add_argument("--tp", default="1,2,4", help="comma-separated TP sizes, the first is the baseline")
+    p.add_argument("--layouts", default="1,2,4", help="comma-separated TP or TPxPP, the first is the baseline")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--quantize", default="none")
+    p.add_argument("--compile", default="True", help="compile the decode step (pipelined runs stay eager)")
     p.add_argument("--env", nargs="*", default=[], help="KEY=VALUE pairs for every run")
     p.add_argument("--timeout", type=float, default=480, help="seconds per run (a hang must not eat the machine)")
     args = p.parse_args()
     runs = []
-    for tp in args.tp.split(","):
-        runs.append(run_bench(int(tp), args))
+    for layout in args.layouts.split(","):
+        runs.append(run_bench(layout, args))
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "greedy_b1"}), flush=True)
     base = runs[0]
     summary = {"config": args.config, "quantize": args.quantize, "env": args.env, "runs": []}
     for r in runs:
-        row = {"tp": r["tp"]}
+        row = {"layout": r["layout"]}
         if "error" in r:
             row.update((k, r[k]) for k in ("error", "log_errors"))
         else:
@@ -70,7 +74,7 @@ def main() -> None:
                 key = f"decode_b{b}_tok_s"
                 row[key] = r[key]
                 if key in base:
-                    row[f"b{b}_speedup_vs_tp{base['tp']}"] = r[key] / base[key]
+                    row[f"b{b}_speedup_vs_{base['layout']}"] = r[key] / base[key]
             if "greedy_b1" in r and "greedy_b1" in base:
                 row["greedy_b1_same_as_baseline"] = r["greedy_b1"] == base["greedy_b1"]
                 row["greedy_b1_first_difference"] = next(
@@ -80,7 +84,7 @@ def main() -> None:
         summary["runs"].append(row)
     print(json.dumps(summary, indent=1))
     if os.environ.get("OUT"):
-        name = f"tp_scaling_{Path(args.config).stem}_{args.quantize}{'_' + '_'.join(args.env) if args.env else ''}.json"
+        name = f"scaling_{Path(args.config).stem}_{args.quantize}{'_' + '_'.join(args.env) if args.env else ''}.json"
         Path(os.environ["OUT"], name).write_text(json.dumps(summary, indent=1))
 
 
