@@ -1,4 +1,4 @@
-"""Communicator: the five collectives the model and the driver need, behind one interface.
+"""Communicator: the collectives and point-to-point sends the model and the driver need, behind one interface.
 
 The model never calls torch.distributed directly, so a single process runs with no process
 group at all, and other transports (mpi4py) slot in by implementing the same methods.
