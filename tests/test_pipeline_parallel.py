@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from llama_dist.distributed.context import init_distributed
 from llama_dist.model.args import ModelArgs
 from llama_dist.parallel.pipeline import check_layout, parse_split, split_layers
 
@@ -32,6 +33,8 @@ def test_world_must_be_tp_times_pp():
     assert check_layout(6, 3) == 2
     with pytest.raises(ValueError, match="4 rank\\(s\\) cannot form 3 pipeline stages"):
         check_layout(4, 3)
+    with pytest.raises(ValueError, match="1 rank\\(s\\) cannot form 2 pipeline stages.*Launch a multiple of 2"):
+        init_distributed(pp=2)  # a single process, refused before any rendezvous
 
 
 @pytest.fixture(scope="module")

@@ -129,16 +129,17 @@ def init_distributed(backend: str = "auto", device: str | torch.device | None = 
     dead and every other rank exits non-zero naming it. pp: pipeline stages; the ranks of a stage
     (world / pp consecutive ranks) form its tensor-parallel group.
     """
-    ctx = _init_world(backend, device, timeout_s, dead_after_s, pp)
-    return _split_stages(ctx, pp, detect_launch()) if pp > 1 else ctx
-
-
-def _split_stages(ctx: ParallelContext, pp: int, launch: LaunchEnv) -> ParallelContext:
-    """Give each pipeline stage its own tensor-parallel communicator (every rank joins every group's
-    creation, in the same order, as torch.distributed requires)."""
     from ..parallel.pipeline import check_layout
 
-    tp = check_layout(ctx.world_size, pp)
+    launch = detect_launch()
+    tp = check_layout(launch.world_size, pp)  # before any rendezvous
+    ctx = _init_world(launch, backend, device, timeout_s, dead_after_s)
+    return _split_stages(ctx, tp, pp, launch) if pp > 1 else ctx
+
+
+def _split_stages(ctx: ParallelContext, tp: int, pp: int, launch: LaunchEnv) -> ParallelContext:
+    """Give each pipeline stage its own tensor-parallel communicator (every rank joins every group's
+    creation, in the same order, as torch.distributed requires)."""
     stage = ctx.rank // tp
     if launch.local_world_size > 1 and launch.local_world_size % tp and ctx.is_driver:
         print(f"llama-dist: warning: hosts run {launch.local_world_size} ranks each, so a tensor-parallel group "
@@ -153,17 +154,13 @@ def _split_stages(ctx: ParallelContext, pp: int, launch: LaunchEnv) -> ParallelC
     return ctx
 
 
-def _init_world(backend: str, device: str | torch.device | None, timeout_s: float, dead_after_s: float,
-                pp: int) -> ParallelContext:
-    launch = detect_launch()
+def _init_world(launch: LaunchEnv, backend: str, device: str | torch.device | None, timeout_s: float,
+                dead_after_s: float) -> ParallelContext:
     device = torch.device(device) if device is not None else pick_device(launch.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if launch.world_size == 1:
         resolve_backend(backend, device)  # still refuse an impossible request
-        if pp > 1:
-            raise ValueError(f"--pp {pp} needs {pp} or more ranks; this is a single process. Launch with "
-                             f"torchrun --nproc_per_node {pp} (or mpirun -np {pp}).")
         return ParallelContext(0, 1, 0, launch.launcher, "none", device, Communicator())
     backend = resolve_backend(backend, device)
     if device.type == "cpu":

@@ -229,10 +229,11 @@ class Transformer(nn.Module):
         stage, (bsz, seqlen), device = self.stage, tokens.shape, tokens.device
         rows = slots if slots is not None else torch.arange(bsz, device=device)
         n_parts = max(1, min(stage.micro_batches, bsz * seqlen // MIN_MICRO_BATCH_TOKENS))
-        if bsz >= n_parts:  # (row indices, sequence slice) per part
+        by_rows = bsz >= n_parts
+        if by_rows:  # (row indices, sequence slice) per part
             parts = [(idx, slice(None)) for idx in torch.arange(bsz, device=device).tensor_split(n_parts)]
         else:
-            cuts = torch.arange(seqlen).tensor_split(n_parts)
+            cuts = torch.arange(seqlen).tensor_split(min(n_parts, seqlen))  # never an empty chunk
             parts = [(torch.arange(bsz, device=device), slice(int(c[0]), int(c[-1]) + 1)) for c in cuts]
         logits, sending = [], []
         for idx, cols in parts:
@@ -244,10 +245,9 @@ class Transformer(nn.Module):
             h = self._layers(h, part_pos, None if mask is None else mask[idx][:, :, cols], rows[idx], length)
             if not stage.is_last:
                 sending.append(stage.send(h))
-            elif not (last_only and cols.stop is not None and cols.stop < seqlen):  # a last-only chunk: only the end
+            elif by_rows or not last_only or cols == parts[-1][1]:  # last_only over chunks: the final one
                 logits.append(self._logits(h, last_only))
         for handle in sending:
             handle.wait()
         shape = (bsz, 1 if last_only else seqlen, self.args.vocab_size)
-        by_rows = parts[0][1] == slice(None)
         return stage.share_logits(torch.cat(logits, dim=0 if by_rows else 1) if logits else None, shape, device)
