@@ -4,7 +4,8 @@
     python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp 3]
 
 Each repetition runs each engine in a fresh process (alternating), with a 100-token prompt and 128
-greedy tokens; the table shows medians. --tp 3 adds llama-dist tensor-parallel over Gloo, one thread per
+greedy tokens; the table shows medians. llama-dist runs eager and with --compile (the decode
+step compiled by inductor; its compile time is printed apart, and decode is timed after it). --tp 3 adds llama-dist tensor-parallel over Gloo, one thread per
 rank (SmolLM2's 9 heads allow TP=1, 3 and 9 only, so TP=2 cannot split it).
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +47,7 @@ def run_llamacpp(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     return {"load_s": load, "prompt_tok_s": len(ids) / prompt_s, "decode_tok_s": n_gen / decode_s}
 
 
-def run_ours(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
+def run_ours(model: str, threads: int, n_prompt: int, n_gen: int, compile: bool = False) -> dict:
     import time
 
     t0 = time.perf_counter()
@@ -54,27 +56,32 @@ def run_ours(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     torch.set_num_threads(threads)
     from llama_dist import Llama
 
-    llama = Llama.build(model, max_seq_len=512, max_batch_size=1)
+    llama = Llama.build(model, max_seq_len=512, max_batch_size=1, compile=compile)
     load = time.perf_counter() - t0
     ids = llama.tokenizer.encode(PROMPT_WORDS * 3, bos=False)[:n_prompt]
-    model_ = llama.model
     t = time.perf_counter()
-    logits = model_(torch.tensor([ids]), 0, last_only=True)
+    logits = llama.model(torch.tensor([ids]), 0, last_only=True)
     prompt_s = time.perf_counter() - t
+    pos, result = len(ids), {}
+    if compile:  # the first step compiles (inductor's cache on disk makes later processes faster)
+        t = time.perf_counter()
+        logits = llama.decode(logits[:, -1].argmax(-1, keepdim=True), pos)
+        pos += 1
+        result["compile_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    pos = len(ids)
     for _ in range(n_gen):
         nxt = llama.ctx.comm.broadcast(logits[:, -1].argmax(-1, keepdim=True))
-        logits = model_(nxt, pos)
+        logits = llama.decode(nxt, pos)
         pos += 1
     decode_s = time.perf_counter() - t
-    return {"load_s": load, "prompt_tok_s": len(ids) / prompt_s, "decode_tok_s": n_gen / decode_s}
+    return {"load_s": load, "prompt_tok_s": len(ids) / prompt_s, "decode_tok_s": n_gen / decode_s, **result}
 
 
 def child(engine: str, model: str, threads: int) -> None:
     import resource
 
-    result = {"llamacpp": run_llamacpp, "ours": run_ours}[engine](model, threads, 100, 128)
+    run = {"llamacpp": run_llamacpp, "ours": run_ours, "ours-compiled": partial(run_ours, compile=True)}[engine]
+    result = run(model, threads, 100, 128)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
@@ -105,10 +112,12 @@ def main() -> None:
     from llama_dist.models import bundled_model_path
 
     model = str(bundled_model_path())
-    runs = {"llama.cpp": [], "llama-dist": [], f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)": []}
+    runs = {"llama.cpp": [], "llama-dist": [], "llama-dist --compile": [],
+            f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)": []}
     for _ in range(a.reps):
         runs["llama.cpp"].append(measure("llamacpp", model, a.threads))
         runs["llama-dist"].append(measure("ours", model, a.threads))
+        runs["llama-dist --compile"].append(measure("ours-compiled", model, a.threads))
         if a.tp:
             runs[f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)"].append(measure("ours", model, 1, world=a.tp))
     keys = ("load_s", "prompt_tok_s", "decode_tok_s", "peak_rss_mib")
@@ -119,10 +128,14 @@ def main() -> None:
     for name, m in med.items():
         print(f"| {name} | {m['load_s']:.2f} | {m['prompt_tok_s']:.0f} | {m['decode_tok_s']:.1f} | "
               f"{m['peak_rss_mib']:.0f} |")
-    ref, ours = med["llama.cpp"], med["llama-dist"]
-    print(f"ours/llama.cpp: load {ours['load_s'] / ref['load_s']:.1f}x time, prompt "
-          f"{ours['prompt_tok_s'] / ref['prompt_tok_s']:.2f}x, decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
-          f"RSS {ours['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x")
+    ref = med["llama.cpp"]
+    compile_s = statistics.median(r["compile_s"] for r in runs["llama-dist --compile"])
+    print(f"--compile: the first decode step took {compile_s:.1f} s (compilation; inductor's disk cache warm "
+          "after the first repetition)")
+    for label, ours in (("eager", med["llama-dist"]), ("--compile", med["llama-dist --compile"])):
+        print(f"ours ({label})/llama.cpp: load {ours['load_s'] / ref['load_s']:.1f}x time, prompt "
+              f"{ours['prompt_tok_s'] / ref['prompt_tok_s']:.2f}x, decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
+              f"RSS {ours['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x")
 
 
 if __name__ == "__main__":
