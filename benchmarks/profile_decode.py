@@ -1,0 +1,76 @@
+"""Where a compiled decode step's time goes: the host's time to issue a step, the GPU's busy time, the wall time.
+
+    python benchmarks/profile_decode.py --config llama-2-7b [--steps 32]
+    torchrun --nproc_per_node 2 benchmarks/profile_decode.py --config llama-2-7b
+
+Prints per token: wall ms, host ms to issue one step (the call returns before the GPU finishes), GPU kernel
+ms (summed over kernels) and the top kernels. GPU time near the wall time: the kernels are the cost (set their
+bytes against the bandwidth). GPU time well under it: the GPU waits, for the host (issue time near the wall
+time) or for the other ranks.
+"""
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import fire
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_dist.bench import CONFIGS, sync  # noqa: E402
+from llama_dist.checkpoint.loader import load_model  # noqa: E402
+from llama_dist.checkpoint.source import RandomSource  # noqa: E402
+from llama_dist.distributed.context import init_distributed  # noqa: E402
+from llama_dist.generation.llama import make_decode_step  # noqa: E402
+from llama_dist.model.args import ModelArgs  # noqa: E402
+
+
+def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12) -> None:
+    ctx = init_distributed("auto")
+    source = RandomSource(ModelArgs.from_params_json(CONFIGS / f"{config}.json"), ctx.device)
+    model = load_model(source, ctx, torch.bfloat16, max_seq_len=1024, max_batch_size=1, progress=False)
+    decode = make_decode_step(model, compile=True)
+    token, pos = torch.zeros(1, 1, dtype=torch.long, device=ctx.device), 16
+
+    def step() -> None:
+        nonlocal token, pos
+        token = ctx.comm.broadcast(decode(token, pos)[:, -1].argmax(-1, keepdim=True))
+        pos += 1
+
+    for _ in range(5):  # compile and warm up
+        step()
+    sync(ctx.device)
+    issue, start = 0.0, time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        step()
+        issue += time.perf_counter() - t
+    sync(ctx.device)
+    wall = (time.perf_counter() - start) / steps
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        sync(ctx.device)
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[event.name][0] += event.time_range.elapsed_us() / steps
+            kernels[event.name][1] += 1 / steps
+    gpu_ms = sum(us for us, _ in kernels.values()) / 1e3
+    result = {"config": config, "tp": ctx.tp_size, "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+              "wall_ms_per_token": wall * 1e3, "host_issue_ms_per_token": issue / steps * 1e3,
+              "gpu_kernel_ms_per_token": gpu_ms, "kernels_per_token": sum(n for _, n in kernels.values()),
+              "top_kernels": [{"name": name[:90], "us_per_token": round(us, 1), "calls_per_token": round(n, 1)}
+                              for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
+    if ctx.is_driver:
+        print(json.dumps(result, indent=1))
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], f"profile_{config}_tp{ctx.tp_size}.json").write_text(json.dumps(result, indent=1))
+    ctx.shutdown()
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
