@@ -28,11 +28,12 @@ PROMPTS = [
 
 def main(ckpt_dir: str, tokenizer_path: str, temperature: float = 0.6, top_p: float = 0.9,
          max_seq_len: int = 128, max_gen_len: int = 64, max_batch_size: int = 4, backend: str = "auto",
-         dtype: str | None = None, seed: int = 1, pp: int = 1, pp_split: str | None = None):
-    """--pp N splits the layers into N pipeline stages (ranks = tensor-parallel size x N)."""
+         dtype: str | None = None, seed: int = 1, pp: int = 1, pp_split: str | None = None, compile: bool = False):
+    """--pp N splits the layers into N pipeline stages (ranks = tensor-parallel size x N); --compile compiles
+    the one-token decode step (CUDA graphs on GPUs; the first steps pay for compilation)."""
     generator = Llama.build(ckpt_dir=ckpt_dir, tokenizer_path=tokenizer_path, max_seq_len=max_seq_len,
                             max_batch_size=max_batch_size, backend=backend, dtype=dtype, seed=seed, pp=pp,
-                            pp_split=pp_split)
+                            pp_split=pp_split, compile=compile)
     results = generator.text_completion(PROMPTS, max_gen_len=max_gen_len, temperature=temperature, top_p=top_p)
     if generator.is_driver:
         for prompt, result in zip(PROMPTS, results):

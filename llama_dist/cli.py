@@ -19,12 +19,14 @@ def _prompts(prompt: str | list[str] | tuple[str, ...]) -> list[str]:
 def generate(model: str = "smollm2", prompt: str | list[str] = "I believe the meaning of life is",
              tokenizer: str | None = None, max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9,
              max_seq_len: int = 512, backend: str = "auto", dtype: str | None = None, seed: int = 1,
-             quantize: str = "auto", pp: int = 1, pp_split: str | None = None) -> None:
+             quantize: str = "auto", pp: int = 1, pp_split: str | None = None, compile: bool = False) -> None:
     """Complete each prompt (--prompt may be a list) and print prompt + completion on rank 0.
-    --pp N: N pipeline stages (ranks = TP x N), --pp_split 10,20: layers per stage."""
+    --pp N: N pipeline stages (ranks = TP x N), --pp_split 10,20: layers per stage.
+    --compile: compile the one-token decode step (inductor on CPU, CUDA graphs on GPUs); the first steps
+    pay for compilation (about a minute for SmolLM2 on 2 cores, seconds once inductor's disk cache is warm)."""
     prompts = _prompts(prompt)
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=len(prompts), backend=backend,
-                        dtype=dtype, seed=seed, quantize=quantize, pp=pp, pp_split=pp_split)
+                        dtype=dtype, seed=seed, quantize=quantize, pp=pp, pp_split=pp_split, compile=compile)
     results = llama.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
     if llama.is_driver:
         for p, r in zip(prompts, results):
@@ -34,10 +36,15 @@ def generate(model: str = "smollm2", prompt: str | list[str] = "I believe the me
 def chat(prompt: str | list[str] | None = None, model: str = "smollm2", system: str | None = None,
          tokenizer: str | None = None, max_gen_len: int = 256, temperature: float | None = None, top_p: float = 0.9,
          max_seq_len: int = 2048, backend: str = "auto", dtype: str | None = None, chat_template: str | None = None,
-         seed: int = 1, quantize: str = "auto", raw: bool = False, pp: int = 1, pp_split: str | None = None) -> None:
+         seed: int = 1, quantize: str = "auto", raw: bool = False, pp: int = 1, pp_split: str | None = None,
+         compile: bool = False) -> None:
     """Without --prompt: an interactive chat (--raw: Meta's "Enter prompt:" completion loop).
     With --prompt: answer each as a one-turn chat, in the model's own chat format, and exit.
-    --temperature defaults to 0.7 interactively and 0 (greedy) for --prompt."""
+    --temperature defaults to 0.7 interactively and 0 (greedy) for --prompt. --compile: as for generate,
+    with --prompt only (the interactive chat runs on the serving engine, whose steps are not compiled)."""
+    if prompt is None and compile:
+        raise ValueError("--compile applies to --prompt answers; the interactive chat runs on the serving engine, "
+                         "whose batched steps are not compiled. Drop --compile, or pass --prompt.")
     if prompt is None:
         from .serving.interactive import interactive
 
@@ -45,7 +52,7 @@ def chat(prompt: str | list[str] | None = None, model: str = "smollm2", system: 
                            0.7 if temperature is None else temperature, top_p, backend, dtype, quantize, pp, pp_split)
     prompts = _prompts(prompt)
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=len(prompts), backend=backend,
-                        dtype=dtype, seed=seed, quantize=quantize, pp=pp, pp_split=pp_split)
+                        dtype=dtype, seed=seed, quantize=quantize, pp=pp, pp_split=pp_split, compile=compile)
     head = [{"role": "system", "content": system}] if system else []
     dialogs = [head + [{"role": "user", "content": p}] for p in prompts]
     results = llama.chat_completion(dialogs, temperature=temperature or 0.0, top_p=top_p, max_gen_len=max_gen_len,
