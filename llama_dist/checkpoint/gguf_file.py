@@ -56,11 +56,24 @@ class _Cursor:
         self.pos += n
         return bytes(self.buf[self.pos - n:self.pos]).decode("utf-8", errors="replace")
 
+    def strings(self, count: int) -> list[str]:
+        """A string array in one tight loop: a tokenizer's vocabulary and merges hold ~100k entries."""
+        buf, pos, out = self.buf, self.pos, []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            (n,) = length(buf, pos)
+            pos += 8 + n
+            out.append(str(buf[pos - n:pos], "utf-8", "replace"))
+        self.pos = pos
+        return out
+
     def value(self, vtype: int) -> Any:
         if vtype == STRING:
             return self.string()
         if vtype == ARRAY:
             etype, count = self.scalar("<I"), self.scalar("<Q")
+            if etype == STRING:
+                return self.strings(count)
             if etype in _NUMPY:
                 arr = np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos)
                 self.pos += arr.nbytes

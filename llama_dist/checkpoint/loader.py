@@ -106,6 +106,8 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
         model = Transformer(args, ctx.tp_comm, dtype=dtype, stage=stage)
     owners = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ShardedWeight)}
     state = {}
+    # a tied output is the embedding's vocab-split shard at any TP size: the same tensor serves both
+    tied = getattr(source, "tied_output", False) and args.vocab_parallel_embedding
     names = [n for n, _ in model.named_parameters()]
     for name in tqdm(names, desc="loading", unit="tensor", disable=not (progress and ctx.is_driver)):
         owner = owners.get(name)
@@ -115,16 +117,15 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
             if qweight is not None:
                 owner.set_quantized(qweight)
                 continue
+        if name == "output.weight" and tied and "tok_embeddings.weight" in state:
+            state[name] = state["tok_embeddings.weight"]  # one copy of the tied matrix, read once
+            continue
         expected = model.get_parameter(name).shape
         tensor = read_shard(source, name, args, ctx.tp_size, ctx.tp_rank)
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)} for rank {ctx.rank} "
                                   f"but the model expects {tuple(expected)}; the weights do not match the config.")
         state[name] = tensor.to(device=ctx.device, dtype=dtype).contiguous()
-    tied = ("output.weight", "tok_embeddings.weight")
-    if getattr(source, "tied_output", False) and args.vocab_parallel_embedding and all(k in state for k in tied) \
-            and torch.equal(state[tied[0]], state[tied[1]]):
-        state["output.weight"] = state["tok_embeddings.weight"]  # one copy of the tied matrix, not two
     missing, _ = model.load_state_dict(state, assign=True, strict=False)
     assert all(".qweight." in k for k in missing), missing  # quantized weights were set in place above
     model.setup_caches(max_batch_size, max_seq_len, dtype, ctx.device)
