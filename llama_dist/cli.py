@@ -40,16 +40,13 @@ def chat(prompt: str | list[str] | None = None, model: str = "smollm2", system: 
          compile: bool = False) -> None:
     """Without --prompt: an interactive chat (--raw: Meta's "Enter prompt:" completion loop).
     With --prompt: answer each as a one-turn chat, in the model's own chat format, and exit.
-    --temperature defaults to 0.7 interactively and 0 (greedy) for --prompt. --compile: as for generate,
-    with --prompt only (the interactive chat runs on the serving engine, whose steps are not compiled)."""
-    if prompt is None and compile:
-        raise ValueError("--compile applies to --prompt answers; the interactive chat runs on the serving engine, "
-                         "whose batched steps are not compiled. Drop --compile, or pass --prompt.")
+    --temperature defaults to 0.7 interactively and 0 (greedy) for --prompt. --compile: as for generate."""
     if prompt is None:
         from .serving.interactive import interactive
 
         return interactive(model, system, raw, tokenizer, max_gen_len, max_seq_len,
-                           0.7 if temperature is None else temperature, top_p, backend, dtype, quantize, pp, pp_split)
+                           0.7 if temperature is None else temperature, top_p, backend, dtype, quantize, pp, pp_split,
+                           compile)
     prompts = _prompts(prompt)
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=len(prompts), backend=backend,
                         dtype=dtype, seed=seed, quantize=quantize, pp=pp, pp_split=pp_split, compile=compile)
@@ -115,11 +112,14 @@ def info(model: str = "smollm2") -> None:
 
 def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, ctx: int = 2048,
           max_queue: int = 64, api_key: str | None = None, backend: str = "auto", dtype: str | None = None,
-          quantize: str = "auto", tokenizer: str | None = None, pp: int = 1, pp_split: str | None = None) -> None:
-    """HTTP server: llama.cpp's /completion and OpenAI's /v1 API, continuous batching across ranks."""
+          quantize: str = "auto", tokenizer: str | None = None, pp: int = 1, pp_split: str | None = None,
+          compile: bool = False) -> None:
+    """HTTP server: llama.cpp's /completion and OpenAI's /v1 API, continuous batching across ranks.
+    --compile: compiled decode steps (a graph per power-of-two batch size and cache window, built on first use)."""
     from .serving.server import serve as run
 
-    run(model, host, port, max_batch, ctx, max_queue, api_key, backend, dtype, quantize, tokenizer, pp, pp_split)
+    run(model, host, port, max_batch, ctx, max_queue, api_key, backend, dtype, quantize, tokenizer, pp, pp_split,
+        compile)
 
 
 def main() -> None:

@@ -1,9 +1,14 @@
 """The compiled decode step (the GPU fast path, here on CPU inductor) generates what eager generation does."""
+import queue
+import threading
+
 import torch
 
 from llama_dist import Llama
 from llama_dist.generation import llama as generation
-from llama_dist.generation.llama import attention_window
+from llama_dist.generation.llama import attention_window, batch_bucket
+from llama_dist.generation.sampling import SamplingParams
+from llama_dist.serving.engine import Engine, Request
 from llama_dist.model.args import ModelArgs
 
 from .helpers import TINY_GQA, random_state_dict, write_meta_checkpoint
@@ -44,3 +49,45 @@ def test_two_compiled_models_in_one_process_keep_their_own_graphs(tiny_checkpoin
     got = second.decode(tokens, 3)
     assert got.shape[-1] == other_args.vocab_size
     assert (got - second_eager.model(tokens, 3)).abs().max() < 1e-5
+
+
+def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int]) -> list[list[int]]:
+    """Greedy answers of the serving engine to prompts submitted together (continuous batching)."""
+    engine = Engine(llama, max_batch=llama.model.max_batch_size)
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    answers, finished = [[] for _ in prompts], queue.Queue()
+
+    def listen(i: int):
+        def on_event(event: dict) -> None:
+            if event["type"] == "token":
+                answers[i].append(event["token"])
+            else:  # "done" or "error"
+                finished.put(event)
+        return on_event
+
+    for i, (ids, n) in enumerate(zip(prompts, lengths)):
+        engine.submit(Request(ids, SamplingParams(temperature=0.0), n, on_event=listen(i)))
+    events = [finished.get(timeout=600) for _ in prompts]
+    assert all(e["type"] == "done" for e in events), events
+    engine.stopping.set()
+    loop.join(timeout=60)
+    return answers
+
+
+def test_compiled_server_steps_equal_eager(tiny_checkpoints, sp_tokenizer, monkeypatch):
+    """The engine's compiled decode steps (batches padded to 1, 2, 4 or 8 rows by repeating the last row,
+    cache windows 8 -> 16 -> 32) answer as its eager steps do, for requests that join and leave."""
+    monkeypatch.setattr(generation, "MIN_ATTENTION_WINDOW", 8)
+    prompts = [[5, 9, 13], [7], [3, 3, 8, 21, 4], [11, 2], [6, 30, 12]]
+    lengths = [12, 5, 20, 3, 9]  # rows leave at different steps: batches of 5, 4, 3 ... rows
+    eager = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=8)
+    compiled = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=8, compile=True)
+    expected = _engine_answers(eager, prompts, lengths)
+    assert sum(len(a) for a in expected) >= 30  # (a random model stops some rows early, at its end token)
+    assert _engine_answers(compiled, prompts, lengths) == expected
+
+
+def test_batch_buckets_are_powers_of_two_within_the_cache():
+    assert [batch_bucket(n, 8) for n in (1, 2, 3, 5, 8)] == [1, 2, 4, 8, 8]
+    assert batch_bucket(5, 6) == 6

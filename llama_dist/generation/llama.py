@@ -40,21 +40,38 @@ def attention_window(pos: int, max_seq_len: int) -> int:
     return min(window, max_seq_len)
 
 
-def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """(tokens [B, 1], position) -> logits [B, 1, vocab]. Compiled, it takes the position as a tensor
-    and attends over a fixed window of the cache with a mask (fixed shapes: one CUDA graph per
-    window size); eager, it attends over the filled part only."""
+def batch_bucket(rows: int, max_batch_size: int) -> int:
+    """The batch size a compiled step runs `rows` rows at: a power of two (at most max_batch_size),
+    so a server's changing batch needs a few graphs, not one per size."""
+    return min(1 << (rows - 1).bit_length(), max_batch_size)
+
+
+DecodeStep = Callable[..., torch.Tensor]
+
+
+def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
+    """decode(tokens [B, 1], pos, slots=None) -> logits [B, 1, vocab], one token per row.
+
+    pos: one position for every row (an int) or a list of per-row positions; slots: the cache rows
+    (None: rows 0..B-1), as the server's continuous batching needs. Compiled, the step has fixed
+    shapes (one CUDA graph each): it attends over a power-of-two window of the cache with a mask,
+    and a batch with slots is padded to a power-of-two size by repeating its last row (which
+    writes the same key and value to the same cache place again; its logits are dropped).
+    Eager, it attends over the filled part only."""
     if not compile or model.stage.pipelined:  # pipeline sends and receives stay eager
-        return lambda tokens, pos: model(tokens, pos)
+        return lambda tokens, pos, slots=None: model(
+            tokens, pos if isinstance(pos, int) else torch.tensor(pos, device=tokens.device), slots=slots)
     on_gpu = model.rope.device.type == "cuda"
     if on_gpu:
         model.comm.enable_fast_all_reduce(model.max_batch_size * model.args.dim, model.act_dtype,
                                           model.rope.device)
     windows = math.ceil(math.log2(max(model.max_seq_len / MIN_ATTENTION_WINDOW, 1))) + 1
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, windows + 2)
+    buckets = model.max_batch_size.bit_length() + 1
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, windows * buckets + 2)
 
-    def forward(tokens: torch.Tensor, positions: torch.Tensor, window: int) -> torch.Tensor:
-        return model(tokens, positions, length=window)
+    def forward(tokens: torch.Tensor, positions: torch.Tensor, window: int,
+                slots: torch.Tensor | None) -> torch.Tensor:
+        return model(tokens, positions, slots=slots, length=window)
 
     # Guards on the model's modules cost ~1.4 ms per call (30 layers' attributes, checked every token)
     # and the model never changes after loading, so they are skipped. Compiled graphs are cached per
@@ -65,8 +82,18 @@ def make_decode_step(model: Transformer, compile: bool) -> Callable[[torch.Tenso
                                   # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
                                   "coordinate_descent_tuning": on_gpu,
                                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-    return lambda tokens, pos: step(tokens, torch.full((tokens.shape[0],), pos, device=tokens.device),
-                                    attention_window(pos, model.max_seq_len))
+
+    def decode(tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
+        rows, device = tokens.shape[0], tokens.device
+        positions = torch.full((rows,), pos, device=device) if isinstance(pos, int) else torch.tensor(pos, device=device)
+        window = attention_window(pos if isinstance(pos, int) else max(pos), model.max_seq_len)
+        if slots is None:
+            return step(tokens, positions, window, None)
+        pad = batch_bucket(rows, model.max_batch_size) - rows
+        tokens, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (tokens, positions, slots))
+        return step(tokens, positions, window, slots)[:rows]
+
+    return decode
 
 
 class CompletionPrediction(TypedDict, total=False):

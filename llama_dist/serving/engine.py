@@ -161,8 +161,9 @@ class Engine:
                 r.prompt_ms, r.t_first = (time.perf_counter() - start) * 1e3, time.perf_counter()
                 self._safely(r, logits[0, -1])
         if plan["decode"]:
-            slots, tokens, positions = (torch.tensor(col, device=device) for col in zip(*plan["decode"]))
-            logits = self.model(tokens[:, None], positions, slots=slots)
+            slots, tokens, positions = zip(*plan["decode"])
+            logits = self.llama.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
+                                       torch.tensor(slots, device=device))
             if driver:
                 for i, (slot, _, _) in enumerate(plan["decode"]):
                     if slot in self.running:

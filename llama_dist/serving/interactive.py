@@ -105,9 +105,9 @@ def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, ma
 def interactive(model: str, system: str | None = None, raw: bool = False, tokenizer: str | None = None,
                 max_gen_len: int = 512, max_seq_len: int = 2048, temperature: float = 0.7, top_p: float = 0.95,
                 backend: str = "auto", dtype: str | None = None, quantize: str = "auto", pp: int = 1,
-                pp_split: str | None = None) -> None:
+                pp_split: str | None = None, compile: bool = False) -> None:
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=1, backend=backend, dtype=dtype,
-                        quantize=quantize, pp=pp, pp_split=pp_split)
+                        quantize=quantize, pp=pp, pp_split=pp_split, compile=compile)
     if llama.is_driver:
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, min_p=0.0)
         repl(llama, system, raw, params, min(max_gen_len, max_seq_len // 2))

@@ -36,15 +36,18 @@ def start_http(state: State, host: str, port: int):
 
 def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, ctx: int = 2048,
           max_queue: int = 64, api_key: str | None = None, backend: str = "auto", dtype: str | None = None,
-          quantize: str = "auto", tokenizer: str | None = None, pp: int = 1, pp_split: str | None = None) -> None:
+          quantize: str = "auto", tokenizer: str | None = None, pp: int = 1, pp_split: str | None = None,
+          compile: bool = False) -> None:
     """Serve MODEL over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
-    (every pipeline stage follows the driver's step plan like a tensor-parallel rank does)."""
+    (every pipeline stage follows the driver's step plan like a tensor-parallel rank does).
+    compile: decode steps compiled, one graph per power-of-two batch size and cache window, each
+    compiled the first time it is needed."""
     pctx = init_distributed(backend, pp=pp)
     state, http = State(model_name(model), api_key), None
     if pctx.is_driver:  # answer /health with 503 while the model loads
         http, thread = start_http(state, host, port)
     llama = Llama.build(model, tokenizer, max_seq_len=ctx, max_batch_size=max_batch, dtype=dtype, ctx=pctx,
-                        quantize=quantize, pp_split=pp_split)
+                        quantize=quantize, pp_split=pp_split, compile=compile)
     engine = Engine(llama, max_batch, max_queue)
 
     def stop(signum, frame):  # SIGTERM/SIGINT: cancel in-flight work, then every rank leaves the loop
