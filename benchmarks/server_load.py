@@ -4,7 +4,8 @@
     python benchmarks/server_load.py [--requests 16] [--tokens 32]
 
 For concurrency 1, 4 and 16: requests/s, generated tokens/s, p50/p99 request latency. Each engine gets
-the same prompts (greedy, fixed n_predict) through the same OpenAI-style /v1/completions endpoint.
+the same prompts (greedy, fixed n_predict) through the same OpenAI-style /v1/completions endpoint; ours runs
+eager and with --compile (a warm-up at each concurrency compiles its batch sizes before timing).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def start(engine: str, port: int, threads: int, slots: int) -> subprocess.Popen:
                str(threads), "--n_ctx", "2048", "--model_alias", "smollm2"]
     else:
         cmd = [sys.executable, "-m", "llama_dist.cli", "serve", "--model", "smollm2", "--port", str(port),
-               "--max_batch", str(slots), "--ctx", "512"]
+               "--max_batch", str(slots), "--ctx", "512", "--compile", str(engine.endswith("--compile"))]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     ready = "/v1/models" if engine == "llama.cpp" else "/health"  # ours answers /v1/models while loading
@@ -61,7 +62,8 @@ def one(port: int, prompt: str, tokens: int) -> tuple[float, int]:
 
 
 def load(port: int, concurrency: int, requests: int, tokens: int) -> dict:
-    one(port, PROMPTS[0], 4)  # warm-up
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:  # warm-up (compiles the batch sizes used)
+        list(pool.map(lambda i: one(port, PROMPTS[i % len(PROMPTS)], 4), range(concurrency)))
     start = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda i: one(port, PROMPTS[i % len(PROMPTS)], tokens), range(requests)))
@@ -78,7 +80,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     rows = []
-    for engine in ("llama.cpp", "llama-dist"):
+    for engine in ("llama.cpp", "llama-dist", "llama-dist --compile"):
         port = free_port()
         proc = start(engine, port, a.threads, 16)
         try:

@@ -77,7 +77,9 @@ def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
     # and the model never changes after loading, so they are skipped. Compiled graphs are cached per
     # code object: a code object of this model's own keeps another model from matching its graphs.
     forward.__code__ = forward.__code__.replace()
-    step = torch.compile(forward, fullgraph=on_gpu, dynamic=False,
+    # GPUs: static shapes, a CUDA graph per batch bucket and window. CPUs: a graph takes a minute to
+    # compile there, so a shape that changes (batch size, window) is recompiled once as dynamic instead.
+    step = torch.compile(forward, fullgraph=on_gpu, dynamic=False if on_gpu else None,
                          options={"triton.cudagraphs": on_gpu,  # what mode="reduce-overhead" sets
                                   # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
                                   "coordinate_descent_tuning": on_gpu,
