@@ -5,8 +5,9 @@
 
 Each repetition runs each engine in a fresh process (alternating), with a 100-token prompt and 128
 greedy tokens; the table shows medians. llama-dist runs eager and with --compile (the decode
-step compiled by inductor; its compile time is printed apart, and decode is timed after it). --tp 3 adds llama-dist tensor-parallel over Gloo, one thread per
-rank (SmolLM2's 9 heads allow TP=1, 3 and 9 only, so TP=2 cannot split it).
+step compiled by inductor; its compile time is printed apart, and decode is timed after it).
+--tp 3 adds llama-dist tensor-parallel over Gloo, one thread per rank (SmolLM2's 9 heads allow
+TP=1, 3 and 9 only, so TP=2 cannot split it).
 """
 from __future__ import annotations
 
@@ -134,7 +135,8 @@ def main() -> None:
           "after the first repetition)")
     for label, ours in (("eager", med["llama-dist"]), ("--compile", med["llama-dist --compile"])):
         print(f"ours ({label})/llama.cpp: load {ours['load_s'] / ref['load_s']:.1f}x time, prompt "
-              f"{ours['prompt_tok_s'] / ref['prompt_tok_s']:.2f}x, decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
+              f"{ours['prompt_tok_s'] / ref['prompt_tok_s']:.2f}x, "
+              f"decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "
               f"RSS {ours['peak_rss_mib'] / ref['peak_rss_mib']:.2f}x")
 
 

@@ -60,7 +60,8 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12) -> None:
             kernels[event.name][0] += event.time_range.elapsed_us() / steps
             kernels[event.name][1] += 1 / steps
     gpu_ms = sum(us for us, _ in kernels.values()) / 1e3
-    result = {"config": config, "tp": ctx.tp_size, "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+    device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    result = {"config": config, "tp": ctx.tp_size, "device": device,
               "wall_ms_per_token": wall * 1e3, "host_issue_ms_per_token": issue / steps * 1e3,
               "gpu_kernel_ms_per_token": gpu_ms, "kernels_per_token": sum(n for _, n in kernels.values()),
               "top_kernels": [{"name": name[:90], "us_per_token": round(us, 1), "calls_per_token": round(n, 1)}

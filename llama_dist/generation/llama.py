@@ -53,11 +53,11 @@ def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
     """decode(tokens [B, 1], pos, slots=None) -> logits [B, 1, vocab], one token per row.
 
     pos: one position for every row (an int) or a list of per-row positions; slots: the cache rows
-    (None: rows 0..B-1), as the server's continuous batching needs. Compiled, the step has fixed
-    shapes (one CUDA graph each): it attends over a power-of-two window of the cache with a mask,
-    and a batch with slots is padded to a power-of-two size by repeating its last row (which
-    writes the same key and value to the same cache place again; its logits are dropped).
-    Eager, it attends over the filled part only."""
+    (None: rows 0..B-1), as the server's continuous batching needs. Compiled, it attends over a
+    power-of-two window of the cache with a mask, and a batch with slots is padded to a power-of-two
+    size by repeating its last row (which writes the same key and value to the same cache place
+    again; its logits are dropped), so few shapes occur: on GPUs a CUDA graph each. Eager, it
+    attends over the filled part only."""
     if not compile or model.stage.pipelined:  # pipeline sends and receives stay eager
         return lambda tokens, pos, slots=None: model(
             tokens, pos if isinstance(pos, int) else torch.tensor(pos, device=tokens.device), slots=slots)
@@ -87,12 +87,16 @@ def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
 
     def decode(tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
         rows, device = tokens.shape[0], tokens.device
-        positions = torch.full((rows,), pos, device=device) if isinstance(pos, int) else torch.tensor(pos, device=device)
-        window = attention_window(pos if isinstance(pos, int) else max(pos), model.max_seq_len)
+        if isinstance(pos, int):
+            positions, last = torch.full((rows,), pos, device=device), pos
+        else:
+            positions, last = torch.tensor(pos, device=device), max(pos)
+        window = attention_window(last, model.max_seq_len)
         if slots is None:
             return step(tokens, positions, window, None)
         pad = batch_bucket(rows, model.max_batch_size) - rows
-        tokens, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (tokens, positions, slots))
+        tokens, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+                                    for t in (tokens, positions, slots))
         return step(tokens, positions, window, slots)[:rows]
 
     return decode
