@@ -115,7 +115,8 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
           quantize: str = "auto", tokenizer: str | None = None, pp: int = 1, pp_split: str | None = None,
           compile: bool = False) -> None:
     """HTTP server: llama.cpp's /completion and OpenAI's /v1 API, continuous batching across ranks.
-    --compile: compiled decode steps (a graph per power-of-two batch size and cache window, built on first use)."""
+    --compile: compiled decode steps, built on first use (GPUs: a CUDA graph per power-of-two batch size and
+    cache window)."""
     from .serving.server import serve as run
 
     run(model, host, port, max_batch, ctx, max_queue, api_key, backend, dtype, quantize, tokenizer, pp, pp_split,

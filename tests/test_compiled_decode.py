@@ -8,11 +8,10 @@ from llama_dist import Llama
 from llama_dist.generation import llama as generation
 from llama_dist.generation.llama import attention_window, batch_bucket
 from llama_dist.generation.sampling import SamplingParams
-from llama_dist.serving.engine import Engine, Request
 from llama_dist.model.args import ModelArgs
+from llama_dist.serving.engine import Engine, Request
 
 from .helpers import TINY_GQA, random_state_dict, write_meta_checkpoint
-
 from .workers.tp_worker import PROMPTS
 
 

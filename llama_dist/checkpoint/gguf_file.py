@@ -52,9 +52,7 @@ class _Cursor:
         return value
 
     def string(self) -> str:
-        n = self.scalar("<Q")
-        self.pos += n
-        return bytes(self.buf[self.pos - n:self.pos]).decode("utf-8", errors="replace")
+        return self.strings(1)[0]
 
     def strings(self, count: int) -> list[str]:
         """A string array in one tight loop: a tokenizer's vocabulary and merges hold ~100k entries."""

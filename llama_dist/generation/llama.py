@@ -97,8 +97,9 @@ def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
         if slots is None:
             return step(tokens, positions, window, None)
         pad = batch_bucket(rows, model.max_batch_size) - rows
-        tokens, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
-                                    for t in (tokens, positions, slots))
+        if pad:
+            tokens, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
+                                        for t in (tokens, positions, slots))
         return step(tokens, positions, window, slots)[:rows]
 
     return decode

@@ -40,8 +40,8 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
           compile: bool = False) -> None:
     """Serve MODEL over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
     (every pipeline stage follows the driver's step plan like a tensor-parallel rank does).
-    compile: decode steps compiled, one graph per power-of-two batch size and cache window, each
-    compiled the first time it is needed."""
+    compile: decode steps compiled, each shape the first time it is needed (on GPUs a CUDA graph per
+    power-of-two batch size and cache window; on CPUs a changed shape is recompiled once as dynamic)."""
     pctx = init_distributed(backend, pp=pp)
     state, http = State(model_name(model), api_key), None
     if pctx.is_driver:  # answer /health with 503 while the model loads
