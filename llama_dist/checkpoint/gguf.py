@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..model.args import ModelArgs
-from .ggml_quants import BLOCK_TYPES, INT4_GROUPS, dequantize_rows, int4_groups_rows
+from .ggml_quants import BLOCK_TYPES, INT4_GROUPS, dequantize_rows, int4_groups_rows, int8_groups_rows
 from .gguf_file import GGUFFile
 from .shard import ShardLayout
 from .source import CheckpointError, QuantizedShard, count_types
@@ -128,11 +128,14 @@ class GGUFCheckpoint:
         return rest.take(values.reshape(t.shape) if len(t.shape) == 1 else values)
 
     def read_quantized(self, name: str, layout: ShardLayout) -> QuantizedShard | None:
-        """Q4_0/Q4_1/Q4_K blocks are int4 groups of 32 exactly; other types (8-bit and wider) load dense."""
+        """Q4_0/Q4_1/Q4_K blocks are int4 groups of 32 exactly, Q8_0 int8 groups of 32 (the loader keeps
+        those where a kernel reads them); other types load dense."""
         t = self.tensors[name]
-        if t.type_name not in INT4_GROUPS or len(t.shape) != 2:
+        if (t.type_name not in INT4_GROUPS and t.type_name != "Q8_0") or len(t.shape) != 2:
             return None
         raw, rest = self._raw_slice(name, layout)
         if rest.dim is not None and rest.parts > 1:  # a slice through the middle of blocks
             return None
+        if t.type_name == "Q8_0":
+            return QuantizedShard("q8_0", *int8_groups_rows(raw), group_size=32)
         return QuantizedShard("int4", *int4_groups_rows(raw, t.type_name), group_size=32)

@@ -11,6 +11,7 @@ from ..model.transformer import Transformer
 from ..models import resolve_model
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
 from ..parallel.pipeline import pipeline_stage
+from ..quant import cpu_kernels
 from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
 from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_gguf
 from .ggml_quants import INT4_GROUPS
@@ -60,12 +61,14 @@ def open_tokenizer(source: CheckpointSource, tokenizer_path: str | Path | None =
 
 
 def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
-    """bf16 on GPUs that have it; on CPU fp32, or bf16 with quantized weights (whose kernels run in bf16)."""
+    """bf16 on GPUs that have it. On CPU fp32 (our block kernels quantize fp32 activations themselves, and
+    fp32 element-wise code is faster than bf16 there); bf16 only for quantized weights that fall back to
+    PyTorch's packed kernels, which run in bf16."""
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.bfloat16 if quantized else torch.float32
+    return torch.bfloat16 if quantized and not cpu_kernels.available() else torch.float32
 
 
 def quant_act_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -110,7 +113,10 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
     tied = getattr(source, "tied_output", False) and args.vocab_parallel_embedding
     names = [n for n, _ in model.named_parameters()]
     for name in tqdm(names, desc="loading", unit="tensor", disable=not (progress and ctx.is_driver)):
-        owner = owners.get(name)
+        owner, embedding = owners.get(name), owners.get("tok_embeddings.weight")
+        if name == "output.weight" and tied and embedding is not None and embedding.qweight is not None:
+            owner.set_quantized(embedding.qweight)  # one copy of the tied blocks
+            continue
         if owner is not None and quantize != "none":
             qweight = _quantized_shard(source, name, owner, quantize, group_size,
                                        quant_act_dtype(ctx.device, dtype), ctx)
@@ -136,9 +142,10 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
                      act_dtype: torch.dtype, ctx: ParallelContext) -> QuantizedWeight | None:
     """This rank's slice of a linear or embedding weight, quantized; None keeps it dense.
 
-    "auto" keeps what the checkpoint stores quantized (GGUF Q4 blocks, our quantized checkpoints);
+    "auto" keeps what the checkpoint stores quantized (GGUF Q4 blocks, Q8_0 blocks on CPUs, our quantized
+    checkpoints);
     "int8"/"int4" quantize the (dequantized) weights after sharding. Embeddings are looked up by row, so they
-    are only ever int8 (one scale per row).
+    are only ever int8 (one scale per row, or GGUF Q8_0 blocks).
     """
     args, world, rank = source.args, ctx.tp_size, ctx.tp_rank
     is_embedding = isinstance(owner, (ParallelEmbedding, VocabParallelEmbedding))
@@ -146,7 +153,10 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
     reader = getattr(source, "read_quantized", None) if quantize == "auto" else None
     stored = [reader(p, param_layout(p, args, world, rank)) for p in parts] if reader else [None]
     if all(s is not None for s in stored) and len({s.kind for s in stored}) == 1:
-        if not is_embedding or stored[0].kind == "int8":
+        kind = stored[0].kind
+        # Q8_0 blocks stay quantized where the CPU block kernel reads them; elsewhere they load dense
+        readable = kind != "q8_0" or (ctx.device.type == "cpu" and cpu_kernels.available())
+        if readable and (not is_embedding or kind in ("int8", "q8_0")):
             return quantized_from_shards(stored, act_dtype, ctx.device)
     if quantize not in QUANT_TYPES:
         return None

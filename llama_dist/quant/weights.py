@@ -4,14 +4,20 @@ int8: symmetric, one scale per output channel. int4: asymmetric, a scale and a z
 of `group_size` inputs, value = (q - 8) * scale + zero, q in 0..15, which is exactly the form of
 GGUF's Q4_0, Q4_1 and Q4_K blocks, so those load without requantization.
 
-Kernels: PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm` on CPU,
-`_weight_int4pack_mm[_for_cpu]` on CPU and CUDA); int8 on GPUs dequantizes inside the matmul,
-which the compiled decode step fuses; elsewhere the matrix is dequantized on the fly. Quantization happens after sharding, on each rank's own slice.
+Kernels: on CPUs, int4 groups of 32 become GGUF Q4_1 blocks for our C++ block matmul
+with 8-bit activations (cpu_kernels.cpp), as GGUF's Q8_0 tensors stay Q8_0 blocks; without that
+kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
+`_weight_int4pack_mm_for_cpu`). On CUDA `_weight_int4pack_mm`, and int8 dequantizes inside the matmul,
+which the compiled decode step fuses; elsewhere the matrix is dequantized on the fly. Quantization
+happens after sharding, on each rank's own slice.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import cpu_kernels
+from .cpu_kernels import BLOCK, Q8_0_BYTES
 
 QUANT_TYPES = ("int8", "int4")
 
@@ -60,6 +66,11 @@ class Int4Weight(QuantizedWeight):
         self.out_features, self.in_features = q.shape
         self.group_size, self.act_dtype = group_size, act_dtype
         self.device_type = q.device.type
+        # Q4_1 blocks hold a scale per 32 weights: coarser groups keep their smaller packed form
+        self.uses_blocks = self.device_type == "cpu" and group_size == BLOCK and cpu_kernels.available()
+        if self.uses_blocks:
+            self.register_buffer("blocks", q4_1_blocks(q, scales, zeros))
+            return
         q = q.to(torch.int32)
         if self.device_type == "cpu":
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
@@ -83,6 +94,9 @@ class Int4Weight(QuantizedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
+        if self.uses_blocks:
+            y = torch.ops.llama_dist.q4_1_matmul(x.reshape(-1, shape[-1]), self.blocks)
+            return y.reshape(*shape[:-1], -1).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
         if self.device_type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
@@ -91,6 +105,47 @@ class Int4Weight(QuantizedWeight):
         else:
             y = x2 @ self._dense().to(x2.dtype).t()
         return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+class Q8BlockWeight(QuantizedWeight):
+    """GGUF Q8_0 kept as stored: int8 with one fp16 scale per block of 32 inputs. CPU block kernel only."""
+
+    def __init__(self, q: torch.Tensor, scales: torch.Tensor):
+        """q int8 [out, in]; scales [out, in / 32]."""
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.register_buffer("blocks", q8_0_blocks(q, scales))
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows of the dequantized matrix: a Q8_0 embedding table looked up without expanding it."""
+        b = self.blocks[ids].unflatten(-1, (-1, Q8_0_BYTES))
+        scales = b[..., :2].contiguous().view(torch.float16).float()
+        return (b[..., 2:].contiguous().view(torch.int8).float() * scales).flatten(-2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        y = torch.ops.llama_dist.q8_0_matmul(x.reshape(-1, shape[-1]), self.blocks)
+        return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+
+def q4_1_blocks(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """int4 groups of 32 -> GGUF Q4_1 blocks [out, in / 32 * 20]: fp16 d = scale, fp16 m = zero - 8 * scale,
+    then 16 bytes whose low nibbles are a block's first 16 values and high nibbles its last 16."""
+    out_f, in_f = q.shape
+    d = scales.float()
+    m = zeros.float() - 8 * d
+    head = torch.stack([d, m], dim=-1).to(torch.float16).view(torch.uint8)  # [out, blocks, 4]
+    qb = q.to(torch.uint8).reshape(out_f, in_f // BLOCK, BLOCK)
+    nibbles = qb[..., :BLOCK // 2] | (qb[..., BLOCK // 2:] << 4)
+    return torch.cat([head, nibbles], dim=-1).reshape(out_f, -1).contiguous()
+
+
+def q8_0_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] with a scale per 32 inputs -> GGUF Q8_0 blocks [out, in / 32 * 34]."""
+    out_f, in_f = q.shape
+    head = scales.to(torch.float16).reshape(out_f, -1, 1).view(torch.uint8)  # [out, blocks, 2]
+    body = q.to(torch.int8).reshape(out_f, -1, BLOCK).view(torch.uint8)
+    return torch.cat([head, body], dim=-1).reshape(out_f, -1).contiguous()
 
 
 def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +188,8 @@ def quantized_from_shards(shards: list, act_dtype: torch.dtype, device) -> Quant
     kind = shards[0].kind
     q = torch.cat([s.q for s in shards]).to(device)
     scales = torch.cat([s.scales for s in shards]).to(device)
+    if kind == "q8_0":
+        return Q8BlockWeight(q, scales)
     if kind == "int8":
         return Int8Weight(q, scales, act_dtype)
     zeros = torch.cat([s.zeros for s in shards]).to(device)

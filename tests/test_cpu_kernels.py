@@ -1,0 +1,81 @@
+"""The C++ CPU block matmuls (Q4_1 and Q8_0 weights, 8-bit activations) against exact reference math."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llama_dist.quant import cpu_kernels
+from llama_dist.quant.weights import Int4Weight, Q8BlockWeight, int4_dequantize, int4_quantize
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the CPU kernels")
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's activation blocks, step by step in float32: d = amax / 127, q = round-half-even(x * (1/d))."""
+    b = x.float().reshape(x.shape[0], -1, 32)
+    d = b.abs().amax(dim=-1) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return torch.round(b * inv[..., None]), d
+
+
+def reference(x: torch.Tensor, w_blocks: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """sum over blocks of d_w * d_x * (q_w . q_x) + m_w * d_x * sum(q_x), in float64."""
+    qx, dx = (t.double() for t in quantize_activations(x))
+    dots = torch.einsum("mbk,nbk->mnb", qx, w_blocks.double())
+    sums = qx.sum(-1)  # [M, blocks]
+    return (dots * dx[:, None] * scales.double()[None] + sums[:, None] * dx[:, None] * mins.double()[None]).sum(-1)
+
+
+def layers(k: int = 96, n: int = 40):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, k, generator=g)
+    q, scales, zeros = int4_quantize(w, 32)
+    q4 = Int4Weight(q, scales, zeros, 32, torch.bfloat16)
+    d4, m4 = scales.half().float(), (zeros - 8 * scales).half().float()  # as the blocks store them
+    q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    s8 = torch.rand(n, k // 32, generator=g) * 0.01
+    q8w = Q8BlockWeight(q8, s8)
+    return {"q4_1": (q4, q.float().reshape(n, -1, 32), d4, m4, int4_dequantize(q, scales, zeros)),
+            "q8_0": (q8w, q8.float().reshape(n, -1, 32), s8.half().float(), torch.zeros_like(s8),
+                     q8.float() * s8.half().float().repeat_interleave(32, dim=1))}
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [1, 4, 7])  # one row, the 4-row tile, a tile plus a remainder
+def test_block_matmul_equals_its_integer_math(kind, rows):
+    """3 blocks per row (an odd count: the unrolled loop's remainder); float32 accumulation only."""
+    layer, qw, scales, mins, dense = layers()[kind]
+    assert layer.uses_blocks if kind == "q4_1" else True
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+    got = layer(x)
+    expected = reference(x, qw, scales, mins)
+    assert got.dtype == x.dtype and got.shape == (rows, 40)
+    assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
+    # and 8-bit activations stay close to the dequantized fp32 product
+    assert (got - x @ dense.t()).abs().max() / (x @ dense.t()).abs().max() < 2e-2
+
+
+def test_rows_of_a_q8_0_embedding_are_its_dequantized_rows():
+    layer, _, _, _, dense = layers()["q8_0"]
+    ids = torch.tensor([[3, 0, 39]])
+    assert torch.equal(layer.rows(ids), dense[ids])
+
+
+def test_portable_build_equals_the_avx2_build(tmp_path):
+    """The scalar C++ path (CPUs without AVX2, e.g. ARM Macs) is built and run in a child process."""
+    script = (
+        "import json, sys, torch\n"
+        "from tests.test_cpu_kernels import layers\n"
+        "x = torch.randn(5, 96, generator=torch.Generator().manual_seed(5))\n"
+        "json.dump({k: v[0](x).tolist() for k, v in layers().items()}, open(sys.argv[1], 'w'))\n")
+    out = tmp_path / "scalar.json"
+    subprocess.run([sys.executable, "-c", script, str(out)], check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                   env={**os.environ, "LLAMA_DIST_CPU_KERNELS": "scalar"}, timeout=600)
+    scalar = json.loads(out.read_text())
+    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(5))
+    for kind, (layer, *_) in layers().items():
+        here = layer(x)
+        assert (torch.tensor(scalar[kind]) - here).abs().max() / here.abs().max() < 1e-5, kind
