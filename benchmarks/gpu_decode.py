@@ -11,6 +11,7 @@ import fire
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist.bench import bench  # noqa: E402
 
+
 def main(**kwargs) -> None:
     bench(**kwargs)  # prints its JSON on rank 0 (fire would print the returned dict on every rank)
 

@@ -64,8 +64,9 @@ def test_stop_mid_answer_then_new_chat(page, server):
     wait_idle(page)
     assert "stopped" in page.locator(".msg.assistant .stats").last.inner_text()
     page.screenshot(path=str(ARTIFACTS / "chat-stopped.png"))
-    import httpx  # the server freed the slot of the aborted request
     import time
+
+    import httpx  # the server freed the slot of the aborted request
     deadline = time.monotonic() + 20
     while httpx.get(server.url + "/health").json()["slots_processing"]:
         assert time.monotonic() < deadline

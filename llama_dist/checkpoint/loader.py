@@ -21,7 +21,6 @@ from .meta import MetaCheckpoint
 from .shard import canonical_parts, param_layout, read_shard
 from .source import CheckpointError, CheckpointSource
 
-
 FORMATS_HELP = ("a Meta folder (params.json + consolidated.*.pth), a Hugging Face folder "
                 "(config.json + *.safetensors) or a .gguf file")
 

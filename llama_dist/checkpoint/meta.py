@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from ..model.args import ModelArgs
-from .shard import ShardLayout, full_shape, param_layout, param_names, take_from_pieces
 from .quantized import QuantizedReader
+from .shard import ShardLayout, full_shape, param_layout, param_names, take_from_pieces
 from .source import CheckpointError, CheckpointSource, QuantizedShard, count_types
 
 

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
-
 _ONE_SHOT_BUFFERS: dict[str, torch.Tensor] = {}  # group name -> its symmetric-memory staging buffer
 
 

@@ -5,12 +5,18 @@ import sys
 import torch
 
 from llama_dist import init_distributed
-from llama_dist.parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
+from llama_dist.parallel.layers import (
+    ColumnParallelLinear,
+    ParallelEmbedding,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+)
 
 
 def main(out: str) -> None:
     ctx = init_distributed("gloo")
-    from fairscale.nn.model_parallel import initialize_model_parallel, layers as fs
+    from fairscale.nn.model_parallel import initialize_model_parallel
+    from fairscale.nn.model_parallel import layers as fs
 
     initialize_model_parallel(ctx.world_size)
     torch.manual_seed(0)  # every rank draws the same full weights and inputs
