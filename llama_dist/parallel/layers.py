@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.comm import Communicator
+from ..quant import gpu_gemv
 from ..quant.weights import QuantizedWeight
 
 
@@ -33,7 +34,9 @@ class ShardedWeight(nn.Module):
         self.qweight = qweight
 
     def local_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return self.qweight(x) if self.qweight is not None else F.linear(x, self.weight)
+        if self.qweight is not None:
+            return self.qweight(x)
+        return gpu_gemv.gemv(x, self.weight) if gpu_gemv.enabled(x) else F.linear(x, self.weight)
 
     def local_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight.rows(ids) if self.qweight is not None else F.embedding(ids, self.weight)

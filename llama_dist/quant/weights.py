@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import cpu_kernels
+from . import cpu_kernels, gpu_gemv
 from .cpu_kernels import BLOCK, Q8_0_BYTES
 
 QUANT_TYPES = ("int8", "int4")
@@ -53,7 +53,9 @@ class Int8Weight(QuantizedWeight):
             shape = x.shape
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.q, self.scales)
             return y.reshape(*shape[:-1], -1).to(x.dtype)
-        # On GPUs the compiled decode step fuses this dequantization into the matmul (PyTorch's packed
+        if gpu_gemv.enabled(x):  # one row on CUDA: our Triton kernel dequantizes as it streams the rows
+            return gpu_gemv.gemv(x, self.q, self.scales)
+        # Otherwise the compiled decode step fuses this dequantization into the matmul (PyTorch's packed
         # int8 CUDA kernel measured 10x slower than bf16 at batch 1 on an H100).
         return torch.nn.functional.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)
 

@@ -1,0 +1,74 @@
+"""One decoded token's matrix-vector products on CUDA, in Triton: y = x W^T for a single row x.
+
+Batch-1 decoding reads every weight once per token, so its speed is the read bandwidth these
+products reach. Inductor's reduction and cuBLAS reach 72-81% of it on H100/H200, and int8 weights
+dequantized inside an inductor matmul 53%. This kernel streams W in [BLOCK_N, BLOCK_K] tiles with
+pipelined loads, dequantizing int8 rows (one scale per row) in registers, and sums in fp32. Tile
+sizes are autotuned per shape. Rows > 1 keep the other paths. (An int4 variant that unpacked nibbles
+and gathered group scales here reached only ~20% of the bandwidth on an H100, under PyTorch's
+`_weight_int4pack_mm` at ~55%, so int4 keeps that kernel.)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the dense and packed paths serve
+    triton = None
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """One row on a CUDA device with Triton present (LLAMA_DIST_GEMV=0 turns it off, for comparisons)."""
+    return (triton is not None and x.is_cuda and x.numel() == x.shape[-1]
+            and os.environ.get("LLAMA_DIST_GEMV", "1") != "0")
+
+
+if triton is not None:
+    _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+                for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8))
+                for s in (2, 4)]
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
+                     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W [N, K] dense, or int8 times one scale per row s[N] when SCALED."""
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            ok = row_ok[:, None] & (cols < K)[None, :]
+            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
+        if SCALED:
+            y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    # Triton's CPU interpreter (TRITON_INTERPRET=1, how CI checks this kernel) cannot time configs: one tile.
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        _gemv = _gemv_kernel
+        _FIXED = {"BLOCK_N": 8, "BLOCK_K": 64}
+    else:
+        _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED"])(_gemv_kernel)
+        _FIXED = {}
+
+    @torch.library.triton_op("llama_dist::gemv", mutates_args={})
+    def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, scaled: bool) -> torch.Tensor:
+        """x [1, in] -> [1, out]; w dense, or int8 with scales [out] when `scaled` (else scales is unused)."""
+        n, k = w.shape
+        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+        torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+            x, w, scales, y, n, k, SCALED=scaled, **_FIXED)
+        return y
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W."""
+    y = torch.ops.llama_dist.gemv(x.reshape(1, -1), w, w if scales is None else scales, scales is not None)
+    return y.reshape(*x.shape[:-1], -1)
