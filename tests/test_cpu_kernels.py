@@ -29,7 +29,7 @@ def reference(x: torch.Tensor, w_blocks: torch.Tensor, scales: torch.Tensor, min
     return (dots * dx[:, None] * scales.double()[None] + sums[:, None] * dx[:, None] * mins.double()[None]).sum(-1)
 
 
-def layers(k: int = 96, n: int = 40):
+def layers(k: int = 96, n: int = 37):  # 37 rows: the last Q4_1 row group is padded
     g = torch.Generator().manual_seed(0)
     w = torch.randn(n, k, generator=g)
     q, scales, zeros = int4_quantize(w, 32)
@@ -52,7 +52,7 @@ def test_block_matmul_equals_its_integer_math(kind, rows):
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
     got = layer(x)
     expected = reference(x, qw, scales, mins)
-    assert got.dtype == x.dtype and got.shape == (rows, 40)
+    assert got.dtype == x.dtype and got.shape == (rows, 37)
     assert ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-5
     # and 8-bit activations stay close to the dequantized fp32 product
     assert (got - x @ dense.t()).abs().max() / (x @ dense.t()).abs().max() < 2e-2
@@ -60,7 +60,7 @@ def test_block_matmul_equals_its_integer_math(kind, rows):
 
 def test_rows_of_a_q8_0_embedding_are_its_dequantized_rows():
     layer, _, _, _, dense = layers()["q8_0"]
-    ids = torch.tensor([[3, 0, 39]])
+    ids = torch.tensor([[3, 0, 36]])
     assert torch.equal(layer.rows(ids), dense[ids])
 
 

@@ -1,12 +1,14 @@
-// CPU matmuls on GGML blocks of 32 weights with 8-bit activations: llama.cpp's scheme.
+// CPU matmuls on GGML-style blocks of 32 weights with 8-bit activations: llama.cpp's scheme.
 //
 // PyTorch's CPU int4 kernel multiplies bf16 activations and is compute-bound (~6 GB/s of packed
 // weights on two cores). Quantizing each row of activations to int8 blocks once per call turns every
-// block's dot product into integer multiply-adds (AVX2 maddubs: 32 products per instruction), so a
-// decode step is bound by reading the weights again. The weights stay in the file's byte layout:
-//   Q4_1: {fp16 d, fp16 m, 16 bytes of nibbles}, value = d * q + m (low nibbles: elements 0-15)
-//   Q8_0: {fp16 d, 32 int8}, value = d * q
-// y[m, n] = sum over blocks b of row n: d_w * d_x * dot(q_w, q_x) (+ m_w * d_x * sum(q_x) for Q4_1).
+// block's dot product into integer multiply-adds (AVX2 maddubs: 32 products per instruction).
+//   Q8_0 rows, as GGUF stores them: {fp16 d, 32 int8}, value = d * q. One weight row at a time.
+//   Q4_1 row groups: 8 weight rows interleaved per block of 32 inputs, {fp16 d[8], fp16 m[8], 128 bytes},
+//     value = d * q + m. Byte 32c + 4j + t holds row j's input 4c + t (low nibble) and 16 + 4c + t (high
+//     nibble), so one maddubs multiplies 4 inputs of all 8 rows at once and the lanes of the sum are the
+//     8 rows' outputs: no horizontal sums, and one scale multiply per 8 rows.
+// y[m, n] = sum over blocks b: d_w * d_x * dot(q_w, q_x) (+ m_w * d_x * sum(q_x) for Q4_1).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -14,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -25,9 +28,9 @@ namespace {
 
 constexpr int64_t QK = 32;
 
-struct BlockQ4_1 {
-  uint16_t d, m;
-  uint8_t qs[QK / 2];
+struct GroupQ4_1 {  // 8 rows x 32 inputs
+  uint16_t d[8], m[8];
+  uint8_t qs[4 * QK];
 };
 struct BlockQ8_0 {
   uint16_t d;
@@ -37,7 +40,7 @@ struct BlockQ8A {  // one block of quantized activations; s = d * sum(qs)
   float d, s;
   int8_t qs[QK];
 };
-static_assert(sizeof(BlockQ4_1) == 20, "Q4_1 block is 20 bytes");
+static_assert(sizeof(GroupQ4_1) == 160, "a Q4_1 row group is 8 blocks of 20 bytes");
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block is 34 bytes");
 
 inline float half_to_float(uint16_t h) {
@@ -85,47 +88,54 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in pairs,
 }
 #endif
 
-// One weight row against R activation rows: the row's blocks are unpacked once for all R. Even and odd
-// blocks sum into separate accumulators: one chain of dependent fused multiply-adds would wait on
-// the previous one's latency at every block.
+// 8 interleaved weight rows against R activation rows; out[r] receives 8 outputs.
 template <int R>
-void dot_q4_1(const BlockQ4_1* w, const BlockQ8A* const* x, int64_t nb, float* out) {
-  float mins[2][R] = {};
+void dot_q4_1_group(const GroupQ4_1* w, const BlockQ8A* const* x, int64_t nb, float* const* out) {
 #ifdef LLAMA_DIST_AVX2
-  __m256 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  auto block = [&](int64_t b, __m256* acc_k, float* mins_k) __attribute__((always_inline)) {
-    const float d = half_to_float(w[b].d), m = half_to_float(w[b].m);
-    const __m256i q = unpack_nibbles(w[b].qs);
-    for (int r = 0; r < R; ++r) {
-      const BlockQ8A& a = x[r][b];
-      const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs));
-      acc_k[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_u8_s8(q, qa), acc_k[r]);
-      mins_k[r] += m * a.s;
-    }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    block(b, acc[0], mins[0]);
-    block(b + 1, acc[1], mins[1]);
-  }
-  if (b < nb) block(b, acc[0], mins[0]);
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r])) + mins[0][r] + mins[1][r];
-#else
-  float acc[2][R] = {};
+  __m256 acc[R], acc_min[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm256_setzero_ps();
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
-    const int k = b & 1;
-    const float d = half_to_float(w[b].d), m = half_to_float(w[b].m);
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[b].d)));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[b].m)));
+    __m256i q[8];  // q[s]: inputs 4s..4s+3 of the 8 rows
+    for (int c = 0; c < 4; ++c) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs + 32 * c));
+      q[c] = _mm256_and_si256(raw, low);
+      q[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+    }
     for (int r = 0; r < R; ++r) {
       const BlockQ8A& a = x[r][b];
-      int sum = 0;
-      for (int j = 0; j < QK / 2; ++j)
-        sum += (w[b].qs[j] & 0x0F) * a.qs[j] + (w[b].qs[j] >> 4) * a.qs[j + QK / 2];
-      acc[k][r] += d * a.d * static_cast<float>(sum);
-      mins[k][r] += m * a.s;
+      int32_t a4[8];  // the block's 32 activations as 8 groups of 4 bytes
+      std::memcpy(a4, a.qs, sizeof(a4));
+      // 8 sub-sums of 4 products per row stay within int16: 8 * 2 * 15 * 127 < 32768
+      __m256i sum16 = _mm256_maddubs_epi16(q[0], _mm256_set1_epi32(a4[0]));
+      for (int s = 1; s < 8; ++s) sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(q[s], _mm256_set1_epi32(a4[s])));
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), dot, acc[r]);
+      acc_min[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc_min[r]);
     }
   }
-  for (int r = 0; r < R; ++r) out[r] = acc[0][r] + acc[1][r] + mins[0][r] + mins[1][r];
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], _mm256_add_ps(acc[r], acc_min[r]));
+#else
+  float acc[R][8] = {};
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int j = 0; j < 8; ++j) {
+      const float d = half_to_float(w[b].d[j]), m = half_to_float(w[b].m[j]);
+      for (int r = 0; r < R; ++r) {
+        const BlockQ8A& a = x[r][b];
+        int sum = 0;
+        for (int c = 0; c < 4; ++c)
+          for (int t = 0; t < 4; ++t) {
+            const uint8_t byte = w[b].qs[32 * c + 4 * j + t];
+            sum += (byte & 0x0F) * a.qs[4 * c + t] + (byte >> 4) * a.qs[16 + 4 * c + t];
+          }
+        acc[r][j] += d * a.d * static_cast<float>(sum) + m * a.s;
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 8; ++j) out[r][j] = acc[r][j];
 #endif
 }
 
@@ -167,55 +177,87 @@ void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int64_t nb, float* o
 #endif
 }
 
-// x [M, K] (any float dtype) times the block rows w [N, K / 32 * sizeof(Block)] -> float32 [M, N].
-template <typename Block, void (*Dot1)(const Block*, const BlockQ8A* const*, int64_t, float*),
-          void (*Dot4)(const Block*, const BlockQ8A* const*, int64_t, float*)>
-at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, const char* name) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, name, ": expects x [M, K] and blocks [N, K/32 * block bytes]");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
-  TORCH_CHECK(w.scalar_type() == at::kByte && w.is_contiguous(), name, ": blocks must be contiguous uint8");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / QK;
-  TORCH_CHECK(K % QK == 0 && w.size(1) == nb * static_cast<int64_t>(sizeof(Block)), name,
-              ": x has ", K, " inputs, which does not match blocks of ", w.size(1), " bytes per row");
+// Each row of x [M, K] (any float dtype) as 8-bit blocks of 32, quantized once per call.
+std::vector<BlockQ8A> quantize_activations(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": expects CPU activations [M, K]");
+  TORCH_CHECK(x.size(1) % QK == 0, name, ": ", x.size(1), " inputs are not whole blocks of 32");
+  const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   std::vector<BlockQ8A> xq(M * nb);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) quantize_row(xf.data_ptr<float>() + m * K, xq.data() + m * nb, nb);
   });
+  return xq;
+}
+
+void check_weights(const at::Tensor& w, int64_t row_bytes, const char* name) {
+  TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(), name,
+              ": blocks must be a contiguous CPU uint8 matrix");
+  TORCH_CHECK(w.size(1) == row_bytes, name, ": the activations' length needs ", row_bytes,
+              " bytes of blocks per row, the weights have ", w.size(1));
+}
+
+// x [M, K] times Q8_0 rows w [N, K / 32 * 34] -> float32 [M, N]; activations in tiles of 4 rows.
+at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w) {
+  const std::vector<BlockQ8A> xq = quantize_activations(x, "q8_0_matmul");
+  const int64_t M = x.size(0), nb = x.size(1) / QK, N = w.size(0);
+  check_weights(w, nb * static_cast<int64_t>(sizeof(BlockQ8_0)), "q8_0_matmul");
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   float* out = y.data_ptr<float>();
-  const Block* blocks = reinterpret_cast<const Block*>(w.data_ptr<uint8_t>());
+  const BlockQ8_0* blocks = reinterpret_cast<const BlockQ8_0*>(w.data_ptr<uint8_t>());
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      const Block* row = blocks + n * nb;
+      const BlockQ8_0* row = blocks + n * nb;
       int64_t m = 0;
       for (; m + 4 <= M; m += 4) {
         const BlockQ8A* rows[4] = {&xq[m * nb], &xq[(m + 1) * nb], &xq[(m + 2) * nb], &xq[(m + 3) * nb]};
         float r[4];
-        Dot4(row, rows, nb, r);
+        dot_q8_0<4>(row, rows, nb, r);
         for (int i = 0; i < 4; ++i) out[(m + i) * N + n] = r[i];
       }
       for (; m < M; ++m) {
         const BlockQ8A* rows[1] = {&xq[m * nb]};
-        Dot1(row, rows, nb, out + m * N + n);
+        dot_q8_0<1>(row, rows, nb, out + m * N + n);
       }
     }
   });
   return y;
 }
 
-at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& w) {
-  return block_matmul<BlockQ4_1, dot_q4_1<1>, dot_q4_1<4>>(x, w, "q4_1_matmul");
-}
-
-at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w) {
-  return block_matmul<BlockQ8_0, dot_q8_0<1>, dot_q8_0<4>>(x, w, "q8_0_matmul");
+// x [M, K] times Q4_1 row groups w [ceil(N / 8), K / 32 * 160] -> float32 [M, N].
+at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N) {
+  const std::vector<BlockQ8A> xq = quantize_activations(x, "q4_1_matmul");
+  const int64_t M = x.size(0), nb = x.size(1) / QK, groups = w.size(0);
+  check_weights(w, nb * static_cast<int64_t>(sizeof(GroupQ4_1)), "q4_1_matmul");
+  TORCH_CHECK(groups == (N + 7) / 8, "q4_1_matmul: ", groups, " row groups cannot hold ", N, " rows");
+  at::Tensor y = at::empty({M, groups * 8}, x.options().dtype(at::kFloat));
+  float* out = y.data_ptr<float>();
+  const int64_t ld = groups * 8;
+  const GroupQ4_1* blocks = reinterpret_cast<const GroupQ4_1*>(w.data_ptr<uint8_t>());
+  at::parallel_for(0, groups, 2, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const GroupQ4_1* group = blocks + g * nb;
+      int64_t m = 0;
+      for (; m + 4 <= M; m += 4) {
+        const BlockQ8A* rows[4] = {&xq[m * nb], &xq[(m + 1) * nb], &xq[(m + 2) * nb], &xq[(m + 3) * nb]};
+        float* outs[4] = {out + m * ld + 8 * g, out + (m + 1) * ld + 8 * g, out + (m + 2) * ld + 8 * g,
+                          out + (m + 3) * ld + 8 * g};
+        dot_q4_1_group<4>(group, rows, nb, outs);
+      }
+      for (; m < M; ++m) {
+        const BlockQ8A* rows[1] = {&xq[m * nb]};
+        float* outs[1] = {out + m * ld + 8 * g};
+        dot_q4_1_group<1>(group, rows, nb, outs);
+      }
+    }
+  });
+  return ld == N ? y : y.narrow(1, 0, N).contiguous();  // the last group's padding rows dropped
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
-  m.def("q4_1_matmul(Tensor x, Tensor blocks) -> Tensor");
+  m.def("q4_1_matmul(Tensor x, Tensor blocks, int n) -> Tensor");
   m.def("q8_0_matmul(Tensor x, Tensor blocks) -> Tensor");
 }
 

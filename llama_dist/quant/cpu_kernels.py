@@ -40,7 +40,9 @@ def available() -> bool:
         warnings.warn(f"llama-dist: the CPU block kernels could not be built ({e}); using PyTorch's int4/int8 "
                       "kernels instead (slower). Install a C++ compiler and `pip install ninja` to build them.")
         return False
-    for op in ("q4_1_matmul", "q8_0_matmul"):  # output shapes, for torch.compile
-        torch.library.register_fake(f"llama_dist::{op}")(
-            lambda x, blocks: x.new_empty((x.shape[0], blocks.shape[0]), dtype=torch.float32))
+    # output shapes, for torch.compile
+    torch.library.register_fake("llama_dist::q8_0_matmul")(
+        lambda x, blocks: x.new_empty((x.shape[0], blocks.shape[0]), dtype=torch.float32))
+    torch.library.register_fake("llama_dist::q4_1_matmul")(
+        lambda x, groups, n: x.new_empty((x.shape[0], n), dtype=torch.float32))
     return True

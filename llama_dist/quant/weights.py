@@ -4,7 +4,7 @@ int8: symmetric, one scale per output channel. int4: asymmetric, a scale and a z
 of `group_size` inputs, value = (q - 8) * scale + zero, q in 0..15, which is exactly the form of
 GGUF's Q4_0, Q4_1 and Q4_K blocks, so those load without requantization.
 
-Kernels: on CPUs, int4 groups of 32 become GGUF Q4_1 blocks for our C++ block matmul
+Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks (8 rows interleaved) for our C++ block matmul
 with 8-bit activations (cpu_kernels.cpp), as GGUF's Q8_0 tensors stay Q8_0 blocks; without that
 kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`). On CUDA `_weight_int4pack_mm`, and int8 dequantizes inside the matmul,
@@ -14,6 +14,7 @@ happens after sharding, on each rank's own slice.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels, gpu_gemv
@@ -71,7 +72,7 @@ class Int4Weight(QuantizedWeight):
         # Q4_1 blocks hold a scale per 32 weights: coarser groups keep their smaller packed form
         self.uses_blocks = self.device_type == "cpu" and group_size == BLOCK and cpu_kernels.available()
         if self.uses_blocks:
-            self.register_buffer("blocks", q4_1_blocks(q, scales, zeros))
+            self.register_buffer("blocks", q4_1_row_groups(q, scales, zeros))
             return
         q = q.to(torch.int32)
         if self.device_type == "cpu":
@@ -97,7 +98,7 @@ class Int4Weight(QuantizedWeight):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         if self.uses_blocks:
-            y = torch.ops.llama_dist.q4_1_matmul(x.reshape(-1, shape[-1]), self.blocks)
+            y = torch.ops.llama_dist.q4_1_matmul(x.reshape(-1, shape[-1]), self.blocks, self.out_features)
             return y.reshape(*shape[:-1], -1).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
         if self.device_type == "cpu":
@@ -130,16 +131,20 @@ class Q8BlockWeight(QuantizedWeight):
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
-def q4_1_blocks(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """int4 groups of 32 -> GGUF Q4_1 blocks [out, in / 32 * 20]: fp16 d = scale, fp16 m = zero - 8 * scale,
-    then 16 bytes whose low nibbles are a block's first 16 values and high nibbles its last 16."""
+def q4_1_row_groups(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+    """int4 groups of 32 -> Q4_1 row groups [ceil(out / 8), in / 32 * 160] for the CPU kernel: per 8 rows
+    and block of 32 inputs, fp16 d[8] (= scale), fp16 m[8] (= zero - 8 * scale), then 128 bytes where byte
+    32c + 4j + t holds row j's input 4c + t in its low nibble and input 16 + 4c + t in its high nibble."""
     out_f, in_f = q.shape
-    d = scales.float()
-    m = zeros.float() - 8 * d
-    head = torch.stack([d, m], dim=-1).to(torch.float16).view(torch.uint8)  # [out, blocks, 4]
-    qb = q.to(torch.uint8).reshape(out_f, in_f // BLOCK, BLOCK)
-    nibbles = qb[..., :BLOCK // 2] | (qb[..., BLOCK // 2:] << 4)
-    return torch.cat([head, nibbles], dim=-1).reshape(out_f, -1).contiguous()
+    pad = -out_f % 8  # zero rows fill the last group; the kernel drops their outputs
+    d = F.pad(scales.float(), (0, 0, 0, pad))
+    m = F.pad(zeros.float(), (0, 0, 0, pad)) - 8 * d
+    groups, blocks = (out_f + pad) // 8, in_f // BLOCK
+    head = torch.stack([d, m]).view(2, groups, 8, blocks).permute(1, 3, 0, 2).to(torch.float16)  # [g, b, 2, 8]
+    qb = F.pad(q.to(torch.uint8), (0, 0, 0, pad)).view(groups, 8, blocks, 2, 4, 4)  # [g, j, b, half, c, t]
+    nibbles = (qb[:, :, :, 0] | (qb[:, :, :, 1] << 4)).permute(0, 2, 3, 1, 4)  # [g, b, c, j, t]
+    body = nibbles.reshape(groups, blocks, 4 * BLOCK)
+    return torch.cat([head.reshape(groups, blocks, 16).view(torch.uint8), body], dim=-1).reshape(groups, -1)
 
 
 def q8_0_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
