@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist.bench import read_bandwidth  # noqa: E402
-from llama_dist.quant.gpu_gemv import gemv  # noqa: E402
+from llama_dist.quant.gpu_gemv import gemv, load  # noqa: E402
 from llama_dist.quant.weights import int8_quantize  # noqa: E402
 
 
@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     a = p.parse_args()
     dev = torch.device("cuda")
+    assert load(), "needs Triton"
     bw = read_bandwidth(dev)
     shapes = {"wqkv": (3 * a.dim, a.dim), "wo": (a.dim, a.dim), "w13": (2 * a.hidden, a.dim),
               "w2": (a.dim, a.hidden), "output": (a.vocab, a.dim)}

@@ -14,7 +14,8 @@ pytest.importorskip("triton")
 
 SCRIPT = """
 import torch
-from llama_dist.quant.gpu_gemv import gemv
+from llama_dist.quant.gpu_gemv import gemv, load
+assert load()
 from llama_dist.quant.weights import int8_quantize
 g = torch.Generator().manual_seed(0)
 for n, k in ((40, 288), (3, 64), (17, 1000)):

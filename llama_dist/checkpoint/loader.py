@@ -11,7 +11,7 @@ from ..model.transformer import Transformer
 from ..models import resolve_model
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
 from ..parallel.pipeline import pipeline_stage
-from ..quant import cpu_kernels
+from ..quant import cpu_kernels, gpu_gemv
 from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
 from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_gguf
 from .ggml_quants import INT4_GROUPS
@@ -104,6 +104,8 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
     stage = pipeline_stage(ctx.rank, ctx.tp_size, ctx.pp_size, args.n_layers, ctx.comm, pp_split, micro_batches)
     quantized = quantize in QUANT_TYPES or (quantize == "auto" and stores_quantized(source))
     dtype = dtype or default_dtype(ctx.device, quantized=quantized)
+    if ctx.device.type == "cuda":
+        gpu_gemv.load()  # our one-row matmul kernel, where Triton is present
     with torch.device("meta"):
         model = Transformer(args, ctx.tp_comm, dtype=dtype, stage=stage)
     owners = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ShardedWeight)}

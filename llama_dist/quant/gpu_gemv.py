@@ -10,24 +10,24 @@ and gathered group scales here reached only ~20% of the bandwidth on an H100, un
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the dense and packed paths serve
-    triton = None
+_ready = False  # set once load() has defined the op
 
 
-def enabled(x: torch.Tensor) -> bool:
-    """One row on a CUDA device with Triton present (LLAMA_DIST_GEMV=0 turns it off, for comparisons)."""
-    return (triton is not None and x.is_cuda and x.numel() == x.shape[-1]
-            and os.environ.get("LLAMA_DIST_GEMV", "1") != "0")
+@functools.cache
+def load() -> bool:
+    """Define the kernel and its op, when a model goes to a CUDA device: importing Triton costs ~1.5 s,
+    which CPU runs should not pay. False where Triton is missing (the dense and packed paths serve)."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError:
+        return False
 
-
-if triton is not None:
     _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                 for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8))
                 for s in (2, 4)]
@@ -66,6 +66,16 @@ if triton is not None:
         torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
             x, w, scales, y, n, k, SCALED=scaled, **_FIXED)
         return y
+
+    global _ready
+    _ready = True
+    return True
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """One row on a CUDA device, once load() has defined the kernel (LLAMA_DIST_GEMV=0 turns it off, for
+    comparisons). Called inside compiled code: only cheap checks."""
+    return _ready and x.is_cuda and x.numel() == x.shape[-1] and os.environ.get("LLAMA_DIST_GEMV", "1") != "0"
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
