@@ -1,7 +1,7 @@
 # Two commands do all the set-up: `make run` (generate with the bundled SmolLM2) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-PROMPT ?= What is the capital of France?
+PROMPT ?= Name the capital of France.
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)

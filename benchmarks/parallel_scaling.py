@@ -61,7 +61,7 @@ def main() -> None:
     runs = []
     for layout in args.layouts.split(","):
         runs.append(run_bench(layout, args))
-        print(json.dumps({k: v for k, v in runs[-1].items() if k != "greedy_b1"}), flush=True)
+        print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("greedy_b1", "top2_b1")}), flush=True)
     base = runs[0]
     summary = {"config": args.config, "quantize": args.quantize, "env": args.env, "runs": []}
     for r in runs:
@@ -78,8 +78,13 @@ def main() -> None:
                     row[f"b{b}_speedup_vs_{base['layout']}"] = r[key] / base[key]
             if "greedy_b1" in r and "greedy_b1" in base:
                 row["greedy_b1_same_as_baseline"] = r["greedy_b1"] == base["greedy_b1"]
-                row["greedy_b1_first_difference"] = next(
-                    (i for i, (a, b) in enumerate(zip(r["greedy_b1"], base["greedy_b1"])) if a != b), None)
+                first = next((i for i, (a, b) in enumerate(zip(r["greedy_b1"], base["greedy_b1"])) if a != b), None)
+                row["greedy_b1_first_difference"] = first
+                if first is not None and base.get("top2_b1"):
+                    # near-tie: the baseline's top two within two bf16 steps (1/128 of the logit each)
+                    top, second = base["top2_b1"][first]
+                    row["baseline_top2_gap_at_first_difference"] = top - second
+                    row["first_difference_is_near_tie"] = top - second <= 2 * abs(top) / 128
             if "b1_fraction_of_ceiling" in r:
                 row["b1_fraction_of_ceiling"] = r["b1_fraction_of_ceiling"]
         summary["runs"].append(row)

@@ -41,27 +41,37 @@ def read_bandwidth(device: torch.device, gib: float = 2.0) -> float:
 
 
 def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: int = 16,
-                 greedy: list[int] | None = None) -> float:
-    """Greedy decode tokens/s after a short prompt; `greedy`, if given, receives row 0's tokens
-    (to compare runs: the same weights at any tensor-parallel size should choose the same ones)."""
+                 greedy: list[int] | None = None, top2: list[tuple[float, float]] | None = None) -> float:
+    """Greedy decode tokens/s after a short prompt; `greedy`, if given, receives row 0's tokens and `top2`
+    its two largest logits at each step (to compare runs: the same weights at any tensor-parallel size should
+    choose the same tokens, except where the top two nearly tie and rounding may pick either)."""
     decode = make_decode_step(model, compile)
     # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
     tokens = (torch.arange(batch * prompt_len, device=ctx.device) % model.args.vocab_size).view(batch, prompt_len)
     model(tokens, 0, last_only=True)
     nxt = tokens[:, -1:]
-    chosen = []
-    for pos in range(prompt_len, prompt_len + 3):  # compile and warm up
-        nxt = ctx.comm.broadcast(decode(nxt, pos)[:, -1].argmax(-1, keepdim=True))
+    chosen, tops = [], []
+
+    def step(pos: int, nxt: torch.Tensor) -> torch.Tensor:
+        logits = decode(nxt, pos)[:, -1]
+        if top2 is not None:  # one small kernel per step, no synchronisation
+            tops.append(logits[0].float().topk(2).values)
+        nxt = ctx.comm.broadcast(logits.argmax(-1, keepdim=True))
         chosen.append(nxt[0])
+        return nxt
+
+    for pos in range(prompt_len, prompt_len + 3):  # compile and warm up
+        nxt = step(pos, nxt)
     sync(ctx.device)
     start = time.perf_counter()
     for pos in range(prompt_len + 3, prompt_len + 3 + steps):
-        nxt = ctx.comm.broadcast(decode(nxt, pos)[:, -1].argmax(-1, keepdim=True))
-        chosen.append(nxt[0])
+        nxt = step(pos, nxt)
     sync(ctx.device)
     elapsed = time.perf_counter() - start
     if greedy is not None:
         greedy.extend(torch.cat(chosen).tolist())
+    if top2 is not None:
+        top2.extend(tuple(t) for t in torch.stack(tops).tolist())
     return batch * steps / elapsed
 
 
@@ -116,9 +126,11 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     result["prefill_tok_s"] = prefill / (time.perf_counter() - t)
     for b in batches:
         greedy: list[int] = []
-        result[f"decode_b{b}_tok_s"] = decode_tok_s(m, ctx, b, steps, compile, greedy=greedy)
+        top2: list[tuple[float, float]] = []
+        result[f"decode_b{b}_tok_s"] = decode_tok_s(m, ctx, b, steps, compile, greedy=greedy,
+                                                    top2=top2 if b == 1 else None)
         if b == 1:
-            result["greedy_b1"] = greedy
+            result["greedy_b1"], result["top2_b1"] = greedy, top2
     if "decode_b1_tok_s" in result:
         result["b1_fraction_of_ceiling"] = result["decode_b1_tok_s"] / result["ceiling_tok_s"]
     if hf and ctx.world_size == 1 and not model:

@@ -15,7 +15,9 @@ def test_two_turns_ctrl_c_and_exit():
     try:
         child.expect("Chat with the model")
         child.expect("> ")
-        child.sendline("What is the capital of France?")
+        # (asked "What is the capital of France?" under the default system prompt, SmolLM2 Q4_1 with 8-bit
+        # activations answers "L'Etoile, ..." greedily, as llama.cpp does: its top two logits are 0.3 apart)
+        child.sendline("Name the capital of France.")
         child.expect("Paris")
         child.expect("> ")
         child.sendline("And what is the capital of Germany?")  # the second turn sees the first

@@ -113,7 +113,10 @@ def test_quantized_checkpoint_reloads_at_1_and_3_ranks(tmp_path):
     one = results[1][0]
     assert any(".qweight.blocks" in k for k in one["shapes"])  # Q4_1 blocks for the CPU kernel
     for r in results[3]:
-        assert_same_greedy_until_near_tie(one, r)
+        # 8-bit activations (the CPU block kernel): fp32 partial sums added in another order put a few
+        # activations on the other side of a rounding step, which moves logits by up to ~0.3 (measured: a
+        # divergence at a top-2 gap of 0.29); llama.cpp's own comparisons allow 0.5 for the same reason
+        assert_same_greedy_until_near_tie(one, r, tie=0.5)
         # 30 layers of bf16 partial sums, rounded per rank before the all-reduce
         assert (r["logits"] - one["logits"]).abs().max() / one["logits"].abs().max() < 5e-2
 

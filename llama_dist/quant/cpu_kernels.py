@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,9 @@ def available() -> bool:
     from torch.utils import cpp_extension
 
     variant, flags = _build_flags()
+    venv_bin = Path(sys.executable).parent  # pip's ninja, when this environment is used without activation
+    if shutil.which("ninja") is None and (venv_bin / "ninja").exists():
+        os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
     try:
         cpp_extension.load(name=f"llama_dist_cpu_{variant}", sources=[str(SOURCE)], is_python_module=False,
                            extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
