@@ -113,8 +113,9 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
     # a tied output is the embedding's vocab-split shard at any TP size: the same tensor serves both
     tied = getattr(source, "tied_output", False) and args.vocab_parallel_embedding
     names = [n for n, _ in model.named_parameters()]
+    embedding = owners.get("tok_embeddings.weight")  # None on pipeline stages without it
     for name in tqdm(names, desc="loading", unit="tensor", disable=not (progress and ctx.is_driver)):
-        owner, embedding = owners.get(name), owners.get("tok_embeddings.weight")
+        owner = owners.get(name)
         if name == "output.weight" and tied and embedding is not None and embedding.qweight is not None:
             owner.set_quantized(embedding.qweight)  # one copy of the tied blocks
             continue

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -74,12 +75,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-inline __m256i unpack_nibbles(const uint8_t* p) {  // 16 bytes -> 32 values 0..15 in element order
-  const __m128i t = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i b = _mm256_set_m128i(_mm_srli_epi16(t, 4), t);
-  return _mm256_and_si256(b, _mm256_set1_epi8(0x0F));
 }
 
 inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in pairs, then in fours, as floats
@@ -190,6 +185,21 @@ std::vector<BlockQ8A> quantize_activations(const at::Tensor& x, const char* name
   return xq;
 }
 
+// Calls tile(R, rows, m) for the activation rows in tiles of R = 4, then one at a time (R = 1): rows[i]
+// points at row m + i's blocks, so a kernel reads its weights once per tile.
+template <typename Tile>
+void for_row_tiles(const std::vector<BlockQ8A>& xq, int64_t M, int64_t nb, Tile tile) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) {
+    const BlockQ8A* rows[4] = {&xq[m * nb], &xq[(m + 1) * nb], &xq[(m + 2) * nb], &xq[(m + 3) * nb]};
+    tile(std::integral_constant<int, 4>(), rows, m);
+  }
+  for (; m < M; ++m) {
+    const BlockQ8A* rows[1] = {&xq[m * nb]};
+    tile(std::integral_constant<int, 1>(), rows, m);
+  }
+}
+
 void check_weights(const at::Tensor& w, int64_t row_bytes, const char* name) {
   TORCH_CHECK(w.dim() == 2 && w.device().is_cpu() && w.scalar_type() == at::kByte && w.is_contiguous(), name,
               ": blocks must be a contiguous CPU uint8 matrix");
@@ -208,17 +218,12 @@ at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w) {
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       const BlockQ8_0* row = blocks + n * nb;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        const BlockQ8A* rows[4] = {&xq[m * nb], &xq[(m + 1) * nb], &xq[(m + 2) * nb], &xq[(m + 3) * nb]};
-        float r[4];
-        dot_q8_0<4>(row, rows, nb, r);
-        for (int i = 0; i < 4; ++i) out[(m + i) * N + n] = r[i];
-      }
-      for (; m < M; ++m) {
-        const BlockQ8A* rows[1] = {&xq[m * nb]};
-        dot_q8_0<1>(row, rows, nb, out + m * N + n);
-      }
+      for_row_tiles(xq, M, nb, [&](auto tile_rows, const BlockQ8A* const* rows, int64_t m) {
+        constexpr int R = decltype(tile_rows)::value;
+        float r[R];
+        dot_q8_0<R>(row, rows, nb, r);
+        for (int i = 0; i < R; ++i) out[(m + i) * N + n] = r[i];
+      });
     }
   });
   return y;
@@ -237,18 +242,12 @@ at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N) {
   at::parallel_for(0, groups, 2, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const GroupQ4_1* group = blocks + g * nb;
-      int64_t m = 0;
-      for (; m + 4 <= M; m += 4) {
-        const BlockQ8A* rows[4] = {&xq[m * nb], &xq[(m + 1) * nb], &xq[(m + 2) * nb], &xq[(m + 3) * nb]};
-        float* outs[4] = {out + m * ld + 8 * g, out + (m + 1) * ld + 8 * g, out + (m + 2) * ld + 8 * g,
-                          out + (m + 3) * ld + 8 * g};
-        dot_q4_1_group<4>(group, rows, nb, outs);
-      }
-      for (; m < M; ++m) {
-        const BlockQ8A* rows[1] = {&xq[m * nb]};
-        float* outs[1] = {out + m * ld + 8 * g};
-        dot_q4_1_group<1>(group, rows, nb, outs);
-      }
+      for_row_tiles(xq, M, nb, [&](auto tile_rows, const BlockQ8A* const* rows, int64_t m) {
+        constexpr int R = decltype(tile_rows)::value;
+        float* outs[R];
+        for (int i = 0; i < R; ++i) outs[i] = out + (m + i) * ld + 8 * g;
+        dot_q4_1_group<R>(group, rows, nb, outs);
+      });
     }
   });
   return ld == N ? y : y.narrow(1, 0, N).contiguous();  // the last group's padding rows dropped

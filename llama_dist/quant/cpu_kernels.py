@@ -1,6 +1,6 @@
 """The C++ CPU block matmuls (cpu_kernels.cpp), built once per machine with torch's extension builder.
 
-`available()` builds and loads them on first use (~30 s, cached under ~/.cache/torch_extensions);
+`available()` builds and loads them on first use (~20 s, cached under ~/.cache/torch_extensions);
 without a compiler, or with LLAMA_DIST_CPU_KERNELS=0, it says why and the int4/int8 weights use
 PyTorch's own packed kernels instead.
 """
@@ -16,8 +16,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-BLOCK = 32
-Q8_0_BYTES = 34  # bytes per block of 32 weights, as GGUF stores them: fp16 scale, 32 int8
+BLOCK = 32  # weights per block, as GGUF's Q4_1 and Q8_0 store them
 
 
 def _build_flags() -> tuple[str, list[str]]:

@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checkpoint.ggml_quants import BLOCK_TYPES, q8_0
 from . import cpu_kernels, gpu_gemv
-from .cpu_kernels import BLOCK, Q8_0_BYTES
+from .cpu_kernels import BLOCK
 
 QUANT_TYPES = ("int8", "int4")
 
@@ -121,9 +122,8 @@ class Q8BlockWeight(QuantizedWeight):
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the dequantized matrix: a Q8_0 embedding table looked up without expanding it."""
-        b = self.blocks[ids].unflatten(-1, (-1, Q8_0_BYTES))
-        scales = b[..., :2].contiguous().view(torch.float16).float()
-        return (b[..., 2:].contiguous().view(torch.int8).float() * scales).flatten(-2)
+        raw = self.blocks[ids]
+        return q8_0(raw.reshape(-1, BLOCK_TYPES["Q8_0"][1])).reshape(*raw.shape[:-1], self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
