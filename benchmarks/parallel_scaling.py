@@ -2,6 +2,7 @@
 
     python benchmarks/parallel_scaling.py --config llama-2-7b --layouts 1,2,4 [--batches 1]   # GPUs, TP
     python benchmarks/parallel_scaling.py --config small-bench --layouts 1,2,1x2 --batches 8  # CPU, PP too
+    python benchmarks/parallel_scaling.py --model SmolLM2.gguf --layouts 1,1x2 --batches 8 --compile False
 
 A layout is TP or TPxPP (ranks = TP x PP). Prints decode tokens/s per layout, the speed-up over the
 first, each run's fraction of its own bandwidth ceiling, and whether batch-1 greedy tokens are
@@ -32,6 +33,7 @@ def run_bench(layout: str, args: argparse.Namespace) -> dict:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), str(GPU_DECODE),
                "--config", args.config, "--batches", f"({args.batches},)", "--steps", str(args.steps),
                "--hf", "False", "--quantize", args.quantize, "--pp", str(pp), "--compile", str(args.compile)]
+        cmd += ["--model", args.model] if args.model else []
         log = Path(os.environ.get("OUT", out), f"{layout}_{Path(args.config).stem}.log")
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -50,6 +52,7 @@ def run_bench(layout: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="llama-2-7b")
+    p.add_argument("--model", help="a checkpoint to run instead of the config's random weights")
     p.add_argument("--layouts", default="1,2,4", help="comma-separated TP or TPxPP, the first is the baseline")
     p.add_argument("--batches", default="1", help="comma-separated batch sizes")
     p.add_argument("--steps", type=int, default=128)

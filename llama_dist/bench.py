@@ -16,8 +16,9 @@ import torch
 from .checkpoint.loader import load_model, open_checkpoint
 from .checkpoint.source import RandomSource
 from .distributed.context import init_distributed
-from .generation.llama import make_decode_step
+from .generation.llama import make_decode_step, make_stage_step
 from .model.args import ModelArgs
+from .parallel.pipeline import decode_interleaved
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -45,10 +46,13 @@ def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: 
     """Greedy decode tokens/s after a short prompt; `greedy`, if given, receives row 0's tokens and `top2`
     its two largest logits at each step (to compare runs: the same weights at any tensor-parallel size should
     choose the same tokens, except where the top two nearly tie and rounding may pick either)."""
-    decode = make_decode_step(model, compile)
     # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
     tokens = (torch.arange(batch * prompt_len, device=ctx.device) % model.args.vocab_size).view(batch, prompt_len)
     model(tokens, 0, last_only=True)
+    step = make_stage_step(model, compile)
+    if model.stage.pipelined and batch > 1:
+        return interleaved_tok_s(model, step, ctx, tokens, steps)
+    decode = make_decode_step(model, step=step)
     nxt = tokens[:, -1:]
     chosen, tops = [], []
 
@@ -73,6 +77,32 @@ def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: 
     if top2 is not None:
         top2.extend(tuple(t) for t in torch.stack(tops).tolist())
     return batch * steps / elapsed
+
+
+def interleaved_tok_s(model, step, ctx, prompt: torch.Tensor, steps: int) -> float:
+    """Greedy decode tokens/s of a batch on a pipeline, its row groups taking turns on the stages (as
+    generation runs it)."""
+    batch, start = prompt.shape
+    groups = torch.arange(batch, device=ctx.device).tensor_split(min(batch, model.stage.count))
+    tokens = torch.zeros(batch, start + steps + 4, dtype=torch.long, device=ctx.device)
+    tokens[:, :start] = prompt
+
+    def run(pos: int, n: int) -> None:
+        def step_done(group: int, p: int, logits: torch.Tensor | None) -> bool:
+            rows = groups[group]
+            chosen = logits[:, -1].argmax(-1) if logits is not None else torch.empty(len(rows), dtype=torch.long,
+                                                                                     device=ctx.device)
+            tokens[rows, p + 1] = ctx.comm.broadcast(chosen)
+            return p + 1 < pos + n
+
+        decode_interleaved(model, step, groups, pos, lambda g, p: tokens[groups[g], p:p + 1], step_done)
+
+    run(start - 1, 3)  # warm up
+    sync(ctx.device)
+    t = time.perf_counter()
+    run(start + 2, steps)
+    sync(ctx.device)
+    return batch * steps / (time.perf_counter() - t)
 
 
 def hf_figures(args: ModelArgs, device: torch.device, steps: int) -> dict[str, float]:

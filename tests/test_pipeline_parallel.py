@@ -51,15 +51,19 @@ def single_process(tiny_pp, sp_tokenizer, tmp_path_factory):
     return torch.load(f"{out}.rank0")[str(tiny_pp)]
 
 
-@pytest.mark.parametrize("tp, pp, split, min_part", [(2, 2, None, 1), (1, 3, None, 1), (3, 1, None, 1),
-                                                     (1, 2, "1,3", 1), (1, 2, None, None)])
-def test_pipeline_matches_single_process(tp, pp, split, min_part, single_process, tiny_pp, sp_tokenizer, tmp_path):
+@pytest.mark.parametrize("tp, pp, split, min_part, compile", [
+    (2, 2, None, 1, False), (1, 3, None, 1, False), (3, 1, None, 1, False), (1, 2, "1,3", 1, False),
+    (1, 2, None, None, False), (1, 2, None, None, True)])
+def test_pipeline_matches_single_process(tp, pp, split, min_part, compile, single_process, tiny_pp, sp_tokenizer,
+                                         tmp_path):
     """min_part 1: micro-batches of rows (two prompts) and of sequence chunks (one prompt) even for these few
-    tokens; None: the default, under which these small steps run whole."""
+    tokens; None: the default, under which these small steps run whole. Generation decodes its two rows
+    interleaved (each stage on one row while the other stage has the other), with eager or compiled stage
+    steps; PP=3 has a stage without a row at each turn."""
     args = ModelArgs(**TINY_PP)
     out, ckpt = tmp_path / "res", str(tiny_pp)
     flags = ["--gloo", f"--pp={pp}"] + ([f"--pp-split={split}"] if split else [])
-    flags += [f"--min-part-tokens={min_part}"] if min_part else []
+    flags += ([f"--min-part-tokens={min_part}"] if min_part else []) + (["--compile"] if compile else [])
     check_all_ok(launch_ranks(tp * pp, [str(WORKERS / "tp_worker.py"), str(out), str(sp_tokenizer), ckpt, *flags]))
     layers = split_layers(args.n_layers, pp, parse_split(split))
     for rank in range(tp * pp):
@@ -67,6 +71,7 @@ def test_pipeline_matches_single_process(tp, pp, split, min_part, single_process
         rel = (got["logits"] - single_process["logits"]).abs().max() / single_process["logits"].abs().max()
         assert rel < 1e-5, (rank, rel)
         assert got["greedy"] == single_process["greedy"], rank
+        assert got["step_rows"] == ({1} if pp > 1 else set()), rank  # pipelines decode a row group per stage
         stage = rank // tp
         held = sorted({int(n.split(".")[1]) for n in got["shapes"] if n.startswith("layers.")})
         assert held == list(layers[stage]), (rank, held)

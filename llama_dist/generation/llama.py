@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypedDict
 
@@ -14,11 +15,12 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint.loader import describe, load_model, open_checkpoint, open_tokenizer, weight_summary
+from ..distributed.comm import Communicator
 from ..distributed.context import ParallelContext, init_distributed
 from ..distributed.env import detect_launch
 from ..distributed.fingerprint import check_same_on_all_ranks, checkpoint_fingerprint, code_fingerprint
 from ..model.transformer import Transformer
-from ..parallel.pipeline import check_layout, parse_split, split_layers
+from ..parallel.pipeline import check_layout, decode_interleaved, parse_split, split_layers
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import Dialog, encode_dialog
 from .sampling import sample
@@ -49,18 +51,20 @@ def batch_bucket(rows: int, max_batch_size: int) -> int:
 DecodeStep = Callable[..., torch.Tensor]
 
 
-def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
-    """decode(tokens [B, 1], pos, slots=None) -> logits [B, 1, vocab], one token per row.
+def make_stage_step(model: Transformer, compile: bool) -> DecodeStep:
+    """step(x, pos, slots=None) -> this pipeline stage's output for one token per row (the whole
+    model's logits [B, 1, vocab] where one stage holds every layer): x is the tokens [B, 1] on the
+    first stage, else the hidden state the stage before produced; sends and receives are the caller's.
 
     pos: one position for every row (an int) or a list of per-row positions; slots: the cache rows
     (None: rows 0..B-1), as the server's continuous batching needs. Compiled, it attends over a
     power-of-two window of the cache with a mask, and a batch with slots is padded to a power-of-two
     size by repeating its last row (which writes the same key and value to the same cache place
-    again; its logits are dropped), so few shapes occur: on GPUs a CUDA graph each. Eager, it
+    again; its output is dropped), so few shapes occur: on GPUs a CUDA graph each. Eager, it
     attends over the filled part only."""
-    if not compile or model.stage.pipelined:  # pipeline sends and receives stay eager
-        return lambda tokens, pos, slots=None: model(
-            tokens, pos if isinstance(pos, int) else torch.tensor(pos, device=tokens.device), slots=slots)
+    if not compile:
+        return lambda x, pos, slots=None: model.stage_forward(
+            x, pos if isinstance(pos, int) else torch.tensor(pos, device=x.device), slots)
     on_gpu = model.rope.device.type == "cuda"
     if on_gpu:
         model.comm.enable_fast_all_reduce(model.max_batch_size * model.args.dim, model.act_dtype,
@@ -69,9 +73,8 @@ def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
     buckets = model.max_batch_size.bit_length() + 1
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, windows * buckets + 2)
 
-    def forward(tokens: torch.Tensor, positions: torch.Tensor, window: int,
-                slots: torch.Tensor | None) -> torch.Tensor:
-        return model(tokens, positions, slots=slots, length=window)
+    def forward(x: torch.Tensor, positions: torch.Tensor, window: int, slots: torch.Tensor | None) -> torch.Tensor:
+        return model.stage_forward(x, positions, slots, length=window)
 
     # Guards on the model's modules cost ~1.4 ms per call (30 layers' attributes, checked every token)
     # and the model never changes after loading, so they are skipped. Compiled graphs are cached per
@@ -87,22 +90,63 @@ def make_decode_step(model: Transformer, compile: bool) -> DecodeStep:
                                   "cpp_wrapper": not on_gpu,
                                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-    def decode(tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
-        rows, device = tokens.shape[0], tokens.device
+    def run(x: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
+        rows, device = x.shape[0], x.device
         if isinstance(pos, int):
             positions, last = torch.full((rows,), pos, device=device), pos
         else:
             positions, last = torch.tensor(pos, device=device), max(pos)
         window = attention_window(last, model.max_seq_len)
         if slots is None:
-            return step(tokens, positions, window, None)
+            return step(x, positions, window, None)
         pad = batch_bucket(rows, model.max_batch_size) - rows
         if pad:
-            tokens, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])])
-                                        for t in (tokens, positions, slots))
-        return step(tokens, positions, window, slots)[:rows]
+            x, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (x, positions, slots))
+        return step(x, positions, window, slots)[:rows]
+
+    return run
+
+
+def make_decode_step(model: Transformer, compile: bool = False, step: DecodeStep | None = None) -> DecodeStep:
+    """decode(tokens [B, 1], pos, slots=None) -> logits [B, 1, vocab] on every rank, one token per row
+    (arguments as make_stage_step's). On a pipeline the batch goes through the stages in turn, each
+    stage's share by the stage step (`step`, else a new one)."""
+    step = step or make_stage_step(model, compile)
+    stage = model.stage
+    if not stage.pipelined:
+        return step
+
+    def decode(tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
+        shape = (tokens.shape[0], 1, model.args.dim)
+        x = tokens if stage.is_first else stage.receive(shape, model.act_dtype, tokens.device)
+        out = step(x, pos, slots)
+        if not stage.is_last:
+            stage.send(out).wait()
+        return stage.share_logits(out if stage.is_last else None, (*tokens.shape, model.args.vocab_size),
+                                  tokens.device)
 
     return decode
+
+
+@dataclass
+class _Batch:
+    """The rows being generated, the same on every rank: prompts, then the driver's choices."""
+
+    tokens: torch.Tensor  # [rows, total_len]: prompt ids, chosen ids, PAD beyond
+    is_prompt: torch.Tensor
+    stopped: torch.Tensor  # [rows]: a stop token was chosen
+    stop_ids: torch.Tensor
+    comm: Communicator
+
+    def accept(self, rows: slice | torch.Tensor, pos: int, chosen: torch.Tensor) -> None:
+        """Rank 0's choice for these rows at `pos`, on every rank; where a prompt is still going on, its token stays."""
+        chosen = self.comm.broadcast(chosen, src=0)
+        prompt = self.is_prompt[rows, pos]
+        self.tokens[rows, pos] = torch.where(prompt, self.tokens[rows, pos], chosen)
+        self.stopped[rows] |= ~prompt & torch.isin(self.tokens[rows, pos], self.stop_ids)
+
+    def finished(self, rows: slice | torch.Tensor) -> bool:
+        return bool(self.stopped[rows].all())
 
 
 class CompletionPrediction(TypedDict, total=False):
@@ -122,7 +166,8 @@ class Llama:
                  compile: bool = False):
         self.model, self.tokenizer, self.ctx = model, tokenizer, ctx
         self.generator = torch.Generator(device=ctx.device).manual_seed(seed)
-        self.decode = make_decode_step(model, compile)
+        self.stage_step = make_stage_step(model, compile)
+        self.decode = make_decode_step(model, step=self.stage_step)
 
     @staticmethod
     def build(ckpt_dir: str | Path, tokenizer_path: str | Path | None = None, max_seq_len: int = 512, max_batch_size: int = 8,
@@ -187,36 +232,55 @@ class Llama:
         tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=device)
         for i, p in enumerate(prompt_tokens):
             tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        is_prompt = tokens != PAD
+        batch = _Batch(tokens, tokens != PAD, torch.zeros(bsz, dtype=torch.bool, device=device),
+                       torch.tensor(sorted(self.tokenizer.stop_ids), device=device), self.ctx.comm)
         token_logprobs = torch.zeros(bsz, total_len, device=device) if logprobs else None
-        stop_ids = torch.tensor(sorted(self.tokenizer.stop_ids), device=device)
-        stopped = torch.zeros(bsz, dtype=torch.bool, device=device)
+        # pipeline stages take turns on groups of rows (after the prompts' common part, in one pass)
+        interleave = model.stage.pipelined and bsz > 1 and not logprobs
+        every_row = slice(None)
         prev_pos = 0
-        for cur_pos in range(min(lengths), total_len):
+        for cur_pos in range(min(lengths), min(lengths) + 1 if interleave else total_len):
             if cur_pos - prev_pos == 1 and not logprobs:  # one token per row: the (compiled) decode step
                 logits = self.decode(tokens[:, prev_pos:cur_pos], prev_pos)
             else:
                 logits = model(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
-            next_token = sample(logits[:, -1], temperature, top_p, self.generator)
-            next_token = self.ctx.comm.broadcast(next_token, src=0)
-            next_token = torch.where(is_prompt[:, cur_pos], tokens[:, cur_pos], next_token)
-            tokens[:, cur_pos] = next_token
+            batch.accept(every_row, cur_pos, sample(logits[:, -1], temperature, top_p, self.generator))
             if logprobs:
                 token_logprobs[:, prev_pos + 1:cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none", ignore_index=PAD)
-            stopped |= ~is_prompt[:, cur_pos] & torch.isin(next_token, stop_ids)
             prev_pos = cur_pos
-            if cur_pos % STOP_CHECK_EVERY == 0 and bool(stopped.all()):  # a host sync: not every token
+            if cur_pos % STOP_CHECK_EVERY == 0 and batch.finished(every_row):  # a host sync: not every token
                 break
+        ends = [prev_pos + 1] * bsz  # per row: one past its last filled position
+        if interleave and prev_pos + 1 < total_len and not batch.finished(every_row):
+            self._decode_interleaved(batch, prev_pos, total_len, ends, temperature, top_p)
         out_tokens, out_logprobs = [], []
         for i, n in enumerate(lengths):
             start = 0 if echo else n
-            row = tokens[i, start:min(prev_pos + 1, n + max_gen_len)].tolist()
+            row = tokens[i, start:min(ends[i], n + max_gen_len)].tolist()
             cut = next((j for j, t in enumerate(row) if j + start >= n and t in self.tokenizer.stop_ids), len(row))
             out_tokens.append(row[:cut])
             if logprobs:
                 out_logprobs.append(token_logprobs[i, start:start + cut].tolist())
         return out_tokens, (out_logprobs if logprobs else None)
+
+    def _decode_interleaved(self, batch: "_Batch", pos: int, total_len: int, ends: list[int],
+                            temperature: float, top_p: float) -> None:
+        """The rest of a batch on a pipeline: one group of rows per stage, each a step behind the last."""
+        device = batch.tokens.device
+        groups = torch.arange(len(ends), device=device).tensor_split(min(len(ends), self.model.stage.count))
+
+        def step_done(group: int, p: int, logits: torch.Tensor | None) -> bool:
+            rows = groups[group]
+            chosen = (sample(logits[:, -1], temperature, top_p, self.generator) if logits is not None
+                      else torch.empty(len(rows), dtype=torch.long, device=device))
+            batch.accept(rows, p + 1, chosen)
+            for row in rows.tolist():
+                ends[row] = p + 2
+            return p + 2 < total_len and not ((p + 1) % STOP_CHECK_EVERY == 0 and batch.finished(rows))
+
+        decode_interleaved(self.model, self.stage_step, groups, pos, lambda g, p: batch.tokens[groups[g], p:p + 1],
+                           step_done)
 
     def text_completion(self, prompts: list[str], temperature: float = 0.6, top_p: float = 0.9,
                         max_gen_len: int | None = None, logprobs: bool = False,

@@ -196,8 +196,27 @@ class Transformer(nn.Module):
         furthest row (pass max_seq_len for the fixed shapes a compiled decode step needs).
         Every rank calls it with the same tokens, whichever stage it holds.
         """
-        bsz, seqlen = tokens.shape
-        device = tokens.device
+        pos, mask, length = self._placement(tokens.shape, tokens.device, start_pos, slots, length)
+        if self.stage.pipelined:
+            return self._pipelined(tokens, pos, mask, slots, length, last_only)
+        return self._stage(tokens, pos, mask, slots, length, last_only)
+
+    @torch.no_grad()
+    def stage_forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: torch.Tensor | None = None,
+                      length: int | None = None) -> torch.Tensor:
+        """This stage's share of a forward, sending and receiving left to the caller (a pipeline
+        schedule, or a compiled step that must not hold them): x is the tokens [B, S] on the first
+        stage, else the hidden state [B, S, dim] the stage before produced. Returns the hidden state
+        for the next stage or, on the last stage, the logits of each row's final position.
+        Arguments as in forward; one stage holding every layer makes this the whole model."""
+        pos, mask, length = self._placement(x.shape[:2], x.device, start_pos, slots, length)
+        return self._stage(x, pos, mask, slots, length, last_only=True)
+
+    def _placement(self, shape: tuple[int, ...], device: torch.device, start_pos: int | torch.Tensor,
+                   slots: torch.Tensor | None, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+        """Each token's position, the attention mask (None where a row sees the whole window) and the
+        cache length attended to."""
+        bsz, seqlen = shape
         offsets = torch.arange(seqlen, device=device)
         if isinstance(start_pos, int):
             end = start_pos + seqlen
@@ -213,20 +232,16 @@ class Transformer(nn.Module):
         mask = None
         if not (seqlen == 1 and end == length):  # visible: cached positions up to each token's own
             mask = (torch.arange(length, device=device) <= pos[..., None]).unsqueeze(1)
-        if self.stage.pipelined:
-            return self._pipelined(tokens, pos, mask, slots, length, last_only)
-        h = self.tok_embeddings(tokens).to(self.act_dtype)  # an int8 table dequantizes to fp32
-        h = self._layers(h, pos, mask, slots, length)
-        return self._logits(h, last_only)
+        return pos, mask, length
 
-    def _layers(self, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | None,
-                length: int) -> torch.Tensor:
+    def _stage(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | None,
+               length: int, last_only: bool) -> torch.Tensor:
+        h = self.tok_embeddings(x).to(self.act_dtype) if self.stage.is_first else x  # int8 tables give fp32
         rope = self.rope[pos]
         for layer in self.layers.values():
             h = layer(h, pos, rope, mask, slots, length)
-        return h
-
-    def _logits(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
+        if not self.stage.is_last:
+            return h
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
@@ -252,15 +267,14 @@ class Transformer(nn.Module):
         logits, sending = [], []
         for idx, cols in parts:
             part_pos = pos[idx][:, cols]
-            if stage.is_first:
-                h = self.tok_embeddings(tokens[idx][:, cols]).to(self.act_dtype)
-            else:
-                h = stage.receive((len(idx), part_pos.shape[1], self.args.dim), self.act_dtype, device)
-            h = self._layers(h, part_pos, None if mask is None else mask[idx][:, :, cols], rows[idx], length)
+            x = tokens[idx][:, cols] if stage.is_first else stage.receive(
+                (*part_pos.shape, self.args.dim), self.act_dtype, device)
+            out = self._stage(x, part_pos, None if mask is None else mask[idx][:, :, cols], rows[idx], length,
+                              last_only)
             if not stage.is_last:
-                sending.append(stage.send(h))
+                sending.append(stage.send(out))
             elif by_rows or not last_only or cols == parts[-1][1]:  # last_only over chunks: the final one
-                logits.append(self._logits(h, last_only))
+                logits.append(out)
         for handle in sending:
             handle.wait()
         shape = (bsz, 1 if last_only else seqlen, self.args.vocab_size)

@@ -9,10 +9,14 @@ instead of two all-reduces per layer across hosts. The last stage's logits go to
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..distributed.comm import Communicator
+
+if TYPE_CHECKING:
+    from ..model.transformer import Transformer
 
 
 def split_layers(n_layers: int, pp: int, split: list[int] | None = None) -> list[range]:
@@ -62,7 +66,10 @@ class PipelineStage:
 
     layers: range
     n_layers: int
+    index: int = 0  # this stage's place in the pipeline
+    count: int = 1  # stages in the pipeline
     comm: Communicator | None = None  # the world: send/recv and the logits broadcast (None: one stage)
+    rank: int = 0  # this rank in the world
     prev: int | None = None
     next: int | None = None
     last_root: int = 0  # the world rank whose logits every rank receives
@@ -93,6 +100,15 @@ class PipelineStage:
             logits = torch.empty(shape, dtype=torch.float32, device=device)
         return self.comm.broadcast(logits.contiguous(), src=self.last_root)
 
+    def logits_to_driver(self, logits: torch.Tensor | None, shape: tuple[int, ...],
+                         device: torch.device) -> torch.Tensor | None:
+        """The last stage's logits on rank 0 alone (the driver chooses the tokens); None elsewhere."""
+        if self.rank == self.last_root:
+            self.comm.send(logits.contiguous(), 0).wait()
+        elif self.rank == 0:
+            return self.comm.recv(torch.empty(shape, dtype=torch.float32, device=device), self.last_root)
+        return None
+
 
 def whole_model(n_layers: int) -> PipelineStage:
     return PipelineStage(range(n_layers), n_layers)
@@ -105,6 +121,59 @@ def pipeline_stage(rank: int, tp: int, pp: int, n_layers: int, comm: Communicato
     if pp == 1:
         return whole_model(n_layers)
     stage = rank // tp
-    return PipelineStage(ranges[stage], n_layers, comm,
+    return PipelineStage(ranges[stage], n_layers, stage, pp, comm, rank,
                          prev=rank - tp if stage > 0 else None, next=rank + tp if stage < pp - 1 else None,
                          last_root=(pp - 1) * tp, micro_batches=micro_batches or pp)
+
+
+StepDone = Callable[[int, int, "torch.Tensor | None"], bool]
+
+
+def decode_interleaved(model: "Transformer", step: Callable[..., torch.Tensor], groups: list[torch.Tensor], pos: int,
+                       inputs: Callable[[int, int], torch.Tensor], step_done: StepDone) -> None:
+    """Decode groups of rows through the stages at once: while stage s runs group g's step, stage s-1
+    runs group g+1's, so no stage waits for another once the pipeline is full.
+
+    Group g enters the first stage at ticks g, g + P, g + 2P, ... (P stages, at most P groups): its
+    step takes one tick per stage, so its next token, chosen by the driver as the step leaves the last
+    stage, is ready just as its turn comes round again. Every rank keeps the same schedule, so stage s
+    knows it holds what entered the first stage s ticks ago. step(x, p, rows): this stage's share of
+    one token per row (generation's stage step, compiled or not). Starting at `pos` for every group:
+    inputs(g, p) gives the tokens [rows, 1] group g feeds at position p (on every rank, only the first
+    stage reads them); step_done(g, p, logits) runs on every rank, in the same order, once group g's
+    step at p has left the last stage (logits [rows, 1, vocab] on rank 0, None elsewhere) and says
+    whether the group goes on to p + 1. Each group attends over its own cache rows (its row indices).
+    """
+    stage = model.stage
+    if len(groups) > stage.count:
+        raise ValueError(f"{len(groups)} row groups for {stage.count} pipeline stages: at most one group per stage.")
+    position, live = [pos] * len(groups), [True] * len(groups)
+    entered: list[tuple[int, int] | None] = []  # (group, position) that entered the first stage, per tick
+    sending: list = []
+    logits = None
+    while True:
+        group = len(entered) % stage.count
+        entered.append((group, position[group]) if group < len(groups) and live[group] else None)
+        if all(item is None for item in entered[-stage.count:]):  # nothing entered or in flight
+            break
+        tick = len(entered) - 1
+        mine = entered[tick - stage.index] if tick >= stage.index else None
+        if mine is not None:
+            rows, p = groups[mine[0]], mine[1]
+            x = inputs(*mine) if stage.is_first else stage.receive((len(rows), 1, model.args.dim), model.act_dtype,
+                                                                     rows.device)
+            out = step(x, p, rows)
+            if stage.is_last:
+                logits = out
+            else:
+                sending.append(stage.send(out))
+                while len(sending) > 1:  # the one before has surely been received by now
+                    sending.pop(0).wait()
+        done = entered[tick - stage.count + 1] if tick >= stage.count - 1 else None
+        if done is not None:
+            group, p = done
+            shape = (len(groups[group]), 1, model.args.vocab_size)
+            live[group] = step_done(group, p, stage.logits_to_driver(logits, shape, groups[group].device))
+            position[group] = p + 1
+    for handle in sending:
+        handle.wait()
