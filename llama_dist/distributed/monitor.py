@@ -4,11 +4,14 @@ A rank that raises reports its error to the store before exiting; a rank that is
 heartbeating. Every other rank's monitor thread notices within `dead_after_s`, prints which rank
 failed and why, and exits the process non-zero, whatever the main thread was blocked in
 (a collective, a compiled graph, NCCL). Clean shutdown is marked so that it is not mistaken
-for a death.
+for a death. A rank on the same host is judged by its process instead: its heartbeat thread can
+starve for minutes while its main thread holds the interpreter lock in a GPU wait (a pipeline
+stage waiting on a stage that is still compiling), and a process that exited is seen at once.
 """
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -23,6 +26,7 @@ class FailureMonitor:
         self.interval_s, self.dead_after_s = interval_s, dead_after_s
         self.stopped = threading.Event()
         self.beats = 0
+        store.set(f"process/{rank}", f"{machine_id()} {os.getpid()}")
         self.thread = threading.Thread(target=self._run, name="llama-dist-monitor", daemon=True)
         self.thread.start()
 
@@ -71,13 +75,23 @@ class FailureMonitor:
                 return f"rank {r} failed: {self.store.get(f'error/{r}').decode()}"
             if self.store.check([f"done/{r}"]):
                 continue
+            alive = self._process_alive(r)
+            if alive is False:
+                return f"rank {r} died (its process exited without a word: killed, or out of memory)"
             beat = self.store.get(f"heartbeat/{r}").decode() if self.store.check([f"heartbeat/{r}"]) else ""
-            if beat != last_seen[r][0]:
+            if beat != last_seen[r][0] or alive:
                 last_seen[r] = (beat, now)
             elif now - last_seen[r][1] > self.dead_after_s:
                 return (f"rank {r} stopped responding (no heartbeat for {now - last_seen[r][1]:.0f} s): it was "
                         "killed, ran out of memory, or its host is unreachable")
         return None
+
+    def _process_alive(self, rank: int) -> bool | None:
+        """Whether a rank's process still runs, where it runs on this machine (None: another machine)."""
+        if not self.store.check([f"process/{rank}"]):
+            return None
+        machine, pid = self.store.get(f"process/{rank}").decode().rsplit(" ", 1)
+        return process_alive(int(pid)) if machine == machine_id() else None
 
     def _abort(self, problem: str) -> None:
         print(f"llama-dist rank {self.rank}: {problem}. Exiting.", file=sys.stderr, flush=True)
@@ -88,3 +102,29 @@ class FailureMonitor:
         except Exception:
             pass
         os._exit(1)
+
+
+def machine_id() -> str:
+    """This machine's identity: its boot id where Linux gives one (host names repeat across containers)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` on this machine runs (an exited process its parent has not reaped yet does not)."""
+    if os.path.isdir("/proc/self"):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    try:  # no /proc (macOS): ask the kernel
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
