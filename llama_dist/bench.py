@@ -18,7 +18,7 @@ from .checkpoint.source import RandomSource
 from .distributed.context import init_distributed
 from .generation.llama import make_decode_step, make_stage_step
 from .model.args import ModelArgs
-from .parallel.pipeline import decode_interleaved
+from .parallel.pipeline import decode_interleaved, row_groups
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -83,15 +83,15 @@ def interleaved_tok_s(model, step, ctx, prompt: torch.Tensor, steps: int) -> flo
     """Greedy decode tokens/s of a batch on a pipeline, its row groups taking turns on the stages (as
     generation runs it)."""
     batch, start = prompt.shape
-    groups = torch.arange(batch, device=ctx.device).tensor_split(min(batch, model.stage.count))
+    groups = row_groups(batch, model.stage.count)
     tokens = torch.zeros(batch, start + steps + 4, dtype=torch.long, device=ctx.device)
     tokens[:, :start] = prompt
 
     def run(pos: int, n: int) -> None:
         def step_done(group: int, p: int, logits: torch.Tensor | None) -> bool:
             rows = groups[group]
-            chosen = logits[:, -1].argmax(-1) if logits is not None else torch.empty(len(rows), dtype=torch.long,
-                                                                                     device=ctx.device)
+            chosen = (logits[:, -1].argmax(-1) if logits is not None
+                      else torch.empty(rows.stop - rows.start, dtype=torch.long, device=ctx.device))
             tokens[rows, p + 1] = ctx.comm.broadcast(chosen)
             return p + 1 < pos + n
 

@@ -19,8 +19,8 @@ from ..distributed.comm import Communicator
 from ..distributed.context import ParallelContext, init_distributed
 from ..distributed.env import detect_launch
 from ..distributed.fingerprint import check_same_on_all_ranks, checkpoint_fingerprint, code_fingerprint
-from ..model.transformer import Transformer
-from ..parallel.pipeline import check_layout, decode_interleaved, parse_split, split_layers
+from ..model.transformer import Slots, Transformer
+from ..parallel.pipeline import check_layout, decode_interleaved, parse_split, row_groups, split_layers
 from ..tokenizer import Tokenizer
 from ..tokenizer.chat import Dialog, encode_dialog
 from .sampling import sample
@@ -56,10 +56,10 @@ def make_stage_step(model: Transformer, compile: bool) -> DecodeStep:
     model's logits [B, 1, vocab] where one stage holds every layer): x is the tokens [B, 1] on the
     first stage, else the hidden state the stage before produced; sends and receives are the caller's.
 
-    pos: one position for every row (an int) or a list of per-row positions; slots: the cache rows
-    (None: rows 0..B-1), as the server's continuous batching needs. Compiled, it attends over a
-    power-of-two window of the cache with a mask, and a batch with slots is padded to a power-of-two
-    size by repeating its last row (which writes the same key and value to the same cache place
+    pos: one position for every row (an int) or a list of per-row positions; slots: the cache rows,
+    as indices (the server's continuous batching) or a slice of consecutive rows (a pipeline's row
+    group; None: rows 0..B-1). Compiled, it attends over a power-of-two window of the cache with a
+    mask, and a batch with slot indices is padded to a power-of-two size by repeating its last row (which writes the same key and value to the same cache place
     again; its output is dropped), so few shapes occur: on GPUs a CUDA graph each. Eager, it
     attends over the filled part only."""
     if not compile:
@@ -73,7 +73,7 @@ def make_stage_step(model: Transformer, compile: bool) -> DecodeStep:
     buckets = model.max_batch_size.bit_length() + 1
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, windows * buckets + 2)
 
-    def forward(x: torch.Tensor, positions: torch.Tensor, window: int, slots: torch.Tensor | None) -> torch.Tensor:
+    def forward(x: torch.Tensor, positions: torch.Tensor, window: int, slots: Slots) -> torch.Tensor:
         return model.stage_forward(x, positions, slots, length=window)
 
     # Guards on the model's modules cost ~1.4 ms per call (30 layers' attributes, checked every token)
@@ -90,15 +90,15 @@ def make_stage_step(model: Transformer, compile: bool) -> DecodeStep:
                                   "cpp_wrapper": not on_gpu,
                                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
 
-    def run(x: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
+    def run(x: torch.Tensor, pos: int | list[int], slots: Slots = None) -> torch.Tensor:
         rows, device = x.shape[0], x.device
         if isinstance(pos, int):
             positions, last = torch.full((rows,), pos, device=device), pos
         else:
             positions, last = torch.tensor(pos, device=device), max(pos)
         window = attention_window(last, model.max_seq_len)
-        if slots is None:
-            return step(x, positions, window, None)
+        if not isinstance(slots, torch.Tensor):  # all rows, or consecutive ones: shapes repeat anyway
+            return step(x, positions, window, slots)
         pad = batch_bucket(rows, model.max_batch_size) - rows
         if pad:
             x, positions, slots = (torch.cat([t, t[-1:].expand(pad, *t.shape[1:])]) for t in (x, positions, slots))
@@ -138,14 +138,14 @@ class _Batch:
     stop_ids: torch.Tensor
     comm: Communicator
 
-    def accept(self, rows: slice | torch.Tensor, pos: int, chosen: torch.Tensor) -> None:
+    def accept(self, rows: slice, pos: int, chosen: torch.Tensor) -> None:
         """Rank 0's choice for these rows at `pos`, on every rank; where a prompt is still going on, its token stays."""
         chosen = self.comm.broadcast(chosen, src=0)
         prompt = self.is_prompt[rows, pos]
         self.tokens[rows, pos] = torch.where(prompt, self.tokens[rows, pos], chosen)
         self.stopped[rows] |= ~prompt & torch.isin(self.tokens[rows, pos], self.stop_ids)
 
-    def finished(self, rows: slice | torch.Tensor) -> bool:
+    def finished(self, rows: slice) -> bool:
         return bool(self.stopped[rows].all())
 
 
@@ -268,15 +268,14 @@ class Llama:
                             temperature: float, top_p: float) -> None:
         """The rest of a batch on a pipeline: one group of rows per stage, each a step behind the last."""
         device = batch.tokens.device
-        groups = torch.arange(len(ends), device=device).tensor_split(min(len(ends), self.model.stage.count))
+        groups = row_groups(len(ends), self.model.stage.count)
 
         def step_done(group: int, p: int, logits: torch.Tensor | None) -> bool:
             rows = groups[group]
             chosen = (sample(logits[:, -1], temperature, top_p, self.generator) if logits is not None
-                      else torch.empty(len(rows), dtype=torch.long, device=device))
+                      else torch.empty(rows.stop - rows.start, dtype=torch.long, device=device))
             batch.accept(rows, p + 1, chosen)
-            for row in rows.tolist():
-                ends[row] = p + 2
+            ends[rows] = [p + 2] * (rows.stop - rows.start)
             return p + 2 < total_len and not ((p + 1) % STOP_CHECK_EVERY == 0 and batch.finished(rows))
 
         decode_interleaved(self.model, self.stage_step, groups, pos, lambda g, p: batch.tokens[groups[g], p:p + 1],

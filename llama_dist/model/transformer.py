@@ -24,6 +24,8 @@ from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParall
 from ..parallel.pipeline import PipelineStage, whole_model
 from .args import ModelArgs
 
+Slots = torch.Tensor | slice | None  # cache rows of a batch: indices, a run of consecutive rows, or 0..B-1
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float, dtype=None, device=None):
@@ -98,21 +100,22 @@ class Attention(nn.Module):
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                slots: torch.Tensor | None, length: int) -> torch.Tensor:
-        """pos [B, S]: each token's position; slots [B] cache rows (None: rows 0..B-1); attend to [0, length)."""
+                slots: Slots, length: int) -> torch.Tensor:
+        """pos [B, S]: each token's position; slots: cache rows, [B] or consecutive ones as a slice (None:
+        rows 0..B-1); attend to [0, length)."""
         bsz, seqlen, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_local_heads, self.n_local_kv_heads
         q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
-        rows = (torch.arange(bsz, device=x.device) if slots is None else slots).view(bsz, 1).expand(bsz, seqlen)
+        slots = slice(0, bsz) if slots is None else slots
+        rows = torch.arange(slots.start, slots.stop, device=x.device) if isinstance(slots, slice) else slots
+        rows = rows.view(bsz, 1).expand(bsz, seqlen)
         self.cache_k[rows, :, pos] = k
         self.cache_v[rows, :, pos] = v
-        if slots is None:
-            keys, values = self.cache_k[:bsz, :, :length], self.cache_v[:bsz, :, :length]
-        else:
-            keys, values = self.cache_k[slots, :, :length], self.cache_v[slots, :, :length]
+        # consecutive rows attend over a view of the cache; others over a gathered copy of their rows
+        keys, values = self.cache_k[slots, :, :length], self.cache_v[slots, :, :length]
         # GQA without copying the cache: the n_rep query heads of one kv head attend as n_rep * seqlen rows
         q = q.transpose(1, 2).reshape(bsz, nkv, self.n_rep * seqlen, hd)
         if mask is not None and self.n_rep > 1:
@@ -202,7 +205,7 @@ class Transformer(nn.Module):
         return self._stage(tokens, pos, mask, slots, length, last_only)
 
     @torch.no_grad()
-    def stage_forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: torch.Tensor | None = None,
+    def stage_forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,
                       length: int | None = None) -> torch.Tensor:
         """This stage's share of a forward, sending and receiving left to the caller (a pipeline
         schedule, or a compiled step that must not hold them): x is the tokens [B, S] on the first
@@ -213,7 +216,7 @@ class Transformer(nn.Module):
         return self._stage(x, pos, mask, slots, length, last_only=True)
 
     def _placement(self, shape: tuple[int, ...], device: torch.device, start_pos: int | torch.Tensor,
-                   slots: torch.Tensor | None, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+                   slots: Slots, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Each token's position, the attention mask (None where a row sees the whole window) and the
         cache length attended to."""
         bsz, seqlen = shape
@@ -234,7 +237,7 @@ class Transformer(nn.Module):
             mask = (torch.arange(length, device=device) <= pos[..., None]).unsqueeze(1)
         return pos, mask, length
 
-    def _stage(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | None,
+    def _stage(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, slots: Slots,
                length: int, last_only: bool) -> torch.Tensor:
         h = self.tok_embeddings(x).to(self.act_dtype) if self.stage.is_first else x  # int8 tables give fp32
         rope = self.rope[pos]

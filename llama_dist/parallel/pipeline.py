@@ -129,7 +129,15 @@ def pipeline_stage(rank: int, tp: int, pp: int, n_layers: int, comm: Communicato
 StepDone = Callable[[int, int, "torch.Tensor | None"], bool]
 
 
-def decode_interleaved(model: "Transformer", step: Callable[..., torch.Tensor], groups: list[torch.Tensor], pos: int,
+def row_groups(rows: int, stages: int) -> list[slice]:
+    """Consecutive rows in at most one group per stage, as even as possible (a group's cache rows are then
+    a view of the cache, not a gathered copy)."""
+    n = min(rows, stages)
+    starts = [g * (rows // n) + min(g, rows % n) for g in range(n + 1)]
+    return [slice(a, b) for a, b in zip(starts, starts[1:])]
+
+
+def decode_interleaved(model: "Transformer", step: Callable[..., torch.Tensor], groups: list[slice], pos: int,
                        inputs: Callable[[int, int], torch.Tensor], step_done: StepDone) -> None:
     """Decode groups of rows through the stages at once: while stage s runs group g's step, stage s-1
     runs group g+1's, so no stage waits for another once the pipeline is full.
@@ -142,7 +150,7 @@ def decode_interleaved(model: "Transformer", step: Callable[..., torch.Tensor], 
     inputs(g, p) gives the tokens [rows, 1] group g feeds at position p (on every rank, only the first
     stage reads them); step_done(g, p, logits) runs on every rank, in the same order, once group g's
     step at p has left the last stage (logits [rows, 1, vocab] on rank 0, None elsewhere) and says
-    whether the group goes on to p + 1. Each group attends over its own cache rows (its row indices).
+    whether the group goes on to p + 1.
     """
     stage = model.stage
     if len(groups) > stage.count:
@@ -160,8 +168,8 @@ def decode_interleaved(model: "Transformer", step: Callable[..., torch.Tensor], 
         mine = entered[tick - stage.index] if tick >= stage.index else None
         if mine is not None:
             rows, p = groups[mine[0]], mine[1]
-            x = inputs(*mine) if stage.is_first else stage.receive((len(rows), 1, model.args.dim), model.act_dtype,
-                                                                     rows.device)
+            x = inputs(*mine) if stage.is_first else stage.receive((rows.stop - rows.start, 1, model.args.dim),
+                                                                     model.act_dtype, model.rope.device)
             out = step(x, p, rows)
             if stage.is_last:
                 logits = out
@@ -172,8 +180,9 @@ def decode_interleaved(model: "Transformer", step: Callable[..., torch.Tensor], 
         done = entered[tick - stage.count + 1] if tick >= stage.count - 1 else None
         if done is not None:
             group, p = done
-            shape = (len(groups[group]), 1, model.args.vocab_size)
-            live[group] = step_done(group, p, stage.logits_to_driver(logits, shape, groups[group].device))
+            rows = groups[group]
+            shape = (rows.stop - rows.start, 1, model.args.vocab_size)
+            live[group] = step_done(group, p, stage.logits_to_driver(logits, shape, model.rope.device))
             position[group] = p + 1
     for handle in sending:
         handle.wait()
