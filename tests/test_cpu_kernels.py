@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
+from llama_dist.checkpoint.ggml_quants import int4_groups_rows
 from llama_dist.quant import cpu_kernels
-from llama_dist.quant.weights import Int4Weight, Q8BlockWeight, int4_dequantize, int4_quantize
+from llama_dist.quant.weights import Int4Weight, Q8BlockWeight, int4_dequantize, int4_quantize, q4_1_rows, q8_0_blocks
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the CPU kernels")
 
@@ -37,7 +38,7 @@ def layers(k: int = 96, n: int = 37):  # 37 rows: the last Q4_1 row group is pad
     d4, m4 = scales.half().float(), (zeros - 8 * scales).half().float()  # as the blocks store them
     q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s8 = torch.rand(n, k // 32, generator=g) * 0.01
-    q8w = Q8BlockWeight(q8, s8)
+    q8w = Q8BlockWeight(q8_0_blocks(q8, s8))
     return {"q4_1": (q4, q.float().reshape(n, -1, 32), d4, m4, int4_dequantize(q, scales, zeros)),
             "q8_0": (q8w, q8.float().reshape(n, -1, 32), s8.half().float(), torch.zeros_like(s8),
                      q8.float() * s8.half().float().repeat_interleave(32, dim=1))}
@@ -79,3 +80,21 @@ def test_portable_build_equals_the_avx2_build(tmp_path):
     for kind, (layer, *_) in layers().items():
         here = layer(x)
         assert (torch.tensor(scalar[kind]) - here).abs().max() / here.abs().max() < 1e-5, kind
+
+
+def test_gguf_q4_1_rows_become_row_groups_by_moving_bytes():
+    """The load path from a GGUF's Q4_1 bytes (reordered as they are) equals the path through unpacked int4
+    groups, and both equal the original weights' groups."""
+    layer, *_ = layers()["q4_1"]
+    g = torch.Generator().manual_seed(1)
+    q, scales, zeros = int4_quantize(torch.randn(37, 96, generator=g), 32)
+    rows = q4_1_rows(q, scales, zeros)
+    assert rows.shape == (37, 3 * 20)
+    uq, us, uz = int4_groups_rows(rows, "Q4_1")  # llama.cpp's meaning of the bytes: value = d * q + m
+    assert torch.equal(uq.to(q.dtype), q)
+    direct = Int4Weight.from_q4_1(rows, torch.float32)
+    unpacked = Int4Weight(uq, us, uz, 32, torch.float32)
+    assert direct.uses_blocks and (direct.out_features, direct.in_features) == (37, 96)
+    assert torch.equal(direct.blocks, unpacked.blocks)
+    x = torch.randn(3, 96, generator=g)
+    assert torch.equal(direct(x), unpacked(x))

@@ -164,13 +164,6 @@ def _q4_k_groups(b: torch.Tensor):
 INT4_GROUPS = {"Q4_0": _q4_0_groups, "Q4_1": _q4_1_groups, "Q4_K": _q4_k_groups}
 
 
-def int8_groups_rows(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw rows of a Q8_0 tensor -> (q int8 [rows, cols], scales [rows, cols / 32])."""
-    rows = raw.shape[0]
-    b = raw.reshape(-1, BLOCK_TYPES["Q8_0"][1])
-    return b[:, 2:].contiguous().view(torch.int8).reshape(rows, -1), _f16(b[:, :2]).reshape(rows, -1)
-
-
 def int4_groups_rows(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Raw rows of a Q4_0/Q4_1/Q4_K tensor -> (q [rows, cols] in 0..15, scales, zeros [rows, cols / 32])."""
     _, size, _ = BLOCK_TYPES[type_name]

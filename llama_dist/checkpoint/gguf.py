@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..model.args import ModelArgs
-from .ggml_quants import BLOCK_TYPES, INT4_GROUPS, dequantize_rows, int4_groups_rows, int8_groups_rows
+from .ggml_quants import BLOCK_TYPES, INT4_GROUPS, dequantize_rows, int4_groups_rows
 from .gguf_file import GGUFFile
 from .shard import ShardLayout
 from .source import CheckpointError, QuantizedShard, count_types
@@ -136,6 +136,6 @@ class GGUFCheckpoint:
         raw, rest = self._raw_slice(name, layout)
         if rest.dim is not None and rest.parts > 1:  # a slice through the middle of blocks
             return None
-        if t.type_name == "Q8_0":
-            return QuantizedShard("q8_0", *int8_groups_rows(raw), group_size=32)
+        if t.type_name in ("Q8_0", "Q4_1"):  # kept as stored: the kernels read these blocks (or unpack them)
+            return QuantizedShard(t.type_name.lower(), raw, group_size=32)
         return QuantizedShard("int4", *int4_groups_rows(raw, t.type_name), group_size=32)

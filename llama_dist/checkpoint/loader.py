@@ -154,6 +154,8 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
     parts = canonical_parts(name)
     reader = getattr(source, "read_quantized", None) if quantize == "auto" else None
     stored = [reader(p, param_layout(p, args, world, rank)) for p in parts] if reader else [None]
+    if all(s is not None for s in stored) and {s.kind for s in stored} == {"int4", "q4_1"}:  # GGUF's mixed types
+        stored = [s.as_int4() for s in stored]
     if all(s is not None for s in stored) and len({s.kind for s in stored}) == 1:
         kind = stored[0].kind
         # Q8_0 blocks stay quantized where the CPU block kernel reads them; elsewhere they load dense

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from ..model.args import ModelArgs
+from .ggml_quants import int4_groups_rows
 from .shard import ShardLayout
 
 
@@ -17,13 +18,18 @@ class CheckpointError(ValueError):
 
 @dataclass
 class QuantizedShard:
-    """A rank's slice of a weight as stored quantized: int8 (q, per-row scales) or int4 (q, scales, zeros)."""
+    """A rank's slice of a weight as stored quantized: int8 (q, per-row scales), int4 (q, scales, zeros), or
+    "q8_0" / "q4_1": q is the GGUF blocks' bytes, rows [out, blocks * bytes per block]."""
 
     kind: str
     q: torch.Tensor
-    scales: torch.Tensor
+    scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     group_size: int = 0
+
+    def as_int4(self) -> "QuantizedShard":
+        """Q4_1 bytes as int4 groups, to join other int4 slices in one fused matrix."""
+        return QuantizedShard("int4", *int4_groups_rows(self.q, "Q4_1"), group_size=32) if self.kind == "q4_1" else self
 
 
 class CheckpointSource(Protocol):

@@ -1,12 +1,13 @@
 """The C++ CPU block matmuls (cpu_kernels.cpp), built once per machine with torch's extension builder.
 
-`available()` builds and loads them on first use (~20 s, cached under ~/.cache/torch_extensions);
+`available()` builds and loads them on first use (~20 s, cached under ~/.cache/torch_extensions/llama_dist);
 without a compiler, or with LLAMA_DIST_CPU_KERNELS=0, it says why and the int4/int8 weights use
 PyTorch's own packed kernels instead.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
 import sys
@@ -27,26 +28,47 @@ def _build_flags() -> tuple[str, list[str]]:
     return "scalar", []
 
 
+def _build_name(variant: str, flags: list[str]) -> str:
+    """The extension's name: its variant and a digest of what it is built from, so a cached build of
+    other source, flags or torch is never loaded."""
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode())
+    return f"llama_dist_cpu_{variant}_{digest.hexdigest()[:12]}"
+
+
 @functools.cache
 def available() -> bool:
     if os.environ.get("LLAMA_DIST_CPU_KERNELS") == "0":
         return False
-    from torch.utils import cpp_extension
-
     variant, flags = _build_flags()
-    venv_bin = Path(sys.executable).parent  # pip's ninja, when this environment is used without activation
-    if shutil.which("ninja") is None and (venv_bin / "ninja").exists():
-        os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
-    try:
-        cpp_extension.load(name=f"llama_dist_cpu_{variant}", sources=[str(SOURCE)], is_python_module=False,
-                           extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler or ninja: the packed PyTorch kernels still work, only slower
-        warnings.warn(f"llama-dist: the CPU block kernels could not be built ({e}); using PyTorch's int4/int8 "
-                      "kernels instead (slower). Install a C++ compiler and `pip install ninja` to build them.")
+    name = _build_name(variant, flags)
+    cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    built = cache / "llama_dist" / name / f"{name}.so"
+    # built before (and no build of it under way, which holds the lock): load it without torch's extension
+    # builder, whose import alone costs 0.25 s
+    if built.exists() and not (built.parent / "lock").exists():
+        torch.ops.load_library(str(built))
+    elif not _build(name, flags, built.parent):
         return False
     # output shapes, for torch.compile
     torch.library.register_fake("llama_dist::q8_0_matmul")(
         lambda x, blocks: x.new_empty((x.shape[0], blocks.shape[0]), dtype=torch.float32))
     torch.library.register_fake("llama_dist::q4_1_matmul")(
         lambda x, groups, n: x.new_empty((x.shape[0], n), dtype=torch.float32))
+    return True
+
+
+def _build(name: str, flags: list[str], directory: Path) -> bool:
+    from torch.utils import cpp_extension
+
+    venv_bin = Path(sys.executable).parent  # pip's ninja, when this environment is used without activation
+    if shutil.which("ninja") is None and (venv_bin / "ninja").exists():
+        os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, build_directory=str(directory),
+                           extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+    except Exception as e:  # no compiler or ninja: the packed PyTorch kernels still work, only slower
+        warnings.warn(f"llama-dist: the CPU block kernels could not be built ({e}); using PyTorch's int4/int8 "
+                      "kernels instead (slower). Install a C++ compiler and `pip install ninja` to build them.")
+        return False
     return True
