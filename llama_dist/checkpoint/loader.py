@@ -129,11 +129,11 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
             state[name] = state["tok_embeddings.weight"]  # one copy of the tied matrix, read once
             continue
         expected = model.get_parameter(name).shape
-        tensor = read_shard(source, name, args, ctx.tp_size, ctx.tp_rank)
+        tensor = read_shard(source, name, args, ctx.tp_size, ctx.tp_rank, ctx.device, dtype)
         if tuple(tensor.shape) != tuple(expected):
             raise CheckpointError(f"{name}: the checkpoint gives shape {tuple(tensor.shape)} for rank {ctx.rank} "
                                   f"but the model expects {tuple(expected)}; the weights do not match the config.")
-        state[name] = tensor.to(device=ctx.device, dtype=dtype).contiguous()
+        state[name] = tensor.contiguous()
     missing, _ = model.load_state_dict(state, assign=True, strict=False)
     assert all(".qweight." in k for k in missing), missing  # quantized weights were set in place above
     model.setup_caches(max_batch_size, max_seq_len, dtype, ctx.device)
@@ -164,7 +164,7 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
             return quantized_from_shards(stored, act_dtype, ctx.device)
     if quantize not in QUANT_TYPES:
         return None
-    weight = read_shard(source, name, args, world, rank).to(ctx.device)
+    weight = read_shard(source, name, args, world, rank, ctx.device)
     return quantize_weight(weight, "int8" if is_embedding else quantize, group_size, act_dtype)
 
 

@@ -87,10 +87,18 @@ def canonical_parts(model_param: str) -> list[str]:
     return [prefix + part for part in FUSED[base]]
 
 
-def read_shard(source, model_param: str, args: ModelArgs, world_size: int, rank: int) -> torch.Tensor:
-    """This rank's slice of a model parameter, fused ones assembled from their canonical parts."""
+def read_shard(source, model_param: str, args: ModelArgs, world_size: int, rank: int,
+               device: torch.device | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """This rank's slice of a model parameter on `device` in `dtype` (default: as read), fused ones assembled
+    from their canonical parts there: each part is copied once, straight from the (memory-mapped) file."""
     parts = [source.read(n, param_layout(n, args, world_size, rank)) for n in canonical_parts(model_param)]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if len(parts) == 1:
+        return parts[0].to(device=device, dtype=dtype)
+    out = torch.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), dtype=dtype or parts[0].dtype,
+                      device=device or parts[0].device)
+    for part, rows in zip(parts, out.split([len(p) for p in parts])):
+        rows.copy_(part)
+    return out
 
 
 def full_shape(name: str, args: ModelArgs) -> tuple[int, ...]:
