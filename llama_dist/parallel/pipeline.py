@@ -145,8 +145,9 @@ def decode_interleaved(model: "Transformer", step: Callable[..., torch.Tensor], 
     Group g enters the first stage at ticks g, g + P, g + 2P, ... (P stages, at most P groups): its
     step takes one tick per stage, so its next token, chosen by the driver as the step leaves the last
     stage, is ready just as its turn comes round again. Every rank keeps the same schedule, so stage s
-    knows it holds what entered the first stage s ticks ago. step(x, p, rows): this stage's share of
-    one token per row (generation's stage step, compiled or not). Starting at `pos` for every group:
+    knows it holds what entered the first stage s ticks ago. groups: consecutive cache rows each
+    (row_groups); step(x, p, rows): this stage's share of one token per row (generation's stage step,
+    compiled or not). Starting at `pos` for every group:
     inputs(g, p) gives the tokens [rows, 1] group g feeds at position p (on every rank, only the first
     stage reads them); step_done(g, p, logits) runs on every rank, in the same order, once group g's
     step at p has left the last stage (logits [rows, 1, vocab] on rank 0, None elsewhere) and says
