@@ -56,7 +56,7 @@ def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: 
     nxt = tokens[:, -1:]
     chosen, tops = [], []
 
-    def step(pos: int, nxt: torch.Tensor) -> torch.Tensor:
+    def advance(pos: int, nxt: torch.Tensor) -> torch.Tensor:
         logits = decode(nxt, pos)[:, -1]
         if top2 is not None:  # one small kernel per step, no synchronisation
             tops.append(logits[0].float().topk(2).values)
@@ -65,11 +65,11 @@ def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: 
         return nxt
 
     for pos in range(prompt_len, prompt_len + 3):  # compile and warm up
-        nxt = step(pos, nxt)
+        nxt = advance(pos, nxt)
     sync(ctx.device)
     start = time.perf_counter()
     for pos in range(prompt_len + 3, prompt_len + 3 + steps):
-        nxt = step(pos, nxt)
+        nxt = advance(pos, nxt)
     sync(ctx.device)
     elapsed = time.perf_counter() - start
     if greedy is not None:

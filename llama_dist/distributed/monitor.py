@@ -10,6 +10,7 @@ stage waiting on a stage that is still compiling), and a process that exited is 
 """
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import sys
@@ -104,6 +105,7 @@ class FailureMonitor:
         os._exit(1)
 
 
+@functools.cache  # checked for every rank each second; a machine keeps its id
 def machine_id() -> str:
     """This machine's identity: its boot id where Linux gives one (host names repeat across containers)."""
     try:

@@ -202,7 +202,7 @@ class Transformer(nn.Module):
         pos, mask, length = self._placement(tokens.shape, tokens.device, start_pos, slots, length)
         if self.stage.pipelined:
             return self._pipelined(tokens, pos, mask, slots, length, last_only)
-        return self._stage(tokens, pos, mask, slots, length, last_only)
+        return self._head(self._stage(tokens, pos, mask, slots, length), last_only)
 
     @torch.no_grad()
     def stage_forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,
@@ -213,7 +213,8 @@ class Transformer(nn.Module):
         for the next stage or, on the last stage, the logits of each row's final position.
         Arguments as in forward; one stage holding every layer makes this the whole model."""
         pos, mask, length = self._placement(x.shape[:2], x.device, start_pos, slots, length)
-        return self._stage(x, pos, mask, slots, length, last_only=True)
+        h = self._stage(x, pos, mask, slots, length)
+        return self._head(h, last_only=True) if self.stage.is_last else h
 
     def _placement(self, shape: tuple[int, ...], device: torch.device, start_pos: int | torch.Tensor,
                    slots: Slots, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
@@ -238,13 +239,16 @@ class Transformer(nn.Module):
         return pos, mask, length
 
     def _stage(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, slots: Slots,
-               length: int, last_only: bool) -> torch.Tensor:
+               length: int) -> torch.Tensor:
+        """The hidden state after this stage's layers: x is tokens on the first stage, else a hidden state."""
         h = self.tok_embeddings(x).to(self.act_dtype) if self.stage.is_first else x  # int8 tables give fp32
         rope = self.rope[pos]
         for layer in self.layers.values():
             h = layer(h, pos, rope, mask, slots, length)
-        if not self.stage.is_last:
-            return h
+        return h
+
+    def _head(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
+        """The last stage's float32 logits (of each row's final position only, if last_only)."""
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()
@@ -272,12 +276,11 @@ class Transformer(nn.Module):
             part_pos = pos[idx][:, cols]
             x = tokens[idx][:, cols] if stage.is_first else stage.receive(
                 (*part_pos.shape, self.args.dim), self.act_dtype, device)
-            out = self._stage(x, part_pos, None if mask is None else mask[idx][:, :, cols], rows[idx], length,
-                              last_only)
+            h = self._stage(x, part_pos, None if mask is None else mask[idx][:, :, cols], rows[idx], length)
             if not stage.is_last:
-                sending.append(stage.send(out))
+                sending.append(stage.send(h))
             elif by_rows or not last_only or cols == parts[-1][1]:  # last_only over chunks: the final one
-                logits.append(out)
+                logits.append(self._head(h, last_only))
         for handle in sending:
             handle.wait()
         shape = (bsz, 1 if last_only else seqlen, self.args.vocab_size)

@@ -22,6 +22,8 @@ from . import cpu_kernels, gpu_gemv
 from .cpu_kernels import BLOCK
 
 QUANT_TYPES = ("int8", "int4")
+Q4_1_BYTES = BLOCK_TYPES["Q4_1"][1]  # fp16 d, fp16 m, 16 bytes of nibbles: value = d * q + m
+Q8_0_BYTES = BLOCK_TYPES["Q8_0"][1]  # fp16 d, 32 int8 values
 
 
 class QuantizedWeight(nn.Module):
@@ -86,18 +88,22 @@ class Int4Weight(QuantizedWeight):
         super().__init__()
         self.out_features, self.in_features = shape
         self.group_size, self.act_dtype, self.device_type = group_size, act_dtype, device_type
-        # Q4_1 blocks hold a scale per 32 weights: coarser groups keep their smaller packed form
-        self.uses_blocks = device_type == "cpu" and group_size == BLOCK and cpu_kernels.available()
+        self.uses_blocks = self._blocks_on(device_type, group_size)
+
+    @staticmethod
+    def _blocks_on(device_type: str, group_size: int) -> bool:
+        """Whether the CPU kernel's Q4_1 row groups serve: they hold a scale per 32 weights, so coarser
+        groups keep their smaller packed form."""
+        return device_type == "cpu" and group_size == BLOCK and cpu_kernels.available()
 
     @classmethod
     def from_q4_1(cls, rows: torch.Tensor, act_dtype: torch.dtype) -> "Int4Weight":
         """GGUF Q4_1 rows [out, in / 32 * 20]. Where the CPU kernel runs, its row groups are these bytes
         reordered (no unpacking: 0.3 s less of SmolLM2's load); elsewhere they unpack into groups."""
-        out_f, in_f = rows.shape[0], rows.shape[1] // Q4_1_BYTES * BLOCK
-        if not (rows.device.type == "cpu" and BLOCK == 32 and cpu_kernels.available()):
+        if not cls._blocks_on(rows.device.type, BLOCK):
             return cls(*int4_groups_rows(rows, "Q4_1"), BLOCK, act_dtype)
         weight = cls.__new__(cls)
-        weight._setup((out_f, in_f), BLOCK, act_dtype, "cpu")
+        weight._setup((rows.shape[0], rows.shape[1] // Q4_1_BYTES * BLOCK), BLOCK, act_dtype, "cpu")
         weight.register_buffer("blocks", q4_1_row_groups(rows))
         return weight
 
@@ -137,15 +143,12 @@ class Q8BlockWeight(QuantizedWeight):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the dequantized matrix: a Q8_0 embedding table looked up without expanding it."""
         raw = self.blocks[ids]
-        return q8_0(raw.reshape(-1, BLOCK_TYPES["Q8_0"][1])).reshape(*raw.shape[:-1], self.in_features)
+        return q8_0(raw.reshape(-1, Q8_0_BYTES)).reshape(*raw.shape[:-1], self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         y = torch.ops.llama_dist.q8_0_matmul(x.reshape(-1, shape[-1]), self.blocks)
         return y.reshape(*shape[:-1], -1).to(x.dtype)
-
-
-Q4_1_BYTES = BLOCK_TYPES["Q4_1"][1]  # fp16 d, fp16 m, 16 bytes of nibbles: value = d * q + m
 
 
 def q4_1_rows(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -170,9 +173,6 @@ def q4_1_row_groups(rows: torch.Tensor) -> torch.Tensor:
     body = r[..., 4:].view(groups, 8, blocks, 4, 4).permute(0, 2, 3, 1, 4)  # [g, b, c, j, t]
     return torch.cat([head.reshape(groups, blocks, 32), body.reshape(groups, blocks, 128)], dim=-1).reshape(
         groups, -1)
-
-
-Q8_0_BYTES = BLOCK_TYPES["Q8_0"][1]  # fp16 d, 32 int8 values
 
 
 def q8_0_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
