@@ -105,7 +105,8 @@ def interleaved_tok_s(model, step, ctx, prompt: torch.Tensor, steps: int) -> flo
     return batch * steps / (time.perf_counter() - t)
 
 
-def hf_figures(args: ModelArgs, device: torch.device, steps: int) -> dict[str, float]:
+def hf_figures(args: ModelArgs, device: torch.device, steps: int, batches: tuple[int, ...]) -> dict[str, float]:
+    """HF transformers' eager greedy decode tokens/s at our batch sizes, same shape, same device."""
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=args.vocab_size, hidden_size=args.dim,
@@ -115,7 +116,7 @@ def hf_figures(args: ModelArgs, device: torch.device, steps: int) -> dict[str, f
     with torch.device(device):
         hf = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
     out = {}
-    for batch in (1, 16):
+    for batch in batches:
         prompt = torch.randint(0, args.vocab_size, (batch, 16), device=device)
         with torch.no_grad():
             hf.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
@@ -166,7 +167,7 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     if hf and ctx.world_size == 1 and not model:
         del m
         torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
-        result.update(hf_figures(source.args, ctx.device, min(steps, 64)))
+        result.update(hf_figures(source.args, ctx.device, min(steps, 64), batches))
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
         if os.environ.get("OUT"):

@@ -84,8 +84,6 @@ def make_stage_step(model: Transformer, compile: bool) -> DecodeStep:
     # compile there, so a shape that changes (batch size, window) is recompiled once as dynamic instead.
     step = torch.compile(forward, fullgraph=on_gpu, dynamic=False if on_gpu else None,
                          options={"triton.cudagraphs": on_gpu,  # what mode="reduce-overhead" sets
-                                  # tune the batch-1 matrix-vector kernels (gpt-fast does the same)
-                                  "coordinate_descent_tuning": on_gpu,
                                   # CPUs: a C++ wrapper calls the kernels, not Python (SmolLM2: +18% tok/s)
                                   "cpp_wrapper": not on_gpu,
                                   "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})

@@ -99,13 +99,14 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
-                slots: Slots, length: int) -> torch.Tensor:
-        """pos [B, S]: each token's position; slots: cache rows, [B] or consecutive ones as a slice (None:
-        rows 0..B-1); attend to [0, length)."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm, pos: torch.Tensor, rope: torch.Tensor,
+                mask: torch.Tensor | None, slots: Slots, length: int) -> torch.Tensor:
+        """x + attention over norm(x). pos [B, S]: each token's position; slots: cache rows, [B] or
+        consecutive ones as a slice (None: rows 0..B-1); attend to [0, length). The norm and the residual
+        are handed to the projections, whose one-row kernel applies them as it streams the weights."""
         bsz, seqlen, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_local_heads, self.n_local_kv_heads
-        q, k, v = self.wqkv(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        q, k, v = self.wqkv(x, norm).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
@@ -124,7 +125,7 @@ class Attention(nn.Module):
             out = decode_attention_cpu(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.wo(out.view(bsz, nh, seqlen, hd).transpose(1, 2).reshape(bsz, seqlen, -1))
+        return self.wo(out.view(bsz, nh, seqlen, hd).transpose(1, 2).reshape(bsz, seqlen, -1), residual=x)
 
 
 class FeedForward(nn.Module):
@@ -134,9 +135,9 @@ class FeedForward(nn.Module):
         self.w13 = ColumnParallelLinear(args.dim, 2 * args.hidden_dim, gather_output=False, **kw)
         self.w2 = RowParallelLinear(args.hidden_dim, args.dim, input_is_parallel=True, **kw)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x + w2(silu(gate) * up) with [gate, up] = w13(norm(x)), SwiGLU (applied inside w2's input)."""
+        return self.w2(self.w13(x, norm), gated=True, residual=x)
 
 
 class TransformerBlock(nn.Module):
@@ -148,8 +149,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
 
     def forward(self, x, pos, rope, mask, slots, length) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), pos, rope, mask, slots, length)
-        return h + self.feed_forward(self.ffn_norm(h))
+        h = self.attention(x, self.attention_norm, pos, rope, mask, slots, length)  # residuals included
+        return self.feed_forward(h, self.ffn_norm)
 
 
 MIN_MICRO_BATCH_TOKENS = 64  # below this, a pipeline part is too small to be worth another pass over a stage
@@ -251,7 +252,7 @@ class Transformer(nn.Module):
         """The last stage's float32 logits (of each row's final position only, if last_only)."""
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        return self.output(h, self.norm).float()
 
     def _pipelined(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
                    slots: torch.Tensor | None, length: int, last_only: bool) -> torch.Tensor:

@@ -33,10 +33,21 @@ class ShardedWeight(nn.Module):
         self.weight = None
         self.qweight = qweight
 
-    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
-        if self.qweight is not None:
-            return self.qweight(x)
-        return gpu_gemv.gemv(x, self.weight) if gpu_gemv.enabled(x) else F.linear(x, self.weight)
+    def local_linear(self, x: torch.Tensor, norm: nn.Module | None = None, gated: bool = False,
+                     residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when
+        gated). One row on CUDA does all of it in one kernel (quant/gpu_gemv.py); elsewhere step by step."""
+        operands = (self.weight, None) if self.qweight is None else self.qweight.gemv_operands()
+        if operands is not None and gpu_gemv.enabled(x):
+            return gpu_gemv.gemv(x, *operands, gated=gated, residual=residual,
+                                 **({} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}))
+        if norm is not None:
+            x = norm(x)
+        if gated:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
+        y = self.qweight(x) if self.qweight is not None else F.linear(x, self.weight)
+        return y if residual is None else residual + y
 
     def local_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight.rows(ids) if self.qweight is not None else F.embedding(ids, self.weight)
@@ -59,8 +70,9 @@ class ColumnParallelLinear(ShardedWeight):
         self.bias = nn.Parameter(torch.empty(local_out, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.local_linear(x)
+    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
+        """norm: an RMSNorm the input goes through first (so the one-row kernel can apply it)."""
+        y = self.local_linear(x, norm)
         if self.bias is not None:
             y = y + self.bias
         return self.comm.all_gather(y, dim=-1) if self.gather_output else y
@@ -84,10 +96,12 @@ class RowParallelLinear(ShardedWeight):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """gated: x is [gate, up] and the input silu(gate) * up (SwiGLU). residual: added to the sum, by
+        rank 0 before the reduction, so that no rank needs another kernel after it."""
         if not self.input_is_parallel:
             x = x.narrow(-1, self.comm.rank * self.local_in, self.local_in)
-        y = self.comm.all_reduce(self.local_linear(x))
+        y = self.comm.all_reduce(self.local_linear(x, gated=gated, residual=residual if self.comm.rank == 0 else None))
         return y + self.bias if self.bias is not None else y
 
 

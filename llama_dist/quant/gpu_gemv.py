@@ -1,4 +1,5 @@
-"""One decoded token's matrix-vector products on CUDA, in Triton: y = x W^T for a single row x.
+"""One decoded token's matrix-vector products on CUDA, in Triton: y = x W^T for a single row x,
+with the layer's neighbouring element-wise work folded in.
 
 Batch-1 decoding reads every weight once per token, so its speed is the read bandwidth these
 products reach. Inductor's reduction and cuBLAS reach 72-81% of it on H100/H200, and int8 weights
@@ -7,6 +8,13 @@ pipelined loads, dequantizing int8 rows (one scale per row) in registers, and su
 sizes are autotuned per shape. Rows > 1 keep the other paths. (An int4 variant that unpacked nibbles
 and gathered group scales here reached only ~20% of the bandwidth on an H100, under PyTorch's
 `_weight_int4pack_mm` at ~55%, so int4 keeps that kernel.)
+
+A decode step's other kernels (RMSNorm, SwiGLU, residual adds) each cost a launch and a few
+microseconds for a few kilobytes, about 15% of a 7B token on an H100; they cost nothing here:
+- RMSNorm before the product: x * g per column as x streams in, its sum of squares in the same loop,
+  and the 1/rms factor applied to the finished sums (it is one scalar per row of x);
+- SwiGLU: x holds [gate, up] and the product's input is silu(gate) * up, computed as it streams;
+- a residual added to the output.
 """
 from __future__ import annotations
 
@@ -16,6 +24,7 @@ import os
 import torch
 
 _ready = False  # set once load() has defined the op
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks the kernel
 
 
 @functools.cache
@@ -33,38 +42,53 @@ def load() -> bool:
                 for s in (2, 4)]
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K,
-                     SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """W [N, K] dense, or int8 times one scale per row s[N] when SCALED."""
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
+                     SCALED: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W [N, K] dense, or int8 times one scale per row s[N] when SCALED. NORM: x is RMS-normalised
+        with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r."""
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = row_ok[:, None] & (cols < K)[None, :]
             w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
             x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            if GATED:
+                up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+                x = x * tl.sigmoid(x) * up
+            if NORM:
+                squares += x * x
+                x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
         y = tl.sum(acc, axis=1)
+        if NORM:
+            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if SCALED:
             y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        if RESIDUAL:
+            y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    # Triton's CPU interpreter (TRITON_INTERPRET=1, how CI checks this kernel) cannot time configs: one tile.
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _INTERPRETED:  # the interpreter cannot time configs: one tile
         _gemv = _gemv_kernel
         _FIXED = {"BLOCK_N": 8, "BLOCK_K": 64}
     else:
-        _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED"])(_gemv_kernel)
+        _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
         _FIXED = {}
 
     @torch.library.triton_op("llama_dist::gemv", mutates_args={})
-    def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, scaled: bool) -> torch.Tensor:
-        """x [1, in] -> [1, out]; w dense, or int8 with scales [out] when `scaled` (else scales is unused)."""
+    def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
+                residual: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
+                add: bool) -> torch.Tensor:
+        """x [1, in] (or [1, 2 * in] when gated) -> [1, out]. Tensors whose flag is off are unused."""
         n, k = w.shape
         y = torch.empty((1, n), dtype=x.dtype, device=x.device)
         torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x, w, scales, y, n, k, SCALED=scaled, **_FIXED)
+            x, w, scales, norm_weight, residual, y, n, k, eps,
+            SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED)
         return y
 
     global _ready
@@ -73,12 +97,21 @@ def load() -> bool:
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """One row on a CUDA device, once load() has defined the kernel (LLAMA_DIST_GEMV=0 turns it off, for
-    comparisons). Called inside compiled code: only cheap checks."""
-    return _ready and x.is_cuda and x.numel() == x.shape[-1] and os.environ.get("LLAMA_DIST_GEMV", "1") != "0"
+    """One row on a CUDA device (any device under the interpreter), once load() has defined the kernel
+    (LLAMA_DIST_GEMV=0 turns it off, for comparisons). Called inside compiled code: only cheap checks."""
+    return _ready and (x.is_cuda or _INTERPRETED) and x.numel() == x.shape[-1] and os.environ.get("LLAMA_DIST_GEMV", "1") != "0"
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W."""
-    y = torch.ops.llama_dist.gemv(x.reshape(1, -1), w, w if scales is None else scales, scales is not None)
+def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,
+         norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W.
+
+    norm_weight: RMS-normalise x first (with eps); gated: x is [gate, up] and the input silu(gate) * up;
+    residual [..., out]: added to the result."""
+    flat = x.reshape(1, -1)
+    y = torch.ops.llama_dist.gemv(
+        flat, w, flat if scales is None else scales, flat if norm_weight is None else norm_weight,
+        flat if residual is None else residual.reshape(1, -1), eps,
+        scales is not None, norm_weight is not None, gated, residual is not None)
     return y.reshape(*x.shape[:-1], -1)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint.ggml_quants import BLOCK_TYPES, int4_groups_rows, q8_0
-from . import cpu_kernels, gpu_gemv
+from . import cpu_kernels
 from .cpu_kernels import BLOCK
 
 QUANT_TYPES = ("int8", "int4")
@@ -31,6 +31,10 @@ class QuantizedWeight(nn.Module):
 
     out_features: int
     in_features: int
+
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(W, per-row scales) for the CUDA one-row kernel (quant/gpu_gemv.py), where it can read this format."""
+        return None
 
 
 class Int8Weight(QuantizedWeight):
@@ -52,13 +56,15 @@ class Int8Weight(QuantizedWeight):
         """Rows of the dequantized matrix: an int8 embedding table looked up without expanding it."""
         return self.q[ids].float() * self.scales[ids, None].float()
 
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q, self.scales
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             shape = x.shape
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.q, self.scales)
             return y.reshape(*shape[:-1], -1).to(x.dtype)
-        if gpu_gemv.enabled(x):  # one row on CUDA: our Triton kernel dequantizes as it streams the rows
-            return gpu_gemv.gemv(x, self.q, self.scales)
+        # (One row on CUDA goes to our Triton kernel, which dequantizes as it streams: gemv_operands.)
         # Otherwise the compiled decode step fuses this dequantization into the matmul (PyTorch's packed
         # int8 CUDA kernel measured 10x slower than bf16 at batch 1 on an H100).
         return torch.nn.functional.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)
