@@ -7,6 +7,7 @@ import torch
 from tqdm import tqdm
 
 from ..distributed.context import ParallelContext
+from ..model import gpu_attention
 from ..model.transformer import Transformer
 from ..models import resolve_model
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
@@ -105,7 +106,8 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
     quantized = quantize in QUANT_TYPES or (quantize == "auto" and stores_quantized(source))
     dtype = dtype or default_dtype(ctx.device, quantized=quantized)
     if ctx.device.type == "cuda":
-        gpu_gemv.load()  # our one-row matmul kernel, where Triton is present
+        gpu_gemv.load()  # our one-token kernels, where Triton is present
+        gpu_attention.load()
     with torch.device("meta"):
         model = Transformer(args, ctx.tp_comm, dtype=dtype, stage=stage)
     owners = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ShardedWeight)}

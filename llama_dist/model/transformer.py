@@ -22,6 +22,7 @@ from torch import nn
 from ..distributed.comm import Communicator
 from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 from ..parallel.pipeline import PipelineStage, whole_model
+from . import gpu_attention
 from .args import ModelArgs
 
 Slots = torch.Tensor | slice | None  # cache rows of a batch: indices, a run of consecutive rows, or 0..B-1
@@ -121,7 +122,9 @@ class Attention(nn.Module):
         q = q.transpose(1, 2).reshape(bsz, nkv, self.n_rep * seqlen, hd)
         if mask is not None and self.n_rep > 1:
             mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).reshape(bsz, 1, self.n_rep * seqlen, -1)
-        if x.device.type == "cpu" and seqlen == 1:
+        if seqlen == 1 and gpu_attention.enabled(q, keys):  # a decode mask is always "up to pos": not needed
+            out = gpu_attention.decode_attention(q, keys, values, pos[:, 0])
+        elif x.device.type == "cpu" and seqlen == 1:
             out = decode_attention_cpu(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)

@@ -24,7 +24,7 @@ import os
 import torch
 
 _ready = False  # set once load() has defined the op
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks the kernel
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks our kernels
 
 
 @functools.cache
@@ -38,7 +38,8 @@ def load() -> bool:
         return False
 
     _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bn, bk, w in ((4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 8), (16, 512, 8))
+                for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
+                                  (16, 256, 8), (16, 512, 8))
                 for s in (2, 4)]
 
     @triton.jit
@@ -72,7 +73,7 @@ def load() -> bool:
             y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    if _INTERPRETED:  # the interpreter cannot time configs: one tile
+    if INTERPRETED:  # the interpreter cannot time configs: one tile
         _gemv = _gemv_kernel
         _FIXED = {"BLOCK_N": 8, "BLOCK_K": 64}
     else:
@@ -96,10 +97,15 @@ def load() -> bool:
     return True
 
 
+def kernel_enabled(x: torch.Tensor, switch: str) -> bool:
+    """Whether one of our Triton kernels may take x: on a CUDA device (any device under the interpreter),
+    unless its environment switch is "0" (for comparisons). Called inside compiled code: only cheap checks."""
+    return (x.is_cuda or INTERPRETED) and os.environ.get(switch, "1") != "0"
+
+
 def enabled(x: torch.Tensor) -> bool:
-    """One row on a CUDA device (any device under the interpreter), once load() has defined the kernel
-    (LLAMA_DIST_GEMV=0 turns it off, for comparisons). Called inside compiled code: only cheap checks."""
-    return _ready and (x.is_cuda or _INTERPRETED) and x.numel() == x.shape[-1] and os.environ.get("LLAMA_DIST_GEMV", "1") != "0"
+    """One row, once load() has defined the kernel (LLAMA_DIST_GEMV=0 turns it off)."""
+    return _ready and x.numel() == x.shape[-1] and kernel_enabled(x, "LLAMA_DIST_GEMV")
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,

@@ -1,8 +1,9 @@
-"""The CUDA one-row matmul kernel (Triton), run by Triton's CPU interpreter: CI has no GPU.
+"""Our CUDA decode kernels (Triton), run by Triton's CPU interpreter: CI has no GPU.
 
 Its speed is a GPU-only question (benchmarks/gemv_kernels.py); here: the values, with masked edges
 (an input length that is not a multiple of the tile, fewer rows than a tile), dense and int8, and the work it
-folds in (RMSNorm of the input, SwiGLU of a [gate, up] input, a residual) against the model's own modules."""
+folds in (RMSNorm of the input, SwiGLU of a [gate, up] input, a residual) against the model's own modules; the
+decode attention against SDPA; a whole model's decode steps through both against the step-by-step path."""
 import os
 import subprocess
 import sys
@@ -40,11 +41,38 @@ for n, k in ((40, 288), (3, 64), (17, 1000)):
 print("ok")
 """
 
+ATTENTION_SCRIPT = """
+import torch
+import torch.nn.functional as F
+from llama_dist.model.gpu_attention import decode_attention, load
+assert load()
+g = torch.Generator().manual_seed(0)
+for bsz, n_kv, n_rep, length, d in ((1, 4, 1, 40, 32), (3, 2, 3, 70, 16), (2, 1, 8, 17, 64)):
+    q = torch.randn(bsz, n_kv, n_rep, d, generator=g)
+    cache_k, cache_v = (torch.randn(bsz + 1, n_kv, length + 9, d, generator=g) for _ in range(2))
+    keys, values = cache_k[1:, :, :length], cache_v[1:, :, :length]  # views of a cache, as the model passes
+    last = torch.randint(0, length, (bsz,), generator=g)
+    mask = (torch.arange(length) <= last[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    out = decode_attention(q, keys, values, last)
+    assert (out - ref).abs().max() < 1e-5, (bsz, n_kv, n_rep, (out - ref).abs().max())
+print("ok")
+"""
 
-def test_gemv_kernel_in_the_interpreter():
-    out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300,
+
+def run_interpreted(script: str) -> None:
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "TRITON_INTERPRET": "1"})
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_decode_attention_kernel_in_the_interpreter():
+    """Rows at different positions over cache views, MHA and GQA groups of 3 and 8 query heads."""
+    run_interpreted(ATTENTION_SCRIPT)
+
+
+def test_gemv_kernel_in_the_interpreter():
+    run_interpreted(SCRIPT)
 
 
 MODEL_SCRIPT = """
@@ -54,9 +82,10 @@ from llama_dist.checkpoint.loader import load_model
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.model.args import ModelArgs
+from llama_dist.model import gpu_attention
 from llama_dist.quant.gpu_gemv import load
 from tests.helpers import TINY_GQA, random_state_dict
-assert load()
+assert load() and gpu_attention.load()
 args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
 tokens = torch.tensor([[5, 17, 99, 3, 250, 7]])
@@ -65,8 +94,8 @@ for quantize, tolerance in (("none", 1e-5), ("int8", 1e-2)):
     model = load_model(StateDictSource(args, random_state_dict(args)), ctx, dtype=torch.float32, max_seq_len=16,
                        max_batch_size=1, progress=False, quantize=quantize)
     logits = {}
-    for kernel in ("1", "0"):  # one decoded row at a time: the kernel's path, then the step-by-step one
-        os.environ["LLAMA_DIST_GEMV"] = kernel
+    for kernel in ("1", "0"):  # one decoded row at a time: the kernels' path, then the step-by-step one
+        os.environ["LLAMA_DIST_GEMV"] = os.environ["LLAMA_DIST_ATTENTION"] = kernel
         logits[kernel] = torch.cat([model(tokens[:, i:i + 1], i) for i in range(tokens.shape[1])], dim=1)
     err = (logits["1"] - logits["0"]).abs().max() / logits["0"].abs().max()
     assert err < tolerance, (quantize, err)
@@ -75,8 +104,6 @@ print("ok")
 
 
 def test_model_decodes_the_same_through_the_kernel():
-    """Every projection of a one-row decode step through the kernel (norms, SwiGLU and residuals folded in)
-    gives the logits of the step-by-step path, dense and int8."""
-    out = subprocess.run([sys.executable, "-c", MODEL_SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    """A one-row decode step through our kernels (every projection, with norms, SwiGLU and residuals folded
+    in, and the attention) gives the logits of the step-by-step path, dense and int8."""
+    run_interpreted(MODEL_SCRIPT)
