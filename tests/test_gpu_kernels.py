@@ -1,7 +1,7 @@
 """Our CUDA decode kernels (Triton), run by Triton's CPU interpreter: CI has no GPU.
 
 Its speed is a GPU-only question (benchmarks/gemv_kernels.py); here: the values, with masked edges
-(an input length that is not a multiple of the tile, fewer rows than a tile), dense and int8, and the work it
+(an input length that is not a multiple of the tile, fewer rows than a tile, 1 to 8 input rows), dense and int8, and the work it
 folds in (RMSNorm of the input, SwiGLU of a [gate, up] input, a residual) against the model's own modules; the
 decode attention against SDPA; a whole model's decode steps through both against the step-by-step path."""
 import os
@@ -21,10 +21,10 @@ assert load()
 from llama_dist.quant.weights import int8_quantize
 from llama_dist.model.transformer import RMSNorm
 g = torch.Generator().manual_seed(0)
-for n, k in ((40, 288), (3, 64), (17, 1000)):
-    x, w = torch.randn(1, 1, k, generator=g), torch.randn(n, k, generator=g)
+for rows, n, k in ((1, 40, 288), (1, 3, 64), (1, 17, 1000), (3, 40, 288), (8, 17, 100)):
+    x, w = torch.randn(rows, 1, k, generator=g), torch.randn(n, k, generator=g)
     y = gemv(x, w)
-    assert y.shape == (1, 1, n), y.shape
+    assert y.shape == (rows, 1, n), y.shape
     assert (y - x @ w.t()).abs().max() < 1e-4 * (x @ w.t()).abs().max(), (n, k)
     q, s = int8_quantize(w)
     ref = x @ (q.float() * s[:, None]).t()
@@ -34,7 +34,7 @@ for n, k in ((40, 288), (3, 64), (17, 1000)):
     ref = norm(x * 3) @ w.t()
     y = gemv(x * 3, w, norm_weight=norm.weight, eps=norm.eps)
     assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-    gate_up, r = torch.randn(1, 1, 2 * k, generator=g), torch.randn(1, 1, n, generator=g)
+    gate_up, r = torch.randn(rows, 1, 2 * k, generator=g), torch.randn(rows, 1, n, generator=g)
     ref = r + (torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]) @ (q.float() * s[:, None]).t()
     y = gemv(gate_up, q, s, gated=True, residual=r)
     assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
@@ -44,17 +44,28 @@ print("ok")
 ATTENTION_SCRIPT = """
 import torch
 import torch.nn.functional as F
+from llama_dist.model.args import ModelArgs
 from llama_dist.model.gpu_attention import decode_attention, load
+from llama_dist.model.transformer import apply_rotary, rope_table
 assert load()
 g = torch.Generator().manual_seed(0)
 for bsz, n_kv, n_rep, length, d in ((1, 4, 1, 40, 32), (3, 2, 3, 70, 16), (2, 1, 8, 17, 64)):
-    q = torch.randn(bsz, n_kv, n_rep, d, generator=g)
-    cache_k, cache_v = (torch.randn(bsz + 1, n_kv, length + 9, d, generator=g) for _ in range(2))
-    keys, values = cache_k[1:, :, :length], cache_v[1:, :, :length]  # views of a cache, as the model passes
-    last = torch.randint(0, length, (bsz,), generator=g)
-    mask = (torch.arange(length) <= last[:, None])[:, None, None, :]
-    ref = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    out = decode_attention(q, keys, values, last)
+    table = rope_table(ModelArgs(dim=d, n_heads=1, rope_theta=1000.0), length)
+    qkv = torch.randn(bsz, 1, (n_rep + 2) * n_kv * d, generator=g)
+    cache_k, cache_v = (torch.randn(bsz + 2, n_kv, length, d, generator=g) for _ in range(2))
+    slots = torch.randperm(bsz + 2, generator=g)[:bsz]  # any cache rows
+    pos = torch.randint(0, length, (bsz,), generator=g)
+    rope = table[pos].unsqueeze(1)
+    # the model's step-by-step path
+    q, k, v = qkv.split([n_rep * n_kv * d, n_kv * d, n_kv * d], dim=-1)
+    q = apply_rotary(q.view(bsz, 1, -1, d), rope).transpose(1, 2).reshape(bsz, n_kv, n_rep, d)
+    k = apply_rotary(k.view(bsz, 1, n_kv, d), rope)
+    ref_k, ref_v = cache_k.clone(), cache_v.clone()
+    ref_k[slots, :, pos], ref_v[slots, :, pos] = k[:, 0], v.view(bsz, n_kv, d)
+    mask = (torch.arange(length) <= pos[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, ref_k[slots], ref_v[slots], attn_mask=mask).reshape(bsz, 1, -1)
+    out = decode_attention(qkv, rope, cache_k, cache_v, slots, torch.stack([pos, pos], 1)[:, 0], n_rep)  # strided
+    assert torch.equal(cache_k, ref_k) and torch.equal(cache_v, ref_v)  # the new key and value written
     assert (out - ref).abs().max() < 1e-5, (bsz, n_kv, n_rep, (out - ref).abs().max())
 print("ok")
 """
@@ -67,7 +78,8 @@ def run_interpreted(script: str) -> None:
 
 
 def test_decode_attention_kernel_in_the_interpreter():
-    """Rows at different positions over cache views, MHA and GQA groups of 3 and 8 query heads."""
+    """Rows at different positions in any cache rows, MHA and GQA groups of 3 and 8 query heads: the rotated key and
+    the value land in the cache, the output equals rotary + SDPA's."""
     run_interpreted(ATTENTION_SCRIPT)
 
 
@@ -88,13 +100,13 @@ from tests.helpers import TINY_GQA, random_state_dict
 assert load() and gpu_attention.load()
 args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
-tokens = torch.tensor([[5, 17, 99, 3, 250, 7]])
+tokens = torch.tensor([[5, 17, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6], [300, 8, 8, 8, 41, 0]])
 # int8: the CPU path rounds activations to the scales' dtype (bf16) first, the kernel sums in fp32
 for quantize, tolerance in (("none", 1e-5), ("int8", 1e-2)):
     model = load_model(StateDictSource(args, random_state_dict(args)), ctx, dtype=torch.float32, max_seq_len=16,
-                       max_batch_size=1, progress=False, quantize=quantize)
+                       max_batch_size=3, progress=False, quantize=quantize)
     logits = {}
-    for kernel in ("1", "0"):  # one decoded row at a time: the kernels' path, then the step-by-step one
+    for kernel in ("1", "0"):  # one token per row at a time: the kernels' path, then the step-by-step one
         os.environ["LLAMA_DIST_GEMV"] = os.environ["LLAMA_DIST_ATTENTION"] = kernel
         logits[kernel] = torch.cat([model(tokens[:, i:i + 1], i) for i in range(tokens.shape[1])], dim=1)
     err = (logits["1"] - logits["0"]).abs().max() / logits["0"].abs().max()
@@ -104,6 +116,6 @@ print("ok")
 
 
 def test_model_decodes_the_same_through_the_kernel():
-    """A one-row decode step through our kernels (every projection, with norms, SwiGLU and residuals folded
+    """Decode steps of three rows through our kernels (every projection, with norms, SwiGLU and residuals folded
     in, and the attention) gives the logits of the step-by-step path, dense and int8."""
     run_interpreted(MODEL_SCRIPT)

@@ -1,11 +1,12 @@
-"""One decoded token's attention over the KV cache on CUDA, in Triton.
+"""One decoded token's attention on CUDA, in Triton: rotary embedding, cache write and attention in one kernel.
 
 A decode step's attention reads a few megabytes of cache per layer; cuDNN's SDPA kernel spends
-~8 us per layer on it for a 256-position window on an H100 (5% of a 7B token), mostly set-up for a
-problem shaped like prefill. This kernel gives each (row, kv head) one program that streams the
-cached positions [0, pos] in blocks with an online softmax, the kv head's n_rep query heads
-together (GQA without copying the cache), and skips the masked tail of the window instead of
-reading it. Prefill and other shapes keep SDPA.
+~8 us per layer on it for a 256-position window on an H100, and rotating q and k and writing the
+cache took three more small kernels: together ~7% of a 7B token. Here each (row, kv head) is one
+program: it rotates the new key and its n_rep query heads (Meta's interleaved pairs), writes the
+new key and value to the row's cache slot, then streams the cached positions [0, pos] in blocks
+with an online softmax (GQA without copying the cache; the window's masked tail is never read).
+Prefill and other shapes keep the step-by-step path.
 """
 from __future__ import annotations
 
@@ -28,57 +29,69 @@ def load() -> bool:
         return False
 
     @triton.jit
-    def _attention_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, stride_kb, stride_kh, stride_kl,
-                          stride_vb, stride_vh, stride_vl, scale,
-                          N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_L: tl.constexpr):
-        """q [B, kv heads, N_REP, HEAD_DIM] contiguous; k, v [B, kv heads, L, HEAD_DIM] (last dim contiguous);
-        row b attends to positions [0, pos[b]]. o like q."""
+    def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, slot_ptr, pos_ptr, o_ptr,
+                          stride_cb, stride_ch, stride_cl, scale,
+                          N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+        """qkv [B, (n_kv * N_REP + 2 n_kv) * HEAD_DIM]: the new token's q, k, v heads; rope [B, HEAD_DIM / 2, 2]
+        (cos, sin); caches [rows, n_kv, L, HEAD_DIM], row slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]."""
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         n_kv = tl.num_programs(1)
-        last = tl.load(pos_ptr + b)
-        reps, dims = tl.arange(0, BLOCK_R), tl.arange(0, HEAD_DIM)
-        q_at = ((b * n_kv + h) * N_REP + reps)[:, None] * HEAD_DIM + dims[None, :]
-        q = tl.load(q_ptr + q_at, mask=(reps < N_REP)[:, None], other=0.0)
-        q = (q.to(tl.float32) * scale).to(q_ptr.dtype.element_ty)
+        last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
+        reps, dims, pairs = tl.arange(0, BLOCK_R), tl.arange(0, HEAD_DIM), tl.arange(0, HEAD_DIM // 2)
+        row = qkv_ptr + b * (n_kv * (N_REP + 2) * HEAD_DIM)
+        cos = tl.load(rope_ptr + b * HEAD_DIM + 2 * pairs)
+        sin = tl.load(rope_ptr + b * HEAD_DIM + 2 * pairs + 1)
+
+        q_at = (h * N_REP + reps)[:, None] * HEAD_DIM + dims[None, :]
+        q = tl.load(row + q_at, mask=(reps < N_REP)[:, None], other=0.0).to(tl.float32)
+        q0, q1 = tl.split(tl.reshape(q, (BLOCK_R, HEAD_DIM // 2, 2)))
+        q = tl.reshape(tl.join(q0 * cos - q1 * sin, q0 * sin + q1 * cos), (BLOCK_R, HEAD_DIM))
+        q = q.to(qkv_ptr.dtype.element_ty)
+        k = tl.load(row + (n_kv * N_REP + h) * HEAD_DIM + dims).to(tl.float32)
+        k0, k1 = tl.split(tl.reshape(k, (HEAD_DIM // 2, 2)))
+        k = tl.reshape(tl.join(k0 * cos - k1 * sin, k0 * sin + k1 * cos), (HEAD_DIM,))
+        v = tl.load(row + (n_kv * (N_REP + 1) + h) * HEAD_DIM + dims)
+        k_base = cache_k_ptr + slot * stride_cb + h * stride_ch
+        v_base = cache_v_ptr + slot * stride_cb + h * stride_ch
+        tl.store(k_base + last * stride_cl + dims, k.to(cache_k_ptr.dtype.element_ty))
+        tl.store(v_base + last * stride_cl + dims, v.to(cache_v_ptr.dtype.element_ty))
+        tl.debug_barrier()  # the block's stores are visible to its own loads below
+
         top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BLOCK_R,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
-        k_base, v_base = k_ptr + b * stride_kb + h * stride_kh, v_ptr + b * stride_vb + h * stride_vh
         for start in range(0, last + 1, BLOCK_L):
             cols = start + tl.arange(0, BLOCK_L)
             seen = cols <= last
-            k = tl.load(k_base + cols[:, None] * stride_kl + dims[None, :], mask=seen[:, None], other=0.0)
-            v = tl.load(v_base + cols[:, None] * stride_vl + dims[None, :], mask=seen[:, None], other=0.0)
-            scores = tl.dot(q, tl.trans(k))
-            scores = tl.where(seen[None, :], scores, float("-inf"))
+            keys = tl.load(k_base + cols[:, None] * stride_cl + dims[None, :], mask=seen[:, None], other=0.0)
+            values = tl.load(v_base + cols[:, None] * stride_cl + dims[None, :], mask=seen[:, None], other=0.0)
+            scores = tl.where(seen[None, :], tl.dot(q, tl.trans(keys)) * scale, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_top[:, None])
             shrink = tl.exp(top - new_top)
             total = total * shrink + tl.sum(weights, axis=1)
-            acc = acc * shrink[:, None] + tl.dot(weights.to(v.dtype), v)
+            acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values)
             top = new_top
         out = acc / total[:, None]
-        tl.store(o_ptr + q_at, out.to(o_ptr.dtype.element_ty), mask=(reps < N_REP)[:, None])
+        o_at = b * (n_kv * N_REP * HEAD_DIM) + q_at
+        tl.store(o_ptr + o_at, out.to(o_ptr.dtype.element_ty), mask=(reps < N_REP)[:, None])
 
-    configs = [triton.Config({"BLOCK_L": bl}, num_warps=w, num_stages=s)
-               for bl in (32, 64, 128) for w in (4,) for s in (2, 3)]
+    configs = [triton.Config({"BLOCK_L": bl}, num_warps=4, num_stages=s) for bl in (32, 64, 128) for s in (2, 3)]
     if INTERPRETED:
         kernel, fixed = _attention_kernel, {"BLOCK_L": 16}
     else:
         kernel, fixed = triton.autotune(configs=configs, key=["N_REP", "HEAD_DIM"])(_attention_kernel), {}
 
-    @torch.library.triton_op("llama_dist::decode_attention", mutates_args={})
-    def decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                            last: torch.Tensor) -> torch.Tensor:
-        """q [B, kv heads, n_rep, head_dim]; keys, values [B, kv heads, L, head_dim]; last [B]."""
-        bsz, n_kv, n_rep, head_dim = q.shape
-        q = q.contiguous()
-        out = torch.empty_like(q)
+    @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
+    def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                            slots: torch.Tensor, pos: torch.Tensor, n_rep: int) -> torch.Tensor:
+        """Arguments as decode_attention's."""
+        bsz, n_kv, head_dim = qkv.shape[0], cache_k.shape[1], cache_k.shape[3]
+        out = torch.empty((bsz, n_kv * n_rep * head_dim), dtype=qkv.dtype, device=qkv.device)
         torch.library.wrap_triton(kernel)[(bsz, n_kv)](
-            q, keys, values, last, out, keys.stride(0), keys.stride(1), keys.stride(2),
-            values.stride(0), values.stride(1), values.stride(2), head_dim ** -0.5,
-            N_REP=n_rep, HEAD_DIM=head_dim, BLOCK_R=max(16, triton.next_power_of_2(n_rep)), **fixed)
+            qkv, rope, cache_k, cache_v, slots, pos, out, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+            head_dim ** -0.5, N_REP=n_rep, HEAD_DIM=head_dim, BLOCK_R=max(16, triton.next_power_of_2(n_rep)),
+            **fixed)
         return out
 
     global _ready
@@ -86,14 +99,20 @@ def load() -> bool:
     return True
 
 
-def enabled(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """One query position per row, on CUDA (or the interpreter), head_dim a power of two >= 16, once load()
-    has defined the kernel (LLAMA_DIST_ATTENTION=0 turns it off)."""
-    d = q.shape[-1]
-    return _ready and kernel_enabled(q, "LLAMA_DIST_ATTENTION") and d >= 16 and d & (d - 1) == 0 and keys.stride(-1) == 1
+def enabled(x: torch.Tensor, head_dim: int) -> bool:
+    """One token per row on CUDA (or the interpreter), head_dim a power of two >= 16, once load() has
+    defined the kernel (LLAMA_DIST_ATTENTION=0 turns it off)."""
+    return (_ready and x.shape[1] == 1 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
+            and kernel_enabled(x, "LLAMA_DIST_ATTENTION"))
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row: q [B, kv heads, n_rep, head_dim] over keys/values
-    [B, kv heads, L, head_dim], row b seeing positions [0, last[b]]. Returns q's shape."""
-    return torch.ops.llama_dist.decode_attention(q, keys, values, last)
+def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                     slots: torch.Tensor, pos: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """Attention of one new token per row. qkv [B, 1, (q heads + 2 kv heads) * head_dim]: its q, k, v before
+    the rotary embedding; rope [B, 1, head_dim / 2, 2]; caches [rows, kv heads, L, head_dim]; slots [B]: each
+    row's cache row; pos [B]: its position (the row sees [0, pos]). Writes the new keys and values to the
+    caches; returns [B, 1, q heads * head_dim]."""
+    bsz = qkv.shape[0]
+    out = torch.ops.llama_dist.decode_attention(qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(),
+                                                cache_k, cache_v, slots.contiguous(), pos.contiguous(), n_rep)
+    return out.view(bsz, 1, -1)

@@ -107,12 +107,16 @@ class Attention(nn.Module):
         are handed to the projections, whose one-row kernel applies them as it streams the weights."""
         bsz, seqlen, _ = x.shape
         hd, nh, nkv = self.head_dim, self.n_local_heads, self.n_local_kv_heads
-        q, k, v = self.wqkv(x, norm).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        qkv = self.wqkv(x, norm)
+        slots = slice(0, bsz) if slots is None else slots
+        rows = torch.arange(slots.start, slots.stop, device=x.device) if isinstance(slots, slice) else slots
+        if gpu_attention.enabled(x, hd):  # one token per row: one kernel (a decode mask is always "up to pos")
+            out = gpu_attention.decode_attention(qkv, rope, self.cache_k, self.cache_v, rows, pos[:, 0], self.n_rep)
+            return self.wo(out, residual=x)
+        q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
-        slots = slice(0, bsz) if slots is None else slots
-        rows = torch.arange(slots.start, slots.stop, device=x.device) if isinstance(slots, slice) else slots
         rows = rows.view(bsz, 1).expand(bsz, seqlen)
         self.cache_k[rows, :, pos] = k
         self.cache_v[rows, :, pos] = v
@@ -122,9 +126,7 @@ class Attention(nn.Module):
         q = q.transpose(1, 2).reshape(bsz, nkv, self.n_rep * seqlen, hd)
         if mask is not None and self.n_rep > 1:
             mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).reshape(bsz, 1, self.n_rep * seqlen, -1)
-        if seqlen == 1 and gpu_attention.enabled(q, keys):  # a decode mask is always "up to pos": not needed
-            out = gpu_attention.decode_attention(q, keys, values, pos[:, 0])
-        elif x.device.type == "cpu" and seqlen == 1:
+        if x.device.type == "cpu" and seqlen == 1:
             out = decode_attention_cpu(q, keys, values, mask)
         else:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
