@@ -65,7 +65,8 @@ def load() -> bool:
             seen = cols <= last
             keys = tl.load(k_base + cols[:, None] * stride_cl + dims[None, :], mask=seen[:, None], other=0.0)
             values = tl.load(v_base + cols[:, None] * stride_cl + dims[None, :], mask=seen[:, None], other=0.0)
-            scores = tl.where(seen[None, :], tl.dot(q, tl.trans(keys)) * scale, float("-inf"))
+            scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # inductor passes scale as fp64
+            scores = tl.where(seen[None, :], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_top[:, None])
             shrink = tl.exp(top - new_top)
