@@ -36,7 +36,7 @@ class ShardedWeight(nn.Module):
     def local_linear(self, x: torch.Tensor, norm: nn.Module | None = None, gated: bool = False,
                      residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when
-        gated). A few rows on CUDA do all of it in one kernel (quant/gpu_gemv.py); elsewhere step by step."""
+        gated). One row on CUDA does all of it in one kernel (quant/gpu_gemv.py); elsewhere step by step."""
         operands = (self.weight, None) if self.qweight is None else self.qweight.gemv_operands()
         if operands is not None and gpu_gemv.enabled(x):
             return gpu_gemv.gemv(x, *operands, gated=gated, residual=residual,

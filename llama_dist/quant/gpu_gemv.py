@@ -1,18 +1,18 @@
-"""A decode step's matrix products on CUDA, in Triton: y = x W^T for a few rows x (up to MAX_ROWS),
+"""One decoded token's matrix-vector products on CUDA, in Triton: y = x W^T for a single row x,
 with the layer's neighbouring element-wise work folded in.
 
-Small-batch decoding reads every weight once per token, so its speed is the read bandwidth these
+Batch-1 decoding reads every weight once per token, so its speed is the read bandwidth these
 products reach. Inductor's reduction and cuBLAS reach 72-81% of it on H100/H200, and int8 weights
 dequantized inside an inductor matmul 53%. This kernel streams W in [BLOCK_N, BLOCK_K] tiles with
 pipelined loads, dequantizing int8 rows (one scale per row) in registers, and sums in fp32. Tile
-sizes are autotuned per shape and row count; more rows keep the GEMM paths. (An int4 variant that unpacked nibbles
+sizes are autotuned per shape. Rows > 1 keep the other paths. (An int4 variant that unpacked nibbles
 and gathered group scales here reached only ~20% of the bandwidth on an H100, under PyTorch's
 `_weight_int4pack_mm` at ~55%, so int4 keeps that kernel.)
 
 A decode step's other kernels (RMSNorm, SwiGLU, residual adds) each cost a launch and a few
 microseconds for a few kilobytes, about 15% of a 7B token on an H100; they cost nothing here:
 - RMSNorm before the product: x * g per column as x streams in, its sum of squares in the same loop,
-  and the 1/rms factor applied to the finished sums (one scalar per row of x);
+  and the 1/rms factor applied to the finished sums (it is one scalar per row of x);
 - SwiGLU: x holds [gate, up] and the product's input is silu(gate) * up, computed as it streams;
 - a residual added to the output.
 """
@@ -25,7 +25,6 @@ import torch
 
 _ready = False  # set once load() has defined the op
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks our kernels
-MAX_ROWS = 8  # a decode step of up to this many rows reads each weight once here; larger batches go to GEMMs
 
 
 @functools.cache
@@ -39,70 +38,58 @@ def load() -> bool:
         return False
 
     _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-                for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4), (16, 256, 8),
-                                  (16, 512, 8), (4, 256, 4), (8, 128, 4), (16, 64, 4), (16, 128, 8), (32, 64, 8))
+                for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
+                                  (16, 256, 8), (16, 512, 8))
                 for s in (2, 4)]
 
-    def _fitting(configs, named_args, **kwargs):
-        """Tiles whose accumulator (ROWS x BLOCK_N x BLOCK_K) stays within 8192 fp32 values per program."""
-        return [c for c in configs if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] * kwargs["ROWS"] <= 8192]
-
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, M, N, K, eps,
+    def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
                      SCALED: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y [M, N] = x [M, K] W^T for M <= ROWS. W [N, K] dense, or int8 times one scale per row s[N] when
-        SCALED. NORM: x rows are RMS-normalised with weight g[K]; GATED: x rows are [gate, up] of 2K and the
-        input is silu(gate) * up; RESIDUAL: y += r [M, N]."""
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """W [N, K] dense, or int8 times one scale per row s[N] when SCALED. NORM: x is RMS-normalised
+        with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r."""
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         row_ok = rows < N
-        inputs = tl.arange(0, ROWS)
-        input_ok = inputs < M
-        x_row = x_ptr + inputs[:, None] * (2 * K if GATED else K)
-        acc = tl.zeros((ROWS, BLOCK_N, BLOCK_K), dtype=tl.float32)
-        squares = tl.zeros((ROWS, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
             ok = row_ok[:, None] & (cols < K)[None, :]
             w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
-            x_ok = input_ok[:, None] & (cols < K)[None, :]
-            x = tl.load(x_row + cols[None, :], mask=x_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
             if GATED:
-                up = tl.load(x_row + K + cols[None, :], mask=x_ok, other=0.0).to(tl.float32)
+                up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
                 x = x * tl.sigmoid(x) * up
             if NORM:
                 squares += x * x
-                x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)[None, :]
-            acc += w.to(tl.float32)[None, :, :] * x[:, None, :]
-        y = tl.sum(acc, axis=2)
+                x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)
         if NORM:
-            y = y * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
+            y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
         if SCALED:
-            y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[None, :]
-        out_at = inputs[:, None] * N + rows[None, :]
-        out_ok = input_ok[:, None] & row_ok[None, :]
+            y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         if RESIDUAL:
-            y = y + tl.load(r_ptr + out_at, mask=out_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + out_at, y.to(y_ptr.dtype.element_ty), mask=out_ok)
+            y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     if INTERPRETED:  # the interpreter cannot time configs: one tile
         _gemv = _gemv_kernel
         _FIXED = {"BLOCK_N": 8, "BLOCK_K": 64}
     else:
-        _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL", "ROWS"],
-                                prune_configs_by={"early_config_prune": _fitting})(_gemv_kernel)
+        _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
         _FIXED = {}
 
     @torch.library.triton_op("llama_dist::gemv", mutates_args={})
     def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
                 residual: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
                 add: bool) -> torch.Tensor:
-        """x [M, in] (or [M, 2 * in] when gated) -> [M, out]. Tensors whose flag is off are unused."""
-        (m, _), (n, k) = x.shape, w.shape
-        y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        """x [1, in] (or [1, 2 * in] when gated) -> [1, out]. Tensors whose flag is off are unused."""
+        n, k = w.shape
+        y = torch.empty((1, n), dtype=x.dtype, device=x.device)
         torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-            x, w, scales, norm_weight, residual, y, m, n, k, eps,
-            SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, ROWS=triton.next_power_of_2(m), **_FIXED)
+            x, w, scales, norm_weight, residual, y, n, k, eps,
+            SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED)
         return y
 
     global _ready
@@ -117,20 +104,20 @@ def kernel_enabled(x: torch.Tensor, switch: str) -> bool:
 
 
 def enabled(x: torch.Tensor) -> bool:
-    """Up to MAX_ROWS rows, once load() has defined the kernel (LLAMA_DIST_GEMV=0 turns it off)."""
-    return _ready and x.numel() <= MAX_ROWS * x.shape[-1] and kernel_enabled(x, "LLAMA_DIST_GEMV")
+    """One row, once load() has defined the kernel (LLAMA_DIST_GEMV=0 turns it off)."""
+    return _ready and x.numel() == x.shape[-1] and kernel_enabled(x, "LLAMA_DIST_GEMV")
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
          residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] with up to MAX_ROWS rows -> [..., out]: x W^T, times `scales` per output row for int8 W.
+    """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W.
 
     norm_weight: RMS-normalise x first (with eps); gated: x is [gate, up] and the input silu(gate) * up;
     residual [..., out]: added to the result."""
-    flat = x.reshape(-1, x.shape[-1]).contiguous()
+    flat = x.reshape(1, -1)
     y = torch.ops.llama_dist.gemv(
         flat, w, flat if scales is None else scales, flat if norm_weight is None else norm_weight,
-        flat if residual is None else residual.reshape(flat.shape[0], -1).contiguous(), eps,
+        flat if residual is None else residual.reshape(1, -1), eps,
         scales is not None, norm_weight is not None, gated, residual is not None)
     return y.reshape(*x.shape[:-1], -1)

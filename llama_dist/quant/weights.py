@@ -64,8 +64,8 @@ class Int8Weight(QuantizedWeight):
             shape = x.shape
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.q, self.scales)
             return y.reshape(*shape[:-1], -1).to(x.dtype)
-        # (Up to gpu_gemv.MAX_ROWS rows on CUDA go to our Triton kernel, which dequantizes as it streams:
-        # gemv_operands.) Otherwise the compiled decode step fuses this dequantization into the matmul (PyTorch's packed
+        # (One row on CUDA goes to our Triton kernel, which dequantizes as it streams: gemv_operands.)
+        # Otherwise the compiled decode step fuses this dequantization into the matmul (PyTorch's packed
         # int8 CUDA kernel measured 10x slower than bf16 at batch 1 on an H100).
         return torch.nn.functional.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)
 
