@@ -21,7 +21,10 @@ _ready = False  # set once load() has defined the op
 
 @functools.cache
 def load() -> bool:
-    """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton."""
+    """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
+    GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
+    if not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+        return False
     try:
         import triton
         import triton.language as tl
