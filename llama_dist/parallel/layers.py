@@ -37,10 +37,11 @@ class ShardedWeight(nn.Module):
                      residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when
         gated). One row on CUDA does all of it in one kernel (quant/gpu_gemv.py); elsewhere step by step."""
-        operands = (self.weight, None) if self.qweight is None else self.qweight.gemv_operands()
-        if operands is not None and gpu_gemv.enabled(x):
-            return gpu_gemv.gemv(x, *operands, gated=gated, residual=residual,
-                                 **({} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}))
+        if gpu_gemv.enabled(x):  # (checked first: no work on the CPU path)
+            operands = (self.weight, None) if self.qweight is None else self.qweight.gemv_operands()
+            if operands is not None:
+                return gpu_gemv.gemv(x, *operands, gated=gated, residual=residual,
+                                     **({} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}))
         if norm is not None:
             x = norm(x)
         if gated:
