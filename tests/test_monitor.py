@@ -33,3 +33,19 @@ def test_verdicts_by_heartbeat_elsewhere_and_by_process_here():
         assert verdict(f"{here} {os.getpid()}", f"{here} {os.getpid()}") is None
     finally:
         monitor.stop(clean=True)
+
+
+def test_a_rank_that_left_on_a_shared_verdict_is_not_blamed(monkeypatch):
+    """Rank 1 shares "rank 2 failed" and exits between this rank's two reads: the cause is reported, not rank 1."""
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True)
+    monitor = FailureMonitor(store, 0, 3, interval_s=3600)
+    try:
+        def rank_1_leaves(rank: int) -> bool:
+            store.compare_set("verdict", "", "rank 2 failed: RuntimeError: boom")
+            return False
+
+        monkeypatch.setattr(monitor, "_process_alive", rank_1_leaves)
+        now = time.monotonic()
+        assert monitor._check([1, 2], {1: ("", now), 2: ("", now)}) == "rank 2 failed: RuntimeError: boom"
+    finally:
+        monitor.stop(clean=True)

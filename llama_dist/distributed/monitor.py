@@ -68,23 +68,33 @@ class FailureMonitor:
                 self._abort(problem)
 
     def _check(self, others: list[int], last_seen: dict[int, tuple[str, float]]) -> str | None:
-        if self.store.check(["verdict"]):  # another rank already found the culprit
-            return self.store.get("verdict").decode()
+        reported = self._reported(others)
+        if reported:
+            return reported
         now = time.monotonic()
         for r in others:
-            if self.store.check([f"error/{r}"]):
-                return f"rank {r} failed: {self.store.get(f'error/{r}').decode()}"
             if self.store.check([f"done/{r}"]):
                 continue
             alive = self._process_alive(r)
-            if alive is False:
-                return f"rank {r} died (its process exited without a word: killed, or out of memory)"
+            if alive is False:  # it may have exited on another rank's verdict, shared just before it left
+                return self._reported(others) or f"rank {r} died (its process exited without a word: killed, " \
+                                                  "or out of memory)"
             beat = self.store.get(f"heartbeat/{r}").decode() if self.store.check([f"heartbeat/{r}"]) else ""
             if beat != last_seen[r][0] or alive:
                 last_seen[r] = (beat, now)
             elif now - last_seen[r][1] > self.dead_after_s:
-                return (f"rank {r} stopped responding (no heartbeat for {now - last_seen[r][1]:.0f} s): it was "
-                        "killed, ran out of memory, or its host is unreachable")
+                return self._reported(others) or (
+                    f"rank {r} stopped responding (no heartbeat for {now - last_seen[r][1]:.0f} s): it was "
+                    "killed, ran out of memory, or its host is unreachable")
+        return None
+
+    def _reported(self, others: list[int]) -> str | None:
+        """A verdict another rank already shared, or an error a rank reported: the cause, not its echoes."""
+        if self.store.check(["verdict"]):
+            return self.store.get("verdict").decode()
+        for r in others:
+            if self.store.check([f"error/{r}"]):
+                return f"rank {r} failed: {self.store.get(f'error/{r}').decode()}"
         return None
 
     def _process_alive(self, rank: int) -> bool | None:
