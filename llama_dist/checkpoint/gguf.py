@@ -104,9 +104,6 @@ class GGUFCheckpoint:
     def tensor_types(self) -> dict[str, int]:
         return count_types(t.type_name for t in self.file.tensors.values())
 
-    def stored_type(self, name: str) -> str:
-        return self.tensors[name].type_name
-
     def _raw_slice(self, name: str, layout: ShardLayout) -> tuple[torch.Tensor, ShardLayout]:
         """The stored bytes covering this rank's slice, and what is left to cut after decoding them."""
         t = self.tensors[name]

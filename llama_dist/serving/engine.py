@@ -41,7 +41,6 @@ class Request:
     generated: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0
-    t_submit: float = field(default_factory=time.perf_counter)
     t_first: float = 0.0
     prompt_ms: float = 0.0
     generator: torch.Generator | None = None
