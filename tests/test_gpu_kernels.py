@@ -1,6 +1,6 @@
 """Our CUDA decode kernels (Triton), run by Triton's CPU interpreter: CI has no GPU.
 
-Its speed is a GPU-only question (benchmarks/gemv_kernels.py); here: the values, with masked edges
+Their speed is a GPU-only question (benchmarks/gemv_kernels.py); here: the values, with masked edges
 (an input length that is not a multiple of the tile, fewer rows than a tile), dense and int8, and the work it
 folds in (RMSNorm of the input, SwiGLU of a [gate, up] input, a residual) against the model's own modules; the
 decode attention against SDPA; a whole model's decode steps through both against the step-by-step path."""
@@ -21,10 +21,10 @@ assert load()
 from llama_dist.quant.weights import int8_quantize
 from llama_dist.model.transformer import RMSNorm
 g = torch.Generator().manual_seed(0)
-for rows, n, k in ((1, 40, 288), (1, 3, 64), (1, 17, 1000)):
-    x, w = torch.randn(rows, 1, k, generator=g), torch.randn(n, k, generator=g)
+for n, k in ((40, 288), (3, 64), (17, 1000)):  # one row: the kernel's case
+    x, w = torch.randn(1, 1, k, generator=g), torch.randn(n, k, generator=g)
     y = gemv(x, w)
-    assert y.shape == (rows, 1, n), y.shape
+    assert y.shape == (1, 1, n), y.shape
     assert (y - x @ w.t()).abs().max() < 1e-4 * (x @ w.t()).abs().max(), (n, k)
     q, s = int8_quantize(w)
     ref = x @ (q.float() * s[:, None]).t()
@@ -34,7 +34,7 @@ for rows, n, k in ((1, 40, 288), (1, 3, 64), (1, 17, 1000)):
     ref = norm(x * 3) @ w.t()
     y = gemv(x * 3, w, norm_weight=norm.weight, eps=norm.eps)
     assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-    gate_up, r = torch.randn(rows, 1, 2 * k, generator=g), torch.randn(rows, 1, n, generator=g)
+    gate_up, r = torch.randn(1, 1, 2 * k, generator=g), torch.randn(1, 1, n, generator=g)
     ref = r + (torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]) @ (q.float() * s[:, None]).t()
     y = gemv(gate_up, q, s, gated=True, residual=r)
     assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)

@@ -71,21 +71,25 @@ class FailureMonitor:
         reported = self._reported(others)
         if reported:
             return reported
+        problem = self._gone(others, last_seen)
+        # a rank found gone may have left on another rank's verdict, shared just before it exited: the cause first
+        return problem and (self._reported(others) or problem)
+
+    def _gone(self, others: list[int], last_seen: dict[int, tuple[str, float]]) -> str | None:
+        """A rank whose process exited, or (elsewhere) whose heartbeat stopped for dead_after_s."""
         now = time.monotonic()
         for r in others:
             if self.store.check([f"done/{r}"]):
                 continue
             alive = self._process_alive(r)
-            if alive is False:  # it may have exited on another rank's verdict, shared just before it left
-                return self._reported(others) or f"rank {r} died (its process exited without a word: killed, " \
-                                                  "or out of memory)"
+            if alive is False:
+                return f"rank {r} died (its process exited without a word: killed, or out of memory)"
             beat = self.store.get(f"heartbeat/{r}").decode() if self.store.check([f"heartbeat/{r}"]) else ""
             if beat != last_seen[r][0] or alive:
                 last_seen[r] = (beat, now)
             elif now - last_seen[r][1] > self.dead_after_s:
-                return self._reported(others) or (
-                    f"rank {r} stopped responding (no heartbeat for {now - last_seen[r][1]:.0f} s): it was "
-                    "killed, ran out of memory, or its host is unreachable")
+                return (f"rank {r} stopped responding (no heartbeat for {now - last_seen[r][1]:.0f} s): it was "
+                        "killed, ran out of memory, or its host is unreachable")
         return None
 
     def _reported(self, others: list[int]) -> str | None:
