@@ -17,6 +17,7 @@ run: $(VENV)/.installed
 	$(VENV)/bin/llama-dist chat --model smollm2 --prompt "$(PROMPT)"
 
 test: $(VENV)/.installed
+	$(VENV)/bin/lint-imports    # imports run one way (.importlinter)
 	$(PY) -m pytest -q tests
 
 .PHONY: install run test

@@ -21,10 +21,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from llama_dist.bench import decode_tok_s  # noqa: E402
-from llama_dist.checkpoint.loader import load_model, open_checkpoint  # noqa: E402
+from llama_dist.checkpoint.config import LoadConfig  # noqa: E402
+from llama_dist.checkpoint.loader import open_checkpoint  # noqa: E402
 from llama_dist.checkpoint.meta import save_meta_checkpoint  # noqa: E402
 from llama_dist.checkpoint.source import StateDictSource  # noqa: E402
 from llama_dist.distributed.context import init_distributed  # noqa: E402
+from llama_dist.generation.llama import load_runner  # noqa: E402
 from llama_dist.distributed.mpi import MpiCommunicator  # noqa: E402
 from llama_dist.model.args import ModelArgs  # noqa: E402
 from tests.helpers import random_state_dict  # noqa: E402
@@ -43,8 +45,9 @@ def allreduce_us(comm, numel: int, iters: int = 300) -> float:
 
 
 def token_ms(ctx, ckpt: str, tokens: int = 48) -> float:
-    model = load_model(open_checkpoint(ckpt), ctx, torch.float32, max_seq_len=128, max_batch_size=1, progress=False)
-    return 1e3 / decode_tok_s(model, ctx, batch=1, steps=tokens, compile=False)
+    runner = load_runner(open_checkpoint(ckpt), ctx, LoadConfig(dtype="float32", n_ctx=128, max_batch_size=1),
+                         progress=False)
+    return 1e3 / decode_tok_s(runner, ctx, batch=1, steps=tokens)
 
 
 def main() -> None:

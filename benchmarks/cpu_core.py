@@ -30,12 +30,15 @@ from tests.helpers import free_port, random_state_dict  # noqa: E402
 def decode_worker(ckpt: str, tokens: int) -> None:
     """One rank: greedy-decode `tokens` tokens at batch 1; rank 0 prints tok/s."""
     from llama_dist.bench import decode_tok_s
-    from llama_dist.checkpoint.loader import load_model, open_checkpoint
+    from llama_dist.checkpoint.config import LoadConfig
+    from llama_dist.checkpoint.loader import open_checkpoint
     from llama_dist.distributed.context import init_distributed
+    from llama_dist.generation.llama import load_runner
 
     ctx = init_distributed("gloo")
-    model = load_model(open_checkpoint(ckpt), ctx, torch.float32, max_seq_len=256, max_batch_size=1, progress=False)
-    tok_s = decode_tok_s(model, ctx, batch=1, steps=tokens, compile=False)
+    runner = load_runner(open_checkpoint(ckpt), ctx, LoadConfig(dtype="float32", n_ctx=256, max_batch_size=1),
+                         progress=False)
+    tok_s = decode_tok_s(runner, ctx, batch=1, steps=tokens)
     if ctx.is_driver:
         print(json.dumps({"tok_s": tok_s}))
 
@@ -73,6 +76,7 @@ def hf_decode(args: ModelArgs, sd: dict, tokens: int) -> float:
 
 def load_figures(gb: float) -> dict:
     """A random fp32 Meta checkpoint of about `gb` GB: our load time beside plain file-read time."""
+    from llama_dist.checkpoint.config import LoadConfig
     from llama_dist.checkpoint.loader import load_model, open_checkpoint
     from llama_dist.distributed.context import init_distributed
 
@@ -89,8 +93,8 @@ def load_figures(gb: float) -> dict:
                     pass
         read_s = time.perf_counter() - start
         start = time.perf_counter()
-        model = load_model(open_checkpoint(d), init_distributed(), torch.float32, max_seq_len=16,
-                           max_batch_size=1, progress=False)
+        model = load_model(open_checkpoint(d), init_distributed(),
+                           LoadConfig(dtype="float32", n_ctx=16, max_batch_size=1), progress=False)
         # Touch every weight so lazily mapped pages count as loaded.
         checksum = sum(float(p.float().sum()) for p in model.parameters())
         load_s = time.perf_counter() - start

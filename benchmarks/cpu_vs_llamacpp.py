@@ -1,13 +1,14 @@
 """llama-dist vs llama.cpp (llama-cpp-python) on the same GGUF, prompt and thread count, same run.
 
     pip install llama-cpp-python==0.3.36   # compiles for ~5 minutes; not a CI dependency
-    python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp 3]
+    python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp 3] [--baseline DIR]
 
 Each repetition runs each engine in a fresh process (alternating), with a 100-token prompt and 128
 greedy tokens; the table shows medians. llama-dist runs eager and with --compile (the decode
 step compiled by inductor; its compile time is printed apart, and decode is timed after it).
 --tp 3 adds llama-dist tensor-parallel over Gloo, one thread per rank (SmolLM2's 9 heads allow
-TP=1, 3 and 9 only, so TP=2 cannot split it).
+TP=1, 3 and 9 only, so TP=2 cannot split it). --baseline DIR adds the llama_dist package of another
+checkout (an A/B of a change: `git worktree add DIR <commit>`), eager and compiled, alternating with the rest.
 """
 from __future__ import annotations
 
@@ -64,15 +65,16 @@ def run_ours(model: str, threads: int, n_prompt: int, n_gen: int, compile: bool 
     logits = llama.model(torch.tensor([ids]), 0, last_only=True)
     prompt_s = time.perf_counter() - t
     pos, result = len(ids), {}
+    decode = llama.runner.decode if hasattr(llama, "runner") else llama.decode  # (a --baseline before runner/)
     if compile:  # the first step compiles (inductor's cache on disk makes later processes faster)
         t = time.perf_counter()
-        logits = llama.decode(logits[:, -1].argmax(-1, keepdim=True), pos)
+        logits = decode(logits[:, -1].argmax(-1, keepdim=True), pos)
         pos += 1
         result["compile_s"] = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(n_gen):
         nxt = llama.ctx.comm.broadcast(logits[:, -1].argmax(-1, keepdim=True))
-        logits = llama.decode(nxt, pos)
+        logits = decode(nxt, pos)
         pos += 1
     decode_s = time.perf_counter() - t
     return {"load_s": load, "prompt_tok_s": len(ids) / prompt_s, "decode_tok_s": n_gen / decode_s, **result}
@@ -88,11 +90,14 @@ def child(engine: str, model: str, threads: int) -> None:
         print(json.dumps(result))
 
 
-def measure(engine: str, model: str, threads: int, world: int = 1) -> dict:
+def measure(engine: str, model: str, threads: int, world: int = 1, package_root: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--child", engine, "--model", model, "--threads", str(threads)]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), *cmd[1:]]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if package_root:
+        env["PYTHONPATH"] = package_root
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("{")]
     if out.returncode or not line:
         raise RuntimeError(f"{engine} failed:\n{out.stderr[-2000:]}")
@@ -106,11 +111,12 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=0)
     p.add_argument("--child")
     p.add_argument("--model")
+    p.add_argument("--baseline", help="another checkout whose llama_dist runs beside this one")
     a = p.parse_args()
     if a.child:
         return child(a.child, a.model, a.threads)
     sys.path.insert(0, str(ROOT))
-    from llama_dist.models import bundled_model_path
+    from llama_dist.checkpoint.bundled import bundled_model_path
 
     model = str(bundled_model_path())
     runs = {"llama.cpp": [], "llama-dist": [], "llama-dist --compile": [],
@@ -121,6 +127,9 @@ def main() -> None:
         runs["llama-dist --compile"].append(measure("ours-compiled", model, a.threads))
         if a.tp:
             runs[f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)"].append(measure("ours", model, 1, world=a.tp))
+        if a.baseline:
+            for engine, label in (("ours", "baseline"), ("ours-compiled", "baseline --compile")):
+                runs.setdefault(label, []).append(measure(engine, model, a.threads, package_root=a.baseline))
     keys = ("load_s", "prompt_tok_s", "decode_tok_s", "peak_rss_mib")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items() if rs}
     print(f"SmolLM2-135M-Instruct Q4_1, {a.threads} threads, 100-token prompt, 128 greedy tokens, "
@@ -133,7 +142,10 @@ def main() -> None:
     compile_s = statistics.median(r["compile_s"] for r in runs["llama-dist --compile"])
     print(f"--compile: the first decode step took {compile_s:.1f} s (compilation; inductor's disk cache warm "
           "after the first repetition)")
-    for label, ours in (("eager", med["llama-dist"]), ("--compile", med["llama-dist --compile"])):
+    labels = [("eager", "llama-dist"), ("--compile", "llama-dist --compile")]
+    labels += [("baseline eager", "baseline"), ("baseline --compile", "baseline --compile")] if a.baseline else []
+    for label, name in labels:
+        ours = med[name]
         print(f"ours ({label})/llama.cpp: load {ours['load_s'] / ref['load_s']:.1f}x time, prompt "
               f"{ours['prompt_tok_s'] / ref['prompt_tok_s']:.2f}x, "
               f"decode {ours['decode_tok_s'] / ref['decode_tok_s']:.2f}x, "

@@ -1,4 +1,4 @@
-"""Our Triton matrix-vector kernel (llama_dist/quant/gpu_gemv.py) against PyTorch's, per Llama-2-7B matrix, on one GPU.
+"""Our Triton matrix-vector kernel (llama_dist/kernels/gemv.py) against PyTorch's, per Llama-2-7B matrix, on one GPU.
 
     python benchmarks/gemv_kernels.py [--dim 4096 --hidden 11008 --vocab 32000]
 
@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist.bench import read_bandwidth  # noqa: E402
-from llama_dist.quant.gpu_gemv import gemv, load  # noqa: E402
+from llama_dist.kernels.gemv import gemv, load  # noqa: E402
 from llama_dist.quant.weights import int8_quantize  # noqa: E402
 
 

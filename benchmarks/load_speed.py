@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_dist.checkpoint.config import LoadConfig  # noqa: E402
 from llama_dist.checkpoint.loader import load_model, open_checkpoint  # noqa: E402
 from llama_dist.checkpoint.meta import save_meta_checkpoint, shard_paths  # noqa: E402
 from llama_dist.checkpoint.source import RandomSource  # noqa: E402
@@ -80,7 +81,7 @@ def main() -> None:
             cold &= drop_page_cache()
         ctx.comm.barrier()
         start = time.perf_counter()
-        model = load_model(open_checkpoint(ckpt), ctx, torch.bfloat16, max_seq_len=256, max_batch_size=1,
+        model = load_model(open_checkpoint(ckpt), ctx, LoadConfig(dtype="bfloat16", n_ctx=256, max_batch_size=1),
                            progress=False)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)

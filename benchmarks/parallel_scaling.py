@@ -28,11 +28,11 @@ def run_bench(layout: str, args: argparse.Namespace) -> dict:
     """One torchrun job of TP x PP ranks; its rank 0 writes the bench JSON into a fresh folder. A job past
     --timeout is killed; if its JSON was written (the work done, the exit stuck) it still counts."""
     with tempfile.TemporaryDirectory() as out:
-        env = dict(os.environ, OUT=out, **dict(kv.split("=", 1) for kv in args.env))
+        env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
         tp, pp = (int(n) for n in (layout.split("x") + ["1"])[:2])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), str(GPU_DECODE),
                "--config", args.config, "--batches", f"({args.batches},)", "--steps", str(args.steps),
-               "--hf", "False", "--quantize", args.quantize, "--pp", str(pp), "--compile", str(args.compile)]
+               "--hf", "False", "--quantize", args.quantize, "--pp", str(pp), "--compile", str(args.compile), "--out", out]
         cmd += ["--model", args.model] if args.model else []
         log = Path(os.environ.get("OUT", out), f"{layout}_{Path(args.config).stem}.log")
         with open(log, "w") as f:

@@ -21,18 +21,19 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist.bench import CONFIGS, sync  # noqa: E402
-from llama_dist.checkpoint.loader import load_model  # noqa: E402
+from llama_dist.checkpoint.config import LoadConfig  # noqa: E402
 from llama_dist.checkpoint.source import RandomSource  # noqa: E402
 from llama_dist.distributed.context import init_distributed  # noqa: E402
-from llama_dist.generation.llama import make_decode_step  # noqa: E402
+from llama_dist.generation.llama import load_runner  # noqa: E402
 from llama_dist.model.args import ModelArgs  # noqa: E402
 
 
 def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12) -> None:
     ctx = init_distributed("auto")
     source = RandomSource(ModelArgs.from_params_json(CONFIGS / f"{config}.json"), ctx.device)
-    model = load_model(source, ctx, torch.bfloat16, max_seq_len=1024, max_batch_size=1, progress=False)
-    decode = make_decode_step(model, compile=True)
+    runner = load_runner(source, ctx, LoadConfig(dtype="bfloat16", n_ctx=1024, max_batch_size=1, compile=True),
+                         progress=False)
+    decode = runner.decode
     token, pos = torch.zeros(1, 1, dtype=torch.long, device=ctx.device), 16
 
     def step() -> None:

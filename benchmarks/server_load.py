@@ -24,7 +24,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from llama_dist.models import bundled_model_path  # noqa: E402
+from llama_dist.checkpoint.bundled import bundled_model_path  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The quick brown fox",
@@ -38,7 +38,7 @@ def start(engine: str, port: int, threads: int, slots: int) -> subprocess.Popen:
                str(threads), "--n_ctx", "2048", "--model_alias", "smollm2"]
     else:
         cmd = [sys.executable, "-m", "llama_dist.cli", "serve", "--model", "smollm2", "--port", str(port),
-               "--max_batch", str(slots), "--ctx", "512", "--compile", str(engine.endswith("--compile"))]
+               "--max_batch", str(slots), "--n_ctx", "512", "--compile", str(engine.endswith("--compile"))]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     ready = "/v1/models" if engine == "llama.cpp" else "/health"  # ours answers /v1/models while loading

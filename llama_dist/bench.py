@@ -6,19 +6,20 @@ ceiling is (weight bytes per rank) / (measured read bandwidth).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from .checkpoint.loader import load_model, open_checkpoint
+from .checkpoint.loader import open_checkpoint
 from .checkpoint.source import RandomSource
 from .distributed.context import init_distributed
-from .generation.llama import make_decode_step, make_stage_step
+from .generation.llama import load_runner, make_configs
 from .model.args import ModelArgs
-from .parallel.pipeline import decode_interleaved, row_groups
+from .runner import Runner, row_groups
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -41,23 +42,21 @@ def read_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return n * x.nbytes / (time.perf_counter() - t)
 
 
-def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: int = 16,
+def decode_tok_s(runner: Runner, ctx, batch: int, steps: int, prompt_len: int = 16,
                  greedy: list[int] | None = None, top2: list[tuple[float, float]] | None = None) -> float:
     """Greedy decode tokens/s after a short prompt; `greedy`, if given, receives row 0's tokens and `top2`
     its two largest logits at each step (to compare runs: the same weights at any tensor-parallel size should
     choose the same tokens, except where the top two nearly tie and rounding may pick either)."""
     # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
-    tokens = (torch.arange(batch * prompt_len, device=ctx.device) % model.args.vocab_size).view(batch, prompt_len)
-    model(tokens, 0, last_only=True)
-    step = make_stage_step(model, compile)
-    if model.stage.pipelined and batch > 1:
-        return interleaved_tok_s(model, step, ctx, tokens, steps)
-    decode = make_decode_step(model, step=step)
+    tokens = (torch.arange(batch * prompt_len, device=ctx.device) % runner.model.args.vocab_size).view(batch, prompt_len)
+    runner.forward(tokens, 0, last_only=True)
+    if runner.stage.pipelined and batch > 1:
+        return interleaved_tok_s(runner, ctx, tokens, steps)
     nxt = tokens[:, -1:]
     chosen, tops = [], []
 
     def advance(pos: int, nxt: torch.Tensor) -> torch.Tensor:
-        logits = decode(nxt, pos)[:, -1]
+        logits = runner.decode(nxt, pos)[:, -1]
         if top2 is not None:  # one small kernel per step, no synchronisation
             tops.append(logits[0].float().topk(2).values)
         nxt = ctx.comm.broadcast(logits.argmax(-1, keepdim=True))
@@ -79,11 +78,11 @@ def decode_tok_s(model, ctx, batch: int, steps: int, compile: bool, prompt_len: 
     return batch * steps / elapsed
 
 
-def interleaved_tok_s(model, step, ctx, prompt: torch.Tensor, steps: int) -> float:
+def interleaved_tok_s(runner: Runner, ctx, prompt: torch.Tensor, steps: int) -> float:
     """Greedy decode tokens/s of a batch on a pipeline, its row groups taking turns on the stages (as
     generation runs it)."""
     batch, start = prompt.shape
-    groups = row_groups(batch, model.stage.count)
+    groups = row_groups(batch, runner.stage.count)
     tokens = torch.zeros(batch, start + steps + 4, dtype=torch.long, device=ctx.device)
     tokens[:, :start] = prompt
 
@@ -95,7 +94,7 @@ def interleaved_tok_s(model, step, ctx, prompt: torch.Tensor, steps: int) -> flo
             tokens[rows, p + 1] = ctx.comm.broadcast(chosen)
             return p + 1 < pos + n
 
-        decode_interleaved(model, step, groups, pos, lambda g, p: tokens[groups[g], p:p + 1], step_done)
+        runner.decode_interleaved(groups, pos, lambda g, p: tokens[groups[g], p:p + 1], step_done)
 
     run(start - 1, 3)  # warm up
     sync(ctx.device)
@@ -130,47 +129,53 @@ def hf_figures(args: ModelArgs, device: torch.device, steps: int, batches: tuple
 
 
 def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
-          steps: int = 128, prefill: int = 512, compile: bool = True, hf: bool = True, quantize: str = "none",
-          backend: str = "auto", max_seq_len: int = 1024, pp: int = 1) -> dict:
-    ctx = init_distributed(backend, pp=pp)
+          steps: int = 128, prefill: int = 512, hf: bool = True, n_ctx: int = 1024, out: str | None = None,
+          **options: Any) -> dict:
+    """options: LoadConfig / ParallelConfig fields (backend, pp, ...; here compile defaults to True and quantize
+    to "none"); out: a folder to write the JSON result into."""
+    options = {"compile": True, "quantize": "none", **options}
+    load, parallel = make_configs(model or str(config), n_ctx, max(batches), **options)
+    ctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
     if model:
         source = open_checkpoint(model)
     else:
         path = Path(config) if Path(config).exists() else CONFIGS / f"{config}.json"
         source = RandomSource(ModelArgs.from_params_json(path), ctx.device)
+    if load.dtype is None and ctx.device.type == "cuda":
+        load = dataclasses.replace(load, dtype="bfloat16")
     start = time.perf_counter()
-    m = load_model(source, ctx, torch.bfloat16 if ctx.device.type == "cuda" else None, max_seq_len=max_seq_len,
-                   max_batch_size=max(batches), progress=False, quantize=quantize)
+    runner = load_runner(source, ctx, load, parallel, progress=False)
+    m = runner.model
     sync(ctx.device)
     result = {"config": str(config if not model else model), "world_size": ctx.world_size, "pp": ctx.pp_size,
               "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-              "load_s": time.perf_counter() - start, "quantize": quantize, "compile": compile}
+              "load_s": time.perf_counter() - start, "quantize": load.quantize, "compile": load.compile}
     weight_bytes = sum(t.nbytes for t in {t.data_ptr(): t for t in m.state_dict().values()}.values())
     bw = read_bandwidth(ctx.device, 2.0 if ctx.device.type == "cuda" else 0.5)
     result.update(weight_bytes_per_rank=weight_bytes, read_bandwidth_gbs=bw / 1e9, ceiling_tok_s=bw / weight_bytes)
     tokens = torch.randint(0, m.args.vocab_size, (1, prefill), device=ctx.device)
-    m(tokens, 0, last_only=True)
+    runner.forward(tokens, 0, last_only=True)
     sync(ctx.device)
     t = time.perf_counter()
-    m(tokens, 0, last_only=True)
+    runner.forward(tokens, 0, last_only=True)
     sync(ctx.device)
     result["prefill_tok_s"] = prefill / (time.perf_counter() - t)
     for b in batches:
         greedy: list[int] = []
         top2: list[tuple[float, float]] = []
-        result[f"decode_b{b}_tok_s"] = decode_tok_s(m, ctx, b, steps, compile, greedy=greedy,
+        result[f"decode_b{b}_tok_s"] = decode_tok_s(runner, ctx, b, steps, greedy=greedy,
                                                     top2=top2 if b == 1 else None)
         if b == 1:
             result["greedy_b1"], result["top2_b1"] = greedy, top2
     if "decode_b1_tok_s" in result:
         result["b1_fraction_of_ceiling"] = result["decode_b1_tok_s"] / result["ceiling_tok_s"]
     if hf and ctx.world_size == 1 and not model:
-        del m
+        del m, runner
         torch.cuda.empty_cache() if ctx.device.type == "cuda" else None
         result.update(hf_figures(source.args, ctx.device, min(steps, 64), batches))
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
-        if os.environ.get("OUT"):
-            name = f"bench_{Path(str(config)).stem}_tp{ctx.tp_size}_pp{ctx.pp_size}_{quantize}.json"
-            Path(os.environ["OUT"], name).write_text(json.dumps(result, indent=1))
+        if out:
+            name = f"bench_{Path(str(config)).stem}_tp{ctx.tp_size}_pp{ctx.pp_size}_{load.quantize}.json"
+            Path(out, name).write_text(json.dumps(result, indent=1))
     return result

@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint.hf import save_hf_checkpoint
-from .checkpoint.loader import open_checkpoint, open_tokenizer
+from .checkpoint.loader import open_checkpoint
+from .tokenizer import open_tokenizer
 from .checkpoint.meta import save_meta_checkpoint
 
 TARGETS = ("meta", "hf")
@@ -14,7 +15,7 @@ TARGETS = ("meta", "hf")
 
 def convert(model: str, out: str, to: str = "meta", mp: int = 1, dtype: str = "float32") -> Path:
     if to not in TARGETS:
-        raise ValueError(f"--to {to!r}: choose one of {', '.join(TARGETS)}.")
+        raise ValueError(f"target format {to!r}: choose one of {', '.join(TARGETS)}.")
     source = open_checkpoint(model)
     tokenizer = open_tokenizer(source)
     torch_dtype = getattr(torch, dtype)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .checkpoint.loader import describe, open_checkpoint, open_tokenizer
+from .checkpoint.loader import describe, open_checkpoint
+from .tokenizer import open_tokenizer
 from .checkpoint.shard import full_shape, param_names
 
 

@@ -5,8 +5,8 @@ import threading
 import torch
 
 from llama_dist import Llama
-from llama_dist.generation import llama as generation
-from llama_dist.generation.llama import attention_window, batch_bucket
+from llama_dist.runner import step as runner_step
+from llama_dist.runner.step import attention_window, batch_bucket
 from llama_dist.generation.sampling import SamplingParams
 from llama_dist.model.args import ModelArgs
 from llama_dist.serving.engine import Engine, Request
@@ -22,7 +22,7 @@ def test_attention_window_is_a_power_of_two_holding_the_position():
 
 def test_compiled_decode_equals_eager(tiny_checkpoints, sp_tokenizer, monkeypatch):
     # small windows so that generation crosses window sizes 8 -> 16 -> 32 (a graph each)
-    monkeypatch.setattr(generation, "MIN_ATTENTION_WINDOW", 8)
+    monkeypatch.setattr(runner_step, "MIN_ATTENTION_WINDOW", 8)
     eager = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=2)
     compiled = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=2, compile=True)
     expected, _ = eager.generate(PROMPTS, max_gen_len=16, temperature=0.0)
@@ -44,8 +44,8 @@ def test_two_compiled_models_in_one_process_keep_their_own_graphs(tiny_checkpoin
     second = Llama.build(other, sp_tokenizer, max_seq_len=64, max_batch_size=2, compile=True)
     second_eager = Llama.build(other, sp_tokenizer, max_seq_len=64, max_batch_size=2)
     tokens = torch.tensor([[5], [9]])  # the same input tensor for both: only the models differ
-    first.decode(tokens, 3)
-    got = second.decode(tokens, 3)
+    first.runner.decode(tokens, 3)
+    got = second.runner.decode(tokens, 3)
     assert got.shape[-1] == other_args.vocab_size
     assert (got - second_eager.model(tokens, 3)).abs().max() < 1e-5
 
@@ -77,7 +77,7 @@ def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int]) 
 def test_compiled_server_steps_equal_eager(tiny_checkpoints, sp_tokenizer, monkeypatch):
     """The engine's compiled decode steps (batches padded to 1, 2, 4 or 8 rows by repeating the last row,
     cache windows 8 -> 16 -> 32) answer as its eager steps do, for requests that join and leave."""
-    monkeypatch.setattr(generation, "MIN_ATTENTION_WINDOW", 8)
+    monkeypatch.setattr(runner_step, "MIN_ATTENTION_WINDOW", 8)
     prompts = [[5, 9, 13], [7], [3, 3, 8, 21, 4], [11, 2], [6, 30, 12]]
     lengths = [12, 5, 20, 3, 9]  # rows leave at different steps: batches of 5, 4, 3 ... rows
     eager = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=8)

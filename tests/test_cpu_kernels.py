@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from llama_dist.checkpoint.ggml_quants import int4_groups_rows
+from llama_dist.quant.ggml import int4_groups_rows
 from llama_dist.quant import cpu_kernels
 from llama_dist.quant.weights import Int4Weight, Q8BlockWeight, int4_dequantize, int4_quantize, q4_1_rows, q8_0_blocks
 

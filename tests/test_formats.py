@@ -10,7 +10,7 @@ from llama_dist.checkpoint.gguf import gguf_name
 from llama_dist.checkpoint.hf import save_hf_checkpoint
 from llama_dist.checkpoint.loader import open_checkpoint
 from llama_dist.checkpoint.source import StateDictSource
-from llama_dist.models import bundled_model_path
+from llama_dist.checkpoint.bundled import bundled_model_path
 from llama_dist.tokenizer import load_tokenizer
 
 gguf = pytest.importorskip("gguf")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama_dist.checkpoint.ggml_quants import BLOCK_TYPES, dequantize_rows
+from llama_dist.quant.ggml import BLOCK_TYPES, dequantize_rows
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402

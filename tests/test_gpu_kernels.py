@@ -16,7 +16,7 @@ pytest.importorskip("triton")
 
 SCRIPT = """
 import torch
-from llama_dist.quant.gpu_gemv import gemv, load
+from llama_dist.kernels.gemv import gemv, load
 assert load()
 from llama_dist.quant.weights import int8_quantize
 from llama_dist.model.transformer import RMSNorm
@@ -45,7 +45,7 @@ ATTENTION_SCRIPT = """
 import torch
 import torch.nn.functional as F
 from llama_dist.model.args import ModelArgs
-from llama_dist.model.gpu_attention import decode_attention, load
+from llama_dist.kernels.decode_attention import decode_attention, load
 from llama_dist.model.transformer import apply_rotary, rope_table
 assert load()
 g = torch.Generator().manual_seed(0)
@@ -88,35 +88,43 @@ def test_gemv_kernel_in_the_interpreter():
 
 
 MODEL_SCRIPT = """
-import os
 import torch
+from llama_dist.checkpoint.config import LoadConfig
 from llama_dist.checkpoint.loader import load_model
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
+from llama_dist.kernels import Kernels, install
+from llama_dist.kernels.fused import FusedTransformerBlock
 from llama_dist.model.args import ModelArgs
-from llama_dist.model import gpu_attention
-from llama_dist.quant.gpu_gemv import load
+from llama_dist.model.transformer import TransformerBlock
 from tests.helpers import TINY_GQA, random_state_dict
-assert load() and gpu_attention.load()
 args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
 tokens = torch.tensor([[5, 17, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6], [300, 8, 8, 8, 41, 0]])
-# int8: the CPU path rounds activations to the scales' dtype (bf16) first, the kernel sums in fp32
+state = random_state_dict(args)
+# int8: the plain path rounds activations to the scales' dtype (bf16) first, the kernel sums in fp32
 for quantize, tolerance in (("none", 1e-5), ("int8", 1e-2)):
-    model = load_model(StateDictSource(args, random_state_dict(args)), ctx, dtype=torch.float32, max_seq_len=16,
-                       max_batch_size=3, progress=False, quantize=quantize)
-    for rows in (tokens[:1], tokens):  # one row (the matmul kernel too), three (the attention kernel)
-        logits = {}
-        for kernel in ("1", "0"):  # one token per row at a time: the kernels' path, then the step-by-step one
-            os.environ["LLAMA_DIST_GEMV"] = os.environ["LLAMA_DIST_ATTENTION"] = kernel
-            logits[kernel] = torch.cat([model(rows[:, i:i + 1], i) for i in range(rows.shape[1])], dim=1)
-        err = (logits["1"] - logits["0"]).abs().max() / logits["0"].abs().max()
-        assert err < tolerance, (quantize, len(rows), err)
+    config = LoadConfig(dtype="float32", quantize=quantize, n_ctx=16, max_batch_size=3)
+    plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
+    for kernels in (Kernels("triton", gemv=True), Kernels("triton"), Kernels("sdpa", gemv=True)):
+        fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False), kernels)
+        assert all(type(b) is FusedTransformerBlock for b in fused.layers.values())
+        assert all(type(b) is TransformerBlock for b in plain.layers.values())
+        assert fused.state_dict().keys() == plain.state_dict().keys()
+        for rows in (tokens[:1], tokens):  # one row (the matmul kernel too), three (the attention kernel)
+            logits = {}
+            for name, model in (("fused", fused), ("plain", plain)):  # one token per row at a time
+                logits[name] = torch.cat([model(rows[:, i:i + 1], i) for i in range(rows.shape[1])], dim=1)
+            err = (logits["fused"] - logits["plain"]).abs().max() / logits["plain"].abs().max()
+            assert err < tolerance, (quantize, kernels, len(rows), err)
+        # prompts take the plain block: the same logits for a whole prompt
+        assert (fused(tokens, 0) - plain(tokens, 0)).abs().max() / plain(tokens, 0).abs().max() < tolerance
 print("ok")
 """
 
 
 def test_model_decodes_the_same_through_the_kernel():
-    """Decode steps through our kernels (for one row every projection, with norms, SwiGLU and residuals folded in;
-    for one and three rows the attention) give the logits of the step-by-step path, dense and int8."""
+    """The model with the fused backend installed (for one row every projection through the one-row kernel, with
+    norms, SwiGLU and residuals folded in; for one and three rows the attention kernel; each kernel alone too)
+    decodes to the plain model's logits, dense and int8, and prompts to the same logits."""
     run_interpreted(MODEL_SCRIPT)

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from llama_dist.checkpoint.hf_names import hf_name, interleaved_to_hf, rotary_permuted
+from llama_dist.checkpoint.config import LoadConfig
 from llama_dist.checkpoint.loader import load_model
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
@@ -31,8 +32,8 @@ def hf_model(args: ModelArgs, sd: dict[str, torch.Tensor]):
 
 
 def our_model(args: ModelArgs, sd: dict[str, torch.Tensor]) -> Transformer:
-    return load_model(StateDictSource(args, sd), init_distributed(), torch.float32, max_seq_len=64,
-                      max_batch_size=2, progress=False)
+    return load_model(StateDictSource(args, sd), init_distributed(), LoadConfig(dtype="float32", n_ctx=64,
+                                                                                max_batch_size=2), progress=False)
 
 
 @pytest.mark.parametrize("shape", [TINY_MHA, dict(TINY_GQA, use_scaled_rope=True)], ids=["mha", "gqa-llama3.1-rope"])

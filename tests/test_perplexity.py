@@ -14,7 +14,7 @@ LLAMA_CPP = json.loads((FIXTURES / "llamacpp_smollm2.json").read_text())["perple
 
 def ppl(quantize: str, dtype: str | None = None) -> dict:
     llama = Llama.build("smollm2", max_seq_len=512, max_batch_size=1, quantize=quantize, dtype=dtype)
-    return perplexity(llama, TEXT, ctx=LLAMA_CPP["ctx"], progress=False)
+    return perplexity(llama, TEXT, n_ctx=LLAMA_CPP["ctx"], progress=False)
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ import torch
 
 from llama_dist.distributed.context import init_distributed
 from llama_dist.model.args import ModelArgs
-from llama_dist.parallel.pipeline import check_layout, parse_split, split_layers
+from llama_dist.distributed.layout import check_layout, parse_split, split_layers
 
 from .helpers import WORKERS, check_all_ok, launch_ranks, random_state_dict, write_meta_checkpoint
 
@@ -15,14 +15,14 @@ TINY_PP = dict(dim=96, n_layers=4, n_heads=12, n_kv_heads=6, vocab_size=384, mul
 def test_layer_split_is_even_or_as_given():
     assert split_layers(30, 4) == [range(0, 8), range(8, 16), range(16, 23), range(23, 30)]
     assert split_layers(4, 2, [1, 3]) == [range(0, 1), range(1, 4)]
-    assert parse_split("10,20") == [10, 20] and parse_split((3, 1)) == [3, 1] and parse_split(None) is None
+    assert parse_split("10,20") == (10, 20) and parse_split((3, 1)) == (3, 1) and parse_split(None) is None
 
 
 @pytest.mark.parametrize("pp, split, message", [
     (5, None, "more pipeline stages than the model's 4 layers"),
     (2, [4, 0], "leaves a stage without layers"),
     (2, [1, 2], "covers 3 layers; the model has 4"),
-    (3, [2, 2], "names 2 stages, but --pp is 3"),
+    (3, [2, 2], "names 2 stages, but pp is 3"),
 ])
 def test_bad_splits_are_refused(pp, split, message):
     with pytest.raises(ValueError, match=message):
@@ -71,7 +71,8 @@ def test_pipeline_matches_single_process(tp, pp, split, min_part, compile, singl
         rel = (got["logits"] - single_process["logits"]).abs().max() / single_process["logits"].abs().max()
         assert rel < 1e-5, (rank, rel)
         assert got["greedy"] == single_process["greedy"], rank
-        assert got["step_rows"] == ({1} if pp > 1 else set()), rank  # pipelines decode a row group per stage
+        # pipelines decode a row group (one row) per stage step; one stage decodes both rows in each step
+        assert got["step_rows"] == ({1} if pp > 1 else {2}), rank
         stage = rank // tp
         held = sorted({int(n.split(".")[1]) for n in got["shapes"] if n.startswith("layers.")})
         assert held == list(layers[stage]), (rank, held)

@@ -6,11 +6,12 @@ import sys
 import pytest
 import torch
 
+from llama_dist.checkpoint.config import LoadConfig
 from llama_dist.checkpoint.loader import load_model, open_checkpoint
 from llama_dist.checkpoint.shard import full_shape, param_names
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
-from llama_dist.models import bundled_model_path
+from llama_dist.checkpoint.bundled import bundled_model_path
 from llama_dist.quant import cpu_kernels
 from llama_dist.quant.weights import Int4Weight, Int8Weight, int4_dequantize, int4_quantize
 
@@ -125,7 +126,7 @@ def test_gguf_weights_stay_quantized_near_file_size():
     """Q4_1 blocks become int4 groups exactly; resident weights stay near the file size."""
     ctx = init_distributed()
     source = open_checkpoint(bundled_model_path())
-    model = load_model(source, ctx, max_seq_len=64, max_batch_size=1, progress=False)
+    model = load_model(source, ctx, LoadConfig(n_ctx=64, max_batch_size=1), progress=False)
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied output shares the embedding
     if cpu_kernels.available():  # Q8_0 embedding kept as blocks, one copy serving the output too
         assert model.output.qweight is model.tok_embeddings.qweight is not None
@@ -151,8 +152,8 @@ def test_int4_7b_layer_weights_under_0_3_of_bf16():
     ctx = init_distributed()
 
     def layer_bytes(quantize):
-        m = load_model(StateDictSource(args, sd), ctx, torch.bfloat16, max_seq_len=16, max_batch_size=1,
-                       progress=False, quantize=quantize, group_size=128)
+        config = LoadConfig(dtype="bfloat16", quantize=quantize, group_size=128, n_ctx=16, max_batch_size=1)
+        m = load_model(StateDictSource(args, sd), ctx, config, progress=False)
         return sum(t.nbytes for k, t in m.state_dict().items() if k.startswith("layers.") and "norm" not in k)
 
     assert layer_bytes("int4") <= 0.3 * layer_bytes("none")

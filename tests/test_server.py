@@ -59,7 +59,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--model", "smollm2", "--quantize", "none", "--dtype", "float32", "--max_batch", "16", "--ctx", "512")
+    s = Server("--model", "smollm2", "--quantize", "none", "--dtype", "float32", "--max_batch", "16", "--n_ctx", "512")
     yield s
     assert s.stop() == [0]
 
@@ -202,7 +202,7 @@ def test_api_key_and_two_ranks(pp, tiny_checkpoints, sp_tokenizer):
     """A tiny model over 2 Gloo ranks (tensor parallel, or --pp 2: a layer per stage) with --api_key: 401
     without it; batching still equals alone, and both layouts answer alike; SIGTERM exits all."""
     s = Server("--model", str(tiny_checkpoints["mp2"]), "--tokenizer", str(sp_tokenizer), "--api_key", "sekrit",
-               "--max_batch", "8", "--ctx", "128", "--backend", "gloo", "--pp", str(pp), world=2)
+               "--max_batch", "8", "--n_ctx", "128", "--backend", "gloo", "--pp", str(pp), world=2)
     try:
         assert s.post("/completion", {"prompt": "hi"}).status_code == 401
         auth = {"Authorization": "Bearer sekrit"}

@@ -6,10 +6,11 @@ import pytest
 import torch
 
 from llama_dist import Llama
+from llama_dist.checkpoint.config import LoadConfig
 from llama_dist.checkpoint.loader import load_model, open_checkpoint, weight_summary
 from llama_dist.convert import convert
 from llama_dist.distributed.context import init_distributed
-from llama_dist.models import bundled_model_path
+from llama_dist.checkpoint.bundled import bundled_model_path
 from llama_dist.quant import cpu_kernels
 
 from .helpers import WORKERS, check_all_ok, launch_ranks
@@ -112,8 +113,8 @@ def test_conversions_give_the_gguf_logits(llama, converted):
     ctx = init_distributed()
     for name, path in converted.items():
         source = open_checkpoint(path)
-        model = load_model(source, ctx, torch.float32, max_seq_len=64, max_batch_size=1, progress=False,
-                           quantize="none")
+        model = load_model(source, ctx, LoadConfig(dtype="float32", quantize="none", n_ctx=64, max_batch_size=1),
+                           progress=False)
         assert (model(ids, 0) - expected).abs().max() < 1e-5, name
         again = Llama.build(path, max_seq_len=64, max_batch_size=1)
         assert again.tokenizer.encode("abc 123 <|im_end|>", bos=False) == \
@@ -179,8 +180,8 @@ def test_compiled_cpu_decode_generates_the_eager_tokens():
     assert compiled.model.act_dtype == expected_dtype and "int4" in weight_summary(compiled.model)
     agreed = 0
     for gen in GENERATIONS:
-        expected, gaps = greedy_ids(eager.model, gen["prompt_ids"], 40, eager.decode)
-        got, _ = greedy_ids(compiled.model, gen["prompt_ids"], 40, compiled.decode)
+        expected, gaps = greedy_ids(eager.model, gen["prompt_ids"], 40, eager.runner.decode)
+        got, _ = greedy_ids(compiled.model, gen["prompt_ids"], 40, compiled.runner.decode)
         first_diff = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
         if first_diff < len(got):  # only where eager's top two are within two bf16 steps
             assert gaps[first_diff] <= 0.25, (gen["prompt"], first_diff, gaps[first_diff])

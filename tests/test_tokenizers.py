@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_dist.models import bundled_model_path
+from llama_dist.checkpoint.bundled import bundled_model_path
 from llama_dist.tokenizer import load_tokenizer
 from llama_dist.tokenizer.stream import TextStream
 

@@ -19,7 +19,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server("--model", "smollm2", "--max_batch", "4", "--ctx", "1024", "--api_key", "pagekey")
+    s = Server("--model", "smollm2", "--max_batch", "4", "--n_ctx", "1024", "--api_key", "pagekey")
     yield s
     s.stop()
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..model.args import ModelArgs
-from .ggml_quants import BLOCK_TYPES, INT4_GROUPS, dequantize_rows, int4_groups_rows
+from ..quant.ggml import BLOCK_TYPES, INT4_GROUPS, dequantize_rows, int4_groups_rows
 from .gguf_file import GGUFFile
 from .shard import ShardLayout
 from .source import CheckpointError, QuantizedShard, count_types
@@ -26,7 +26,6 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight": "norm.weight",
               "output.weight": "output.weight"}
-_IGNORED = {"rope_freqs.weight"}
 
 
 def canonical_name(gguf_name: str) -> str | None:

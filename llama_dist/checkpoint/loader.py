@@ -7,15 +7,13 @@ import torch
 from tqdm import tqdm
 
 from ..distributed.context import ParallelContext
-from ..model import gpu_attention
 from ..model.transformer import Transformer
-from ..models import resolve_model
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
-from ..parallel.pipeline import pipeline_stage
-from ..quant import cpu_kernels, gpu_gemv
+from ..quant import cpu_kernels
+from ..quant.ggml import INT4_GROUPS
 from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
-from ..tokenizer import Tokenizer, check_vocab, load_tokenizer, tokenizer_from_gguf
-from .ggml_quants import INT4_GROUPS
+from .bundled import resolve_model
+from .config import LoadConfig
 from .gguf import GGUFCheckpoint
 from .hf import HFCheckpoint
 from .meta import MetaCheckpoint
@@ -45,21 +43,6 @@ def describe(source: CheckpointSource) -> str:
         source.format, source.format)
 
 
-def open_tokenizer(source: CheckpointSource, tokenizer_path: str | Path | None = None) -> Tokenizer:
-    """The tokenizer given, else the one the model carries (GGUF metadata, HF folder, Meta's tokenizer.model)."""
-    if tokenizer_path is not None:
-        tokenizer = load_tokenizer(tokenizer_path)
-    elif isinstance(source, GGUFCheckpoint):
-        tokenizer = tokenizer_from_gguf(source.metadata)
-    elif isinstance(source, HFCheckpoint):
-        tokenizer = load_tokenizer(source.path)
-    else:  # Meta ships tokenizer.model beside the weights or one folder up; `convert` writes it inside
-        inside = any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
-        tokenizer = load_tokenizer(source.path if inside else source.path.parent / "tokenizer.model")
-    check_vocab(tokenizer, source.args.vocab_size)
-    return tokenizer
-
-
 def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
     """bf16 on GPUs that have it. On CPU fp32 (our block kernels quantize fp32 activations themselves, and
     fp32 element-wise code is faster than bf16 there); bf16 only for quantized weights that fall back to
@@ -76,40 +59,29 @@ def quant_act_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if device.type in ("cpu", "cuda") else dtype
 
 
-QUANTIZE_CHOICES = ("auto", "none", *QUANT_TYPES)
-
-
 def stores_quantized(source: CheckpointSource) -> bool:
     if isinstance(source, GGUFCheckpoint):
         return any(t in INT4_GROUPS for t in source.tensor_types())
     return bool(getattr(source, "quantization", None))
 
 
-def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtype | None = None,
-               max_seq_len: int = 2048, max_batch_size: int = 8, progress: bool = True,
-               quantize: str = "auto", group_size: int = 32, pp_split: list[int] | None = None,
-               micro_batches: int | None = None) -> Transformer:
+def load_model(source: CheckpointSource, ctx: ParallelContext, config: LoadConfig, layers: range | None = None,
+               progress: bool = True) -> Transformer:
     """Create the model at shard size without memory, then fill each parameter with this rank's slice
-    (of this rank's pipeline stage: its layers only).
+    (of `layers` only, a pipeline stage's; default all), with KV caches for config.max_batch_size
+    sequences of config.n_ctx tokens.
 
-    quantize: "auto" keeps weights as the checkpoint stores them (GGUF Q4_0/Q4_1/Q4_K blocks become
+    config.quantize: "auto" keeps weights as the checkpoint stores them (GGUF Q4_0/Q4_1/Q4_K blocks become
     int4 groups of 32 exactly, a quantized checkpoint stays quantized, the rest is dense); "none"
     makes everything dense; "int8"/"int4" quantize every weight (dequantized first if stored otherwise),
-    after sharding. pp_split: layers per pipeline stage (default even); micro_batches: how many
-    parts a batch is cut into to keep the stages busy (default: one per stage).
+    after sharding.
     """
-    args = source.args
+    args, quantize, group_size = source.args, config.quantize, config.group_size
     args.check_world_size(ctx.tp_size)
-    if quantize not in QUANTIZE_CHOICES:
-        raise ValueError(f"--quantize {quantize!r}: choose one of {', '.join(QUANTIZE_CHOICES)}.")
-    stage = pipeline_stage(ctx.rank, ctx.tp_size, ctx.pp_size, args.n_layers, ctx.comm, pp_split, micro_batches)
     quantized = quantize in QUANT_TYPES or (quantize == "auto" and stores_quantized(source))
-    dtype = dtype or default_dtype(ctx.device, quantized=quantized)
-    if ctx.device.type == "cuda":
-        gpu_gemv.load()  # our one-token kernels, where Triton is present
-        gpu_attention.load()
+    dtype = config.torch_dtype or default_dtype(ctx.device, quantized=quantized)
     with torch.device("meta"):
-        model = Transformer(args, ctx.tp_comm, dtype=dtype, stage=stage)
+        model = Transformer(args, ctx.tp_comm, dtype=dtype, layers=layers)
     owners = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, ShardedWeight)}
     state = {}
     # a tied output is the embedding's vocab-split shard at any TP size: the same tensor serves both
@@ -138,7 +110,7 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, dtype: torch.dtyp
         state[name] = tensor.contiguous()
     missing, _ = model.load_state_dict(state, assign=True, strict=False)
     assert all(".qweight." in k for k in missing), missing  # quantized weights were set in place above
-    model.setup_caches(max_batch_size, max_seq_len, dtype, ctx.device)
+    model.setup_caches(config.max_batch_size, config.n_ctx, dtype, ctx.device)
     return model.eval()
 
 

@@ -27,7 +27,7 @@ class MetaCheckpoint:
     def __init__(self, ckpt_dir: str | Path):
         self.path = Path(ckpt_dir)
         if not self.path.is_dir():
-            raise CheckpointError(f"Checkpoint directory {self.path} does not exist. Pass --ckpt_dir pointing "
+            raise CheckpointError(f"Checkpoint directory {self.path} does not exist. Pass a path pointing "
                                   "at the folder that holds params.json and consolidated.*.pth.")
         params = self.path / "params.json"
         if not params.is_file():

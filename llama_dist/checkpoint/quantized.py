@@ -33,7 +33,7 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 def save_quantized_checkpoint(source: CheckpointSource, out_dir: str | Path, kind: str, group_size: int = 32,
                               dtype: torch.dtype = torch.bfloat16) -> Path:
     if kind not in ("int8", "int4"):
-        raise ValueError(f"--type {kind!r}: choose int8 or int4.")
+        raise ValueError(f"quantization type {kind!r}: choose int8 or int4.")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     args, full = source.args, ShardLayout(None)
@@ -77,7 +77,7 @@ class QuantizedReader:
                 if groups % layout.parts:
                     raise CheckpointError(f"{self.path}: {name} has {groups} int4 groups of {self.group_size}, "
                                           f"which do not split evenly across {layout.parts} ranks; quantize with a "
-                                          "smaller --group-size.")
+                                          "smaller group size.")
                 q, scales, zeros = layout.take(q), layout.take(scales), layout.take(zeros)
         if self.kind == "int4":
             q = unpack_nibbles(q)

@@ -8,7 +8,7 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from ..model.args import ModelArgs
-from .ggml_quants import int4_groups_rows
+from ..quant.ggml import int4_groups_rows
 from .shard import ShardLayout
 
 

@@ -5,7 +5,6 @@ group at all, and other transports (mpi4py) slot in by implementing the same met
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -139,10 +138,9 @@ class TorchCommunicator(Communicator):
     def enable_fast_all_reduce(self, numel: int, dtype: torch.dtype, device: torch.device) -> bool:
         """NCCL on GPUs: compiled graphs run all-reduces of up to `numel` elements of `dtype` as
         one_shot_all_reduce (no multicast involved): a few microseconds instead of NCCL's launch and
-        stream hand-off, twice per layer. Checked once here; LLAMA_DIST_SYMM_MEM=0 turns it off."""
+        stream hand-off, twice per layer. Checked once here (whether to ask is the kernel choice's)."""
         group = self.group or dist.group.WORLD
-        if (device.type != "cuda" or dist.get_backend(group) != "nccl"
-                or os.environ.get("LLAMA_DIST_SYMM_MEM", "1") == "0"):
+        if device.type != "cuda" or dist.get_backend(group) != "nccl":
             return False
         try:
             import torch.distributed._symmetric_memory as symm_mem

@@ -12,12 +12,12 @@ import torch.distributed as dist
 
 from .comm import Communicator, TorchCommunicator
 from .env import LaunchEnv, detect_launch
+from .layout import check_layout
 from .monitor import FailureMonitor
 from .rendezvous import rendezvous
+from .settings import read_settings
 
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
-DEFAULT_TIMEOUT_S = float(os.environ.get("LLAMA_DIST_TIMEOUT", 300))  # rendezvous and collectives
-DEFAULT_DEAD_AFTER_S = float(os.environ.get("LLAMA_DIST_HEARTBEAT_TIMEOUT", 10))  # a silent rank is dead
 
 
 @dataclass
@@ -27,7 +27,6 @@ class ParallelContext:
     rank: int
     world_size: int
     local_rank: int
-    launcher: str
     backend: str  # "none" for a single process
     device: torch.device
     comm: Communicator  # the whole job: the driver's broadcasts, pipeline sends
@@ -67,9 +66,11 @@ class ParallelContext:
             self.comm.barrier()
             if self.device.type == "cuda":  # CUDA graphs that captured NCCL kernels keep its communicators
                 torch.cuda.synchronize(self.device)  # busy: destroying them first would hang (pytorch#115388)
-                from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-                reset_cudagraph_trees()
+                # only where graphs were made: importing inductor from an exit hook raises "can't register
+                # atexit after shutdown"
+                trees = sys.modules.get("torch._inductor.cudagraph_trees")
+                if trees is not None:
+                    trees.reset_cudagraph_trees()
             dist.destroy_process_group()
 
     def _install_exit_hooks(self) -> None:
@@ -100,16 +101,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         return "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
     if backend == "nccl" and not (torch.cuda.is_available() and dist.is_nccl_available()):
-        raise RuntimeError("--backend nccl needs NVIDIA GPUs and a CUDA build of PyTorch, and this machine "
-                           "or build has neither. Use --backend gloo (CPUs, Macs) or --backend auto.")
+        raise RuntimeError("backend=nccl needs NVIDIA GPUs and a CUDA build of PyTorch, and this machine "
+                           "or build has neither. Use backend gloo (CPUs, Macs) or auto.")
     if backend == "gloo" and not dist.is_gloo_available():
-        raise RuntimeError("This PyTorch build has no Gloo backend. Use --backend nccl on NVIDIA GPUs.")
+        raise RuntimeError("This PyTorch build has no Gloo backend. Use backend nccl on NVIDIA GPUs.")
     if backend == "mpi" and not dist.is_mpi_available():
         from .mpi import mpi4py_available
 
         if not mpi4py_available():
-            raise RuntimeError("--backend mpi needs mpi4py (pip install 'llama-dist[mpi]'), and it is not "
-                               "installed. Or use --backend gloo, which also runs under mpirun.")
+            raise RuntimeError("backend=mpi needs mpi4py (pip install 'llama-dist[mpi]'), and it is not "
+                               "installed. Or use backend gloo, which also runs under mpirun.")
         return "mpi4py"
     return backend
 
@@ -121,16 +122,18 @@ def _set_cpu_threads(launch: LaunchEnv) -> None:
 
 
 def init_distributed(backend: str = "auto", device: str | torch.device | None = None,
-                     timeout_s: float = DEFAULT_TIMEOUT_S, dead_after_s: float = DEFAULT_DEAD_AFTER_S,
+                     timeout_s: float | None = None, dead_after_s: float | None = None,
                      pp: int = 1) -> ParallelContext:
     """Detect the launcher, pick the device and backend, and bring the ranks together (if more than one).
 
     timeout_s bounds the rendezvous and every collective; a rank silent for dead_after_s is declared
-    dead and every other rank exits non-zero naming it. pp: pipeline stages; the ranks of a stage
+    dead and every other rank exits non-zero naming it (defaults: LLAMA_DIST_TIMEOUT and
+    LLAMA_DIST_HEARTBEAT_TIMEOUT, settings.py). pp: pipeline stages; the ranks of a stage
     (world / pp consecutive ranks) form its tensor-parallel group.
     """
-    from ..parallel.pipeline import check_layout
-
+    settings = read_settings()
+    timeout_s = settings.timeout_s if timeout_s is None else timeout_s
+    dead_after_s = settings.heartbeat_timeout_s if dead_after_s is None else dead_after_s
     launch = detect_launch()
     tp = check_layout(launch.world_size, pp)  # before any rendezvous
     ctx = _init_world(launch, backend, device, timeout_s, dead_after_s)
@@ -143,7 +146,7 @@ def _split_stages(ctx: ParallelContext, tp: int, pp: int, launch: LaunchEnv) -> 
     stage = ctx.rank // tp
     if launch.local_world_size > 1 and launch.local_world_size % tp and ctx.is_driver:
         print(f"llama-dist: warning: hosts run {launch.local_world_size} ranks each, so a tensor-parallel group "
-              f"of {tp} spans hosts; choose --pp so that world / pp divides the ranks per host.", flush=True)
+              f"of {tp} spans hosts; choose pp so that world / pp divides the ranks per host.", flush=True)
     ctx.pp_size = pp
     if ctx.backend == "mpi4py":
         ctx.tp_comm = ctx.comm.split(stage)
@@ -161,7 +164,7 @@ def _init_world(launch: LaunchEnv, backend: str, device: str | torch.device | No
         torch.cuda.set_device(device)
     if launch.world_size == 1:
         resolve_backend(backend, device)  # still refuse an impossible request
-        return ParallelContext(0, 1, 0, launch.launcher, "none", device, Communicator())
+        return ParallelContext(0, 1, 0, "none", device, Communicator())
     backend = resolve_backend(backend, device)
     if device.type == "cpu":
         _set_cpu_threads(launch)
@@ -169,19 +172,19 @@ def _init_world(launch: LaunchEnv, backend: str, device: str | torch.device | No
         from .mpi import MpiCommunicator
 
         comm = MpiCommunicator()
-        return ParallelContext(comm.rank, comm.world_size, launch.local_rank, launch.launcher, backend, device, comm)
+        return ParallelContext(comm.rank, comm.world_size, launch.local_rank, backend, device, comm)
     if dist.is_initialized():
-        return ParallelContext(launch.rank, launch.world_size, launch.local_rank, launch.launcher, backend,
+        return ParallelContext(launch.rank, launch.world_size, launch.local_rank, backend,
                                device, TorchCommunicator())
     if backend == "mpi":
         dist.init_process_group("mpi", timeout=timedelta(seconds=timeout_s))
-        return ParallelContext(dist.get_rank(), dist.get_world_size(), launch.local_rank, launch.launcher,
-                               backend, device, TorchCommunicator())
+        return ParallelContext(dist.get_rank(), dist.get_world_size(), launch.local_rank, backend, device,
+                               TorchCommunicator())
     store = rendezvous(launch, timeout_s)
     dist.init_process_group(backend, store=store, rank=launch.rank, world_size=launch.world_size,
                             timeout=timedelta(seconds=timeout_s))
     monitor = FailureMonitor(store, launch.rank, launch.world_size, dead_after_s=dead_after_s)
-    ctx = ParallelContext(launch.rank, launch.world_size, launch.local_rank, launch.launcher, backend, device,
+    ctx = ParallelContext(launch.rank, launch.world_size, launch.local_rank, backend, device,
                           TorchCommunicator(on_failure=monitor.await_verdict), monitor)
     ctx._install_exit_hooks()
     return ctx

@@ -23,7 +23,6 @@ class ModelArgs:
     rope_scaling: dict[str, float] = field(default_factory=dict)
     vocab_parallel_embedding: bool | None = None  # None: Llama 3 style (vocab split) when vocab >= 128000
     max_seq_len: int = 2048
-    max_batch_size: int = 32
 
     def __post_init__(self):
         if self.n_kv_heads is None:

@@ -10,6 +10,11 @@ the canonical per-projection weights (checkpoint/shard.py: FUSED).
 Rows of a batch may sit at different positions and in any cache slot, which is what the
 server's continuous batching needs; Meta-style generation is the special case of one
 start position for all rows in slots 0..B-1.
+
+A Transformer holds a range of layers (all of them, or one pipeline stage's): it maps tokens
+(first stage) or a hidden state (later stages) to a hidden state, or (last stage) to logits.
+Who sends what to whom is the runner's business (runner/); faster kernels replace modules
+after loading (kernels/), computing what these modules compute.
 """
 from __future__ import annotations
 
@@ -21,8 +26,6 @@ from torch import nn
 
 from ..distributed.comm import Communicator
 from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
-from ..parallel.pipeline import PipelineStage, whole_model
-from . import gpu_attention
 from .args import ModelArgs
 
 Slots = torch.Tensor | slice | None  # cache rows of a batch: indices, a run of consecutive rows, or 0..B-1
@@ -68,17 +71,6 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
-def decode_attention_cpu(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of a few query rows, as plain fp32 matmuls: for one decoded token the CPU flash kernel's
-    set-up costs more than the arithmetic, and bf16 matmuls on CPUs without bf16 units are slower than
-    converting (SmolLM2 decode on 2 AVX2 cores: 110 us per layer with SDPA, under 40 us this way)."""
-    scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return (scores.softmax(-1) @ values.float()).type_as(q)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
         super().__init__()
@@ -95,28 +87,29 @@ class Attention(nn.Module):
         self.cache_k: torch.Tensor | None = None
         self.cache_v: torch.Tensor | None = None
 
-    def setup_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
-        shape = (max_batch_size, self.n_local_kv_heads, max_seq_len, self.head_dim)
+    def setup_cache(self, max_batch_size: int, n_ctx: int, dtype: torch.dtype, device) -> None:
+        shape = (max_batch_size, self.n_local_kv_heads, n_ctx, self.head_dim)
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, pos: torch.Tensor, rope: torch.Tensor,
-                mask: torch.Tensor | None, slots: Slots, length: int) -> torch.Tensor:
-        """x + attention over norm(x). pos [B, S]: each token's position; slots: cache rows, [B] or
-        consecutive ones as a slice (None: rows 0..B-1); attend to [0, length). The norm and the residual
-        are handed to the projections, whose one-row kernel applies them as it streams the weights."""
-        bsz, seqlen, _ = x.shape
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                slots: Slots, length: int) -> torch.Tensor:
+        """pos [B, S]: each token's position; rope: its rotation table rows; mask: which cached positions
+        each token sees (None: all of [0, length)); slots: cache rows, [B] or consecutive ones as a slice
+        (None: rows 0..B-1)."""
+        return self.wo(self.cached_attention(self.wqkv(x), pos, rope, mask, slots, length))
+
+    def cached_attention(self, qkv: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                         slots: Slots, length: int) -> torch.Tensor:
+        """Rotate q and k, write k and v to the cache, attend over the cache: [B, S, heads * head_dim]."""
+        bsz, seqlen, _ = qkv.shape
         hd, nh, nkv = self.head_dim, self.n_local_heads, self.n_local_kv_heads
-        qkv = self.wqkv(x, norm)
-        slots = slice(0, bsz) if slots is None else slots
-        rows = torch.arange(slots.start, slots.stop, device=x.device) if isinstance(slots, slice) else slots
-        if gpu_attention.enabled(x, hd):  # one token per row: one kernel (a decode mask is always "up to pos")
-            out = gpu_attention.decode_attention(qkv, rope, self.cache_k, self.cache_v, rows, pos[:, 0], self.n_rep)
-            return self.wo(out, residual=x)
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
+        slots = slice(0, bsz) if slots is None else slots
+        rows = torch.arange(slots.start, slots.stop, device=qkv.device) if isinstance(slots, slice) else slots
         rows = rows.view(bsz, 1).expand(bsz, seqlen)
         self.cache_k[rows, :, pos] = k
         self.cache_v[rows, :, pos] = v
@@ -126,11 +119,13 @@ class Attention(nn.Module):
         q = q.transpose(1, 2).reshape(bsz, nkv, self.n_rep * seqlen, hd)
         if mask is not None and self.n_rep > 1:
             mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).reshape(bsz, 1, self.n_rep * seqlen, -1)
-        if x.device.type == "cpu" and seqlen == 1:
-            out = decode_attention_cpu(q, keys, values, mask)
-        else:
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.wo(out.view(bsz, nh, seqlen, hd).transpose(1, 2).reshape(bsz, seqlen, -1), residual=x)
+        out = self.attend(q, keys, values, mask)
+        return out.view(bsz, nh, seqlen, hd).transpose(1, 2).reshape(bsz, seqlen, -1)
+
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d)) v over the visible positions."""
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class FeedForward(nn.Module):
@@ -140,9 +135,10 @@ class FeedForward(nn.Module):
         self.w13 = ColumnParallelLinear(args.dim, 2 * args.hidden_dim, gather_output=False, **kw)
         self.w2 = RowParallelLinear(args.hidden_dim, args.dim, input_is_parallel=True, **kw)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """x + w2(silu(gate) * up) with [gate, up] = w13(norm(x)), SwiGLU (applied inside w2's input)."""
-        return self.w2(self.w13(x, norm), gated=True, residual=x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: w2(silu(w1 x) * w3 x), with [w1 x, w3 x] from the fused w13."""
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -153,32 +149,30 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
 
-    def forward(self, x, pos, rope, mask, slots, length) -> torch.Tensor:
-        h = self.attention(x, self.attention_norm, pos, rope, mask, slots, length)  # residuals included
-        return self.feed_forward(h, self.ffn_norm)
-
-
-MIN_MICRO_BATCH_TOKENS = 64  # below this, a pipeline part is too small to be worth another pass over a stage
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                slots: Slots, length: int) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), pos, rope, mask, slots, length)
+        return h + self.feed_forward(self.ffn_norm(h))
 
 
 class Transformer(nn.Module):
     """Parameters are created at this rank's shard size (on the `meta` device when loading).
 
-    With a pipeline `stage`, only its layers exist (named by their global index, as in the
-    checkpoint), the embedding only on the first stage and norm + output only on the last.
+    `layers`: the range of layers this rank holds (a pipeline stage; default all), named by their global
+    index as in the checkpoint. The first holds the embedding, the last the final norm and output.
     """
 
-    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None,
-                 stage: PipelineStage | None = None):
+    def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None, layers: range | None = None):
         super().__init__()
         args.check_world_size(comm.world_size)
         self.args, self.comm = args, comm
-        self.stage = stage = stage or whole_model(args.n_layers)
-        if stage.is_first:
+        layers = layers if layers is not None else range(args.n_layers)
+        self.is_first, self.is_last = layers.start == 0, layers.stop == args.n_layers
+        if self.is_first:
             embedding = VocabParallelEmbedding if args.vocab_parallel_embedding else ParallelEmbedding
             self.tok_embeddings = embedding(args.vocab_size, args.dim, comm, dtype=dtype, device=device)
-        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, comm, dtype, device) for i in stage.layers})
-        if stage.is_last:
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(args, comm, dtype, device) for i in layers})
+        if self.is_last:
             self.norm = RMSNorm(args.dim, args.norm_eps, dtype, device)
             self.output = ColumnParallelLinear(args.dim, args.vocab_size, comm, gather_output=True,
                                                dtype=dtype, device=device)
@@ -188,42 +182,40 @@ class Transformer(nn.Module):
     def act_dtype(self) -> torch.dtype:
         return next(iter(self.layers.values())).attention_norm.weight.dtype
 
-    def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype, device) -> None:
+    @property
+    def device(self) -> torch.device:
+        return self.rope.device
+
+    def setup_caches(self, max_batch_size: int, n_ctx: int, dtype: torch.dtype, device) -> None:
         """Allocate the KV cache (in the activation dtype) and the rotary table once."""
         for layer in self.layers.values():
-            layer.attention.setup_cache(max_batch_size, max_seq_len, dtype, device)
-        self.rope = rope_table(self.args, max_seq_len).to(device)
-        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+            layer.attention.setup_cache(max_batch_size, n_ctx, dtype, device)
+        self.rope = rope_table(self.args, n_ctx).to(device)
+        self.max_batch_size, self.n_ctx = max_batch_size, n_ctx
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph
-    def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
-                slots: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
-        """Logits (float32, full vocabulary on every rank) for `tokens` [B, S] placed at start_pos.. .
+    def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,
+                length: int | None = None, last_only: bool = False) -> torch.Tensor:
+        """x: tokens [B, S] (first stage) or the previous stage's hidden state [B, S, dim], placed at start_pos..
+        (an int for all rows, or a tensor [B] per row). Returns the hidden state after these layers or, on the
+        last stage, float32 logits over the full vocabulary (of each row's final position only, if last_only).
 
-        start_pos: an int for all rows, or a tensor [B] per row. slots: cache rows per batch row
-        (None: rows 0..B-1). length: how much of the cache to attend to; defaults to the end of the
-        furthest row (pass max_seq_len for the fixed shapes a compiled decode step needs).
-        Every rank calls it with the same tokens, whichever stage it holds.
+        slots: cache rows per batch row (None: rows 0..B-1). length: how much of the cache to attend to;
+        defaults to the end of the furthest row (a compiled step passes a fixed window).
         """
-        pos, mask, length = self._placement(tokens.shape, tokens.device, start_pos, slots, length)
-        if self.stage.pipelined:
-            return self._pipelined(tokens, pos, mask, slots, length, last_only)
-        return self._head(self._stage(tokens, pos, mask, slots, length), last_only)
+        pos, mask, length = self.placement(x.shape[:2], x.device, start_pos, slots, length)
+        h = self.tok_embeddings(x).to(self.act_dtype) if self.is_first else x  # int8 tables give fp32
+        rope = self.rope[pos]
+        for layer in self.layers.values():
+            h = layer(h, pos, rope, mask, slots, length)
+        if not self.is_last:
+            return h
+        if last_only:
+            h = h[:, -1:]
+        return self.output(self.norm(h)).float()
 
-    @torch.no_grad()
-    def stage_forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,
-                      length: int | None = None) -> torch.Tensor:
-        """This stage's share of a forward, sending and receiving left to the caller (a pipeline
-        schedule, or a compiled step that must not hold them): x is the tokens [B, S] on the first
-        stage, else the hidden state [B, S, dim] the stage before produced. Returns the hidden state
-        for the next stage or, on the last stage, the logits of each row's final position.
-        Arguments as in forward; one stage holding every layer makes this the whole model."""
-        pos, mask, length = self._placement(x.shape[:2], x.device, start_pos, slots, length)
-        h = self._stage(x, pos, mask, slots, length)
-        return self._head(h, last_only=True) if self.stage.is_last else h
-
-    def _placement(self, shape: tuple[int, ...], device: torch.device, start_pos: int | torch.Tensor,
-                   slots: Slots, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    def placement(self, shape: tuple[int, ...], device: torch.device, start_pos: int | torch.Tensor,
+                  slots: Slots, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """Each token's position, the attention mask (None where a row sees the whole window) and the
         cache length attended to."""
         bsz, seqlen = shape
@@ -236,58 +228,10 @@ class Transformer(nn.Module):
             end = None
         if length is None:
             length = end if end is not None else int(pos.max()) + 1
-        if length > self.max_seq_len or (slots is None and bsz > self.max_batch_size):
+        if length > self.n_ctx or (slots is None and bsz > self.max_batch_size):
             raise ValueError(f"{bsz} x {length} tokens exceed the cache ({self.max_batch_size} x "
-                             f"{self.max_seq_len}); raise max_batch_size / max_seq_len.")
+                             f"{self.n_ctx}); raise max_batch_size / n_ctx.")
         mask = None
         if not (seqlen == 1 and end == length):  # visible: cached positions up to each token's own
             mask = (torch.arange(length, device=device) <= pos[..., None]).unsqueeze(1)
         return pos, mask, length
-
-    def _stage(self, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None, slots: Slots,
-               length: int) -> torch.Tensor:
-        """The hidden state after this stage's layers: x is tokens on the first stage, else a hidden state."""
-        h = self.tok_embeddings(x).to(self.act_dtype) if self.stage.is_first else x  # int8 tables give fp32
-        rope = self.rope[pos]
-        for layer in self.layers.values():
-            h = layer(h, pos, rope, mask, slots, length)
-        return h
-
-    def _head(self, h: torch.Tensor, last_only: bool) -> torch.Tensor:
-        """The last stage's float32 logits (of each row's final position only, if last_only)."""
-        if last_only:
-            h = h[:, -1:]
-        return self.output(h, self.norm).float()
-
-    def _pipelined(self, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor | None,
-                   slots: torch.Tensor | None, length: int, last_only: bool) -> torch.Tensor:
-        """The batch in micro-batches: while stage s works on micro-batch m, stage s-1 works on m+1.
-
-        A micro-batch is a group of rows or, for fewer rows than micro-batches (one long prompt), a
-        chunk of the sequence: chunk c attends to chunks before it, which this stage has already
-        cached. Too few tokens per part is slower (each part reads the stage's weights again), so
-        parts hold at least MIN_MICRO_BATCH_TOKENS tokens: decode steps of small batches run whole.
-        """
-        stage, (bsz, seqlen), device = self.stage, tokens.shape, tokens.device
-        rows = slots if slots is not None else torch.arange(bsz, device=device)
-        n_parts = max(1, min(stage.micro_batches, bsz * seqlen // MIN_MICRO_BATCH_TOKENS))
-        by_rows = bsz >= n_parts
-        if by_rows:  # (row indices, sequence slice) per part
-            parts = [(idx, slice(None)) for idx in torch.arange(bsz, device=device).tensor_split(n_parts)]
-        else:
-            cuts = torch.arange(seqlen).tensor_split(min(n_parts, seqlen))  # never an empty chunk
-            parts = [(torch.arange(bsz, device=device), slice(int(c[0]), int(c[-1]) + 1)) for c in cuts]
-        logits, sending = [], []
-        for idx, cols in parts:
-            part_pos = pos[idx][:, cols]
-            x = tokens[idx][:, cols] if stage.is_first else stage.receive(
-                (*part_pos.shape, self.args.dim), self.act_dtype, device)
-            h = self._stage(x, part_pos, None if mask is None else mask[idx][:, :, cols], rows[idx], length)
-            if not stage.is_last:
-                sending.append(stage.send(h))
-            elif by_rows or not last_only or cols == parts[-1][1]:  # last_only over chunks: the final one
-                logits.append(self._head(h, last_only))
-        for handle in sending:
-            handle.wait()
-        shape = (bsz, 1 if last_only else seqlen, self.args.vocab_size)
-        return stage.share_logits(torch.cat(logits, dim=0 if by_rows else 1) if logits else None, shape, device)

@@ -10,8 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..distributed.comm import Communicator
-from ..quant import gpu_gemv
-from ..quant.weights import QuantizedWeight
 
 
 def divide(total: int, parts: int, what: str) -> int:
@@ -21,34 +19,22 @@ def divide(total: int, parts: int, what: str) -> int:
 
 
 class ShardedWeight(nn.Module):
-    """A layer's local weight shard: dense, or replaced by a quantized one after loading."""
+    """A layer's local weight shard: dense, or replaced after loading by a quantized module (quant/weights.py)
+    that computes the same product, x W^T, from its packed form."""
 
     weight: nn.Parameter | None
 
     def __init__(self):
         super().__init__()
-        self.qweight: QuantizedWeight | None = None
+        self.qweight: nn.Module | None = None
 
-    def set_quantized(self, qweight: QuantizedWeight) -> None:
+    def set_quantized(self, qweight: nn.Module) -> None:
         self.weight = None
         self.qweight = qweight
 
-    def local_linear(self, x: torch.Tensor, norm: nn.Module | None = None, gated: bool = False,
-                     residual: torch.Tensor | None = None) -> torch.Tensor:
-        """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when
-        gated). One row on CUDA does all of it in one kernel (quant/gpu_gemv.py); elsewhere step by step."""
-        if gpu_gemv.enabled(x):  # (checked first: no work on the CPU path)
-            operands = (self.weight, None) if self.qweight is None else self.qweight.gemv_operands()
-            if operands is not None:
-                return gpu_gemv.gemv(x, *operands, gated=gated, residual=residual,
-                                     **({} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}))
-        if norm is not None:
-            x = norm(x)
-        if gated:
-            gate, up = x.chunk(2, dim=-1)
-            x = F.silu(gate) * up
-        y = self.qweight(x) if self.qweight is not None else F.linear(x, self.weight)
-        return y if residual is None else residual + y
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """x times this rank's shard: x W^T, before any communication."""
+        return self.qweight(x) if self.qweight is not None else F.linear(x, self.weight)
 
     def local_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight.rows(ids) if self.qweight is not None else F.embedding(ids, self.weight)
@@ -71,9 +57,8 @@ class ColumnParallelLinear(ShardedWeight):
         self.bias = nn.Parameter(torch.empty(local_out, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor, norm: nn.Module | None = None) -> torch.Tensor:
-        """norm: an RMSNorm the input goes through first (so the one-row kernel can apply it)."""
-        y = self.local_linear(x, norm)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.local_linear(x)
         if self.bias is not None:
             y = y + self.bias
         return self.comm.all_gather(y, dim=-1) if self.gather_output else y
@@ -97,12 +82,10 @@ class RowParallelLinear(ShardedWeight):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    def forward(self, x: torch.Tensor, gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """gated: x is [gate, up] and the input silu(gate) * up (SwiGLU). residual: added to the sum, by
-        rank 0 before the reduction, so that no rank needs another kernel after it."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel:
             x = x.narrow(-1, self.comm.rank * self.local_in, self.local_in)
-        y = self.comm.all_reduce(self.local_linear(x, gated=gated, residual=residual if self.comm.rank == 0 else None))
+        y = self.comm.all_reduce(self.local_linear(x))
         return y + self.bias if self.bias is not None else y
 
 

@@ -1,6 +1,6 @@
 """The C++ CPU block matmuls (cpu_kernels.cpp), built once per machine with torch's extension builder.
 
-`available()` builds and loads them on first use (~20 s, cached under ~/.cache/torch_extensions/llama_dist);
+`available()` builds and loads them on first use (tens of seconds, then cached under ~/.cache/torch_extensions/llama_dist);
 without a compiler, or with LLAMA_DIST_CPU_KERNELS=0, it says why and the int4/int8 weights use
 PyTorch's own packed kernels instead.
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..distributed.settings import read_settings
+
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 BLOCK = 32  # weights per block, as GGUF's Q4_1 and Q8_0 store them
 
@@ -23,7 +25,7 @@ BLOCK = 32  # weights per block, as GGUF's Q4_1 and Q8_0 store them
 def _build_flags() -> tuple[str, list[str]]:
     """AVX2 code where the CPU has it (named apart, so a shared cache never hands it to an older CPU)."""
     capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512") and os.environ.get("LLAMA_DIST_CPU_KERNELS") != "scalar":
+    if capability in ("AVX2", "AVX512") and read_settings().cpu_kernels != "scalar":
         return "avx2", ["-mavx2", "-mfma", "-mf16c"]
     return "scalar", []
 
@@ -37,14 +39,14 @@ def _build_name(variant: str, flags: list[str]) -> str:
 
 @functools.cache
 def available() -> bool:
-    if os.environ.get("LLAMA_DIST_CPU_KERNELS") == "0":
+    if read_settings().cpu_kernels == "off":
         return False
     variant, flags = _build_flags()
     name = _build_name(variant, flags)
     cache = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
     built = cache / "llama_dist" / name / f"{name}.so"
     # built before (and no build of it under way, which holds the lock): load it without torch's extension
-    # builder, whose import alone costs 0.25 s
+    # builder, whose import alone is slow
     if built.exists() and not (built.parent / "lock").exists():
         torch.ops.load_library(str(built))
     elif not _build(name, flags, built.parent):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint.ggml_quants import BLOCK_TYPES, int4_groups_rows, q8_0
+from .ggml import BLOCK_TYPES, int4_groups_rows, q8_0
 from . import cpu_kernels
 from .cpu_kernels import BLOCK
 
@@ -33,7 +33,7 @@ class QuantizedWeight(nn.Module):
     in_features: int
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(W, per-row scales) for the CUDA one-row kernel (quant/gpu_gemv.py), where it can read this format."""
+        """(W, per-row scales) for the CUDA one-row kernel (kernels/gemv.py), where it can read this format."""
         return None
 
 
@@ -66,7 +66,7 @@ class Int8Weight(QuantizedWeight):
             return y.reshape(*shape[:-1], -1).to(x.dtype)
         # (One row on CUDA goes to our Triton kernel, which dequantizes as it streams: gemv_operands.)
         # Otherwise the compiled decode step fuses this dequantization into the matmul (PyTorch's packed
-        # int8 CUDA kernel measured 10x slower than bf16 at batch 1 on an H100).
+        # int8 CUDA kernel is far slower at batch 1: RESULTS.md).
         return torch.nn.functional.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)
 
 
@@ -105,7 +105,7 @@ class Int4Weight(QuantizedWeight):
     @classmethod
     def from_q4_1(cls, rows: torch.Tensor, act_dtype: torch.dtype) -> "Int4Weight":
         """GGUF Q4_1 rows [out, in / 32 * 20]. Where the CPU kernel runs, its row groups are these bytes
-        reordered (no unpacking: 0.3 s less of SmolLM2's load); elsewhere they unpack into groups."""
+        reordered (no unpacking, so a faster load); elsewhere they unpack into groups."""
         if not cls._blocks_on(rows.device.type, BLOCK):
             return cls(*int4_groups_rows(rows, "Q4_1"), BLOCK, act_dtype)
         weight = cls.__new__(cls)

@@ -111,22 +111,22 @@ class API:
         raise APIError(400, "'prompt' must be a non-empty string or a list of token ids.")
 
     def _request(self, ids: list[int], body: dict, openai: bool, max_name: str) -> Request:
-        ctx = self.engine.model.max_seq_len
+        n_ctx = self.engine.model.n_ctx
         if not ids:
             raise APIError(400, "The prompt is empty.")
-        if len(ids) >= ctx:
-            raise APIError(400, f"The prompt has {len(ids)} tokens; the context holds {ctx} (including the answer). "
+        if len(ids) >= n_ctx:
+            raise APIError(400, f"The prompt has {len(ids)} tokens; the context holds {n_ctx} (including the answer). "
                                 "Shorten the prompt.", code="context_length_exceeded")
         default = 16 if openai and max_name == "max_tokens" else -1
-        n = _field(body, max_name, int, default, lambda v: v == -1 or 0 <= v <= ctx,
-                   f"use -1 (until the context is full) or 0..{ctx}")
+        n = _field(body, max_name, int, default, lambda v: v == -1 or 0 <= v <= n_ctx,
+                   f"use -1 (until the context is full) or 0..{n_ctx}")
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
             raise APIError(400, "'stop' must be a string or a list of non-empty strings.")
         seed = _field(body, "seed", int, None)
         seed = None if seed is None or seed < 0 else seed
-        return Request(ids, sampling_from(body, openai), ctx - len(ids) if n == -1 else n, on_event=lambda e: None,
+        return Request(ids, sampling_from(body, openai), n_ctx - len(ids) if n == -1 else n, on_event=lambda e: None,
                        stop_words=stop, seed=seed)
 
     async def _events(self, req: Request) -> AsyncIterator[dict]:
@@ -223,7 +223,7 @@ class API:
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         req = self._request(ids, body, openai=True, max_name=name)
         if "max_tokens" not in body and "max_completion_tokens" not in body:
-            req.max_new_tokens = self.engine.model.max_seq_len - len(ids)
+            req.max_new_tokens = self.engine.model.n_ctx - len(ids)
         return await self._openai(req, body, chat=True)
 
     async def _openai(self, req: Request, body: dict, chat: bool) -> Response:

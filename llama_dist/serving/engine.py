@@ -52,7 +52,7 @@ class Request:
 
 class Engine:
     def __init__(self, llama: Llama, max_batch: int | None = None, max_queue: int = 64):
-        self.llama, self.model, self.ctx = llama, llama.model, llama.ctx
+        self.llama, self.runner, self.model, self.ctx = llama, llama.runner, llama.model, llama.ctx
         self.max_batch = min(max_batch or self.model.max_batch_size, self.model.max_batch_size)
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.running: dict[int, Request] = {}
@@ -130,7 +130,7 @@ class Engine:
             if at >= 0:
                 r.text = r.text[:at]
                 return self._done(r, "word", word)
-        if len(r.generated) >= r.max_new_tokens or len(r.prompt_ids) + len(r.generated) >= self.model.max_seq_len:
+        if len(r.generated) >= r.max_new_tokens or len(r.prompt_ids) + len(r.generated) >= self.model.n_ctx:
             r.text += r.stream.flush()
             return self._done(r, "limit")
         self._emit_text(r, final=False)
@@ -153,16 +153,16 @@ class Engine:
         device, driver = self.ctx.device, self.ctx.is_driver
         for slot, ids in plan["prefill"]:
             start = time.perf_counter()
-            logits = self.model(torch.tensor([ids], device=device), 0, last_only=True,
-                                slots=torch.tensor([slot], device=device))
+            logits = self.runner.forward(torch.tensor([ids], device=device), 0, last_only=True,
+                                         slots=torch.tensor([slot], device=device))
             if driver:
                 r = self.running[slot]
                 r.prompt_ms, r.t_first = (time.perf_counter() - start) * 1e3, time.perf_counter()
                 self._safely(r, logits[0, -1])
         if plan["decode"]:
             slots, tokens, positions = zip(*plan["decode"])
-            logits = self.llama.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
-                                       torch.tensor(slots, device=device))
+            logits = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
+                                        torch.tensor(slots, device=device))
             if driver:
                 for i, (slot, _, _) in enumerate(plan["decode"]):
                     if slot in self.running:

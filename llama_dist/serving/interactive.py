@@ -9,6 +9,8 @@ import queue
 import sys
 import threading
 
+from ..checkpoint.config import LoadConfig
+from ..distributed.layout import ParallelConfig
 from ..generation.llama import Llama
 from ..generation.sampling import SamplingParams
 from ..tokenizer.chat import encode_dialog
@@ -80,7 +82,7 @@ def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, ma
                 continue
             if not line.strip():
                 continue
-            budget = llama.model.max_seq_len - max_gen_len
+            budget = llama.model.n_ctx - max_gen_len
             try:
                 if raw:
                     ids = llama.tokenizer.encode(line, bos=True)[-budget:]
@@ -102,14 +104,12 @@ def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, ma
         loop.join()
 
 
-def interactive(model: str, system: str | None = None, raw: bool = False, tokenizer: str | None = None,
-                max_gen_len: int = 512, max_seq_len: int = 2048, temperature: float = 0.7, top_p: float = 0.95,
-                backend: str = "auto", dtype: str | None = None, quantize: str = "auto", pp: int = 1,
-                pp_split: str | None = None, compile: bool = False) -> None:
-    llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=1, backend=backend, dtype=dtype,
-                        quantize=quantize, pp=pp, pp_split=pp_split, compile=compile)
+def interactive(load: LoadConfig, parallel: ParallelConfig, system: str | None = None, raw: bool = False,
+                params: SamplingParams = SamplingParams(temperature=0.7, top_p=0.95, top_k=0, min_p=0.0),
+                max_gen_len: int = 512) -> None:
+    """The chat on rank 0's terminal; other ranks follow the engine. An answer takes at most half the context."""
+    llama = Llama.from_config(load, parallel)
     if llama.is_driver:
-        params = SamplingParams(temperature=temperature, top_p=top_p, top_k=0, min_p=0.0)
-        repl(llama, system, raw, params, min(max_gen_len, max_seq_len // 2))
+        repl(llama, system, raw, params, min(max_gen_len, load.n_ctx // 2))
     else:
         Engine(llama, max_batch=1).run()

@@ -7,7 +7,9 @@ import threading
 import time
 from pathlib import Path
 
+from ..checkpoint.config import LoadConfig
 from ..distributed.context import init_distributed
+from ..distributed.layout import ParallelConfig
 from ..generation.llama import Llama
 from .api import State, build_app
 from .engine import Engine
@@ -29,26 +31,22 @@ def start_http(state: State, host: str, port: int):
     while not server.started:  # fail now, before loading the model, if the port cannot be had
         if not thread.is_alive() or time.monotonic() > deadline:
             raise RuntimeError(f"Could not listen on {host}:{port} (is another server using the port?). "
-                               "Choose another --port.")
+                               "Choose another port.")
         time.sleep(0.05)
     return server, thread
 
 
-def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, ctx: int = 2048,
-          max_queue: int = 64, api_key: str | None = None, backend: str = "auto", dtype: str | None = None,
-          quantize: str = "auto", tokenizer: str | None = None, pp: int = 1, pp_split: str | None = None,
-          compile: bool = False) -> None:
-    """Serve MODEL over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
-    (every pipeline stage follows the driver's step plan like a tensor-parallel rank does).
-    compile: decode steps compiled, each shape the first time it is needed (on GPUs a CUDA graph per
-    power-of-two batch size and cache window; on CPUs a changed shape is recompiled once as dynamic)."""
-    pctx = init_distributed(backend, pp=pp)
-    state, http = State(model_name(model), api_key), None
+def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", port: int = 8080,
+          max_queue: int = 64, api_key: str | None = None) -> None:
+    """Serve the model over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
+    (every pipeline stage follows the driver's step plan like a tensor-parallel rank does): up to
+    load.max_batch_size sequences of load.n_ctx tokens at once, max_queue more waiting."""
+    pctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
+    state, http = State(model_name(load.model), api_key), None
     if pctx.is_driver:  # answer /health with 503 while the model loads
         http, thread = start_http(state, host, port)
-    llama = Llama.build(model, tokenizer, max_seq_len=ctx, max_batch_size=max_batch, dtype=dtype, ctx=pctx,
-                        quantize=quantize, pp_split=pp_split, compile=compile)
-    engine = Engine(llama, max_batch, max_queue)
+    llama = Llama.from_config(load, parallel, ctx=pctx)
+    engine = Engine(llama, load.max_batch_size, max_queue)
 
     def stop(signum, frame):  # SIGTERM/SIGINT: cancel in-flight work, then every rank leaves the loop
         engine.stopping.set()
@@ -58,7 +56,7 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
         signal.signal(signal.SIGINT, stop)
         state.engine = engine
         print(f"Serving {state.model_name} on http://{host}:{port} ({pctx.world_size} rank(s), "
-              f"batch {max_batch}, context {ctx})", flush=True)
+              f"batch {load.max_batch_size}, context {load.n_ctx})", flush=True)
     else:  # followers leave when rank 0's plan says so
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)

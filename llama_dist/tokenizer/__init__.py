@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .base import Tokenizer
+
+if TYPE_CHECKING:
+    from ..checkpoint.source import CheckpointSource
 
 
 class TokenizerError(ValueError):
@@ -36,7 +39,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         path = path / "tokenizer.model"
     if not path.is_file():
         raise TokenizerError(f"Tokenizer file {path} does not exist. Pass the model's tokenizer.model "
-                             "(--tokenizer_path), an HF folder with tokenizer.json, or a .gguf file.")
+                             "(tokenizer_path), an HF folder with tokenizer.json, or a .gguf file.")
     if path.suffix == ".gguf":
         from ..checkpoint.gguf_file import GGUFFile
 
@@ -56,4 +59,23 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int) -> None:
                              f"{vocab_size}: they do not belong together. Pass the model's own tokenizer.")
 
 
-__all__ = ["Tokenizer", "TokenizerError", "load_tokenizer", "tokenizer_from_gguf", "check_vocab"]
+
+def open_tokenizer(source: "CheckpointSource", tokenizer_path: str | Path | None = None) -> Tokenizer:
+    """The tokenizer given, else the one the model carries (GGUF metadata, HF folder, Meta's tokenizer.model)."""
+    from ..checkpoint.gguf import GGUFCheckpoint
+    from ..checkpoint.hf import HFCheckpoint
+
+    if tokenizer_path is not None:
+        tokenizer = load_tokenizer(tokenizer_path)
+    elif isinstance(source, GGUFCheckpoint):
+        tokenizer = tokenizer_from_gguf(source.metadata)
+    elif isinstance(source, HFCheckpoint):
+        tokenizer = load_tokenizer(source.path)
+    else:  # Meta ships tokenizer.model beside the weights or one folder up; `convert` writes it inside
+        inside = any((source.path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+        tokenizer = load_tokenizer(source.path if inside else source.path.parent / "tokenizer.model")
+    check_vocab(tokenizer, source.args.vocab_size)
+    return tokenizer
+
+
+__all__ = ["Tokenizer", "TokenizerError", "check_vocab", "load_tokenizer", "open_tokenizer", "tokenizer_from_gguf"]

@@ -7,7 +7,7 @@ import sys
 import torch
 
 from llama_dist import Llama, init_distributed
-from llama_dist.model import transformer
+from llama_dist.runner import runner
 
 PROMPTS = [[1, 5, 9, 200, 31, 7], [1, 17, 33]]
 
@@ -20,7 +20,7 @@ def main(out: str, tokenizer: str, *ckpts: str) -> None:
     """tokenizer "-": the one each model carries."""
     ctx = init_distributed("gloo" if "--gloo" in sys.argv else "auto", pp=int(flag("pp", "1")))
     if flag("min-part-tokens", None):
-        transformer.MIN_MICRO_BATCH_TOKENS = int(flag("min-part-tokens", None))
+        runner.MIN_MICRO_BATCH_TOKENS = int(flag("min-part-tokens", None))
     if os.environ.get("LLAMA_DIST_TEST_FAIL_RANK") == str(ctx.rank):
         raise RuntimeError(f"injected failure on rank {ctx.rank}")
     if ckpts == ("PER_RANK",):  # each rank its own checkpoint, for the fingerprint test
@@ -32,14 +32,14 @@ def main(out: str, tokenizer: str, *ckpts: str) -> None:
                             pp_split=flag("pp-split", None), compile="--compile" in sys.argv)
         vocab = llama.model.args.vocab_size
         tokens = (torch.arange(2 * 12).reshape(2, 12) * 37 + 3) % vocab
-        logits = llama.model(tokens, 0)
+        logits = llama.runner.forward(tokens, 0)
         step_rows = set()  # rows per pipeline stage step: interleaved decoding runs one group of rows at a time
-        stage_step = llama.stage_step
-        llama.stage_step = lambda x, *a: step_rows.add(x.shape[0]) or stage_step(x, *a)
+        stage_step = llama.runner.step
+        llama.runner.step = lambda x, *a: step_rows.add(x.shape[0]) or stage_step(x, *a)
         greedy, _ = llama.generate(PROMPTS, max_gen_len=24, temperature=0.0)
         gaps = []  # top-2 logit gap at each greedy step: where it is tiny, rounding may pick either token
         for prompt, completion in zip(PROMPTS, greedy):
-            seq_logits = llama.model(torch.tensor([prompt + completion]), 0)[0, len(prompt) - 1:-1]
+            seq_logits = llama.runner.forward(torch.tensor([prompt + completion]), 0)[0, len(prompt) - 1:-1]
             top = seq_logits.topk(2).values
             gaps.append((top[:, 0] - top[:, 1]).tolist())
         results[ckpt] = {"logits": logits, "greedy": greedy, "gaps": gaps, "step_rows": step_rows,

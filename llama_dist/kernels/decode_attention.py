@@ -1,8 +1,8 @@
 """One decoded token's attention on CUDA, in Triton: rotary embedding, cache write and attention in one kernel.
 
-A decode step's attention reads a few megabytes of cache per layer; cuDNN's SDPA kernel spends
-~8 us per layer on it for a 256-position window on an H100, and rotating q and k and writing the
-cache took three more small kernels: together ~7% of a 7B token. Here each (row, kv head) is one
+A decode step's attention reads a few megabytes of cache per layer, a small job for which SDPA's
+kernels and the three small ones that rotate q and k and write the cache each pay a launch
+(benchmarks/RESULTS.md, "Fused decode kernels"). Here each (row, kv head) is one
 program: it rotates the new key and its n_rep query heads (Meta's interleaved pairs), writes the
 new key and value to the row's cache slot, then streams the cached positions [0, pos] in blocks
 with an online softmax (GQA without copying the cache; the window's masked tail is never read).
@@ -14,9 +14,7 @@ import functools
 
 import torch
 
-from ..quant.gpu_gemv import INTERPRETED, kernel_enabled
-
-_ready = False  # set once load() has defined the op
+from .gemv import INTERPRETED
 
 
 @functools.cache
@@ -98,16 +96,12 @@ def load() -> bool:
             **fixed)
         return out
 
-    global _ready
-    _ready = True
     return True
 
 
-def enabled(x: torch.Tensor, head_dim: int) -> bool:
-    """One token per row on CUDA (or the interpreter), head_dim a power of two >= 16, once load() has
-    defined the kernel (LLAMA_DIST_ATTENTION=0 turns it off)."""
-    return (_ready and x.shape[1] == 1 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
-            and kernel_enabled(x, "LLAMA_DIST_ATTENTION"))
+def supports(head_dim: int) -> bool:
+    """The kernel's tiles need a head_dim that is a power of two, at least 16."""
+    return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -2,16 +2,14 @@
 with the layer's neighbouring element-wise work folded in.
 
 Batch-1 decoding reads every weight once per token, so its speed is the read bandwidth these
-products reach. Inductor's reduction and cuBLAS reach 72-81% of it on H100/H200, and int8 weights
-dequantized inside an inductor matmul 53%. This kernel streams W in [BLOCK_N, BLOCK_K] tiles with
+products reach, which general matmuls (cuBLAS, inductor's reductions) fall short of for one row
+(benchmarks/RESULTS.md, "Fused decode kernels"). This kernel streams W in [BLOCK_N, BLOCK_K] tiles with
 pipelined loads, dequantizing int8 rows (one scale per row) in registers, and sums in fp32. Tile
-sizes are autotuned per shape. Rows > 1 keep the other paths. (An int4 variant that unpacked nibbles
-and gathered group scales here reached only ~20% of the bandwidth on an H100, under PyTorch's
-`_weight_int4pack_mm` at ~55%, so int4 keeps that kernel.)
+sizes are autotuned per shape. Rows > 1 keep the other paths; int4 keeps PyTorch's packed kernel
+(an int4 variant here was slower, RESULTS.md).
 
 A decode step's other kernels (RMSNorm, SwiGLU, residual adds) each cost a launch and a few
-microseconds for a few kilobytes (folding them in took a 7B token on an H100 from 325 kernels to 262
-and from 183.6 to 188.9 tokens/s); here they cost nothing:
+microseconds for a few kilobytes; here they cost nothing:
 - RMSNorm before the product: x * g per column as x streams in, its sum of squares in the same loop,
   and the 1/rms factor applied to the finished sums (it is one scalar per row of x);
 - SwiGLU: x holds [gate, up] and the product's input is silu(gate) * up, computed as it streams;
@@ -24,14 +22,13 @@ import os
 
 import torch
 
-_ready = False  # set once load() has defined the op
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks our kernels
 
 
 @functools.cache
 def load() -> bool:
-    """Define the kernel and its op, when a model goes to a CUDA device: importing Triton costs ~1.5 s,
-    which CPU runs should not pay. False where Triton is missing (the dense and packed paths serve)."""
+    """Define the kernel and its op when a model is given this kernel (importing Triton takes seconds,
+    which CPU runs should not pay). False where Triton is missing (the dense and packed paths serve)."""
     try:
         import triton
         import triton.language as tl
@@ -93,20 +90,7 @@ def load() -> bool:
             SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED)
         return y
 
-    global _ready
-    _ready = True
     return True
-
-
-def kernel_enabled(x: torch.Tensor, switch: str) -> bool:
-    """Whether one of our Triton kernels may take x: on a CUDA device (any device under the interpreter),
-    unless its environment switch is "0" (for comparisons). Called inside compiled code: only cheap checks."""
-    return (x.is_cuda or INTERPRETED) and os.environ.get(switch, "1") != "0"
-
-
-def enabled(x: torch.Tensor) -> bool:
-    """One row, once load() has defined the kernel (LLAMA_DIST_GEMV=0 turns it off)."""
-    return _ready and x.numel() == x.shape[-1] and kernel_enabled(x, "LLAMA_DIST_GEMV")
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,

@@ -1,0 +1,40 @@
+"""Our own environment switches, read in this one place (once, when a run starts), never per call.
+
+    LLAMA_DIST_TIMEOUT            seconds bounding the rendezvous and every collective (default 300)
+    LLAMA_DIST_HEARTBEAT_TIMEOUT  seconds a rank on another machine may stay silent before it is dead (10)
+    LLAMA_DIST_GEMV=0             CUDA: no Triton one-row matmul kernel (norm/SwiGLU/residual folded in)
+    LLAMA_DIST_ATTENTION=0        CUDA: no Triton decode-attention kernel (SDPA instead)
+    LLAMA_DIST_SYMM_MEM=0         CUDA graphs all-reduce through NCCL instead of a symmetric-memory one-shot
+    LLAMA_DIST_CPU_KERNELS=0|scalar  CPUs: no C++ block kernels, or their portable (non-AVX2) build
+
+The switches exist for comparisons (A/B runs, tests); the defaults are the fast choices.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    timeout_s: float = 300.0
+    heartbeat_timeout_s: float = 10.0
+    gemv: bool = True
+    attention: bool = True
+    symm_mem: bool = True
+    cpu_kernels: str = "auto"  # "auto" (AVX2 where the CPU has it), "scalar" or "off"
+
+
+def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """The switches as the environment sets them now (os.environ unless given)."""
+    env = os.environ if environ is None else environ
+
+    def on(name: str) -> bool:
+        return env.get(name, "1") != "0"
+
+    cpu = env.get("LLAMA_DIST_CPU_KERNELS", "")
+    return Settings(timeout_s=float(env.get("LLAMA_DIST_TIMEOUT", 300)),
+                    heartbeat_timeout_s=float(env.get("LLAMA_DIST_HEARTBEAT_TIMEOUT", 10)),
+                    gemv=on("LLAMA_DIST_GEMV"), attention=on("LLAMA_DIST_ATTENTION"), symm_mem=on("LLAMA_DIST_SYMM_MEM"),
+                    cpu_kernels={"0": "off", "scalar": "scalar"}.get(cpu, "auto"))

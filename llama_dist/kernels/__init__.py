@@ -1,0 +1,69 @@
+"""Faster kernels, installed once after loading as a transform over the plain model (the way gpt-fast
+applies tensor parallelism): modules are swapped for ones that compute the same thing in fewer,
+faster kernels. What to install is a Kernels value, chosen once per run; nothing is re-read per call.
+
+- attention "cpu": a decoded token's attention as two fp32 matmuls (CPUs; cheaper than SDPA's set-up);
+  "triton": rotary + cache write + attention over the cache in one CUDA kernel per layer
+  (decode_attention.py); "sdpa": the model's own.
+- gemv: one decoded row's projections through our Triton matrix-vector kernel, with the block's
+  RMSNorm, SwiGLU and residual adds folded in (gemv.py).
+- symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
+  communicator for it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..distributed.settings import Settings, read_settings
+from ..model.transformer import Transformer
+from . import decode_attention, gemv
+from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear
+
+ATTENTION_CHOICES = ("sdpa", "cpu", "triton")
+
+
+@dataclass(frozen=True)
+class Kernels:
+    attention: str = "sdpa"  # one of ATTENTION_CHOICES
+    gemv: bool = False
+    symm_mem: bool = False
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"attention kernels {self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}.")
+
+
+def choose_kernels(device: torch.device, settings: Settings | None = None) -> Kernels:
+    """The fastest kernels this device and this installation have, less what the settings switch off."""
+    settings = settings or read_settings()
+    if device.type == "cuda":
+        triton_attention = settings.attention and decode_attention.load()
+        return Kernels("triton" if triton_attention else "sdpa", settings.gemv and gemv.load(), settings.symm_mem)
+    return Kernels("cpu" if device.type == "cpu" else "sdpa")
+
+
+def install(model: Transformer, kernels: Kernels) -> Transformer:
+    """Give the model's modules the chosen kernels, in place (parameters, caches and names unchanged)."""
+    if kernels.attention == "triton" and not decode_attention.load():
+        raise RuntimeError("The Triton decode-attention kernel needs Triton (and a GPU of compute capability 8.0+).")
+    if kernels.gemv and not gemv.load():
+        raise RuntimeError("The Triton one-row matmul kernel needs Triton.")
+    for block in model.layers.values():
+        if kernels.attention == "cpu":
+            _specialise(block.attention, CpuDecodeAttention)
+        triton_attention = kernels.attention == "triton" and decode_attention.supports(block.attention.head_dim)
+        if kernels.gemv or triton_attention:
+            _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention)
+    if kernels.gemv and model.is_last:
+        _specialise(model.output, OneRowColumnParallelLinear)
+    return model
+
+
+def _specialise(module: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """The same module (parameters, caches, names) with the methods of `cls`, a subclass adding only behaviour."""
+    assert issubclass(cls, type(module)) and cls.__init__ is type(module).__init__, cls
+    module.__class__ = cls
+    return module
+

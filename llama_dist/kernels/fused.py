@@ -1,0 +1,82 @@
+"""The modules kernels.install swaps in: each computes what the model's own module computes
+(tests/test_gpu_kernels.py compares them), in fewer or faster kernels for a decoded token.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.transformer import Attention, RMSNorm, Slots, TransformerBlock
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
+from . import decode_attention, gemv
+
+
+class CpuDecodeAttention(Attention):
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """A decoded token's attention (a few query rows) as two fp32 matmuls: for so little work the CPU
+        flash kernel's set-up costs more than the arithmetic, and bf16 matmuls on CPUs without bf16 units
+        are slower than converting. Prompts keep SDPA."""
+        if q.shape[2] > self.n_rep:  # more than one token per row
+            return super().attend(q, keys, values, mask)
+        scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1) @ values.float()).type_as(q)
+
+
+def one_row_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: RMSNorm | None = None,
+                   gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when gated):
+    in one Triton kernel for one row whose weight the kernel reads, else step by step."""
+    if use_gemv and x.numel() == x.shape[-1]:
+        operands = (layer.weight, None) if layer.qweight is None else layer.qweight.gemv_operands()
+        if operands is not None:
+            fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
+            return gemv.gemv(x, *operands, gated=gated, residual=residual, **fold)
+    if norm is not None:
+        x = norm(x)
+    if gated:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    y = ShardedWeight.local_linear(layer, x)
+    return y if residual is None else residual + y
+
+
+class OneRowColumnParallelLinear(ColumnParallelLinear):
+    """The output projection of one decoded row through the one-row kernel."""
+
+    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
+        return one_row_linear(self, x, use_gemv=True)
+
+
+class FusedTransformerBlock(TransformerBlock):
+    """The block of a decode step (one token per row): norms, SwiGLU and residuals folded into the projections'
+    one-row kernel (residuals added by tensor-parallel rank 0 before the all-reduce, so no rank runs another
+    kernel after it), and attention in one kernel. Prompts take the plain block."""
+
+    def configure(self, use_gemv: bool, triton_attention: bool) -> None:
+        self.use_gemv, self.triton_attention = use_gemv, triton_attention
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                slots: Slots, length: int) -> torch.Tensor:
+        if x.shape[1] != 1:
+            return super().forward(x, pos, rope, mask, slots, length)
+        attention, ffn = self.attention, self.feed_forward
+        qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm)
+        if self.triton_attention:  # one token per row: its mask is always "up to pos"
+            rows = torch.arange(slots.start, slots.stop, device=x.device) if isinstance(slots, slice) else slots
+            rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+            out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, rows,
+                                                    pos[:, 0], attention.n_rep)
+        else:
+            out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
+        h = self._reduce(attention.wo, out, residual=x)
+        return self._reduce(ffn.w2, one_row_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm), gated=True,
+                            residual=h)
+
+    def _reduce(self, layer: RowParallelLinear, x: torch.Tensor, residual: torch.Tensor,
+                gated: bool = False) -> torch.Tensor:
+        """residual + the row-parallel layer's product, summed over the ranks."""
+        mine = residual if layer.comm.rank == 0 else None
+        return layer.comm.all_reduce(one_row_linear(layer, x, self.use_gemv, gated=gated, residual=mine))

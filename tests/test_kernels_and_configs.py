@@ -1,0 +1,70 @@
+"""The kernel choice (made once, from the device and our switches), the CPU backend against the plain model, and
+the configs that carry a run's options."""
+import pytest
+import torch
+
+from llama_dist import Kernels, Llama, LoadConfig, ParallelConfig
+from llama_dist.checkpoint.loader import load_model
+from llama_dist.checkpoint.source import StateDictSource
+from llama_dist.distributed.context import init_distributed
+from llama_dist.distributed.settings import read_settings
+from llama_dist.kernels import choose_kernels, install
+from llama_dist.kernels.fused import CpuDecodeAttention
+from llama_dist.model.args import ModelArgs
+from llama_dist.model.transformer import Attention
+
+from .helpers import TINY_GQA, random_state_dict
+
+
+def test_switches_are_read_from_the_environment_given():
+    assert read_settings({}) == read_settings({"LLAMA_DIST_GEMV": "1"})
+    s = read_settings({"LLAMA_DIST_GEMV": "0", "LLAMA_DIST_ATTENTION": "0", "LLAMA_DIST_SYMM_MEM": "0",
+                       "LLAMA_DIST_CPU_KERNELS": "scalar", "LLAMA_DIST_TIMEOUT": "7"})
+    assert (s.gemv, s.attention, s.symm_mem, s.cpu_kernels, s.timeout_s) == (False, False, False, "scalar", 7.0)
+    assert read_settings({"LLAMA_DIST_CPU_KERNELS": "0"}).cpu_kernels == "off"
+
+
+def test_cpus_get_the_cpu_attention_and_nothing_from_cuda():
+    assert choose_kernels(torch.device("cpu"), read_settings({})) == Kernels("cpu")
+    with pytest.raises(ValueError, match="choose one of sdpa, cpu, triton"):
+        Kernels("flash")
+
+
+def test_cpu_kernels_compute_what_the_plain_model_computes():
+    """Installed once: every block's attention takes the fp32 decode path; prompts and decode steps (one and
+    three rows, rows at different positions) give the plain model's logits."""
+    args = ModelArgs(**TINY_GQA)
+    ctx, state = init_distributed(), random_state_dict(args)
+    config = LoadConfig(dtype="float32", n_ctx=16, max_batch_size=3)
+    plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
+    fast = install(load_model(StateDictSource(args, state), ctx, config, progress=False), Kernels("cpu"))
+    assert all(type(b.attention) is CpuDecodeAttention for b in fast.layers.values())
+    assert all(type(b.attention) is Attention for b in plain.layers.values())
+    tokens = torch.tensor([[5, 17, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6], [300, 8, 8, 8, 41, 0]])
+    assert (fast(tokens, 0) - plain(tokens, 0)).abs().max() < 1e-5
+    for rows in (tokens[:1], tokens):
+        got = torch.cat([fast(rows[:, i:i + 1], i) for i in range(6)], dim=1)
+        want = torch.cat([plain(rows[:, i:i + 1], i) for i in range(6)], dim=1)
+        assert (got - want).abs().max() < 1e-5
+    starts = torch.tensor([2, 5, 0])  # rows at different positions (the server's batches)
+    assert (fast(tokens[:, :1], starts) - plain(tokens[:, :1], starts)).abs().max() < 1e-5
+
+
+def test_configs_refuse_bad_values_by_their_names():
+    with pytest.raises(ValueError, match="quantize='int3': choose one of auto, none, int8, int4"):
+        LoadConfig(quantize="int3")
+    with pytest.raises(ValueError, match="n_ctx=0: it must be at least 1"):
+        LoadConfig(n_ctx=0)
+    with pytest.raises(ValueError, match="dtype='float33' is not a torch dtype"):
+        LoadConfig(dtype="float33")
+    assert LoadConfig(dtype="bfloat16").torch_dtype == torch.bfloat16
+    assert ParallelConfig(pp=2, pp_split="3,1").pp_split == (3, 1)
+
+
+def test_build_takes_meta_arguments_and_config_fields_only(tiny_checkpoints, sp_tokenizer):
+    with pytest.raises(TypeError, match="Unknown option\\(s\\) quantise; the options are .*quantize"):
+        Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, quantise="int8")
+    llama = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=32, max_batch_size=2, quantize="int8",
+                        dtype="bfloat16")
+    assert (llama.model.n_ctx, llama.model.max_batch_size, llama.model.act_dtype) == (32, 2, torch.bfloat16)
+    assert type(llama.model.layers["0"].attention) is CpuDecodeAttention  # the device's kernels, installed once
