@@ -16,13 +16,28 @@ class CpuDecodeAttention(Attention):
                mask: torch.Tensor | None) -> torch.Tensor:
         """A decoded token's attention (a few query rows) as two fp32 matmuls: for so little work the CPU
         flash kernel's set-up costs more than the arithmetic, and bf16 matmuls on CPUs without bf16 units
-        are slower than converting. Prompts keep SDPA."""
+        are slower than converting. Prompts keep SDPA.
+
+        Rows at different positions (a mask) attend row by row over exactly the positions each sees, so a
+        row's arithmetic (the lengths its sums run over) is what it would be alone: an answer does not depend
+        on the other requests in the batch. Masked-out positions, even weighted zero, would change how the
+        sums group, and 8-bit activation rounding downstream can turn that last bit into another token.
+        (A compiled step attends over a fixed window with the mask instead: one graph for all lengths.)"""
         if q.shape[2] > self.n_rep:  # more than one token per row
             return super().attend(q, keys, values, mask)
-        scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        return (scores.softmax(-1) @ values.float()).type_as(q)
+        if mask is None or torch.compiler.is_compiling():
+            return _attention_fp32(q, keys, values, mask)
+        visible = mask[:, 0, 0].sum(-1).tolist()  # decode masks are "up to pos": a prefix per row
+        return torch.cat([_attention_fp32(q[b:b + 1], keys[b:b + 1, :, :n], values[b:b + 1, :, :n])
+                          for b, n in enumerate(visible)])
+
+
+def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor | None = None) -> torch.Tensor:
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(-1) @ values.float()).type_as(q)
 
 
 def one_row_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: RMSNorm | None = None,
