@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "starlette",
         "uvicorn",
+        "prometheus_client",
         "ninja",  # builds the C++ CPU block kernels on first use
     ],
     extras_require={

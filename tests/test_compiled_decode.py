@@ -60,7 +60,7 @@ def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int]) 
     def listen(i: int):
         def on_event(event: dict) -> None:
             if event["type"] == "token":
-                answers[i].append(event["token"])
+                answers[i].extend(event["tokens"])
             else:  # "done" or "error"
                 finished.put(event)
         return on_event

@@ -1,25 +1,27 @@
-"""HTTP API on rank 0: llama.cpp's /completion, /tokenize, /detokenize, and OpenAI's /v1 endpoints.
+"""HTTP API on rank 0: what llama.cpp's server and OpenAI-compatible servers answer, on one engine.
 
-Handlers validate and tokenize, hand a Request to the Engine, and relay its events (streamed as
+Handlers validate and tokenize, hand Requests to the Engine, and relay its events (streamed as
 server-sent events, or collected into one JSON body). Errors use OpenAI's shape:
-{"error": {"message", "type", "code"}}.
+{"error": {"message", "type", "code"}}. The endpoints themselves live in llamacpp_routes.py and
+openai_routes.py; this module holds what they share and the app (routes, CORS).
 """
 from __future__ import annotations
 
 import asyncio
 import json
-import time
-import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
-from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..generation.sampling import SamplingParams
-from ..tokenizer.chat import encode_dialog
+from ..tokenizer.chat import check_dialog
 from .engine import Engine, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
@@ -36,12 +38,16 @@ class APIError(Exception):
                             status_code=self.status)
 
 
+@dataclass
 class State:
-    """What the handlers share; `engine` is None while the model loads."""
+    """What the handlers share; `engine` is None while the model loads. One model is served, so any model
+    name a client sends is accepted (and echoed back)."""
 
-    def __init__(self, model_name: str, api_key: str | None):
-        self.model_name, self.api_key = model_name, api_key
-        self.engine: Engine | None = None
+    model_name: str
+    api_key: str | None = None
+    model_path: str = ""
+    slots_endpoint: bool = True  # GET /slots (llama.cpp's --no-slots turns it off)
+    engine: Engine | None = field(default=None, repr=False)
 
 
 def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, why: str = "") -> Any:
@@ -68,7 +74,13 @@ def sampling_from(body: dict, openai: bool) -> SamplingParams:
         repeat_penalty=float(_field(body, "repeat_penalty", number, 1.0, lambda v: 0 < v <= 10)))
 
 
-class API:
+def sse(payload: dict) -> str:
+    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+class Handlers:
+    """What every endpoint needs: the engine, the checked body, prompts made into Requests, their events."""
+
     def __init__(self, state: State):
         self.state = state
 
@@ -78,10 +90,19 @@ class API:
             raise APIError(503, "The model is still loading; try again shortly.", "unavailable", "loading")
         return self.state.engine
 
-    async def _body(self, request: HTTPRequest) -> dict:
+    @property
+    def tokenizer(self):
+        return self.engine.llama.tokenizer
+
+    def _authorise(self, request: HTTPRequest) -> None:
         if self.state.api_key and request.headers.get("authorization") != f"Bearer {self.state.api_key}":
             raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
                            "authentication_error", "invalid_api_key")
+
+    async def _body(self, request: HTTPRequest) -> dict:
+        self._authorise(request)
+        if request.method == "GET":
+            return {}
         if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
             raise APIError(413, f"Request body over {MAX_BODY_BYTES} bytes.", code="body_too_large")
         raw = await request.body()
@@ -93,41 +114,78 @@ class API:
             raise APIError(400, f"The body is not valid JSON: {e}.", code="invalid_json") from None
         if not isinstance(body, dict):
             raise APIError(400, "The body must be a JSON object.", code="invalid_json")
-        model = body.get("model")
-        if model not in (None, "", self.state.model_name):
-            raise APIError(404, f"Model '{model}' is not served here; this server has '{self.state.model_name}'.",
-                           code="model_not_found")
         return body
 
+    def _model_name(self, body: dict) -> str:
+        """The name the client asked for (any is accepted: one model is served), else the served model's."""
+        model = body.get("model")
+        return model if isinstance(model, str) and model else self.state.model_name
+
+    def _messages(self, body: dict) -> list[dict]:
+        """OpenAI messages: content a string or a list of text parts (joined by newlines, as llama.cpp does)."""
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+            raise APIError(400, "'messages' must be a list of {role, content} objects.")
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in content):
+                    raise APIError(400, "Message content parts must be {\"type\": \"text\", \"text\": ...}; "
+                                        "this model reads text only.")
+                content = "\n".join(p["text"] for p in content)
+            out.append({**m, "content": content})
+        try:
+            check_dialog(out)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return out
+
     def _prompt_ids(self, prompt: Any) -> list[int]:
-        tok = self.engine.llama.tokenizer
+        """One prompt: text, token ids, or a mix of both (llama.cpp)."""
+        tok = self.tokenizer
         if isinstance(prompt, str):
             return tok.encode(prompt, bos=True)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                        for t in prompt):
-            if not all(0 <= t < tok.n_words for t in prompt):
+        if isinstance(prompt, list) and prompt and all(isinstance(p, (int, str)) and not isinstance(p, bool)
+                                                        for p in prompt):
+            ids = []
+            for i, part in enumerate(prompt):
+                ids += tok.encode(part, bos=i == 0) if isinstance(part, str) else [part]
+            if not all(0 <= t < tok.n_words for t in ids):
                 raise APIError(400, f"Token ids must be in 0..{tok.n_words - 1}.")
-            return list(prompt)
-        raise APIError(400, "'prompt' must be a non-empty string or a list of token ids.")
+            return ids
+        raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of those.")
 
-    def _request(self, ids: list[int], body: dict, openai: bool, max_name: str) -> Request:
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        """One or several prompts: a list of strings, or a list of token-id lists, is one prompt each."""
+        several = isinstance(prompt, list) and len(prompt) > 0 and (
+            all(isinstance(p, list) for p in prompt) or all(isinstance(p, str) for p in prompt))
+        return [self._prompt_ids(p) for p in prompt] if several else [self._prompt_ids(prompt)]
+
+    def _request(self, ids: list[int], body: dict, openai: bool, max_name: str, default_max: int | None = None,
+                 top_logprobs: int | None = None) -> Request:
+        """A Request for the engine. The answer is capped at the context left (n_predict -1 or more than fits:
+        until the context is full, as llama.cpp does); a prompt that leaves no room is refused."""
         n_ctx = self.engine.model.n_ctx
         if not ids:
             raise APIError(400, "The prompt is empty.")
         if len(ids) >= n_ctx:
-            raise APIError(400, f"The prompt has {len(ids)} tokens; the context holds {n_ctx} (including the answer). "
-                                "Shorten the prompt.", code="context_length_exceeded")
-        default = 16 if openai and max_name == "max_tokens" else -1
-        n = _field(body, max_name, int, default, lambda v: v == -1 or 0 <= v <= n_ctx,
-                   f"use -1 (until the context is full) or 0..{n_ctx}")
+            raise APIError(400, f"The request exceeds the available context size: the prompt has {len(ids)} tokens "
+                                f"and the context holds {n_ctx} (including the answer). Shorten the prompt.",
+                           code="context_length_exceeded")
+        default = default_max if default_max is not None else -1
+        n = _field(body, max_name, int, default, lambda v: v >= -1, "use -1 (until the context is full) or more")
+        room = n_ctx - len(ids)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
             raise APIError(400, "'stop' must be a string or a list of non-empty strings.")
         seed = _field(body, "seed", int, None)
         seed = None if seed is None or seed < 0 else seed
-        return Request(ids, sampling_from(body, openai), n_ctx - len(ids) if n == -1 else n, on_event=lambda e: None,
-                       stop_words=stop, seed=seed)
+        return Request(ids, sampling_from(body, openai), room if n == -1 else min(n, room), on_event=lambda e: None,
+                       stop_words=stop, seed=seed, top_logprobs=top_logprobs,
+                       ignore_eos=_field(body, "ignore_eos", bool, False))
 
     async def _events(self, req: Request) -> AsyncIterator[dict]:
         """Submit and yield the engine's events; a client that goes away cancels the request."""
@@ -158,133 +216,22 @@ class API:
                 return "".join(text), e
         raise APIError(500, "generation ended without a result", "server_error")
 
-    # ---- llama.cpp API ---------------------------------------------------------------------------
-    async def completion(self, request: HTTPRequest) -> Response:
-        body = await self._body(request)
-        req = self._request(self._prompt_ids(body.get("prompt")), body, openai=False, max_name="n_predict")
-        if _field(body, "stream", bool, False):
-            async def sse():
-                async for e in self._events(req):
-                    if e["type"] == "token":
-                        yield _sse({"content": e["text"], "tokens": [e["token"]], "stop": False})
-                    elif e["type"] == "error":
-                        yield _sse({"error": {"message": e["message"], "type": "server_error"}})
-                    else:
-                        yield _sse(self._llamacpp_final("", req, e))
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        text, done = await self._collect(req)
-        return JSONResponse(self._llamacpp_final(text, req, done))
+    async def _collect_all(self, reqs: list[Request]) -> list[tuple[str, dict]]:
+        """Several prompts at once: they share the running batch."""
+        return list(await asyncio.gather(*(self._collect(r) for r in reqs)))
 
-    def _llamacpp_final(self, text: str, req: Request, done: dict) -> dict:
-        return {"content": text, "tokens": list(req.generated), "stop": True, "stop_type": done["stop_type"],
-                "stopping_word": done["stopping_word"], "model": self.state.model_name,
-                "tokens_predicted": len(req.generated), "tokens_evaluated": len(req.prompt_ids),
-                "timings": done["timings"]}
-
-    async def tokenize(self, request: HTTPRequest) -> Response:
-        body = await self._body(request)
-        content = _field(body, "content", str, None)
-        if content is None:
-            raise APIError(400, "'content' (a string) is required.")
-        add_special = _field(body, "add_special", bool, False)
-        return JSONResponse({"tokens": self.engine.llama.tokenizer.encode(content, bos=add_special)})
-
-    async def detokenize(self, request: HTTPRequest) -> Response:
-        body = await self._body(request)
-        tokens = _field(body, "tokens", list, None)
-        n = self.engine.llama.tokenizer.n_words
-        if tokens is None or not all(isinstance(t, int) and 0 <= t < n for t in tokens):
-            raise APIError(400, f"'tokens' must be a list of token ids in 0..{n - 1}.")
-        return JSONResponse({"content": self.engine.llama.tokenizer.decode(tokens)})
-
-    # ---- OpenAI API ------------------------------------------------------------------------------
-    async def models(self, request: HTTPRequest) -> Response:
-        await self._body(request)
-        return JSONResponse({"object": "list", "data": [{"id": self.state.model_name, "object": "model",
-                                                         "created": 0, "owned_by": "llama-dist"}]})
-
-    async def completions(self, request: HTTPRequest) -> Response:
-        body = await self._body(request)
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
-        req = self._request(self._prompt_ids(prompt), body, openai=True, max_name="max_tokens")
-        return await self._openai(req, body, chat=False)
-
-    async def chat_completions(self, request: HTTPRequest) -> Response:
-        body = await self._body(request)
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-            raise APIError(400, "'messages' must be a list of {role, content} objects.")
-        try:
-            ids = encode_dialog(messages, self.engine.llama.tokenizer)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
-        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        req = self._request(ids, body, openai=True, max_name=name)
-        if "max_tokens" not in body and "max_completion_tokens" not in body:
-            req.max_new_tokens = self.engine.model.n_ctx - len(ids)
-        return await self._openai(req, body, chat=True)
-
-    async def _openai(self, req: Request, body: dict, chat: bool) -> Response:
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        created, obj = int(time.time()), "chat.completion" if chat else "text_completion"
-        head = {"id": rid, "created": created, "model": self.state.model_name}
-        if _field(body, "stream", bool, False):
-            include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-            async def sse():
-                if chat:
-                    yield _sse({**head, "object": "chat.completion.chunk",
-                                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                             "finish_reason": None}]})
-                async for e in self._events(req):
-                    if e["type"] == "error":
-                        yield _sse({"error": {"message": e["message"], "type": "server_error"}})
-                        break
-                    finish = None if e["type"] == "token" else _finish_reason(e["stop_type"])
-                    text = e.get("text", "")
-                    choice = ({"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
-                              if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-                    yield _sse({**head, "object": "chat.completion.chunk" if chat else obj, "choices": [choice]})
-                    if finish and include_usage:
-                        yield _sse({**head, "object": "chat.completion.chunk" if chat else obj, "choices": [],
-                                    "usage": _usage(req)})
-                yield "data: [DONE]\n\n"
-            return StreamingResponse(sse(), media_type="text/event-stream")
-        text, done = await self._collect(req)
-        finish = _finish_reason(done["stop_type"])
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if chat else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None})
-        return JSONResponse({**head, "object": obj, "choices": [choice], "usage": _usage(req)})
-
-    async def page(self, request: HTTPRequest) -> Response:
-        """The chat web page: a static, self-contained client of /v1/chat/completions."""
-        return HTMLResponse(CHAT_PAGE.read_text(encoding="utf-8"))
-
-    async def health(self, request: HTTPRequest) -> Response:
-        if self.state.engine is None:
-            return APIError(503, "Loading model", "unavailable", "loading").response()
-        engine = self.state.engine
-        busy = len(engine.running)
-        return JSONResponse({"status": "ok", "slots_idle": engine.max_batch - busy, "slots_processing": busy,
-                             "requests_waiting": engine.waiting.qsize()})
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _finish_reason(stop_type: str) -> str:
-    return {"eos": "stop", "word": "stop", "limit": "length"}.get(stop_type, "stop")
-
-
-def _usage(req: Request) -> dict:
-    return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
-            "total_tokens": len(req.prompt_ids) + len(req.generated)}
+    def truncated(self, req: Request) -> bool:
+        """Whether the answer stopped because the context was full."""
+        return len(req.prompt_ids) + len(req.generated) >= self.engine.model.n_ctx
 
 
 def build_app(state: State) -> Starlette:
+    from .llamacpp_routes import LlamaCppRoutes
+    from .openai_routes import OpenAIRoutes
+
+    class API(LlamaCppRoutes, OpenAIRoutes):
+        pass
+
     api = API(state)
 
     def wrap(handler):
@@ -295,13 +242,23 @@ def build_app(state: State) -> Starlette:
                 return e.response()
         return endpoint
 
-    routes = [Route("/", api.page, methods=["GET"]),
-              Route("/health", wrap(api.health), methods=["GET"]),
-              Route("/completion", wrap(api.completion), methods=["POST"]),
-              Route("/completions", wrap(api.completion), methods=["POST"]),
-              Route("/tokenize", wrap(api.tokenize), methods=["POST"]),
-              Route("/detokenize", wrap(api.detokenize), methods=["POST"]),
-              Route("/v1/models", wrap(api.models), methods=["GET"]),
-              Route("/v1/completions", wrap(api.completions), methods=["POST"]),
-              Route("/v1/chat/completions", wrap(api.chat_completions), methods=["POST"])]
-    return Starlette(routes=routes)
+    get, post = ["GET"], ["POST"]
+    routes = [Route("/", api.page, methods=get),
+              Route("/health", wrap(api.health), methods=get),
+              Route("/v1/health", wrap(api.health), methods=get),
+              Route("/metrics", wrap(api.metrics), methods=get),
+              Route("/props", wrap(api.props), methods=get),
+              Route("/slots", wrap(api.slots), methods=get),
+              Route("/completion", wrap(api.completion), methods=post),
+              Route("/completions", wrap(api.completion), methods=post),
+              Route("/tokenize", wrap(api.tokenize), methods=post),
+              Route("/detokenize", wrap(api.detokenize), methods=post),
+              Route("/apply-template", wrap(api.apply_template), methods=post),
+              Route("/v1/models", wrap(api.models), methods=get),
+              Route("/models", wrap(api.models), methods=get),
+              Route("/v1/completions", wrap(api.completions), methods=post),
+              Route("/v1/chat/completions", wrap(api.chat_completions), methods=post),
+              Route("/chat/completions", wrap(api.chat_completions), methods=post)]
+    # Browser apps on other origins may call us (as llama.cpp's server allows); preflights need no API key.
+    cors = Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
+    return Starlette(routes=routes, middleware=[cors])

@@ -19,12 +19,21 @@ import torch
 from ..generation.llama import Llama
 from ..generation.sampling import SamplingParams, sample_row
 from ..tokenizer.stream import TextStream
+from .metrics import Metrics
 
 IDLE_PLAN_EVERY_S = 0.5  # an idle driver still broadcasts, so followers' collectives never time out
 
 
 class QueueFull(Exception):
     pass
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
+    """The chosen token's log-probability under the model (before sampling settings) and the `top` likeliest."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = logp.topk(top) if top else None
+    return {"id": token, "logprob": float(logp[token]),
+            "top": [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))}
 
 
 @dataclass
@@ -35,16 +44,22 @@ class Request:
     on_event: Callable[[dict], None]  # called from the engine thread: {"token"...} then one {"done"...}
     stop_words: list[str] = field(default_factory=list)
     seed: int | None = None
+    top_logprobs: int | None = None  # report each chosen token's log-probability and this many alternatives
+    ignore_eos: bool = False  # never choose an end token (llama.cpp's ignore_eos)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     slot: int = -1
     generated: list[int] = field(default_factory=list)
     text: str = ""
-    sent: int = 0
+    sent: int = 0  # characters of text streamed
+    tokens_sent: int = 0  # tokens of generated streamed
+    t_submit: float = 0.0
     t_first: float = 0.0
+    t_last: float = 0.0  # when the last token was chosen
     prompt_ms: float = 0.0
     generator: torch.Generator | None = None
     stream: TextStream | None = None
+    logprobs: list[dict] = field(default_factory=list)  # per generated token, when top_logprobs is set
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -57,11 +72,17 @@ class Engine:
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
         self.running: dict[int, Request] = {}
         self.stopping = threading.Event()
+        self.stop_ids = torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)
+        self.metrics = Metrics(queued=self.waiting.qsize, running=lambda: len(self.running),
+                               cache_tokens=lambda: sum(len(r.prompt_ids) + len(r.generated)
+                                                        for r in list(self.running.values())),
+                               cache_capacity=self.max_batch * self.model.n_ctx)
 
     # ---- rank 0 side -------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         if self.stopping.is_set():
             raise QueueFull("the server is shutting down")
+        request.t_submit = time.perf_counter()
         try:
             self.waiting.put_nowait(request)
         except queue.Full:
@@ -102,13 +123,15 @@ class Engine:
     def _emit_text(self, r: Request, final: bool) -> None:
         hold = 0 if final else max((len(w) for w in r.stop_words), default=1) - 1
         upto = max(r.sent, len(r.text) - hold)
-        if upto > r.sent:
-            r.on_event({"type": "token", "text": r.text[r.sent:upto], "token": r.generated[-1]})
-            r.sent = upto
+        if upto > r.sent:  # the text, with the tokens chosen since the last event (and their log-probabilities)
+            r.on_event({"type": "token", "text": r.text[r.sent:upto], "tokens": r.generated[r.tokens_sent:],
+                        "logprobs": r.logprobs[r.tokens_sent:] if r.top_logprobs is not None else None})
+            r.sent, r.tokens_sent = upto, len(r.generated)
 
     def _finish(self, r: Request, stop_type: str, stopping_word: str = "") -> None:
         if stop_type != "cancelled":
             self._emit_text(r, final=True)
+        self.metrics.requests.labels(stop_type).inc()
         now = time.perf_counter()
         predicted_ms = (now - r.t_first) * 1e3 if r.t_first else 0.0
         r.on_event({"type": "done", "stop_type": stop_type, "stopping_word": stopping_word, "timings": {
@@ -119,11 +142,23 @@ class Engine:
 
     def _accept(self, r: Request, logits: torch.Tensor) -> None:
         """Sample this request's next token and decide whether it is done."""
+        if r.max_new_tokens == 0:  # the prompt was only to be read
+            return self._done(r, "limit")
+        if r.ignore_eos:
+            logits = logits.index_fill(0, self.stop_ids, float("-inf"))
         token = sample_row(logits, r.params, r.generator, r.prompt_ids + r.generated)
-        r.generated.append(token)
+        now = time.perf_counter()
+        if r.generated:
+            self.metrics.inter_token.observe(now - r.t_last)
+        else:
+            self.metrics.time_to_first_token.observe(now - r.t_submit)
+        r.t_last = now
+        self.metrics.generated_tokens.inc()
         if token in self.llama.tokenizer.stop_ids:
-            r.generated.pop()
             return self._done(r, "eos")
+        if r.top_logprobs is not None:
+            r.logprobs.append(token_logprobs(logits, token, r.top_logprobs))
+        r.generated.append(token)
         r.text += r.stream.push(token)
         for word in r.stop_words:
             at = r.text.find(word)
@@ -158,6 +193,7 @@ class Engine:
             if driver:
                 r = self.running[slot]
                 r.prompt_ms, r.t_first = (time.perf_counter() - start) * 1e3, time.perf_counter()
+                self.metrics.prompt_tokens.inc(len(ids))
                 self._safely(r, logits[0, -1])
         if plan["decode"]:
             slots, tokens, positions = zip(*plan["decode"])

@@ -1,0 +1,106 @@
+"""OpenAI's /v1 endpoints (and their aliases without /v1): models, completions, chat completions, with
+streaming, usage, finish reasons and log-probabilities as the OpenAI API reference describes them."""
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.requests import Request as HTTPRequest
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..tokenizer.chat import encode_dialog
+from .api import APIError, Handlers, _field, sse
+from .engine import Request
+
+FINGERPRINT = "llama-dist"  # system_fingerprint: the backend configuration that answered
+
+
+class OpenAIRoutes(Handlers):
+    async def models(self, request: HTTPRequest) -> Response:
+        self._authorise(request)
+        return JSONResponse({"object": "list", "data": [{"id": self.state.model_name, "object": "model",
+                                                         "created": 0, "owned_by": "llama-dist"}]})
+
+    async def completions(self, request: HTTPRequest) -> Response:
+        body = await self._body(request)
+        logprobs = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 20)
+        reqs = [self._request(ids, body, openai=True, max_name="max_tokens", default_max=16, top_logprobs=logprobs)
+                for ids in self._prompts(body.get("prompt"))]
+        return await self._answer(reqs, body, chat=False)
+
+    async def chat_completions(self, request: HTTPRequest) -> Response:
+        body = await self._body(request)
+        try:
+            ids = encode_dialog(self._messages(body), self.tokenizer)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20)
+        wanted = _field(body, "logprobs", bool, False)
+        name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+        req = self._request(ids, body, openai=True, max_name=name, top_logprobs=top if wanted else None)
+        return await self._answer([req], body, chat=True)
+
+    async def _answer(self, reqs: list[Request], body: dict, chat: bool) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        obj = "chat.completion" if chat else "text_completion"
+        head = {"id": rid, "created": int(time.time()), "model": self._model_name(body),
+                "system_fingerprint": FINGERPRINT}
+        if _field(body, "stream", bool, False):
+            if len(reqs) > 1:
+                raise APIError(400, "Streaming takes one prompt; send several prompts without 'stream'.")
+            return StreamingResponse(self._openai_stream(reqs[0], body, head, chat), media_type="text/event-stream")
+        choices = []
+        for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs))):
+            choice = {"index": i, "finish_reason": _finish_reason(done["stop_type"]),
+                      "logprobs": self._logprobs(req.logprobs, chat, text) if req.top_logprobs is not None else None}
+            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
+            choices.append(choice)
+        usage = {key: sum(_usage(r)[key] for r in reqs) for key in ("prompt_tokens", "completion_tokens",
+                                                                     "total_tokens")}
+        return JSONResponse({**head, "object": obj, "choices": choices, "usage": usage})
+
+    async def _openai_stream(self, req: Request, body: dict, head: dict, chat: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        if chat:
+            yield sse({**head, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                           "finish_reason": None}]})
+        async for e in self._events(req):
+            if e["type"] == "error":
+                yield sse({"error": {"message": e["message"], "type": "server_error"}})
+                break
+            finish = None if e["type"] == "token" else _finish_reason(e["stop_type"])
+            text = e.get("text", "")
+            logprobs = (self._logprobs(e["logprobs"], chat, text)
+                        if e["type"] == "token" and e["logprobs"] is not None else None)
+            choice = ({"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+                      if chat else {"index": 0, "text": text, "finish_reason": finish})
+            choice["logprobs"] = logprobs
+            yield sse({**head, "object": obj, "choices": [choice]})
+            if finish and include_usage:
+                yield sse({**head, "object": obj, "choices": [], "usage": _usage(req)})
+        yield "data: [DONE]\n\n"
+
+    def _logprobs(self, logprobs: list[dict], chat: bool, text: str) -> dict:
+        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy parallel lists."""
+        def token(i: int) -> str:
+            return self.tokenizer.decode([i])
+
+        if chat:
+            return {"content": [{"token": token(lp["id"]), "logprob": lp["logprob"],
+                                 "bytes": list(token(lp["id"]).encode("utf-8")),
+                                 "top_logprobs": [{"token": token(i), "logprob": v, "bytes": list(token(i).encode())}
+                                                  for i, v in lp["top"]]} for lp in logprobs]}
+        tokens = [token(lp["id"]) for lp in logprobs]
+        offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
+        return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in logprobs],
+                "top_logprobs": [{token(i): v for i, v in lp["top"]} for lp in logprobs], "text_offset": offsets}
+
+
+def _finish_reason(stop_type: str) -> str:
+    return {"eos": "stop", "word": "stop", "limit": "length"}.get(stop_type, "stop")
+
+
+def _usage(req: Request) -> dict:
+    return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
+            "total_tokens": len(req.prompt_ids) + len(req.generated)}

@@ -1,0 +1,192 @@
+"""What clients of llama.cpp's server and of OpenAI-compatible servers rely on, asked of `llama-dist serve` with
+the bundled SmolLM2 (default flags): paths with and without /v1, any model name, /props, /slots,
+/apply-template, /tokenize pieces, several prompts at once, text parts, log-probabilities, context limits,
+llama.cpp's result fields, CORS and /metrics."""
+import concurrent.futures
+import math
+
+import httpx
+import pytest
+
+from .test_server import Server
+
+openai = pytest.importorskip("openai")
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server("--model", "smollm2", "--max_batch", "4", "--n_ctx", "128", "--api_key", "k")
+    yield s
+    assert s.stop() == [0]
+
+
+def auth() -> dict:
+    return {"Authorization": "Bearer k"}
+
+
+def client(server, v1: bool = True) -> "openai.OpenAI":
+    return openai.OpenAI(base_url=server.url + ("/v1" if v1 else ""), api_key="k")
+
+
+def test_paths_without_v1_and_any_model_name_are_served(server):
+    """OpenAI clients configured without /v1, or with another model's name, get this model's answer."""
+    for v1 in (True, False):
+        c = client(server, v1)
+        assert [m.id for m in c.models.list().data] == ["smollm2"]
+        chat = c.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "Hi"}],
+                                         max_tokens=4, temperature=0)
+        assert chat.model == "gpt-3.5-turbo" and chat.choices[0].message.content
+        assert chat.system_fingerprint
+    text = client(server).completions.create(model="davinci-002", prompt="The capital of France is", max_tokens=3,
+                                             temperature=0)
+    assert text.model == "davinci-002" and text.usage.completion_tokens == 3
+
+
+def test_props_slots_and_apply_template(server):
+    props = httpx.get(f"{server.url}/props", headers=auth()).json()
+    assert props["total_slots"] == 4 and props["model_path"].endswith(".gguf")
+    assert props["default_generation_settings"]["n_ctx"] == 128 and "im_start" in props["chat_template"]
+    slots = httpx.get(f"{server.url}/slots", headers=auth()).json()
+    assert [s["id"] for s in slots] == [0, 1, 2, 3] and not any(s["is_processing"] for s in slots)
+    assert all(s["n_ctx"] == 128 for s in slots)
+    r = server.post("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]}, headers=auth())
+    assert r.json()["prompt"].endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_tokenize_with_pieces(server):
+    r = server.post("/tokenize", {"content": "Hello naïve 中", "with_pieces": True}, headers=auth()).json()
+    assert "".join(t["piece"] for t in r["tokens"]) == "Hello naïve 中"
+    plain = server.post("/tokenize", {"content": "Hello naïve 中"}, headers=auth()).json()["tokens"]
+    assert [t["id"] for t in r["tokens"]] == plain
+
+
+def test_several_prompts_give_one_result_each_in_order(server):
+    """A list of prompts (text, or token-id lists) in one /completion: each result equals the prompt alone."""
+    prompts = ["The capital of France is", "Water boils at", "1, 2, 3,"]
+    alone = [_greedy_auth(server, p, 6) for p in prompts]
+    ids = [server.post("/tokenize", {"content": p}, headers=auth()).json()["tokens"] for p in prompts]
+    for batch in (prompts, ids):
+        results = server.post("/completion", {"prompt": batch, "n_predict": 6, "temperature": 0},
+                              headers=auth()).json()
+        assert [r["index"] for r in results] == [0, 1, 2]
+        assert [r["tokens"] for r in results] == alone
+    many = client(server).completions.create(model="x", prompt=prompts, max_tokens=6, temperature=0)
+    assert [c.index for c in many.choices] == [0, 1, 2] and many.usage.completion_tokens == 18
+
+
+def _greedy_auth(server, prompt: str, n: int) -> list[int]:
+    r = server.post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0}, headers=auth())
+    assert r.status_code == 200, r.text
+    return r.json()["tokens"]
+
+
+def test_chat_content_as_text_parts(server):
+    c = client(server)
+    parts = [{"type": "text", "text": "What is the capital"}, {"type": "text", "text": "of France?"}]
+    as_parts = c.chat.completions.create(model="x", messages=[{"role": "user", "content": parts}], max_tokens=8,
+                                         temperature=0)
+    joined = c.chat.completions.create(model="x", temperature=0, max_tokens=8,
+                                       messages=[{"role": "user", "content": "What is the capital\nof France?"}])
+    assert as_parts.choices[0].message.content == joined.choices[0].message.content
+
+
+def test_logprobs_chat_completions_and_n_probs(server):
+    c = client(server)
+    chat = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Say yes."}], max_tokens=5,
+                                     temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == len(content)
+    assert "".join(t.token for t in content) == chat.choices[0].message.content
+    for t in content:  # greedy: the chosen token is the likeliest, and the top list is sorted
+        assert len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token
+        assert t.logprob == pytest.approx(t.top_logprobs[0].logprob) and t.logprob <= 0
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+    text = c.completions.create(model="x", prompt="The capital of France is", max_tokens=3, temperature=0, logprobs=2)
+    lp = text.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert "".join(lp.tokens) == text.choices[0].text and lp.text_offset[0] == 0
+    r = server.post("/completion", {"prompt": "The capital of France is", "n_predict": 3, "temperature": 0,
+                                    "n_probs": 2}, headers=auth()).json()
+    probs = r["completion_probabilities"]
+    assert [p["id"] for p in probs] == r["tokens"] and all(len(p["top_logprobs"]) == 2 for p in probs)
+    assert sum(math.exp(p["logprob"]) for p in probs[0]["top_logprobs"]) <= 1.0 + 1e-6
+
+
+def test_context_limits_as_llama_cpp(server):
+    """n_predict past the context is capped (truncated: true when the context filled); -1 runs to the end of
+    the context; max_tokens 0 reads the prompt only; a prompt that does not fit is refused, saying so."""
+    prompt = "Once upon a time"
+    n_prompt = len(server.post("/tokenize", {"content": prompt, "add_special": True}, headers=auth()).json()["tokens"])
+    body = {"prompt": prompt, "temperature": 0, "ignore_eos": True}
+    capped = server.post("/completion", {**body, "n_predict": 10_000}, headers=auth()).json()
+    assert capped["stop_type"] == "limit" and capped["truncated"] and capped["tokens_predicted"] == 128 - n_prompt
+    until_full = server.post("/completion", {**body, "n_predict": -1}, headers=auth()).json()
+    assert until_full["tokens"] == capped["tokens"]
+    short = server.post("/completion", {**body, "n_predict": 4}, headers=auth()).json()
+    assert short["truncated"] is False and short["timings"]["predicted_n"] == 4
+    none = server.post("/completion", {**body, "n_predict": 0}, headers=auth()).json()
+    assert none["content"] == "" and none["tokens_predicted"] == 0 and none["tokens_evaluated"] == n_prompt
+    zero = client(server).completions.create(model="x", prompt=prompt, max_tokens=0)
+    assert zero.choices[0].text == "" and zero.usage.completion_tokens == 0
+    r = server.post("/completion", {"prompt": "word " * 200}, headers=auth())
+    assert r.status_code == 400 and "exceeds the available context size" in r.json()["error"]["message"]
+
+
+def test_llama_cpp_result_fields(server):
+    r = server.post("/completion", {"prompt": "The capital of France is", "n_predict": 4, "temperature": 0,
+                                    "seed": 7}, headers=auth()).json()
+    assert r["generation_settings"]["n_predict"] == 4 and r["generation_settings"]["seed"] == 7
+    assert r["has_new_line"] == ("\n" in r["content"]) and r["truncated"] is False
+    assert r["timings"]["predicted_n"] == len(r["tokens"]) == r["tokens_predicted"]
+    fields = server.post("/completion", {"prompt": "Hi", "n_predict": 2, "temperature": 0,
+                                         "response_fields": ["content", "generation_settings/n_predict"]},
+                         headers=auth()).json()
+    assert set(fields) == {"content", "generation_settings/n_predict"} and fields["generation_settings/n_predict"] == 2
+    no_tokens = server.post("/completion", {"prompt": "Hi", "n_predict": 2, "return_tokens": False},
+                            headers=auth()).json()
+    assert no_tokens["tokens"] == []
+
+
+def test_cors_preflight_and_header(server):
+    """A browser page on another origin may call us: the preflight needs no key, answers carry the header."""
+    pre = httpx.options(f"{server.url}/v1/chat/completions",
+                        headers={"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
+                                 "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://elsewhere.example")
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    r = httpx.get(f"{server.url}/health", headers={"Origin": "http://elsewhere.example"})
+    assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_metrics_count_what_clients_sent(server):
+    def value(text: str, name: str) -> float:
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+                   or line.startswith(name + "{"))
+
+    before = httpx.get(f"{server.url}/metrics", headers=auth()).text
+    prompts = ["Roses are red,", "The sun rises in the", "def add(a, b):", "Dear Sir or Madam,"]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda p: server.post("/completion", {"prompt": p, "n_predict": 5, "temperature": 0},
+                                                      headers=auth()).json(), prompts))
+    after = httpx.get(f"{server.url}/metrics", headers=auth()).text
+    assert value(after, "llamadist_requests_total") - value(before, "llamadist_requests_total") == 4
+    generated = sum(a["tokens_predicted"] for a in answers)
+    assert value(after, "llamadist_tokens_predicted_total") - value(before, "llamadist_tokens_predicted_total") == \
+        generated
+    prompt_tokens = sum(a["tokens_evaluated"] for a in answers)
+    assert value(after, "llamadist_prompt_tokens_total") - value(before, "llamadist_prompt_tokens_total") == \
+        prompt_tokens
+    assert value(after, "llamadist_time_to_first_token_seconds_count") - \
+        value(before, "llamadist_time_to_first_token_seconds_count") == 4
+    assert "llamadist_kv_cache_usage_ratio" in after and "llamadist_requests_deferred" in after
+    assert httpx.get(f"{server.url}/metrics").status_code == 401  # the key guards it like the rest
+
+
+def test_no_slots_answers_501():
+    s = Server("--model", "smollm2", "--max_batch", "1", "--n_ctx", "64", "--noslots")
+    try:
+        r = httpx.get(f"{s.url}/slots")
+        assert r.status_code == 501 and "error" in r.json()
+    finally:
+        assert s.stop() == [0]
+
