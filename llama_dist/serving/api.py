@@ -20,6 +20,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..generation.constraints import Constraint, GrammarError, gbnf_grammar, json_schema_grammar
 from ..generation.sampling import SamplingParams
 from ..tokenizer.chat import check_dialog
 from .engine import Engine, QueueFull, Request
@@ -72,6 +73,31 @@ def sampling_from(body: dict, openai: bool) -> SamplingParams:
         top_p=float(_field(body, "top_p", number, 1.0 if openai else 0.95, lambda v: 0 < v <= 1)),
         min_p=float(_field(body, "min_p", number, 0.0 if openai else 0.05, lambda v: 0 <= v <= 1)),
         repeat_penalty=float(_field(body, "repeat_penalty", number, 1.0, lambda v: 0 < v <= 10)))
+
+
+def _grammar(body: dict) -> str | None:
+    fmt = body.get("response_format")
+    if fmt is not None:
+        if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise APIError(400, "'response_format' must be {\"type\": \"text\" | \"json_object\" | "
+                                "\"json_schema\"}.")
+        if fmt["type"] == "json_object":
+            return json_schema_grammar(fmt.get("schema") or {"type": "object"})
+        if fmt["type"] == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+                raise APIError(400, "'response_format.json_schema' must be {\"name\", \"schema\": {...}}.")
+            return json_schema_grammar(spec.get("schema", {}))
+    if body.get("json_schema") is not None:
+        schema = body["json_schema"]
+        if not isinstance(schema, (dict, bool)):
+            raise APIError(400, "'json_schema' must be a JSON schema object.")
+        return json_schema_grammar(schema)
+    if body.get("grammar") is not None:
+        if not isinstance(body["grammar"], str) or not body["grammar"].strip():
+            raise APIError(400, "'grammar' must be a GBNF grammar (a non-empty string).")
+        return gbnf_grammar(body["grammar"])
+    return None
 
 
 def sse(payload: dict) -> str:
@@ -185,7 +211,16 @@ class Handlers:
         seed = None if seed is None or seed < 0 else seed
         return Request(ids, sampling_from(body, openai), room if n == -1 else min(n, room), on_event=lambda e: None,
                        stop_words=stop, seed=seed, top_logprobs=top_logprobs,
-                       ignore_eos=_field(body, "ignore_eos", bool, False))
+                       ignore_eos=_field(body, "ignore_eos", bool, False), constraint=self._constraint(body))
+
+    def _constraint(self, body: dict) -> Constraint | None:
+        """The output's required form: OpenAI's response_format (json_object, json_schema), or llama.cpp's
+        json_schema / grammar (GBNF). A value that is not one of these, or does not compile, gets a 400."""
+        try:
+            grammar = _grammar(body)
+            return None if grammar is None else Constraint(grammar, self.tokenizer, self.engine.model.args.vocab_size)
+        except GrammarError as e:
+            raise APIError(400, str(e), code="invalid_grammar") from None
 
     async def _events(self, req: Request) -> AsyncIterator[dict]:
         """Submit and yield the engine's events; a client that goes away cancels the request."""

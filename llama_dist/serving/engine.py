@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from ..generation.llama import Llama
+from ..generation.constraints import Constraint
 from ..generation.sampling import SamplingParams, sample_row
 from ..tokenizer.stream import TextStream
 from .metrics import Metrics
@@ -46,6 +47,7 @@ class Request:
     seed: int | None = None
     top_logprobs: int | None = None  # report each chosen token's log-probability and this many alternatives
     ignore_eos: bool = False  # never choose an end token (llama.cpp's ignore_eos)
+    constraint: Constraint | None = None  # a schema or grammar the output must follow
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     slot: int = -1
@@ -146,6 +148,8 @@ class Engine:
             return self._done(r, "limit")
         if r.ignore_eos:
             logits = logits.index_fill(0, self.stop_ids, float("-inf"))
+        if r.constraint is not None:
+            logits = r.constraint.mask(logits)
         token = sample_row(logits, r.params, r.generator, r.prompt_ids + r.generated)
         now = time.perf_counter()
         if r.generated:
@@ -160,6 +164,11 @@ class Engine:
             r.logprobs.append(token_logprobs(logits, token, r.top_logprobs))
         r.generated.append(token)
         r.text += r.stream.push(token)
+        if r.constraint is not None:
+            r.constraint.consume(token)
+            if r.constraint.finished:  # complete: only an end token could follow
+                r.text += r.stream.flush()
+                return self._done(r, "eos")
         for word in r.stop_words:
             at = r.text.find(word)
             if at >= 0:
