@@ -2,8 +2,10 @@
 the bundled SmolLM2 (default flags): paths with and without /v1, any model name, /props, /slots,
 /apply-template, /tokenize pieces, several prompts at once, text parts, log-probabilities, context limits,
 llama.cpp's result fields, CORS and /metrics."""
+import base64
 import concurrent.futures
 import math
+import struct
 
 import httpx
 import pytest
@@ -145,6 +147,27 @@ def test_llama_cpp_result_fields(server):
     no_tokens = server.post("/completion", {"prompt": "Hi", "n_predict": 2, "return_tokens": False},
                             headers=auth()).json()
     assert no_tokens["tokens"] == []
+
+
+def test_embeddings_through_the_openai_client(server):
+    """One unit-length vector of the model's width per input; the same text gives the same vector, alone or in a
+    list, as text or as its token ids, with or without /v1, and base64 carries the same floats."""
+    c = client(server)
+    texts = ["The cat sat on the mat.", "Quarterly earnings rose by five percent."]
+    both = c.embeddings.create(model="text-embedding-3-small", input=texts)
+    assert [d.index for d in both.data] == [0, 1] and both.model == "text-embedding-3-small"
+    vectors = [d.embedding for d in both.data]
+    assert all(len(v) == 576 and abs(sum(x * x for x in v) - 1) < 1e-4 for v in vectors)
+    one = client(server, v1=False).embeddings.create(model="x", input=texts[0]).data[0].embedding
+    assert max(abs(a - b) for a, b in zip(one, vectors[0])) < 1e-5
+    ids = server.post("/tokenize", {"content": texts[1], "add_special": True}, headers=auth()).json()["tokens"]
+    by_ids = c.embeddings.create(model="x", input=ids).data[0].embedding
+    assert max(abs(a - b) for a, b in zip(by_ids, vectors[1])) < 1e-5
+    assert both.usage.prompt_tokens == both.usage.total_tokens > len(ids)
+    packed = server.post("/v1/embeddings", {"input": texts[0], "encoding_format": "base64"}, headers=auth()).json()
+    floats = struct.unpack("<576f", base64.b64decode(packed["data"][0]["embedding"]))
+    assert max(abs(a - b) for a, b in zip(floats, one)) < 1e-6
+    assert server.post("/v1/embeddings", {"input": ""}, headers=auth()).status_code == 400
 
 
 def test_cors_preflight_and_header(server):

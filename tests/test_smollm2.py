@@ -57,6 +57,15 @@ def hf_model():
                                                              torch_dtype=torch.float32).eval()
 
 
+def test_final_hidden_state_equals_hf_transformers(llama, hf_model):
+    """What /v1/embeddings pools: the normed final hidden state, as HF's last hidden_states entry."""
+    ids = torch.tensor([GENERATIONS[0]["prompt_ids"]])
+    with torch.no_grad():
+        expected = hf_model(ids, output_hidden_states=True).hidden_states[-1]
+    ours = llama.runner.forward(ids, 0, hidden=True)
+    assert ours.shape == expected.shape and (ours - expected).abs().max() / expected.abs().max() < 1e-4
+
+
 def test_logits_and_greedy_equal_hf_transformers(llama, hf_model):
     for gen in GENERATIONS:
         ids = gen["prompt_ids"]

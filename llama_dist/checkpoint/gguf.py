@@ -28,6 +28,9 @@ _TOP_NAMES = {"token_embd.weight": "tok_embeddings.weight", "output_norm.weight"
               "output.weight": "output.weight"}
 
 
+POOLING = {1: "mean", 2: "cls", 3: "last"}  # GGUF pooling_type (0: none, 4: rank) -> ours
+
+
 def canonical_name(gguf_name: str) -> str | None:
     if gguf_name in _TOP_NAMES:
         return _TOP_NAMES[gguf_name]
@@ -97,6 +100,7 @@ class GGUFCheckpoint:
                          norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
                          rope_theta=float(get("rope.freq_base", 10000.0)),
                          max_seq_len=get("context_length", 2048),
+                         pooling=POOLING.get(get("pooling_type", 1), "mean"),
                          # a tied output shares the embedding's vocab-split shard at any TP size
                          vocab_parallel_embedding=self.tied_output)
 

@@ -23,6 +23,7 @@ class ModelArgs:
     rope_scaling: dict[str, float] = field(default_factory=dict)
     vocab_parallel_embedding: bool | None = None  # None: Llama 3 style (vocab split) when vocab >= 128000
     max_seq_len: int = 2048
+    pooling: str = "mean"  # how embeddings pool the final hidden states: mean | cls | last (GGUF pooling_type)
 
     def __post_init__(self):
         if self.n_kv_heads is None:

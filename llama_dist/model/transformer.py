@@ -195,10 +195,11 @@ class Transformer(nn.Module):
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,
-                length: int | None = None, last_only: bool = False) -> torch.Tensor:
+                length: int | None = None, last_only: bool = False, hidden: bool = False) -> torch.Tensor:
         """x: tokens [B, S] (first stage) or the previous stage's hidden state [B, S, dim], placed at start_pos..
         (an int for all rows, or a tensor [B] per row). Returns the hidden state after these layers or, on the
-        last stage, float32 logits over the full vocabulary (of each row's final position only, if last_only).
+        last stage, float32 logits over the full vocabulary (of each row's final position only, if last_only),
+        or with hidden=True the final normed hidden state [B, S, dim] in float32 (what embeddings pool).
 
         slots: cache rows per batch row (None: rows 0..B-1). length: how much of the cache to attend to;
         defaults to the end of the furthest row (a compiled step passes a fixed window).
@@ -212,7 +213,7 @@ class Transformer(nn.Module):
             return h
         if last_only:
             h = h[:, -1:]
-        return self.output(self.norm(h)).float()
+        return self.norm(h).float() if hidden else self.output(self.norm(h)).float()
 
     def placement(self, shape: tuple[int, ...], device: torch.device, start_pos: int | torch.Tensor,
                   slots: Slots, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:

@@ -34,12 +34,13 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool = False,
-                slots: torch.Tensor | None = None, length: int | None = None) -> torch.Tensor:
-        """Logits (float32, full vocabulary, on every rank) for `tokens` [B, S] placed at start_pos..
-        (arguments as Transformer.forward's). Every rank calls it with the same tokens."""
+                slots: torch.Tensor | None = None, length: int | None = None, hidden: bool = False) -> torch.Tensor:
+        """Logits (float32, full vocabulary, on every rank) for `tokens` [B, S] placed at start_pos.., or the
+        final normed hidden state with hidden=True (arguments as Transformer.forward's). Every rank calls it
+        with the same tokens."""
         if not self.stage.pipelined:
-            return self.model(tokens, start_pos, slots, length, last_only)
-        return self._micro_batched(tokens, start_pos, last_only, slots, length)
+            return self.model(tokens, start_pos, slots, length, last_only, hidden)
+        return self._micro_batched(tokens, start_pos, last_only, slots, length, hidden)
 
     def decode(self, tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, 1, vocab] on every rank for one token per row [B, 1] at pos (an int, or one per row), by
@@ -56,7 +57,7 @@ class Runner:
                                   tokens.device)
 
     def _micro_batched(self, tokens: torch.Tensor, start_pos: int | torch.Tensor, last_only: bool,
-                       slots: torch.Tensor | None, length: int | None) -> torch.Tensor:
+                       slots: torch.Tensor | None, length: int | None, hidden: bool) -> torch.Tensor:
         """The batch in micro-batches: while stage s works on micro-batch m, stage s-1 works on m+1.
 
         A micro-batch is a group of rows or, for fewer rows than micro-batches (one long prompt), a
@@ -80,14 +81,14 @@ class Runner:
         for idx, cols in parts:
             x = tokens[idx][:, cols] if stage.is_first else stage.receive(
                 (len(idx), cols.stop - cols.start, model.args.dim), model.act_dtype, device)
-            out = model(x, starts[idx] + cols.start, rows[idx], length, last_only)
+            out = model(x, starts[idx] + cols.start, rows[idx], length, last_only, hidden)
             if not stage.is_last:
                 sending.append(stage.send(out))
             elif by_rows or not last_only or cols == parts[-1][1]:  # last_only over chunks: the final one
                 logits.append(out)
         for handle in sending:
             handle.wait()
-        shape = (bsz, 1 if last_only else seqlen, model.args.vocab_size)
+        shape = (bsz, 1 if last_only else seqlen, model.args.dim if hidden else model.args.vocab_size)
         return stage.share_logits(torch.cat(logits, dim=0 if by_rows else 1) if logits else None, shape, device)
 
     def decode_interleaved(self, groups: list[slice], pos: int, inputs: Callable[[int, int], torch.Tensor],

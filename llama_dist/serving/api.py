@@ -293,7 +293,9 @@ def build_app(state: State) -> Starlette:
               Route("/models", wrap(api.models), methods=get),
               Route("/v1/completions", wrap(api.completions), methods=post),
               Route("/v1/chat/completions", wrap(api.chat_completions), methods=post),
-              Route("/chat/completions", wrap(api.chat_completions), methods=post)]
+              Route("/chat/completions", wrap(api.chat_completions), methods=post),
+              Route("/v1/embeddings", wrap(api.embeddings), methods=post),
+              Route("/embeddings", wrap(api.embeddings), methods=post)]
     # Browser apps on other origins may call us (as llama.cpp's server allows); preflights need no API key.
     cors = Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
     return Starlette(routes=routes, middleware=[cors])

@@ -29,6 +29,13 @@ class QueueFull(Exception):
     pass
 
 
+def pool(hidden: torch.Tensor, how: str) -> torch.Tensor:
+    """One vector for a sequence's final hidden states [S, dim] (mean, the first token's, or the last's),
+    scaled to unit length as OpenAI's and llama.cpp's embeddings are."""
+    vector = {"mean": hidden.mean(0), "cls": hidden[0], "last": hidden[-1]}[how]
+    return torch.nn.functional.normalize(vector.float(), dim=0)
+
+
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
     """The chosen token's log-probability under the model (before sampling settings) and the `top` likeliest."""
     logp = torch.log_softmax(logits.float(), dim=-1)
@@ -48,6 +55,7 @@ class Request:
     top_logprobs: int | None = None  # report each chosen token's log-probability and this many alternatives
     ignore_eos: bool = False  # never choose an end token (llama.cpp's ignore_eos)
     constraint: Constraint | None = None  # a schema or grammar the output must follow
+    embed: bool = False  # read the prompt and answer its pooled, L2-normalised final hidden state
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     slot: int = -1
@@ -62,6 +70,7 @@ class Request:
     generator: torch.Generator | None = None
     stream: TextStream | None = None
     logprobs: list[dict] = field(default_factory=list)  # per generated token, when top_logprobs is set
+    embedding: list[float] | None = None
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -120,7 +129,8 @@ class Engine:
             deadline = time.monotonic()  # take what is queued now, then run
         decode = [(s, r.generated[-1], len(r.prompt_ids) + len(r.generated) - 1)
                   for s, r in self.running.items() if r.generated]
-        return {"prefill": [(r.slot, r.prompt_ids) for r in admitted], "decode": decode}
+        return {"prefill": [(r.slot, r.prompt_ids) for r in admitted if not r.embed], "decode": decode,
+                "embed": [(r.slot, r.prompt_ids) for r in admitted if r.embed]}
 
     def _emit_text(self, r: Request, final: bool) -> None:
         hold = 0 if final else max((len(w) for w in r.stop_words), default=1) - 1
@@ -136,7 +146,8 @@ class Engine:
         self.metrics.requests.labels(stop_type).inc()
         now = time.perf_counter()
         predicted_ms = (now - r.t_first) * 1e3 if r.t_first else 0.0
-        r.on_event({"type": "done", "stop_type": stop_type, "stopping_word": stopping_word, "timings": {
+        r.on_event({"type": "done", "stop_type": stop_type, "stopping_word": stopping_word,
+                    "embedding": r.embedding, "timings": {
             "prompt_n": len(r.prompt_ids), "prompt_ms": r.prompt_ms,
             "prompt_per_second": len(r.prompt_ids) / max(r.prompt_ms, 1e-9) * 1e3,
             "predicted_n": len(r.generated), "predicted_ms": predicted_ms,
@@ -195,6 +206,16 @@ class Engine:
 
     def _execute(self, plan: dict[str, Any]) -> None:
         device, driver = self.ctx.device, self.ctx.is_driver
+        for slot, ids in plan["embed"]:
+            start = time.perf_counter()
+            hidden = self.runner.forward(torch.tensor([ids], device=device), 0, slots=torch.tensor([slot], device=device),
+                                         hidden=True)
+            if driver:
+                r = self.running.pop(slot)
+                r.prompt_ms = (time.perf_counter() - start) * 1e3
+                self.metrics.prompt_tokens.inc(len(ids))
+                r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
+                self._finish(r, "embedding")
         for slot, ids in plan["prefill"]:
             start = time.perf_counter()
             logits = self.runner.forward(torch.tensor([ids], device=device), 0, last_only=True,

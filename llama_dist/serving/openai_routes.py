@@ -2,12 +2,15 @@
 streaming, usage, finish reasons and log-probabilities as the OpenAI API reference describes them."""
 from __future__ import annotations
 
+import base64
+import struct
 import time
 import uuid
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..generation.sampling import SamplingParams
 from ..tokenizer.chat import encode_dialog
 from .api import APIError, Handlers, _field, sse
 from .engine import Request
@@ -39,6 +42,32 @@ class OpenAIRoutes(Handlers):
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         req = self._request(ids, body, openai=True, max_name=name, top_logprobs=top if wanted else None)
         return await self._answer([req], body, chat=True)
+
+    async def embeddings(self, request: HTTPRequest) -> Response:
+        """One vector per input (text, token ids, or a list of either): the model's final hidden states pooled as
+        its file declares (mean by default) and scaled to unit length."""
+        body = await self._body(request)
+        fmt = _field(body, "encoding_format", str, "float", lambda v: v in ("float", "base64"), "float or base64")
+        inputs = body.get("input")
+        if inputs is None or inputs == [] or inputs == "":
+            raise APIError(400, "'input' must be a non-empty string, a list of token ids, or a list of those.")
+        reqs = [self._embedding_request(ids) for ids in self._prompts(inputs)]
+        data = []
+        for i, (_, done) in enumerate(await self._collect_all(reqs)):
+            vector = done["embedding"]
+            if fmt == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(r.prompt_ids) for r in reqs)
+        return JSONResponse({"object": "list", "data": data, "model": self._model_name(body),
+                             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    def _embedding_request(self, ids: list[int]) -> Request:
+        n_ctx = self.engine.model.n_ctx
+        if len(ids) > n_ctx:
+            raise APIError(400, f"The input exceeds the available context size: {len(ids)} tokens, the context "
+                                f"holds {n_ctx}.", code="context_length_exceeded")
+        return Request(ids, SamplingParams(), 0, on_event=lambda e: None, embed=True)
 
     async def _answer(self, reqs: list[Request], body: dict, chat: bool) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
