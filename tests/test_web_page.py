@@ -84,3 +84,33 @@ def test_model_output_html_is_shown_as_text(page):
     assert "<strong>bold</strong>" in html and "<code>code</code>" in html
     assert page.evaluate("window.pwned === undefined")
     page.click("#new-chat")
+
+
+def test_a_page_on_another_origin_calls_the_api(server, page, tmp_path):
+    """A browser app served from another origin sends a preflighted request (JSON body, Authorization header)
+    and reads the answer: CORS lets it."""
+    import http.server
+    import threading
+
+    from .helpers import free_port
+
+    (tmp_path / "app.html").write_text(f"""<!doctype html><script>
+      window.result = fetch("{server.url}/v1/chat/completions", {{method: "POST",
+        headers: {{"Content-Type": "application/json", "Authorization": "Bearer pagekey"}},
+        body: JSON.stringify({{model: "any", max_tokens: 4, temperature: 0,
+                               messages: [{{role: "user", content: "Hi"}}]}})}})
+        .then(r => r.json()).then(j => j.choices[0].message.content, e => "failed: " + e);
+    </script>""")
+    port = free_port()
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    try:
+        context = page.context.browser.new_context()  # the same browser, a fresh context
+        app = context.new_page()
+        app.goto(f"http://127.0.0.1:{port}/app.html")  # another port: another origin
+        answer = app.evaluate("window.result")
+        context.close()
+    finally:
+        other.shutdown()
+    assert answer and not answer.startswith("failed"), answer
