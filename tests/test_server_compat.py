@@ -213,3 +213,33 @@ def test_no_slots_answers_501():
     finally:
         assert s.stop() == [0]
 
+
+
+LONG_TEXT = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor incididunt ut labore et dolore "
+             "magna aliqua. Ut enim ad minim veniam, quis nostrud exercitation ullamco laboris nisi ut aliquip ex ea "
+             "commodo consequat. Duis aute irure dolor in reprehenderit in voluptate velit esse cillum dolore eu fugiat "
+             "nulla pariatur. Excepteur sint occaecat cupidatat non proident, sunt in culpa qui officia deserunt mollit "
+             "anim id est laborum. ") * 2
+
+
+def test_context_shift_cuts_long_prompts_and_goes_on_past_a_full_context():
+    """llama.cpp's --context-shift: a prompt over the context keeps whole blocks of its end; when the context
+    fills, half of it is dropped and the answer goes on exactly as a fresh request on what was kept would."""
+    s = Server("--model", "smollm2", "--max_batch", "2", "--n_ctx", "128", "--context_shift")
+    try:
+        ids = s.post("/tokenize", {"content": LONG_TEXT, "add_special": True}).json()["tokens"]
+        assert len(ids) > 128
+        block = 128 // 2
+        kept = ids[((len(ids) - block) // block) * block:]  # n_keep 0: whole blocks of 64 erased from the front
+        r = s.post("/completion", {"prompt": LONG_TEXT, "n_predict": 64, "temperature": 0, "ignore_eos": True}).json()
+        assert r["truncated"] is True and r["timings"]["prompt_n"] == len(kept) and r["tokens_predicted"] == 64
+        full = kept + r["tokens"]
+        first_shift = 128 - len(kept)  # tokens generated when the context first fills
+        assert 0 < first_shift < 64
+        fresh = s.post("/completion", {"prompt": full[block:128], "n_predict": 64 - first_shift, "temperature": 0,
+                                       "ignore_eos": True}).json()
+        assert fresh["tokens"] == r["tokens"][first_shift:]
+        short = s.post("/completion", {"prompt": "Hi", "n_predict": 8, "temperature": 0}).json()
+        assert short["truncated"] is False
+    finally:
+        assert s.stop() == [0]

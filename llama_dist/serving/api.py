@@ -26,6 +26,7 @@ from ..tokenizer.chat import check_dialog
 from .engine import Engine, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
+MAX_SHIFTED_CONTEXTS = 4  # with context shift, n_predict -1 stops after this many contexts' worth of tokens
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
@@ -48,6 +49,7 @@ class State:
     api_key: str | None = None
     model_path: str = ""
     slots_endpoint: bool = True  # GET /slots (llama.cpp's --no-slots turns it off)
+    context_shift: bool = False  # llama.cpp's --context-shift: cut long prompts, shift full contexts
     engine: Engine | None = field(default=None, repr=False)
 
 
@@ -191,18 +193,29 @@ class Handlers:
 
     def _request(self, ids: list[int], body: dict, openai: bool, max_name: str, default_max: int | None = None,
                  top_logprobs: int | None = None) -> Request:
-        """A Request for the engine. The answer is capped at the context left (n_predict -1 or more than fits:
-        until the context is full, as llama.cpp does); a prompt that leaves no room is refused."""
+        """A Request for the engine, as llama.cpp's server makes one. Without context shift (its default) the
+        answer is capped at the context left (n_predict -1 or more than fits: until the context is full) and a
+        prompt that leaves no room is refused. With it, a long prompt keeps its first n_keep tokens and loses
+        whole blocks after them, and a full context drops half of what follows them and goes on."""
         n_ctx = self.engine.model.n_ctx
         if not ids:
             raise APIError(400, "The prompt is empty.")
+        shift = self.state.context_shift
+        n_keep = _field(body, "n_keep", int, 0, lambda v: -1 <= v < n_ctx - 1, f"use -1..{n_ctx - 2}")
+        n_keep = len(ids) if n_keep == -1 else n_keep  # -1: the whole prompt
+        truncated = False
         if len(ids) >= n_ctx:
-            raise APIError(400, f"The request exceeds the available context size: the prompt has {len(ids)} tokens "
-                                f"and the context holds {n_ctx} (including the answer). Shorten the prompt.",
-                           code="context_length_exceeded")
+            if not shift or n_keep >= n_ctx - 1:
+                raise APIError(400, f"The request exceeds the available context size: the prompt has {len(ids)} "
+                                    f"tokens and the context holds {n_ctx} (including the answer). Shorten the "
+                                    "prompt" + ("." if shift else ", or start the server with --context_shift."),
+                               code="context_length_exceeded")
+            block = (n_ctx - n_keep) // 2
+            erased = (len(ids) - n_keep - block) // block
+            ids, truncated = ids[:n_keep] + ids[n_keep + erased * block:], True
         default = default_max if default_max is not None else -1
         n = _field(body, max_name, int, default, lambda v: v >= -1, "use -1 (until the context is full) or more")
-        room = n_ctx - len(ids)
+        room = MAX_SHIFTED_CONTEXTS * n_ctx if shift else n_ctx - len(ids)
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
@@ -211,7 +224,8 @@ class Handlers:
         seed = None if seed is None or seed < 0 else seed
         return Request(ids, sampling_from(body, openai), room if n == -1 else min(n, room), on_event=lambda e: None,
                        stop_words=stop, seed=seed, top_logprobs=top_logprobs,
-                       ignore_eos=_field(body, "ignore_eos", bool, False), constraint=self._constraint(body))
+                       ignore_eos=_field(body, "ignore_eos", bool, False), constraint=self._constraint(body),
+                       n_keep=min(n_keep, len(ids)) if shift else None, prompt_truncated=truncated)
 
     def _constraint(self, body: dict) -> Constraint | None:
         """The output's required form: OpenAI's response_format (json_object, json_schema), or llama.cpp's
@@ -256,8 +270,8 @@ class Handlers:
         return list(await asyncio.gather(*(self._collect(r) for r in reqs)))
 
     def truncated(self, req: Request) -> bool:
-        """Whether the answer stopped because the context was full."""
-        return len(req.prompt_ids) + len(req.generated) >= self.engine.model.n_ctx
+        """Whether the context ran out: the prompt was cut, a context shift dropped tokens, or the answer filled it."""
+        return req.prompt_truncated or req.dropped > 0 or len(req.context()) >= self.engine.model.n_ctx
 
 
 def build_app(state: State) -> Starlette:

@@ -56,6 +56,9 @@ class Request:
     ignore_eos: bool = False  # never choose an end token (llama.cpp's ignore_eos)
     constraint: Constraint | None = None  # a schema or grammar the output must follow
     embed: bool = False  # read the prompt and answer its pooled, L2-normalised final hidden state
+    n_keep: int | None = None  # context shift: when the context is full, keep these first tokens and drop half
+    # the rest, then go on (llama.cpp's --context-shift); None: a full context ends the answer
+    prompt_truncated: bool = False  # the prompt was cut to fit the context
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     slot: int = -1
@@ -71,6 +74,14 @@ class Request:
     stream: TextStream | None = None
     logprobs: list[dict] = field(default_factory=list)  # per generated token, when top_logprobs is set
     embedding: list[float] | None = None
+    dropped: int = 0  # tokens after the first n_keep that context shifts have dropped
+    refill: bool = False  # the context was shifted: read it into the cache again before the next token
+
+    def context(self) -> list[int]:
+        """The tokens in the cache: the prompt and the answer, less what context shifts dropped."""
+        ids = self.prompt_ids + self.generated
+        keep = self.n_keep or 0
+        return ids[:keep] + ids[keep + self.dropped:]
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -85,7 +96,7 @@ class Engine:
         self.stopping = threading.Event()
         self.stop_ids = torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)
         self.metrics = Metrics(queued=self.waiting.qsize, running=lambda: len(self.running),
-                               cache_tokens=lambda: sum(len(r.prompt_ids) + len(r.generated)
+                               cache_tokens=lambda: sum(len(r.context())
                                                         for r in list(self.running.values())),
                                cache_capacity=self.max_batch * self.model.n_ctx)
 
@@ -127,9 +138,12 @@ class Engine:
             self.running[r.slot] = r
             admitted.append(r)
             deadline = time.monotonic()  # take what is queued now, then run
-        decode = [(s, r.generated[-1], len(r.prompt_ids) + len(r.generated) - 1)
-                  for s, r in self.running.items() if r.generated]
-        return {"prefill": [(r.slot, r.prompt_ids) for r in admitted if not r.embed], "decode": decode,
+        decode = [(s, r.generated[-1], len(r.context()) - 1)
+                  for s, r in self.running.items() if r.generated and not r.refill]
+        refill = [(s, r.context()) for s, r in self.running.items() if r.refill]
+        for r in self.running.values():
+            r.refill = False
+        return {"prefill": [(r.slot, r.prompt_ids) for r in admitted if not r.embed] + refill, "decode": decode,
                 "embed": [(r.slot, r.prompt_ids) for r in admitted if r.embed]}
 
     def _emit_text(self, r: Request, final: bool) -> None:
@@ -185,9 +199,13 @@ class Engine:
             if at >= 0:
                 r.text = r.text[:at]
                 return self._done(r, "word", word)
-        if len(r.generated) >= r.max_new_tokens or len(r.prompt_ids) + len(r.generated) >= self.model.n_ctx:
+        full = len(r.context()) >= self.model.n_ctx
+        if len(r.generated) >= r.max_new_tokens or (full and r.n_keep is None):
             r.text += r.stream.flush()
             return self._done(r, "limit")
+        if full:  # drop half of what follows the kept tokens; the next step reads the rest again
+            r.dropped += (self.model.n_ctx - r.n_keep) // 2
+            r.refill = True
         self._emit_text(r, final=False)
 
     def _done(self, r: Request, stop_type: str, word: str = "") -> None:
@@ -222,8 +240,9 @@ class Engine:
                                          slots=torch.tensor([slot], device=device))
             if driver:
                 r = self.running[slot]
-                r.prompt_ms, r.t_first = (time.perf_counter() - start) * 1e3, time.perf_counter()
-                self.metrics.prompt_tokens.inc(len(ids))
+                if not r.generated:  # (not a context read again after a shift)
+                    r.prompt_ms, r.t_first = (time.perf_counter() - start) * 1e3, time.perf_counter()
+                    self.metrics.prompt_tokens.inc(len(ids))
                 self._safely(r, logits[0, -1])
         if plan["decode"]:
             slots, tokens, positions = zip(*plan["decode"])
