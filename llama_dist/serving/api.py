@@ -50,6 +50,7 @@ class State:
     model_path: str = ""
     slots_endpoint: bool = True  # GET /slots (llama.cpp's --no-slots turns it off)
     context_shift: bool = False  # llama.cpp's --context-shift: cut long prompts, shift full contexts
+    n_predict: int = -1  # tokens an answer may have when the request does not say (-1: until the context is full)
     engine: Engine | None = field(default=None, repr=False)
 
 
@@ -213,7 +214,7 @@ class Handlers:
             block = (n_ctx - n_keep) // 2
             erased = (len(ids) - n_keep - block) // block
             ids, truncated = ids[:n_keep] + ids[n_keep + erased * block:], True
-        default = default_max if default_max is not None else -1
+        default = default_max if default_max is not None and self.state.n_predict == -1 else self.state.n_predict
         n = _field(body, max_name, int, default, lambda v: v >= -1, "use -1 (until the context is full) or more")
         room = MAX_SHIFTED_CONTEXTS * n_ctx if shift else n_ctx - len(ids)
         stop = body.get("stop") or []
