@@ -243,3 +243,28 @@ def test_context_shift_cuts_long_prompts_and_goes_on_past_a_full_context():
         assert short["truncated"] is False
     finally:
         assert s.stop() == [0]
+
+
+def test_logit_bias_n_choices_and_server_seed():
+    """logit_bias as llama.cpp's pairs (ids or text) and OpenAI's map bans tokens; n gives that many choices;
+    --seed seeds requests that bring none (llama.cpp's generation_settings and /props show it)."""
+    s = Server("--model", "smollm2", "--max_batch", "4", "--n_ctx", "128", "--seed", "42")
+    try:
+        body = {"prompt": "The capital of France is", "n_predict": 1, "temperature": 0}
+        first = s.post("/completion", body).json()
+        banned = first["tokens"][0]
+        for bias in ([[banned, False]], {str(banned): -100}, [[first["content"], -100]]):
+            again = s.post("/completion", {**body, "logit_bias": bias}).json()
+            assert again["tokens"][0] != banned, bias
+        assert s.post("/completion", {**body, "logit_bias": "no"}).status_code == 400
+        c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused")
+        many = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}], n=3,
+                                         max_tokens=6, temperature=1.0, seed=5)
+        assert [ch.index for ch in many.choices] == [0, 1, 2] and many.usage.completion_tokens > 3
+        assert len({ch.message.content for ch in many.choices}) > 1  # seeds 5, 6, 7
+        sampled = {**body, "temperature": 1.0, "n_predict": 8}
+        a, b = s.post("/completion", sampled).json(), s.post("/completion", sampled).json()
+        assert a["generation_settings"]["seed"] == 42 and a["tokens"] == b["tokens"]
+        assert httpx.get(f"{s.url}/props").json()["default_generation_settings"]["params"]["seed"] == 42
+    finally:
+        assert s.stop() == [0]

@@ -1,7 +1,7 @@
 """Choosing the next token from logits."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,12 +33,17 @@ class SamplingParams:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-inf: never)
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                history: list[int]) -> int:
-    """One token from one row of logits [vocab], in llama.cpp's order: penalty, top-k, min-p, top-p, temperature."""
+    """One token from one row of logits [vocab], in llama.cpp's order: logit bias, penalty, top-k, min-p, top-p,
+    temperature."""
     logits = logits.float().clone()
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits[ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
     if params.repeat_penalty != 1.0 and history:
         recent = torch.tensor(history[-params.repeat_last_n:], device=logits.device).unique()
         picked = logits[recent]

@@ -51,6 +51,7 @@ class State:
     slots_endpoint: bool = True  # GET /slots (llama.cpp's --no-slots turns it off)
     context_shift: bool = False  # llama.cpp's --context-shift: cut long prompts, shift full contexts
     n_predict: int = -1  # tokens an answer may have when the request does not say (-1: until the context is full)
+    seed: int | None = None  # sampling seed of requests that give none (None: a fresh one each)
     engine: Engine | None = field(default=None, repr=False)
 
 
@@ -222,11 +223,40 @@ class Handlers:
         if not isinstance(stop, list) or not all(isinstance(w, str) and w for w in stop):
             raise APIError(400, "'stop' must be a string or a list of non-empty strings.")
         seed = _field(body, "seed", int, None)
-        seed = None if seed is None or seed < 0 else seed
-        return Request(ids, sampling_from(body, openai), room if n == -1 else min(n, room), on_event=lambda e: None,
+        seed = self.state.seed if seed is None or seed < 0 else seed
+        params = sampling_from(body, openai)
+        params.logit_bias = self._logit_bias(body)
+        return Request(ids, params, room if n == -1 else min(n, room), on_event=lambda e: None,
                        stop_words=stop, seed=seed, top_logprobs=top_logprobs,
                        ignore_eos=_field(body, "ignore_eos", bool, False), constraint=self._constraint(body),
                        n_keep=min(n_keep, len(ids)) if shift else None, prompt_truncated=truncated)
+
+    def _logit_bias(self, body: dict) -> dict[int, float]:
+        """llama.cpp's [[token, bias], ...] or OpenAI's {token: bias}: a token is an id (or its digits) or text,
+        whose every token gets the bias; a bias of false bans the token."""
+        raw = body.get("logit_bias")
+        if raw is None:
+            return {}
+        pairs = list(raw.items()) if isinstance(raw, dict) else raw
+        if not isinstance(pairs, list) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+            raise APIError(400, "'logit_bias' must be {token: bias} or [[token, bias], ...].")
+        n = self.tokenizer.n_words
+        bias = {}
+        for token, value in pairs:
+            if value is False:
+                value = float("-inf")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise APIError(400, f"'logit_bias' for {token!r} must be a number or false.")
+            if isinstance(token, str) and not token.lstrip("-").isdigit():
+                ids = self.tokenizer.encode(token, bos=False)
+            elif isinstance(token, (int, str)) and not isinstance(token, bool):
+                ids = [int(token)]
+            else:
+                raise APIError(400, f"'logit_bias' keys must be token ids or text, got {token!r}.")
+            if not all(0 <= i < n for i in ids):
+                raise APIError(400, f"'logit_bias' token ids must be in 0..{n - 1}.")
+            bias.update((i, float(value)) for i in ids)
+        return bias
 
     def _constraint(self, body: dict) -> Constraint | None:
         """The output's required form: OpenAI's response_format (json_object, json_schema), or llama.cpp's

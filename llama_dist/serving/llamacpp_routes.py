@@ -99,7 +99,7 @@ class LlamaCppRoutes(Handlers):
         defaults = sampling_from({}, openai=False)
         return JSONResponse({
             "default_generation_settings": {"n_ctx": engine.model.n_ctx, "n_predict": -1, "params": {
-                "seed": None, "temperature": defaults.temperature, "top_k": defaults.top_k, "top_p": defaults.top_p,
+                "seed": self.state.seed, "temperature": defaults.temperature, "top_k": defaults.top_k, "top_p": defaults.top_p,
                 "min_p": defaults.min_p, "repeat_penalty": defaults.repeat_penalty,
                 "repeat_last_n": defaults.repeat_last_n, "n_predict": -1}},
             "total_slots": engine.max_batch, "model_path": self.state.model_path, "model_alias": self.state.model_name,

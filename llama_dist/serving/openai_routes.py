@@ -27,8 +27,9 @@ class OpenAIRoutes(Handlers):
     async def completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
         logprobs = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 20)
-        reqs = [self._request(ids, body, openai=True, max_name="max_tokens", default_max=16, top_logprobs=logprobs)
-                for ids in self._prompts(body.get("prompt"))]
+        reqs = [req for ids in self._prompts(body.get("prompt")) for req in self._choices(
+            body, lambda: self._request(ids, body, openai=True, max_name="max_tokens", default_max=16,
+                                        top_logprobs=logprobs))]
         return await self._answer(reqs, body, chat=False)
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
@@ -40,8 +41,18 @@ class OpenAIRoutes(Handlers):
         top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20)
         wanted = _field(body, "logprobs", bool, False)
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
-        req = self._request(ids, body, openai=True, max_name=name, top_logprobs=top if wanted else None)
-        return await self._answer([req], body, chat=True)
+        reqs = self._choices(body, lambda: self._request(ids, body, openai=True, max_name=name,
+                                                           top_logprobs=top if wanted else None))
+        return await self._answer(reqs, body, chat=True)
+
+    def _choices(self, body: dict, make) -> list[Request]:
+        """OpenAI's n: that many answers to one prompt (with a seed, seed, seed + 1, ...: different answers)."""
+        n = _field(body, "n", int, 1, lambda v: 1 <= v <= 16, "1 to 16")
+        reqs = [make() for _ in range(n)]
+        for i, req in enumerate(reqs):
+            if req.seed is not None:
+                req.seed += i
+        return reqs
 
     async def embeddings(self, request: HTTPRequest) -> Response:
         """One vector per input (text, token ids, or a list of either): the model's final hidden states pooled as
@@ -76,7 +87,7 @@ class OpenAIRoutes(Handlers):
                 "system_fingerprint": FINGERPRINT}
         if _field(body, "stream", bool, False):
             if len(reqs) > 1:
-                raise APIError(400, "Streaming takes one prompt; send several prompts without 'stream'.")
+                raise APIError(400, "Streaming takes one prompt and one choice; send several without 'stream'.")
             return StreamingResponse(self._openai_stream(reqs[0], body, head, chat), media_type="text/event-stream")
         choices = []
         for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs))):
