@@ -130,7 +130,8 @@ def info(model: str = "smollm2") -> None:
 @_with_options
 def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, n_ctx: int = 2048,
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
-          alias: str | None = None, n_predict: int = -1, seed: int | None = None, **options: Any) -> None:
+          alias: str | None = None, n_predict: int = -1, seed: int | None = None, temperature: float | None = None,
+          **options: Any) -> None:
     """HTTP server: llama.cpp's endpoints (/completion, /tokenize, /props, /slots, /metrics, ...) and OpenAI's
     (/v1/completions, /v1/chat/completions, /v1/models, also without /v1), continuous batching across ranks
     (--max_batch sequences of --n_ctx tokens each, --max_queue waiting). One model is served, so any model name
@@ -139,13 +140,14 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
     them, and a full context drops half of what follows them and goes on. --alias: the model's name in answers
     and /v1/models. --n_predict: tokens an answer may have when its request does not say (-1: until the context is
     full; OpenAI completions default to 16). --seed: the sampling seed of requests that give none (default: a fresh
-    one each). Browsers on any origin may
+    one each); --temperature: theirs when they give none (default: the API's, 0.8 llama.cpp, 1.0 OpenAI).
+    Browsers on any origin may
     call it (CORS). With --compile, decode steps are compiled on first use (GPUs: a CUDA graph per power-of-two
     batch size and cache window)."""
     from .serving.server import serve as run
 
     run(*make_configs(model, n_ctx, max_batch, **options), host, port, max_queue, api_key, slots, context_shift,
-        alias, n_predict, seed)
+        alias, n_predict, seed, temperature)
 
 
 COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize,

@@ -67,7 +67,8 @@ def test_several_prompts_give_one_result_each_in_order(server):
     prompts = ["The capital of France is", "Water boils at", "1, 2, 3,"]
     alone = [_greedy_auth(server, p, 6) for p in prompts]
     ids = [server.post("/tokenize", {"content": p}, headers=auth()).json()["tokens"] for p in prompts]
-    for batch in (prompts, ids):
+    mixed = [ids[0], prompts[1], {"prompt_string": prompts[2]}]  # token ids, text, llama.cpp's JSON prompt
+    for batch in (prompts, ids, mixed):
         results = server.post("/completion", {"prompt": batch, "n_predict": 6, "temperature": 0},
                               headers=auth()).json()
         assert [r["index"] for r in results] == [0, 1, 2]
@@ -132,6 +133,7 @@ def test_context_limits_as_llama_cpp(server):
     assert zero.choices[0].text == "" and zero.usage.completion_tokens == 0
     r = server.post("/completion", {"prompt": "word " * 200}, headers=auth())
     assert r.status_code == 400 and "exceeds the available context size" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "exceed_context_size_error"
 
 
 def test_llama_cpp_result_fields(server):
@@ -266,5 +268,7 @@ def test_logit_bias_n_choices_and_server_seed():
         a, b = s.post("/completion", sampled).json(), s.post("/completion", sampled).json()
         assert a["generation_settings"]["seed"] == 42 and a["tokens"] == b["tokens"]
         assert httpx.get(f"{s.url}/props").json()["default_generation_settings"]["params"]["seed"] == 42
+        image = s.post("/completion", {"prompt": [{"prompt_string": "x", "multimodal_data": ["aGk="]}]})
+        assert image.status_code == 400 and "text only" in image.json()["error"]["message"]
     finally:
         assert s.stop() == [0]

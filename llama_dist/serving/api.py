@@ -52,6 +52,7 @@ class State:
     context_shift: bool = False  # llama.cpp's --context-shift: cut long prompts, shift full contexts
     n_predict: int = -1  # tokens an answer may have when the request does not say (-1: until the context is full)
     seed: int | None = None  # sampling seed of requests that give none (None: a fresh one each)
+    temperature: float | None = None  # sampling temperature of requests that give none (None: the API's default)
     engine: Engine | None = field(default=None, repr=False)
 
 
@@ -69,14 +70,26 @@ def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, 
     return value
 
 
-def sampling_from(body: dict, openai: bool) -> SamplingParams:
+def sampling_from(body: dict, openai: bool, temperature: float | None = None) -> SamplingParams:
+    """The request's sampler settings; what it leaves out takes its API's defaults (temperature: the server's,
+    where it sets one)."""
     number = (int, float)
+    default_temperature = temperature if temperature is not None else 1.0 if openai else 0.8
     return SamplingParams(
-        temperature=float(_field(body, "temperature", number, 1.0 if openai else 0.8, lambda v: 0 <= v <= 5)),
+        temperature=float(_field(body, "temperature", number, default_temperature, lambda v: 0 <= v <= 5)),
         top_k=_field(body, "top_k", int, 0 if openai else 40, lambda v: v >= 0),
         top_p=float(_field(body, "top_p", number, 1.0 if openai else 0.95, lambda v: 0 < v <= 1)),
         min_p=float(_field(body, "min_p", number, 0.0 if openai else 0.05, lambda v: 0 <= v <= 1)),
         repeat_penalty=float(_field(body, "repeat_penalty", number, 1.0, lambda v: 0 < v <= 10)))
+
+
+def _prompt_string(prompt: Any) -> Any:
+    """llama.cpp's JSON prompt object: its text (this server reads no images or audio)."""
+    if not isinstance(prompt, dict):
+        return prompt
+    if prompt.get("multimodal_data"):
+        raise APIError(400, "This model reads text only: 'multimodal_data' is not supported.")
+    return prompt.get("prompt_string")
 
 
 def _grammar(body: dict) -> str | None:
@@ -188,10 +201,11 @@ class Handlers:
         raise APIError(400, "'prompt' must be a non-empty string, a list of token ids, or a list of those.")
 
     def _prompts(self, prompt: Any) -> list[list[int]]:
-        """One or several prompts: a list of strings, or a list of token-id lists, is one prompt each."""
-        several = isinstance(prompt, list) and len(prompt) > 0 and (
-            all(isinstance(p, list) for p in prompt) or all(isinstance(p, str) for p in prompt))
-        return [self._prompt_ids(p) for p in prompt] if several else [self._prompt_ids(prompt)]
+        """One or several prompts: a list whose items are texts, token-id lists or {"prompt_string": text}
+        objects is one prompt each (a list with token ids in it is one prompt)."""
+        several = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, (str, list, dict))
+                                                                      for p in prompt)
+        return [self._prompt_ids(_prompt_string(p)) for p in prompt] if several else [self._prompt_ids(prompt)]
 
     def _request(self, ids: list[int], body: dict, openai: bool, max_name: str, default_max: int | None = None,
                  top_logprobs: int | None = None) -> Request:
@@ -211,7 +225,7 @@ class Handlers:
                 raise APIError(400, f"The request exceeds the available context size: the prompt has {len(ids)} "
                                     f"tokens and the context holds {n_ctx} (including the answer). Shorten the "
                                     "prompt" + ("." if shift else ", or start the server with --context_shift."),
-                               code="context_length_exceeded")
+                           "exceed_context_size_error", code="context_length_exceeded")
             block = (n_ctx - n_keep) // 2
             erased = (len(ids) - n_keep - block) // block
             ids, truncated = ids[:n_keep] + ids[n_keep + erased * block:], True
@@ -224,7 +238,7 @@ class Handlers:
             raise APIError(400, "'stop' must be a string or a list of non-empty strings.")
         seed = _field(body, "seed", int, None)
         seed = self.state.seed if seed is None or seed < 0 else seed
-        params = sampling_from(body, openai)
+        params = sampling_from(body, openai, self.state.temperature)
         params.logit_bias = self._logit_bias(body)
         return Request(ids, params, room if n == -1 else min(n, room), on_event=lambda e: None,
                        stop_words=stop, seed=seed, top_logprobs=top_logprobs,

@@ -96,7 +96,7 @@ class LlamaCppRoutes(Handlers):
     async def props(self, request: HTTPRequest) -> Response:
         self._authorise(request)
         engine = self.engine
-        defaults = sampling_from({}, openai=False)
+        defaults = sampling_from({}, openai=False, temperature=self.state.temperature)
         return JSONResponse({
             "default_generation_settings": {"n_ctx": engine.model.n_ctx, "n_predict": -1, "params": {
                 "seed": self.state.seed, "temperature": defaults.temperature, "top_k": defaults.top_k, "top_p": defaults.top_p,

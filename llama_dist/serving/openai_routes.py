@@ -10,12 +10,13 @@ import uuid
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from .. import __version__
 from ..generation.sampling import SamplingParams
 from ..tokenizer.chat import encode_dialog
 from .api import APIError, Handlers, _field, sse
 from .engine import Request
 
-FINGERPRINT = "llama-dist"  # system_fingerprint: the backend configuration that answered
+FINGERPRINT = f"b{__version__}-llama-dist"  # system_fingerprint: which build answered (llama.cpp's "b<build>-...")
 
 
 class OpenAIRoutes(Handlers):
@@ -103,7 +104,7 @@ class OpenAIRoutes(Handlers):
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if chat:
-            yield sse({**head, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+            yield sse({**head, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
                                                            "finish_reason": None}]})
         async for e in self._events(req):
             if e["type"] == "error":

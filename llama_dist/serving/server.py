@@ -39,13 +39,15 @@ def start_http(state: State, host: str, port: int):
 
 def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", port: int = 8080,
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
-          alias: str | None = None, n_predict: int = -1, seed: int | None = None) -> None:
+          alias: str | None = None, n_predict: int = -1, seed: int | None = None,
+          temperature: float | None = None) -> None:
     """Serve the model over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
     (every pipeline stage follows the driver's step plan like a tensor-parallel rank does): up to
     load.max_batch_size sequences of load.n_ctx tokens at once, max_queue more waiting."""
     pctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
     state = State(alias or model_name(load.model), api_key, model_path=resolve_model(load.model),
-                  slots_endpoint=slots, context_shift=context_shift, n_predict=n_predict, seed=seed)
+                  slots_endpoint=slots, context_shift=context_shift, n_predict=n_predict, seed=seed,
+                  temperature=temperature)
     http = None
     if pctx.is_driver:  # answer /health with 503 while the model loads
         http, thread = start_http(state, host, port)
