@@ -6,6 +6,7 @@ import base64
 import concurrent.futures
 import math
 import struct
+import time
 
 import httpx
 import pytest
@@ -272,3 +273,21 @@ def test_logit_bias_n_choices_and_server_seed():
         assert image.status_code == 400 and "text only" in image.json()["error"]["message"]
     finally:
         assert s.stop() == [0]
+
+
+def test_a_client_that_leaves_frees_its_slot(server):
+    """A non-streamed request whose client goes away is cancelled (as a streamed one is), not run to its end."""
+    def cancelled() -> float:
+        text = httpx.get(f"{server.url}/metrics", headers=auth()).text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith('llamadist_requests_total{stop_type="cancelled"}'))
+
+    before = cancelled()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/completion", headers=auth(), timeout=0.5,
+                   json={"prompt": "Once upon a time", "n_predict": -1, "ignore_eos": True})
+    deadline = time.monotonic() + 30
+    while any(s["is_processing"] for s in httpx.get(f"{server.url}/slots", headers=auth()).json()):
+        assert time.monotonic() < deadline, "the abandoned request still holds its slot"
+        time.sleep(0.2)
+    assert cancelled() == before + 1

@@ -26,18 +26,21 @@ from ..tokenizer.chat import check_dialog
 from .engine import Engine, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
+DISCONNECT_POLL_S = 0.2  # how often a waiting non-streamed request checks that its client is still there
 MAX_SHIFTED_CONTEXTS = 4  # with context shift, n_predict -1 stops after this many contexts' worth of tokens
 CHAT_PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 **details: Any):
+        """details: more fields of the error object (llama.cpp's n_prompt_tokens and n_ctx, say)."""
         super().__init__(message)
-        self.status, self.message, self.type, self.code = status, message, type_, code
+        self.status, self.message, self.type, self.code, self.details = status, message, type_, code, details
 
     def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "code": self.code}},
-                            status_code=self.status)
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "code": self.code,
+                                       **self.details}}, status_code=self.status)
 
 
 @dataclass
@@ -225,7 +228,8 @@ class Handlers:
                 raise APIError(400, f"The request exceeds the available context size: the prompt has {len(ids)} "
                                     f"tokens and the context holds {n_ctx} (including the answer). Shorten the "
                                     "prompt" + ("." if shift else ", or start the server with --context_shift."),
-                           "exceed_context_size_error", code="context_length_exceeded")
+                           "exceed_context_size_error", code="context_length_exceeded", n_prompt_tokens=len(ids),
+                           n_ctx=n_ctx)
             block = (n_ctx - n_keep) // 2
             erased = (len(ids) - n_keep - block) // block
             ids, truncated = ids[:n_keep] + ids[n_keep + erased * block:], True
@@ -310,9 +314,20 @@ class Handlers:
                 return "".join(text), e
         raise APIError(500, "generation ended without a result", "server_error")
 
-    async def _collect_all(self, reqs: list[Request]) -> list[tuple[str, dict]]:
-        """Several prompts at once: they share the running batch."""
-        return list(await asyncio.gather(*(self._collect(r) for r in reqs)))
+    async def _collect_all(self, reqs: list[Request], client: HTTPRequest) -> list[tuple[str, dict]]:
+        """Several prompts at once (they share the running batch), cancelled if the client goes away before
+        the answers are complete (a streamed request notices that itself)."""
+        async def watch() -> None:
+            while not await client.is_disconnected():
+                await asyncio.sleep(DISCONNECT_POLL_S)
+            for r in reqs:
+                r.cancel()
+
+        watcher = asyncio.create_task(watch())
+        try:
+            return list(await asyncio.gather(*(self._collect(r) for r in reqs)))
+        finally:
+            watcher.cancel()
 
     def truncated(self, req: Request) -> bool:
         """Whether the context ran out: the prompt was cut, a context shift dropped tokens, or the answer filled it."""

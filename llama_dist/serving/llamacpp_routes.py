@@ -25,7 +25,7 @@ class LlamaCppRoutes(Handlers):
                 raise APIError(400, "Streaming takes one prompt; send several prompts without 'stream'.")
             return StreamingResponse(self._llamacpp_stream(reqs[0], body), media_type="text/event-stream")
         results = [self._llamacpp_final(text, req, done, body, i)
-                   for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs)))]
+                   for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs, request)))]
         return JSONResponse(results if len(results) > 1 else results[0])
 
     async def _llamacpp_stream(self, req: Request, body: dict):

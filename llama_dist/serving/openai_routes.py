@@ -31,7 +31,7 @@ class OpenAIRoutes(Handlers):
         reqs = [req for ids in self._prompts(body.get("prompt")) for req in self._choices(
             body, lambda: self._request(ids, body, openai=True, max_name="max_tokens", default_max=16,
                                         top_logprobs=logprobs))]
-        return await self._answer(reqs, body, chat=False)
+        return await self._answer(reqs, body, chat=False, client=request)
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
@@ -44,7 +44,7 @@ class OpenAIRoutes(Handlers):
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
         reqs = self._choices(body, lambda: self._request(ids, body, openai=True, max_name=name,
                                                            top_logprobs=top if wanted else None))
-        return await self._answer(reqs, body, chat=True)
+        return await self._answer(reqs, body, chat=True, client=request)
 
     def _choices(self, body: dict, make) -> list[Request]:
         """OpenAI's n: that many answers to one prompt (with a seed, seed, seed + 1, ...: different answers)."""
@@ -65,7 +65,7 @@ class OpenAIRoutes(Handlers):
             raise APIError(400, "'input' must be a non-empty string, a list of token ids, or a list of those.")
         reqs = [self._embedding_request(ids) for ids in self._prompts(inputs)]
         data = []
-        for i, (_, done) in enumerate(await self._collect_all(reqs)):
+        for i, (_, done) in enumerate(await self._collect_all(reqs, request)):
             vector = done["embedding"]
             if fmt == "base64":
                 vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
@@ -81,7 +81,7 @@ class OpenAIRoutes(Handlers):
                                 f"holds {n_ctx}.", code="context_length_exceeded")
         return Request(ids, SamplingParams(), 0, on_event=lambda e: None, embed=True)
 
-    async def _answer(self, reqs: list[Request], body: dict, chat: bool) -> Response:
+    async def _answer(self, reqs: list[Request], body: dict, chat: bool, client: HTTPRequest) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         obj = "chat.completion" if chat else "text_completion"
         head = {"id": rid, "created": int(time.time()), "model": self._model_name(body),
@@ -91,7 +91,7 @@ class OpenAIRoutes(Handlers):
                 raise APIError(400, "Streaming takes one prompt and one choice; send several without 'stream'.")
             return StreamingResponse(self._openai_stream(reqs[0], body, head, chat), media_type="text/event-stream")
         choices = []
-        for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs))):
+        for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs, client))):
             choice = {"index": i, "finish_reason": _finish_reason(done["stop_type"]),
                       "logprobs": self._logprobs(req.logprobs, chat, text) if req.top_logprobs is not None else None}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
