@@ -52,6 +52,11 @@ def test_props_slots_and_apply_template(server):
     slots = httpx.get(f"{server.url}/slots", headers=auth()).json()
     assert [s["id"] for s in slots] == [0, 1, 2, 3] and not any(s["is_processing"] for s in slots)
     assert all(s["n_ctx"] == 128 for s in slots)
+    counted = server.post("/chat/completions/input_tokens", {"messages": [{"role": "user", "content": "Hi"}]},
+                          headers=auth()).json()["input_tokens"]
+    chat = client(server).chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=1)
+    assert counted == chat.usage.prompt_tokens
     r = server.post("/apply-template", {"messages": [{"role": "user", "content": "Hi"}]}, headers=auth())
     assert r.json()["prompt"].endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
@@ -74,6 +79,9 @@ def test_several_prompts_give_one_result_each_in_order(server):
                               headers=auth()).json()
         assert [r["index"] for r in results] == [0, 1, 2]
         assert [r["tokens"] for r in results] == alone
+    one = server.post("/completion", {"prompt": {"prompt_string": prompts[0]}, "n_predict": 6, "temperature": 0},
+                      headers=auth()).json()
+    assert one["tokens"] == alone[0]
     many = client(server).completions.create(model="x", prompt=prompts, max_tokens=6, temperature=0)
     assert [c.index for c in many.choices] == [0, 1, 2] and many.usage.completion_tokens == 18
 

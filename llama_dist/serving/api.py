@@ -208,7 +208,9 @@ class Handlers:
         objects is one prompt each (a list with token ids in it is one prompt)."""
         several = isinstance(prompt, list) and len(prompt) > 0 and all(isinstance(p, (str, list, dict))
                                                                       for p in prompt)
-        return [self._prompt_ids(_prompt_string(p)) for p in prompt] if several else [self._prompt_ids(prompt)]
+        if several:
+            return [self._prompt_ids(_prompt_string(p)) for p in prompt]
+        return [self._prompt_ids(_prompt_string(prompt))]
 
     def _request(self, ids: list[int], body: dict, openai: bool, max_name: str, default_max: int | None = None,
                  top_logprobs: int | None = None) -> Request:
@@ -368,6 +370,8 @@ def build_app(state: State) -> Starlette:
               Route("/v1/completions", wrap(api.completions), methods=post),
               Route("/v1/chat/completions", wrap(api.chat_completions), methods=post),
               Route("/chat/completions", wrap(api.chat_completions), methods=post),
+              Route("/v1/chat/completions/input_tokens", wrap(api.input_tokens), methods=post),
+              Route("/chat/completions/input_tokens", wrap(api.input_tokens), methods=post),
               Route("/v1/embeddings", wrap(api.embeddings), methods=post),
               Route("/embeddings", wrap(api.embeddings), methods=post)]
     # Browser apps on other origins may call us (as llama.cpp's server allows); preflights need no API key.

@@ -46,6 +46,11 @@ class OpenAIRoutes(Handlers):
                                                            top_logprobs=top if wanted else None))
         return await self._answer(reqs, body, chat=True, client=request)
 
+    async def input_tokens(self, request: HTTPRequest) -> Response:
+        """How many prompt tokens a chat request's messages make (llama.cpp's /chat/completions/input_tokens)."""
+        body = await self._body(request)
+        return JSONResponse({"input_tokens": len(encode_dialog(self._messages(body), self.tokenizer))})
+
     def _choices(self, body: dict, make) -> list[Request]:
         """OpenAI's n: that many answers to one prompt (with a seed, seed, seed + 1, ...: different answers)."""
         n = _field(body, "n", int, 1, lambda v: 1 <= v <= 16, "1 to 16")
