@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from ..generation.llama import Llama
 from ..generation.constraints import Constraint
+from ..generation.llama import Llama
 from ..generation.sampling import SamplingParams, sample_row
 from ..tokenizer.stream import TextStream
 from .metrics import Metrics
