@@ -157,8 +157,8 @@ COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": 
 def main() -> None:
     # Commands that take shared options as keywords would swallow --help as one; Fire shows help after "--".
     argv = sys.argv[1:]
-    if any(a in ("--help", "-h") for a in argv):
-        argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
+    if "--help" in argv:  # (not -h: Fire gives -h to a flag such as serve's --host)
+        argv = [a for a in argv if a != "--help"] + ["--", "--help"]
     fire.Fire(COMMANDS, command=argv)
 
 
