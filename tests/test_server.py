@@ -168,7 +168,8 @@ def test_seeded_sampling_is_reproducible_in_any_batch(server):
     ("/completion", {"prompt": "word " * 600}, 400, "context_length_exceeded"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
     ("/v1/chat/completions", {"messages": "hi"}, 400, None),
-    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, None),
+    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, None),
+    ("/v1/chat/completions", {"messages": []}, 400, None),
     ("/completion", b"x" * (2 << 20), 413, "body_too_large"),
 ])
 def test_bad_input_gets_an_error_then_service_continues(server, path, body, status, code):

@@ -102,6 +102,21 @@ def test_chat_content_as_text_parts(server):
     assert as_parts.choices[0].message.content == joined.choices[0].message.content
 
 
+def test_any_message_order_and_assistant_prefill(server):
+    """Messages in any order are laid out by the template; a final assistant message is continued, not answered
+    (llama.cpp's prefill): the prompt stops right after its text and the answer carries on from there."""
+    c = client(server)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}] * 3
+    assert c.chat.completions.create(model="x", messages=messages, max_tokens=3).choices[0].message.content
+    prefill = [{"role": "user", "content": "What is the capital of France?"},
+               {"role": "assistant", "content": "The capital of France is"}]
+    prompt = server.post("/apply-template", {"messages": prefill}, headers=auth()).json()["prompt"]
+    assert prompt.endswith("<|im_start|>assistant\nThe capital of France is")
+    answer = c.chat.completions.create(model="x", messages=prefill, max_tokens=4, temperature=0)
+    assert "Paris" in answer.choices[0].message.content
+    assert not answer.choices[0].message.content.startswith("The capital")
+
+
 def test_logprobs_chat_completions_and_n_probs(server):
     c = client(server)
     chat = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Say yes."}], max_tokens=5,

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from ..generation.constraints import Constraint, GrammarError, gbnf_grammar, json_schema_grammar
 from ..generation.sampling import SamplingParams
-from ..tokenizer.chat import check_dialog
+from ..tokenizer.chat import check_messages
 from .engine import Engine, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
@@ -183,7 +183,7 @@ class Handlers:
                 content = "\n".join(p["text"] for p in content)
             out.append({**m, "content": content})
         try:
-            check_dialog(out)
+            check_messages(out)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return out

@@ -91,7 +91,10 @@ class LlamaCppRoutes(Handlers):
     async def apply_template(self, request: HTTPRequest) -> Response:
         """The prompt text the model's chat template makes of `messages` (what /v1/chat/completions would read)."""
         body = await self._body(request)
-        return JSONResponse({"prompt": render_dialog(self._messages(body), self.tokenizer)})
+        try:
+            return JSONResponse({"prompt": render_dialog(self._messages(body), self.tokenizer, strict=False)})
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
 
     async def props(self, request: HTTPRequest) -> Response:
         self._authorise(request)

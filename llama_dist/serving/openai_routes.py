@@ -36,7 +36,7 @@ class OpenAIRoutes(Handlers):
     async def chat_completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
         try:
-            ids = encode_dialog(self._messages(body), self.tokenizer)
+            ids = encode_dialog(self._messages(body), self.tokenizer, strict=False)
         except ValueError as e:
             raise APIError(400, str(e)) from None
         top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20)
@@ -49,7 +49,11 @@ class OpenAIRoutes(Handlers):
     async def input_tokens(self, request: HTTPRequest) -> Response:
         """How many prompt tokens a chat request's messages make (llama.cpp's /chat/completions/input_tokens)."""
         body = await self._body(request)
-        return JSONResponse({"input_tokens": len(encode_dialog(self._messages(body), self.tokenizer))})
+        try:
+            ids = encode_dialog(self._messages(body), self.tokenizer, strict=False)
+        except ValueError as e:
+            raise APIError(400, str(e)) from None
+        return JSONResponse({"input_tokens": len(ids)})
 
     def _choices(self, body: dict, make) -> list[Request]:
         """OpenAI's n: that many answers to one prompt (with a seed, seed, seed + 1, ...: different answers)."""

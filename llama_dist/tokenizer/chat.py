@@ -52,6 +52,17 @@ def check_dialog(dialog: Dialog) -> None:
                          f"ending with a user turn, each with string content; got roles {roles}.")
 
 
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(dialog: Dialog) -> None:
+    """What OpenAI-compatible servers accept: any order of system/user/assistant messages with text content;
+    the template lays them out. A final assistant message is continued rather than answered."""
+    if not dialog or not all(isinstance(m.get("content"), str) and m.get("role") in ROLES for m in dialog):
+        raise ValueError(f"Messages need a role ({', '.join(ROLES)}) and text content; got "
+                         f"{[m.get('role') for m in dialog] or 'none'}.")
+
+
 def default_template(tokenizer: Tokenizer) -> str:
     """The model's own template if it ships one; else the format its tokenizer implies."""
     if tokenizer.chat_template:
@@ -79,17 +90,28 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None) -> str:
-    check_dialog(dialog)
+def render_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None, strict: bool = True) -> str:
+    """The prompt text. strict: Meta's dialog rules (check_dialog); else any order (check_messages), and a final
+    assistant message is continued: the text stops right after its content (llama.cpp's assistant prefill)."""
+    check_dialog(dialog) if strict else check_messages(dialog)
     template = TEMPLATES.get(template, template) if template else default_template(tokenizer)
-    return _compile(template).render(messages=list(dialog), add_generation_prompt=True,
+    prefill = dialog[-1]["role"] == "assistant"
+    text = _compile(template).render(messages=list(dialog), add_generation_prompt=not prefill,
                                      bos_token=tokenizer.token_text(tokenizer.bos_id),
                                      eos_token=tokenizer.token_text(tokenizer.eos_id))
+    if prefill:
+        final = dialog[-1]["content"].strip()
+        at = text.rfind(final)
+        if not final or at < 0:
+            raise ValueError("The final assistant message cannot be continued: the chat template does not show it.")
+        text = text[:at + len(final)]
+    return text
 
 
-def encode_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None) -> list[int]:
-    """Prompt ids for the assistant's next turn. `template`: a TEMPLATES name, Jinja text, or None (the model's)."""
-    ids = tokenizer.encode(render_dialog(dialog, tokenizer, template), bos=False)
+def encode_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None, strict: bool = True) -> list[int]:
+    """Prompt ids for the assistant's next turn (or the rest of a final assistant message, when not strict).
+    `template`: a TEMPLATES name, Jinja text, or None (the model's)."""
+    ids = tokenizer.encode(render_dialog(dialog, tokenizer, template, strict), bos=False)
     if tokenizer.add_bos and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id] + ids
     return ids
