@@ -140,6 +140,11 @@ class Handlers:
     def tokenizer(self):
         return self.engine.llama.tokenizer
 
+    def _piece(self, token: int) -> dict:
+        """A token's id, text and UTF-8 bytes, as log-probability answers show it."""
+        text = self.tokenizer.decode([token])
+        return {"id": token, "token": text, "bytes": list(text.encode("utf-8"))}
+
     def _authorise(self, request: HTTPRequest) -> None:
         if self.state.api_key and request.headers.get("authorization") != f"Bearer {self.state.api_key}":
             raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",

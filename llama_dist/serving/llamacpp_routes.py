@@ -66,10 +66,6 @@ class LlamaCppRoutes(Handlers):
         return [{**self._piece(lp["id"]), "logprob": lp["logprob"],
                  "top_logprobs": [{**self._piece(i), "logprob": v} for i, v in lp["top"]]} for lp in logprobs]
 
-    def _piece(self, token: int) -> dict:
-        text = self.tokenizer.decode([token])
-        return {"id": token, "token": text, "bytes": list(text.encode("utf-8"))}
-
     async def tokenize(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
         content = _field(body, "content", str, None)

@@ -35,10 +35,7 @@ class OpenAIRoutes(Handlers):
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
-        try:
-            ids = encode_dialog(self._messages(body), self.tokenizer, strict=False)
-        except ValueError as e:
-            raise APIError(400, str(e)) from None
+        ids = self._chat_ids(body)
         top = _field(body, "top_logprobs", int, 0, lambda v: 0 <= v <= 20)
         wanted = _field(body, "logprobs", bool, False)
         name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -48,12 +45,14 @@ class OpenAIRoutes(Handlers):
 
     async def input_tokens(self, request: HTTPRequest) -> Response:
         """How many prompt tokens a chat request's messages make (llama.cpp's /chat/completions/input_tokens)."""
-        body = await self._body(request)
+        return JSONResponse({"input_tokens": len(self._chat_ids(await self._body(request)))})
+
+    def _chat_ids(self, body: dict) -> list[int]:
+        """The prompt ids the model's chat template makes of the request's messages."""
         try:
-            ids = encode_dialog(self._messages(body), self.tokenizer, strict=False)
+            return encode_dialog(self._messages(body), self.tokenizer, strict=False)
         except ValueError as e:
             raise APIError(400, str(e)) from None
-        return JSONResponse({"input_tokens": len(ids)})
 
     def _choices(self, body: dict, make) -> list[Request]:
         """OpenAI's n: that many answers to one prompt (with a seed, seed, seed + 1, ...: different answers)."""
@@ -133,18 +132,18 @@ class OpenAIRoutes(Handlers):
 
     def _logprobs(self, logprobs: list[dict], chat: bool, text: str) -> dict:
         """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy parallel lists."""
-        def token(i: int) -> str:
-            return self.tokenizer.decode([i])
+        def entry(token: int, logprob: float) -> dict:
+            piece = self._piece(token)
+            return {"token": piece["token"], "logprob": logprob, "bytes": piece["bytes"]}
 
         if chat:
-            return {"content": [{"token": token(lp["id"]), "logprob": lp["logprob"],
-                                 "bytes": list(token(lp["id"]).encode("utf-8")),
-                                 "top_logprobs": [{"token": token(i), "logprob": v, "bytes": list(token(i).encode())}
-                                                  for i, v in lp["top"]]} for lp in logprobs]}
-        tokens = [token(lp["id"]) for lp in logprobs]
+            return {"content": [{**entry(lp["id"], lp["logprob"]),
+                                 "top_logprobs": [entry(i, v) for i, v in lp["top"]]} for lp in logprobs]}
+        tokens = [self._piece(lp["id"])["token"] for lp in logprobs]
         offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
         return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in logprobs],
-                "top_logprobs": [{token(i): v for i, v in lp["top"]} for lp in logprobs], "text_offset": offsets}
+                "top_logprobs": [{self._piece(i)["token"]: v for i, v in lp["top"]} for lp in logprobs],
+                "text_offset": offsets}
 
 
 def _finish_reason(stop_type: str) -> str:
