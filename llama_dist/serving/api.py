@@ -338,7 +338,7 @@ class Handlers:
 
     def truncated(self, req: Request) -> bool:
         """Whether the context ran out: the prompt was cut, a context shift dropped tokens, or the answer filled it."""
-        return req.prompt_truncated or req.dropped > 0 or len(req.context()) >= self.engine.model.n_ctx
+        return req.prompt_truncated or req.dropped > 0 or req.context_length() >= self.engine.model.n_ctx
 
 
 def build_app(state: State) -> Starlette:

@@ -37,7 +37,8 @@ def pool(hidden: torch.Tensor, how: str) -> torch.Tensor:
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
-    """The chosen token's log-probability under the model (before sampling settings) and the `top` likeliest."""
+    """The chosen token's log-probability and the `top` likeliest, from the logits before the sampler's settings
+    (temperature, top-k, ...) but after the request's masks (ignore_eos, a grammar)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     best = logp.topk(top) if top else None
     return {"id": token, "logprob": float(logp[token]),
@@ -83,6 +84,10 @@ class Request:
         keep = self.n_keep or 0
         return ids[:keep] + ids[keep + self.dropped:]
 
+    def context_length(self) -> int:
+        """len(context()), without building it (asked every step)."""
+        return len(self.prompt_ids) + len(self.generated) - self.dropped
+
     def cancel(self) -> None:
         self.cancelled.set()
 
@@ -96,7 +101,7 @@ class Engine:
         self.stopping = threading.Event()
         self.stop_ids = torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)
         self.metrics = Metrics(queued=self.waiting.qsize, running=lambda: len(self.running),
-                               cache_tokens=lambda: sum(len(r.context())
+                               cache_tokens=lambda: sum(r.context_length()
                                                         for r in list(self.running.values())),
                                cache_capacity=self.max_batch * self.model.n_ctx)
 
@@ -138,7 +143,7 @@ class Engine:
             self.running[r.slot] = r
             admitted.append(r)
             deadline = time.monotonic()  # take what is queued now, then run
-        decode = [(s, r.generated[-1], len(r.context()) - 1)
+        decode = [(s, r.generated[-1], r.context_length() - 1)
                   for s, r in self.running.items() if r.generated and not r.refill]
         refill = [(s, r.context()) for s, r in self.running.items() if r.refill]
         for r in self.running.values():
@@ -199,7 +204,7 @@ class Engine:
             if at >= 0:
                 r.text = r.text[:at]
                 return self._done(r, "word", word)
-        full = len(r.context()) >= self.model.n_ctx
+        full = r.context_length() >= self.model.n_ctx
         if len(r.generated) >= r.max_new_tokens or (full and r.n_keep is None):
             r.text += r.stream.flush()
             return self._done(r, "limit")
