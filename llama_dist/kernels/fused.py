@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import Attention, RMSNorm, Slots, TransformerBlock
+from ..model.transformer import Attention, RMSNorm, Slots, TransformerBlock, cache_rows
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
 from . import decode_attention, gemv
 
@@ -80,8 +80,7 @@ class FusedTransformerBlock(TransformerBlock):
         attention, ffn = self.attention, self.feed_forward
         qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm)
         if self.triton_attention:  # one token per row: its mask is always "up to pos"
-            rows = torch.arange(slots.start, slots.stop, device=x.device) if isinstance(slots, slice) else slots
-            rows = torch.arange(x.shape[0], device=x.device) if rows is None else rows
+            rows = cache_rows(slots, x.shape[0], x.device)
             out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, rows,
                                                     pos[:, 0], attention.n_rep)
         else:

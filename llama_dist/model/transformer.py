@@ -71,6 +71,13 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
 
 
+def cache_rows(slots: Slots, bsz: int, device: torch.device) -> torch.Tensor:
+    """The cache row of each of a batch's bsz rows, as indices [bsz]."""
+    if slots is None:
+        slots = slice(0, bsz)
+    return torch.arange(slots.start, slots.stop, device=device) if isinstance(slots, slice) else slots
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs, comm: Communicator, dtype=None, device=None):
         super().__init__()
@@ -109,8 +116,7 @@ class Attention(nn.Module):
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
         slots = slice(0, bsz) if slots is None else slots
-        rows = torch.arange(slots.start, slots.stop, device=qkv.device) if isinstance(slots, slice) else slots
-        rows = rows.view(bsz, 1).expand(bsz, seqlen)
+        rows = cache_rows(slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
         self.cache_k[rows, :, pos] = k
         self.cache_v[rows, :, pos] = v
         # consecutive rows attend over a view of the cache; others over a gathered copy of their rows
