@@ -21,6 +21,8 @@ OPTIONS = """Shared options (generate, chat, serve, perplexity, bench):
   --group_size 32         int4 group size
   --compile               compile the one-token decode step (inductor on CPU, CUDA graphs on GPUs); the first
                           steps pay for compilation
+  --cuda_graphs False     GPUs without --compile: run the decode step eagerly instead of replaying CUDA graphs
+                          captured at load (one per batch bucket; seconds to capture)
   --backend auto|nccl|gloo|mpi       collectives between ranks (auto: NCCL on GPUs, else Gloo)
   --device cuda:0|cpu     where this rank runs (default: its GPU, else the CPU)
   --pp N                  pipeline stages (ranks = TP x N); --pp_split 10,20 layers per stage;
@@ -131,7 +133,7 @@ def info(model: str = "smollm2") -> None:
 def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, n_ctx: int = 2048,
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
           alias: str | None = None, n_predict: int = -1, seed: int | None = None, temperature: float | None = None,
-          **options: Any) -> None:
+          prefill_chunk: int = 256, **options: Any) -> None:
     """HTTP server: llama.cpp's endpoints (/completion, /tokenize, /props, /slots, /metrics, ...) and OpenAI's
     (/v1/completions, /v1/chat/completions, /v1/models, also without /v1), continuous batching across ranks
     (--max_batch sequences of --n_ctx tokens each, --max_queue waiting). One model is served, so any model name
@@ -141,13 +143,15 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
     and /v1/models. --n_predict: tokens an answer may have when its request does not say (-1: until the context is
     full; OpenAI completions default to 16). --seed: the sampling seed of requests that give none (default: a fresh
     one each); --temperature: theirs when they give none (default: the API's, 0.8 llama.cpp, 1.0 OpenAI).
-    Browsers on any origin may
-    call it (CORS). With --compile, decode steps are compiled on first use (GPUs: a CUDA graph per power-of-two
-    batch size and cache window)."""
+    --prefill_chunk: prompt tokens read per step (longer prompts take several steps, so running answers keep
+    flowing while they are read). A new prompt starts from the longest prefix of it a cache slot holds (a
+    request's "cache_prompt": false reads it whole). Browsers on any origin may call it (CORS). On GPUs the
+    decode step's CUDA graphs are captured before /health answers 200, so no request waits for one (with
+    --compile, steps are compiled on first use instead)."""
     from .serving.server import serve as run
 
     run(*make_configs(model, n_ctx, max_batch, **options), host, port, max_queue, api_key, slots, context_shift,
-        alias, n_predict, seed, temperature)
+        alias, n_predict, seed, temperature, prefill_chunk)
 
 
 COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize,

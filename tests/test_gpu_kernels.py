@@ -128,3 +128,41 @@ def test_model_decodes_the_same_through_the_kernel():
     norms, SwiGLU and residuals folded in; for one and three rows the attention kernel; each kernel alone too)
     decodes to the plain model's logits, dense and int8, and prompts to the same logits."""
     run_interpreted(MODEL_SCRIPT)
+
+
+GRAPHED_SCRIPT = """
+import torch
+from llama_dist.checkpoint.config import LoadConfig
+from llama_dist.checkpoint.loader import load_model
+from llama_dist.checkpoint.source import StateDictSource
+from llama_dist.distributed.context import init_distributed
+from llama_dist.kernels import Kernels, install
+from llama_dist.model.args import ModelArgs
+from llama_dist.runner.graphs import GraphedStep
+from tests.helpers import TINY_GQA, random_state_dict
+from tests.test_graphs import rerun
+args = ModelArgs(**TINY_GQA)
+ctx = init_distributed(backend="gloo")
+config = LoadConfig(dtype="float32", quantize="none", n_ctx=600, max_batch_size=3)
+state = random_state_dict(args)
+plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
+fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False), Kernels("triton", gemv=True))
+step = GraphedStep(fused, record=rerun)
+assert step.windows == [600]  # the attention kernel reads each row up to its position: one graph per bucket
+prompt = torch.tensor([[5, 17, 99, 3], [1, 2, 3, 4]])
+for model in (plain, fused):
+    model(prompt, 0)
+tokens = prompt[:, -1:]
+for pos in range(4, 8):
+    want = plain(tokens, pos, last_only=True)
+    got = step(tokens, pos)
+    assert (got - want).abs().max() < 1e-4 * want.abs().max(), (pos, (got - want).abs().max())
+    tokens = want[:, -1].argmax(-1, keepdim=True)
+print("ok")
+"""
+
+
+def test_graphed_step_with_the_kernels_installed():
+    """Replayed steps (runner/graphs.py, recorded by re-running on CPUs) through the Triton kernels give the plain
+    model's logits; the attention kernel needs no window, so one graph per batch bucket."""
+    run_interpreted(GRAPHED_SCRIPT)

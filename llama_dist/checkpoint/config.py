@@ -16,7 +16,8 @@ class LoadConfig:
     carries; dtype: activations and dense weights (None: the device's default); quantize: "auto" keeps what the
     checkpoint stores, "none" loads dense, "int8"/"int4" quantize at load time (int4 in groups of group_size);
     n_ctx: tokens of context per sequence (the KV cache's length); max_batch_size: sequences at once;
-    compile: the one-token decode step compiled (CUDA graphs on GPUs)."""
+    compile: the one-token decode step compiled (CUDA graphs on GPUs); cuda_graphs: without compile, the decode
+    step on GPUs replays CUDA graphs captured at load, one per batch bucket (runner/graphs.py)."""
 
     model: str = "smollm2"
     tokenizer: str | None = None
@@ -26,6 +27,7 @@ class LoadConfig:
     n_ctx: int = 512
     max_batch_size: int = 8
     compile: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:

@@ -99,6 +99,11 @@ class Attention(nn.Module):
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def copy_cache(self, source: int, target: int, n: int) -> None:
+        """Cache row `target` takes row `source`'s keys and values at positions 0..n-1."""
+        self.cache_k[target, :, :n] = self.cache_k[source, :, :n]
+        self.cache_v[target, :, :n] = self.cache_v[source, :, :n]
+
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
         """pos [B, S]: each token's position; rope: its rotation table rows; mask: which cached positions
@@ -198,6 +203,11 @@ class Transformer(nn.Module):
             layer.attention.setup_cache(max_batch_size, n_ctx, dtype, device)
         self.rope = rope_table(self.args, n_ctx).to(device)
         self.max_batch_size, self.n_ctx = max_batch_size, n_ctx
+
+    def copy_cache(self, source: int, target: int, n: int) -> None:
+        """Every layer's cache row `target` takes row `source`'s first n positions (a shared prompt prefix)."""
+        for layer in self.layers.values():
+            layer.attention.copy_cache(source, target, n)
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from ..model.transformer import Transformer
+from .graphs import GraphedStep
 from .pipeline import PipelineStage
 from .step import Step, make_step
 
@@ -22,11 +23,13 @@ StepDone = Callable[[int, int, "torch.Tensor | None"], bool]
 
 class Runner:
     def __init__(self, model: Transformer, stage: PipelineStage, compile: bool = False,
-                 fast_all_reduce: bool = False):
+                 fast_all_reduce: bool = False, cuda_graphs: bool = False):
         """compile: the one-token step compiled (CUDA graphs on GPUs); fast_all_reduce: its all-reduces by
-        the communicator's faster route where it has one."""
+        the communicator's faster route where it has one; cuda_graphs: on GPUs without compile, the step
+        replayed from CUDA graphs captured now."""
         self.model, self.stage = model, stage
-        self.step: Step = make_step(model, compile, fast_all_reduce)
+        graphed = cuda_graphs and not compile and model.device.type == "cuda"
+        self.step: Step = GraphedStep(model) if graphed else make_step(model, compile, fast_all_reduce)
 
     @property
     def device(self) -> torch.device:

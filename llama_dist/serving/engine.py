@@ -1,10 +1,13 @@
-"""Continuous batching across tensor-parallel ranks.
+"""Continuous batching across tensor-parallel ranks and pipeline stages.
 
-Rank 0 owns the requests. Each step it plans which waiting requests join (prefill into a free
-cache slot) and which running ones decode one token, and broadcasts that plan; every rank runs
-the same step, so the model's collectives line up. Rank 0 samples each request with its own
-generator (seeded sampling does not depend on what else is in the batch), streams text to the
-request's listener, and frees the slot when the request stops or its client goes away.
+Rank 0 owns the requests. Each step it plans: which waiting requests take a free cache slot (starting
+from the longest prefix of their prompt some slot already holds, slot_cache.py), which prompt chunks
+are read, and which running requests decode one token; it broadcasts that plan, and every rank runs the
+same step, so the model's collectives line up. Prompts are read in chunks of at most `prefill_chunk`
+tokens between decode steps, so a long prompt does not stall the streams already running. Chunks end at
+fixed positions (multiples of prefill_chunk), decode attention takes each row alone, and rank 0 samples
+each request with its own generator, so an answer does not depend on what else is running or was cached. Rank 0 streams text to each request's listener and
+frees the slot when the request stops or its client goes away.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from ..generation.llama import Llama
 from ..generation.sampling import SamplingParams, sample_row
 from ..tokenizer.stream import TextStream
 from .metrics import Metrics
+from .slot_cache import SlotCache
 
 IDLE_PLAN_EVERY_S = 0.5  # an idle driver still broadcasts, so followers' collectives never time out
+PREFILL_CHUNK = 256  # prompt tokens read per step: longer prompts take several steps, decode steps between
 
 
 class QueueFull(Exception):
@@ -60,15 +65,19 @@ class Request:
     n_keep: int | None = None  # context shift: when the context is full, keep these first tokens and drop half
     # the rest, then go on (llama.cpp's --context-shift); None: a full context ends the answer
     prompt_truncated: bool = False  # the prompt was cut to fit the context
+    cache_prompt: bool = True  # start from a prefix of the prompt a cache slot already holds (llama.cpp's name)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     slot: int = -1
+    reused: int = 0  # prompt tokens found in the cache, not read again
+    cached: int = 0  # tokens of context() whose keys and values are in the slot
     generated: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text streamed
     tokens_sent: int = 0  # tokens of generated streamed
     t_submit: float = 0.0
     t_first: float = 0.0
+    t_prompt: float = 0.0  # when its first prompt chunk was read
     t_last: float = 0.0  # when the last token was chosen
     prompt_ms: float = 0.0
     generator: torch.Generator | None = None
@@ -76,7 +85,6 @@ class Request:
     logprobs: list[dict] = field(default_factory=list)  # per generated token, when top_logprobs is set
     embedding: list[float] | None = None
     dropped: int = 0  # tokens after the first n_keep that context shifts have dropped
-    refill: bool = False  # the context was shifted: read it into the cache again before the next token
 
     def context(self) -> list[int]:
         """The tokens in the cache: the prompt and the answer, less what context shifts dropped."""
@@ -91,13 +99,46 @@ class Request:
     def cancel(self) -> None:
         self.cancelled.set()
 
+    def plain_greedy(self) -> bool:
+        """The likeliest token, nothing changing the logits first: the batch's one argmax answers it."""
+        p = self.params
+        return (p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and not self.ignore_eos
+                and self.constraint is None)
+
+
+@dataclass
+class Chunk:
+    """Prompt (or shifted context) tokens a step reads into a slot at start..; `last`: they end what was
+    pending, so their final logits choose the next token."""
+
+    slot: int
+    start: int
+    ids: list[int]
+    last: bool
+
+
+@dataclass
+class StepPlan:
+    """What every rank does this step, in this order (rank 0 makes it; the others receive it)."""
+
+    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (from slot, to slot, positions 0..n-1)
+    embed: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, prompt): pooled hidden state
+    prefill: list[Chunk] = field(default_factory=list)
+    decode: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, token, position)
+    shutdown: bool = False
+
 
 class Engine:
-    def __init__(self, llama: Llama, max_batch: int | None = None, max_queue: int = 64):
+    def __init__(self, llama: Llama, max_batch: int | None = None, max_queue: int = 64,
+                 prefill_chunk: int = PREFILL_CHUNK):
         self.llama, self.runner, self.model, self.ctx = llama, llama.runner, llama.model, llama.ctx
         self.max_batch = min(max_batch or self.model.max_batch_size, self.model.max_batch_size)
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk={prefill_chunk}: a step must read at least one prompt token.")
+        self.prefill_chunk = prefill_chunk
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
-        self.running: dict[int, Request] = {}
+        self.running: dict[int, Request] = {}  # by slot, in the order they were admitted
+        self.slots = SlotCache(self.max_batch, prefill_chunk)
         self.stopping = threading.Event()
         self.stop_ids = torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)
         self.metrics = Metrics(queued=self.waiting.qsize, running=lambda: len(self.running),
@@ -115,7 +156,7 @@ class Engine:
         except queue.Full:
             raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
 
-    def _plan(self) -> dict[str, Any]:
+    def _plan(self) -> StepPlan:
         for slot in [s for s, r in self.running.items() if r.cancelled.is_set()]:
             self._finish(self.running.pop(slot), "cancelled")
         if self.stopping.is_set():
@@ -124,32 +165,56 @@ class Engine:
             self.running.clear()
             while not self.waiting.empty():
                 self._finish(self.waiting.get_nowait(), "cancelled")
-            return {"shutdown": True}
+            return StepPlan(shutdown=True)
+        plan = StepPlan()
+        self._admit(plan)
+        prefill_tokens = 0
+        for slot, r in self.running.items():
+            if r.embed:
+                continue
+            pending = r.context_length() - r.cached
+            if r.generated and pending == 1:
+                plan.decode.append((slot, r.generated[-1], r.cached))
+                self.slots.wrote(slot, r.cached, r.generated[-1:])
+                r.cached += 1
+                continue
+            # a chunk's bounds are fixed positions: the same whatever else runs, or was cached before
+            n = self.slots.chunk_end(r.cached, r.context_length()) - r.cached
+            if prefill_tokens and prefill_tokens + n > self.prefill_chunk:
+                continue  # the step has its share of prompt tokens: next step
+            ids = r.context()[r.cached:r.cached + n]
+            plan.prefill.append(Chunk(slot, r.cached, ids, last=n == pending))
+            self.slots.wrote(slot, r.cached, ids, prompt_chunk=True)
+            r.cached += n
+            prefill_tokens += n
+        return plan
+
+    def _admit(self, plan: StepPlan) -> None:
+        """Waiting requests into free slots (waiting up to IDLE_PLAN_EVERY_S when nothing runs); each starts
+        from the longest prefix of its prompt the cache holds."""
         free = [s for s in range(self.max_batch) if s not in self.running]
-        admitted = []
         deadline = time.monotonic() + (0 if self.running else IDLE_PLAN_EVERY_S)
         while free:
             try:
                 r = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                break
+                return
             if r.cancelled.is_set():
                 self._finish(r, "cancelled")
                 continue
-            r.slot = free.pop(0)
+            place = self.slots.place(r.prompt_ids, free, reuse=r.cache_prompt and not r.embed)
+            free.remove(place.slot)
+            if place.copy_from is not None:
+                plan.copies.append((place.copy_from, place.slot, place.reused))
+            r.slot, r.reused, r.cached = place.slot, place.reused, place.reused
             r.stream = TextStream(self.llama.tokenizer)
             if r.seed is not None:
                 r.generator = torch.Generator(device=self.ctx.device).manual_seed(r.seed)
+            if r.embed:
+                plan.embed.append((r.slot, r.prompt_ids))
+                self.slots.wrote(r.slot, 0, r.prompt_ids)
             self.running[r.slot] = r
-            admitted.append(r)
             deadline = time.monotonic()  # take what is queued now, then run
-        decode = [(s, r.generated[-1], r.context_length() - 1)
-                  for s, r in self.running.items() if r.generated and not r.refill]
-        refill = [(s, r.context()) for s, r in self.running.items() if r.refill]
-        for r in self.running.values():
-            r.refill = False
-        return {"prefill": [(r.slot, r.prompt_ids) for r in admitted if not r.embed] + refill, "decode": decode,
-                "embed": [(r.slot, r.prompt_ids) for r in admitted if r.embed]}
 
     def _emit_text(self, r: Request, final: bool) -> None:
         hold = 0 if final else max((len(w) for w in r.stop_words), default=1) - 1
@@ -165,22 +230,27 @@ class Engine:
         self.metrics.requests.labels(stop_type).inc()
         now = time.perf_counter()
         predicted_ms = (now - r.t_first) * 1e3 if r.t_first else 0.0
+        prompt_n = len(r.prompt_ids) - r.reused
         r.on_event({"type": "done", "stop_type": stop_type, "stopping_word": stopping_word,
                     "embedding": r.embedding, "timings": {
-            "prompt_n": len(r.prompt_ids), "prompt_ms": r.prompt_ms,
-            "prompt_per_second": len(r.prompt_ids) / max(r.prompt_ms, 1e-9) * 1e3,
+            "cache_n": r.reused, "prompt_n": prompt_n, "prompt_ms": r.prompt_ms,
+            "prompt_per_second": prompt_n / max(r.prompt_ms, 1e-9) * 1e3,
             "predicted_n": len(r.generated), "predicted_ms": predicted_ms,
             "predicted_per_second": len(r.generated) / max(predicted_ms, 1e-9) * 1e3}})
 
-    def _accept(self, r: Request, logits: torch.Tensor) -> None:
-        """Sample this request's next token and decide whether it is done."""
+    def _accept(self, r: Request, logits: torch.Tensor, likeliest: int | None = None) -> None:
+        """Choose this request's next token and decide whether it is done. likeliest: the argmax of these
+        logits where the caller has it (a decode step takes the whole batch's at once)."""
         if r.max_new_tokens == 0:  # the prompt was only to be read
             return self._done(r, "limit")
-        if r.ignore_eos:
-            logits = logits.index_fill(0, self.stop_ids, float("-inf"))
-        if r.constraint is not None:
-            logits = r.constraint.mask(logits)
-        token = sample_row(logits, r.params, r.generator, r.prompt_ids + r.generated)
+        if likeliest is not None and r.plain_greedy():
+            token = likeliest
+        else:
+            if r.ignore_eos:
+                logits = logits.index_fill(0, self.stop_ids, float("-inf"))
+            if r.constraint is not None:
+                logits = r.constraint.mask(logits)
+            token = sample_row(logits, r.params, r.generator, r.prompt_ids + r.generated)
         now = time.perf_counter()
         if r.generated:
             self.metrics.inter_token.observe(now - r.t_last)
@@ -208,9 +278,10 @@ class Engine:
         if len(r.generated) >= r.max_new_tokens or (full and r.n_keep is None):
             r.text += r.stream.flush()
             return self._done(r, "limit")
-        if full:  # drop half of what follows the kept tokens; the next step reads the rest again
+        if full:  # drop half of what follows the kept tokens; the next steps read the rest again
             r.dropped += (self.model.n_ctx - r.n_keep) // 2
-            r.refill = True
+            r.cached = r.n_keep
+            self.slots.wrote(r.slot, r.n_keep, [])
         self._emit_text(r, final=False)
 
     def _done(self, r: Request, stop_type: str, word: str = "") -> None:
@@ -223,13 +294,15 @@ class Engine:
         while True:
             plan = self._plan() if self.ctx.is_driver else None
             plan = self.ctx.comm.broadcast_object(plan)
-            if plan.get("shutdown"):
+            if plan.shutdown:
                 return
             self._execute(plan)
 
-    def _execute(self, plan: dict[str, Any]) -> None:
+    def _execute(self, plan: StepPlan) -> None:
         device, driver = self.ctx.device, self.ctx.is_driver
-        for slot, ids in plan["embed"]:
+        for source, target, n in plan.copies:
+            self.model.copy_cache(source, target, n)
+        for slot, ids in plan.embed:
             start = time.perf_counter()
             hidden = self.runner.forward(torch.tensor([ids], device=device), 0, slots=torch.tensor([slot], device=device),
                                          hidden=True)
@@ -239,29 +312,33 @@ class Engine:
                 self.metrics.prompt_tokens.inc(len(ids))
                 r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
                 self._finish(r, "embedding")
-        for slot, ids in plan["prefill"]:
+        for chunk in plan.prefill:
             start = time.perf_counter()
-            logits = self.runner.forward(torch.tensor([ids], device=device), 0, last_only=True,
-                                         slots=torch.tensor([slot], device=device))
-            if driver:
-                r = self.running[slot]
-                if not r.generated:  # (not a context read again after a shift)
-                    r.prompt_ms, r.t_first = (time.perf_counter() - start) * 1e3, time.perf_counter()
-                    self.metrics.prompt_tokens.inc(len(ids))
-                self._safely(r, logits[0, -1])
-        if plan["decode"]:
-            slots, tokens, positions = zip(*plan["decode"])
+            logits = self.runner.forward(torch.tensor([chunk.ids], device=device), chunk.start, last_only=True,
+                                         slots=torch.tensor([chunk.slot], device=device))
+            if driver and chunk.slot in self.running:
+                r = self.running[chunk.slot]
+                self.metrics.prompt_tokens.inc(len(chunk.ids))
+                r.t_prompt = r.t_prompt or start
+                if chunk.last and not r.generated:  # (not a context read again after a shift)
+                    r.prompt_ms, r.t_first = (time.perf_counter() - r.t_prompt) * 1e3, time.perf_counter()
+                if chunk.last:
+                    self._safely(r, logits[0, -1])
+        if plan.decode:
+            slots, tokens, positions = zip(*plan.decode)
             logits = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
                                         torch.tensor(slots, device=device))
             if driver:
-                for i, (slot, _, _) in enumerate(plan["decode"]):
+                rows = logits[:, -1]
+                likeliest = rows.argmax(-1).tolist()  # one transfer for the batch's greedy requests
+                for i, slot in enumerate(slots):
                     if slot in self.running:
-                        self._safely(self.running[slot], logits[i, -1])
+                        self._safely(self.running[slot], rows[i], likeliest[i])
 
-    def _safely(self, r: Request, logits: torch.Tensor) -> None:
+    def _safely(self, r: Request, logits: torch.Tensor, likeliest: int | None = None) -> None:
         """An exception in one request's sampling or decoding fails that request only."""
         try:
-            self._accept(r, logits)
+            self._accept(r, logits, likeliest)
         except Exception as e:  # noqa: BLE001
             self.running.pop(r.slot, None)
             r.on_event({"type": "error", "message": f"{type(e).__name__}: {e}"})

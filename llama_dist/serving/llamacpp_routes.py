@@ -48,7 +48,7 @@ class LlamaCppRoutes(Handlers):
                   "tokens_predicted": len(req.generated), "tokens_evaluated": len(req.prompt_ids),
                   "generation_settings": self._settings(req), "has_new_line": "\n" in text,
                   "truncated": self.truncated(req), "stop_type": done["stop_type"],
-                  "stopping_word": done["stopping_word"], "tokens_cached": 0, "timings": done["timings"]}
+                  "stopping_word": done["stopping_word"], "tokens_cached": req.reused, "timings": done["timings"]}
         if req.top_logprobs is not None:
             result["completion_probabilities"] = self._probabilities(req.logprobs)
         fields = _field(body, "response_fields", list, None)

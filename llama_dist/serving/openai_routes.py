@@ -106,6 +106,7 @@ class OpenAIRoutes(Handlers):
             choices.append(choice)
         usage = {key: sum(_usage(r)[key] for r in reqs) for key in ("prompt_tokens", "completion_tokens",
                                                                      "total_tokens")}
+        usage["prompt_tokens_details"] = {"cached_tokens": sum(r.reused for r in reqs)}
         return JSONResponse({**head, "object": obj, "choices": choices, "usage": usage})
 
     async def _openai_stream(self, req: Request, body: dict, head: dict, chat: bool):
@@ -152,4 +153,5 @@ def _finish_reason(stop_type: str) -> str:
 
 def _usage(req: Request) -> dict:
     return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.generated),
-            "total_tokens": len(req.prompt_ids) + len(req.generated)}
+            "total_tokens": len(req.prompt_ids) + len(req.generated),
+            "prompt_tokens_details": {"cached_tokens": req.reused}}

@@ -40,7 +40,7 @@ def start_http(state: State, host: str, port: int):
 def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", port: int = 8080,
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
           alias: str | None = None, n_predict: int = -1, seed: int | None = None,
-          temperature: float | None = None) -> None:
+          temperature: float | None = None, prefill_chunk: int = 256) -> None:
     """Serve the model over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
     (every pipeline stage follows the driver's step plan like a tensor-parallel rank does): up to
     load.max_batch_size sequences of load.n_ctx tokens at once, max_queue more waiting."""
@@ -52,7 +52,7 @@ def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", p
     if pctx.is_driver:  # answer /health with 503 while the model loads
         http, thread = start_http(state, host, port)
     llama = Llama.from_config(load, parallel, ctx=pctx)
-    engine = Engine(llama, load.max_batch_size, max_queue)
+    engine = Engine(llama, load.max_batch_size, max_queue, prefill_chunk)
 
     def stop(signum, frame):  # SIGTERM/SIGINT: cancel in-flight work, then every rank leaves the loop
         engine.stopping.set()

@@ -1,0 +1,199 @@
+"""The server against the engine on one GPU: `llama-dist serve` driven by concurrent streaming clients, beside
+`bench`'s decode figures for the same checkpoint from the same run.
+
+    python benchmarks/serve_gpu.py tokenizer OUT.gguf               # here: the bundled tokenizer, alone (~3 MB)
+    python benchmarks/serve_gpu.py run --tokenizer OUT.gguf [--out DIR]   # on the GPU machine
+
+`run` writes a Llama-2-7B-shaped Meta checkpoint of random bf16 weights (vocabulary 49152, so SmolLM2's
+tokenizer fits it) unless one is there, starts the server, and reports: seconds to ready (load + capturing
+the CUDA graphs); for concurrency 1/8/32/128, generated tokens/s, time to first token p50/p99 and
+inter-token p99 (each client streams /completion, greedy, ignore_eos, distinct prompts, no prefix reuse);
+the time to first token of a second request sharing a ~1k-token prefix, against the first; inter-token
+times of running streams while long prompts arrive; then `bench` batch 1 and 32 on the same checkpoint.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.helpers import free_port  # noqa: E402
+
+WORDS = ("river stone light garden market winter paper engine silver forest quiet number window music yellow "
+         "harbor planet letter bridge candle").split()
+
+
+def tokenizer(out: str) -> None:
+    """The bundled model's tokenizer alone, as a GGUF file without tensors (what `--tokenizer` reads)."""
+    import gguf
+
+    from llama_dist.checkpoint.bundled import bundled_model_path
+
+    reader = gguf.GGUFReader(str(bundled_model_path()))
+    writer = gguf.GGUFWriter(out, "llama")
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            value = f.contents()
+            kind = f.types[0]
+            sub = f.types[1] if kind == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(key, value, kind, sub_type=sub)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.close()
+
+
+def write_checkpoint(path: Path) -> float:
+    import torch
+
+    from llama_dist.checkpoint.meta import save_meta_checkpoint
+    from llama_dist.checkpoint.source import RandomSource
+    from llama_dist.model.args import ModelArgs
+
+    start = time.perf_counter()
+    args = ModelArgs.from_params_json(ROOT / "configs" / "llama-2-7b.json")
+    args.vocab_size = 49152
+    save_meta_checkpoint(RandomSource(args, torch.device("cuda")), path)
+    torch.cuda.empty_cache()
+    return time.perf_counter() - start
+
+
+def prompt(i: int, words: int) -> str:
+    """A prompt of about `words` tokens, different from every other i from its first words."""
+    return " ".join(WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(words)) + f" {i}"
+
+
+async def stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
+    """One streamed /completion: its token times."""
+    start, times = time.perf_counter(), []
+    async with client.stream("POST", f"{url}/completion", json={**body, "stream": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                times += [time.perf_counter()] * max(1, len(event.get("tokens") or [])) if not event["stop"] else []
+    return {"start": start, "times": times}
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def summary(results: list[dict], elapsed: float) -> dict:
+    ttft = [r["times"][0] - r["start"] for r in results if r["times"]]
+    gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    return {"tok_s": sum(len(r["times"]) for r in results) / elapsed, "ttft_p50_ms": 1e3 * percentile(ttft, 0.5),
+            "ttft_p99_ms": 1e3 * percentile(ttft, 0.99), "itl_p50_ms": 1e3 * percentile(gaps, 0.5),
+            "itl_p99_ms": 1e3 * percentile(gaps, 0.99), "requests": len(results)}
+
+
+async def load_level(url: str, concurrency: int, requests: int, tokens: int, words: int, offset: int) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(i: int) -> dict:
+            async with gate:
+                return await stream(client, url, {"prompt": prompt(offset + i, words), "n_predict": tokens,
+                                                  "temperature": 0, "ignore_eos": True, "cache_prompt": False})
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(one(i) for i in range(requests)))
+        return summary(results, time.perf_counter() - start)
+
+
+async def shared_prefix(url: str, words: int) -> dict:
+    """Time to first token of two requests sharing a long prefix: the second starts from the first's cache."""
+    system = prompt(10_000, words)
+    async with httpx.AsyncClient(timeout=600) as client:
+        out = {}
+        for name, tail in (("first", " What is the first word?"), ("second", " What is the last word?")):
+            r = await stream(client, url, {"prompt": system + tail, "n_predict": 4, "temperature": 0})
+            out[f"ttft_{name}_ms"] = 1e3 * (r["times"][0] - r["start"])
+        body = (await client.post(f"{url}/completion", json={"prompt": system + " Again?", "n_predict": 1})).json()
+        out["tokens_cached"], out["prompt_tokens"] = body["tokens_cached"], body["tokens_evaluated"]
+        return out
+
+
+async def long_prompts_arriving(url: str, streams: int, tokens: int, long_words: int, arrivals: int) -> dict:
+    """Inter-token times of running streams while long prompts keep arriving (chunked prefill between steps)."""
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + arrivals + 4)) as client:
+        running = [asyncio.create_task(stream(client, url, {"prompt": prompt(20_000 + i, 16), "n_predict": tokens,
+                                                            "temperature": 0, "ignore_eos": True}))
+                   for i in range(streams)]
+        await asyncio.sleep(1.0)
+        longs = []
+        for i in range(arrivals):
+            longs.append(asyncio.create_task(stream(client, url, {"prompt": prompt(30_000 + i, long_words),
+                                                                  "n_predict": 1, "cache_prompt": False})))
+            await asyncio.sleep(0.25)
+        results = await asyncio.gather(*running)
+        await asyncio.gather(*longs)
+    gaps = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
+    return {"itl_p50_ms": 1e3 * percentile(gaps, 0.5), "itl_p99_ms": 1e3 * percentile(gaps, 0.99),
+            "itl_max_ms": 1e3 * max(gaps), "long_prompt_words": long_words, "arrivals": arrivals}
+
+
+def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = None, max_batch: int = 128,
+        n_ctx: int = 1024, levels: tuple[int, ...] = (1, 8, 32, 128), tokens: int = 64, words: int = 40,
+        bench_batches: tuple[int, ...] = (1, 32), extra: str = "") -> dict:
+    """extra: more `serve` flags (e.g. "--cuda_graphs False" for the eager step)."""
+    path = Path(checkpoint)
+    result: dict = {"checkpoint": checkpoint, "max_batch": max_batch, "n_ctx": n_ctx, "extra": extra}
+    if checkpoint != "smollm2" and not path.exists():  # (smollm2: a quick run of the script on a CPU)
+        result["checkpoint_write_s"] = write_checkpoint(path)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "llama_dist.cli", "serve", "--model", str(path), "--tokenizer", tokenizer,
+           "--port", str(port), "--max_batch", str(max_batch), "--n_ctx", str(n_ctx), "--max_queue", "1024",
+           *extra.split()]
+    start = time.perf_counter()
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with {server.returncode}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        result["ready_s"] = time.perf_counter() - start
+        for i, c in enumerate(levels):
+            result[f"concurrency_{c}"] = asyncio.run(load_level(url, c, max(2 * c, 8), tokens, words, 1000 * i))
+            print(json.dumps({f"concurrency_{c}": result[f"concurrency_{c}"]}), flush=True)
+        result["shared_prefix"] = asyncio.run(shared_prefix(url, min(900, n_ctx - 64)))
+        result["long_prompts_arriving"] = asyncio.run(long_prompts_arriving(url, 16, 256, min(900, n_ctx - 64), 8))
+    finally:
+        server.terminate()
+        result["server_exit"] = server.wait(timeout=120)
+    if bench_batches:
+        from llama_dist.bench import bench
+
+        figures = bench(model=str(path), batches=tuple(bench_batches), hf=False, n_ctx=n_ctx,
+                        compile=False, quantize="none")
+        result["bench"] = {k: v for k, v in figures.items() if k.startswith(("decode_", "prefill", "ceiling"))}
+        for c, b in ((1, 1), (32, 32)):
+            if f"concurrency_{c}" in result and f"decode_b{b}_tok_s" in figures:
+                result[f"serve_c{c}_over_bench_b{b}"] = result[f"concurrency_{c}"]["tok_s"] / figures[f"decode_b{b}_tok_s"]
+    print(json.dumps(result, indent=1))
+    if out:
+        Path(out, f"serve_gpu{extra.replace(' ', '').replace('-', '_')}.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    fire.Fire({"tokenizer": tokenizer, "run": run})
