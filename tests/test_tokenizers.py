@@ -47,6 +47,17 @@ def test_stream_decoding_holds_back_split_characters(smollm_tokenizer):
     assert len([p for p in pieces if p]) > 3  # it really streams
 
 
+def test_stream_decoding_of_a_long_text_equals_decoding_it_whole(smollm_tokenizer, sp_tokenizer):
+    """Each push decodes only the last few tokens (its cost does not grow with the answer); the text streamed is
+    the text decoded whole, spacing rules and split characters included, with either kind of tokenizer."""
+    text = ("Le café était naïf 🎉 et 中文 aussi.  Two  spaces, a\nnew line, and ünïcödé everywhere! " * 8).strip()
+    for tokenizer in (smollm_tokenizer, load_tokenizer(sp_tokenizer)):
+        ids = tokenizer.encode(text, bos=False)
+        stream = TextStream(tokenizer)
+        streamed = "".join(stream.push(i) for i in ids) + stream.flush()
+        assert streamed == tokenizer.decode(ids)
+
+
 def test_sentencepiece_roundtrip_and_specials(sp_tokenizer):
     tok = load_tokenizer(sp_tokenizer)
     assert tok.kind == "sentencepiece" and tok.add_bos

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import Attention, RMSNorm, Slots, TransformerBlock, cache_rows
+from ..model.transformer import Attention, Packed, RMSNorm, Slots, TransformerBlock, cache_rows
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
 from . import decode_attention, gemv
 
@@ -68,14 +68,14 @@ class OneRowColumnParallelLinear(ColumnParallelLinear):
 class FusedTransformerBlock(TransformerBlock):
     """The block of a decode step (one token per row): norms, SwiGLU and residuals folded into the projections'
     one-row kernel (residuals added by tensor-parallel rank 0 before the all-reduce, so no rank runs another
-    kernel after it), and attention in one kernel. Prompts take the plain block."""
+    kernel after it), and attention in one kernel. Prompts (packed ones too) take the plain block."""
 
     def configure(self, use_gemv: bool, triton_attention: bool) -> None:
         self.use_gemv, self.triton_attention = use_gemv, triton_attention
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
-        if x.shape[1] != 1:
+        if x.shape[1] != 1 or isinstance(slots, Packed):
             return super().forward(x, pos, rope, mask, slots, length)
         attention, ffn = self.attention, self.feed_forward
         qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm)

@@ -19,6 +19,7 @@ after loading (kernels/), computing what these modules compute.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,7 +29,20 @@ from ..distributed.comm import Communicator
 from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 from .args import ModelArgs
 
-Slots = torch.Tensor | slice | None  # cache rows of a batch: indices, a run of consecutive rows, or 0..B-1
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Several sequences' tokens side by side in one row of a batch (a server step's prompt chunks, read in one
+    pass): sequence i is lengths[i] tokens at positions starts[i].. of cache row slots[i]. Each attends to its
+    own cache row, exactly as it would in a pass of its own."""
+
+    slots: tuple[int, ...]
+    starts: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+
+Slots = torch.Tensor | slice | Packed | None  # cache rows: indices, consecutive rows, packed sequences, or 0..B-1
 
 
 class RMSNorm(nn.Module):
@@ -69,6 +83,12 @@ def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     cos, sin = rope[:, :, None, :, 0], rope[:, :, None, :, 1]
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2).type_as(x)
+
+
+def visible(pos: torch.Tensor, length: int) -> torch.Tensor:
+    """The attention mask of tokens at positions pos [B, S] over a cache of `length`: each sees up to its own
+    position. [B, 1, S, length]."""
+    return (torch.arange(length, device=pos.device) <= pos[..., None]).unsqueeze(1)
 
 
 def cache_rows(slots: Slots, bsz: int, device: torch.device) -> torch.Tensor:
@@ -120,10 +140,31 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
+        if isinstance(slots, Packed):
+            return self._packed_attention(q, k, v, slots)
         slots = slice(0, bsz) if slots is None else slots
         rows = cache_rows(slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
         self.cache_k[rows, :, pos] = k
         self.cache_v[rows, :, pos] = v
+        return self.attend_cache(q, mask, slots, length)
+
+    def _packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed) -> torch.Tensor:
+        """Each packed sequence writes its keys and values to its own cache row and attends over that row."""
+        out, at = [], 0
+        for slot, start, n in zip(packed.slots, packed.starts, packed.lengths):
+            end, row = start + n, slice(slot, slot + 1)
+            self.cache_k[slot, :, start:end] = k[0, at:at + n].transpose(0, 1)
+            self.cache_v[slot, :, start:end] = v[0, at:at + n].transpose(0, 1)
+            positions = torch.arange(start, end, device=q.device)[None]
+            out.append(self.attend_cache(q[:, at:at + n], None if n == 1 else visible(positions, end), row, end))
+            at += n
+        return torch.cat(out, dim=1)
+
+    def attend_cache(self, q: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | slice,
+                     length: int) -> torch.Tensor:
+        """Rotated queries q [B, S, heads, head_dim] over the first `length` cached positions of their rows."""
+        bsz, seqlen, nh, hd = q.shape
+        nkv = self.n_local_kv_heads
         # consecutive rows attend over a view of the cache; others over a gathered copy of their rows
         keys, values = self.cache_k[slots, :, :length], self.cache_v[slots, :, :length]
         # GQA without copying the cache: the n_rep query heads of one kv head attend as n_rep * seqlen rows
@@ -227,7 +268,9 @@ class Transformer(nn.Module):
             h = layer(h, pos, rope, mask, slots, length)
         if not self.is_last:
             return h
-        if last_only:
+        if last_only and isinstance(slots, Packed):  # each sequence's last token
+            h = h[:, torch.tensor(slots.lengths, device=h.device).cumsum(0) - 1]
+        elif last_only:
             h = h[:, -1:]
         return self.norm(h).float() if hidden else self.output(self.norm(h)).float()
 
@@ -236,6 +279,13 @@ class Transformer(nn.Module):
         """Each token's position, the attention mask (None where a row sees the whole window) and the
         cache length attended to."""
         bsz, seqlen = shape
+        if isinstance(slots, Packed):
+            pos = torch.cat([torch.arange(s, s + n) for s, n in zip(slots.starts, slots.lengths)]).to(device)
+            length = max(s + n for s, n in zip(slots.starts, slots.lengths))
+            if bsz != 1 or seqlen != sum(slots.lengths) or length > self.n_ctx or max(slots.slots) >= self.max_batch_size:
+                raise ValueError(f"Packed sequences {slots} do not match their tokens {shape} or the cache "
+                                 f"({self.max_batch_size} x {self.n_ctx}).")
+            return pos[None], None, length
         offsets = torch.arange(seqlen, device=device)
         if isinstance(start_pos, int):
             end = start_pos + seqlen
@@ -249,6 +299,6 @@ class Transformer(nn.Module):
             raise ValueError(f"{bsz} x {length} tokens exceed the cache ({self.max_batch_size} x "
                              f"{self.n_ctx}); raise max_batch_size / n_ctx.")
         mask = None
-        if not (seqlen == 1 and end == length):  # visible: cached positions up to each token's own
-            mask = (torch.arange(length, device=device) <= pos[..., None]).unsqueeze(1)
+        if not (seqlen == 1 and end == length):
+            mask = visible(pos, length)
         return pos, mask, length

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..model.transformer import Transformer
+from ..model.transformer import Packed, Transformer
 from .graphs import GraphedStep
 from .pipeline import PipelineStage
 from .step import Step, make_step
@@ -44,6 +44,21 @@ class Runner:
         if not self.stage.pipelined:
             return self.model(tokens, start_pos, slots, length, last_only, hidden)
         return self._micro_batched(tokens, start_pos, last_only, slots, length, hidden)
+
+    def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
+        """Read chunks of prompts, each (cache row, start position, token ids), into their cache rows; returns
+        the logits [chunks, vocab] of each chunk's last token. One pass for all of them where one stage holds
+        every layer (packed side by side: each chunk's arithmetic is what a pass of its own would do), one
+        pass per chunk through a pipeline's stages."""
+        device = self.device
+        if self.stage.pipelined:
+            return torch.cat([self.forward(torch.tensor([ids], device=device), start, last_only=True,
+                                           slots=torch.tensor([slot], device=device))[:, -1]
+                              for slot, start, ids in chunks])
+        slots, starts, ids = zip(*chunks)
+        packed = Packed(slots, starts, tuple(map(len, ids)))
+        tokens = torch.tensor([[t for part in ids for t in part]], device=device)
+        return self.model(tokens, 0, packed, last_only=True)[0]
 
     def decode(self, tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, 1, vocab] on every rank for one token per row [B, 1] at pos (an int, or one per row), by

@@ -100,10 +100,10 @@ class Request:
         self.cancelled.set()
 
     def plain_greedy(self) -> bool:
-        """The likeliest token, nothing changing the logits first: the batch's one argmax answers it."""
+        """The likeliest token (of the allowed ones, with ignore_eos), nothing else changing the logits first:
+        the batch's one argmax answers it."""
         p = self.params
-        return (p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and not self.ignore_eos
-                and self.constraint is None)
+        return p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and self.constraint is None
 
 
 @dataclass
@@ -145,6 +145,15 @@ class Engine:
                                cache_tokens=lambda: sum(r.context_length()
                                                         for r in list(self.running.values())),
                                cache_capacity=self.max_batch * self.model.n_ctx)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """A prompt chunk and a decode step in slot 0 (which holds nothing the slot cache knows of), on every
+        rank at once: libraries set themselves up now, not in the first request's time to first token."""
+        device = self.ctx.device
+        self.runner.prefill([(0, 0, [0] * 8)])
+        self.runner.decode(torch.zeros((1, 1), dtype=torch.long, device=device), [8], torch.zeros(1, dtype=torch.long,
+                                                                                                  device=device))
 
     # ---- rank 0 side -------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -243,11 +252,12 @@ class Engine:
         logits where the caller has it (a decode step takes the whole batch's at once)."""
         if r.max_new_tokens == 0:  # the prompt was only to be read
             return self._done(r, "limit")
-        if likeliest is not None and r.plain_greedy():
+        fast = likeliest is not None and r.plain_greedy()
+        if r.ignore_eos and (not fast or r.top_logprobs is not None):
+            logits = logits.index_fill(0, self.stop_ids, float("-inf"))
+        if fast:
             token = likeliest
         else:
-            if r.ignore_eos:
-                logits = logits.index_fill(0, self.stop_ids, float("-inf"))
             if r.constraint is not None:
                 logits = r.constraint.mask(logits)
             token = sample_row(logits, r.params, r.generator, r.prompt_ids + r.generated)
@@ -312,28 +322,38 @@ class Engine:
                 self.metrics.prompt_tokens.inc(len(ids))
                 r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
                 self._finish(r, "embedding")
-        for chunk in plan.prefill:
+        if plan.prefill:
             start = time.perf_counter()
-            logits = self.runner.forward(torch.tensor([chunk.ids], device=device), chunk.start, last_only=True,
-                                         slots=torch.tensor([chunk.slot], device=device))
-            if driver and chunk.slot in self.running:
+            logits = self.runner.prefill([(c.slot, c.start, c.ids) for c in plan.prefill])
+            for chunk, row in zip(plan.prefill, logits):
+                if not driver or chunk.slot not in self.running:
+                    continue
                 r = self.running[chunk.slot]
                 self.metrics.prompt_tokens.inc(len(chunk.ids))
                 r.t_prompt = r.t_prompt or start
                 if chunk.last and not r.generated:  # (not a context read again after a shift)
                     r.prompt_ms, r.t_first = (time.perf_counter() - r.t_prompt) * 1e3, time.perf_counter()
                 if chunk.last:
-                    self._safely(r, logits[0, -1])
+                    self._safely(r, row)
         if plan.decode:
             slots, tokens, positions = zip(*plan.decode)
             logits = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
                                         torch.tensor(slots, device=device))
             if driver:
                 rows = logits[:, -1]
-                likeliest = rows.argmax(-1).tolist()  # one transfer for the batch's greedy requests
+                likeliest = self._likeliest(rows, [self.running.get(slot) for slot in slots])
                 for i, slot in enumerate(slots):
                     if slot in self.running:
                         self._safely(self.running[slot], rows[i], likeliest[i])
+
+    def _likeliest(self, rows: torch.Tensor, requests: list[Request | None]) -> list[int]:
+        """Each row's likeliest token (of the allowed ones, for a request with ignore_eos), in one transfer for
+        the batch: what greedy requests choose without a pass of their own."""
+        banned = [i for i, r in enumerate(requests) if r is not None and r.ignore_eos]
+        if banned:
+            rows = rows.clone()
+            rows[torch.tensor(banned, device=rows.device)[:, None], self.stop_ids] = float("-inf")
+        return rows.argmax(-1).tolist()
 
     def _safely(self, r: Request, logits: torch.Tensor, likeliest: int | None = None) -> None:
         """An exception in one request's sampling or decoding fails that request only."""
