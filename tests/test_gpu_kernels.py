@@ -106,7 +106,8 @@ state = random_state_dict(args)
 for quantize, tolerance in (("none", 1e-5), ("int8", 1e-2)):
     config = LoadConfig(dtype="float32", quantize=quantize, n_ctx=16, max_batch_size=3)
     plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
-    for kernels in (Kernels("triton", gemv=True), Kernels("triton"), Kernels("sdpa", gemv=True)):
+    for kernels in (Kernels("triton", gemv=True, row_kernels=True), Kernels("triton"), Kernels("sdpa", gemv=True),
+                    Kernels("sdpa", row_kernels=True)):
         fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False), kernels)
         assert all(type(b) is FusedTransformerBlock for b in fused.layers.values())
         assert all(type(b) is TransformerBlock for b in plain.layers.values())
@@ -125,8 +126,9 @@ print("ok")
 
 def test_model_decodes_the_same_through_the_kernel():
     """The model with the fused backend installed (for one row every projection through the one-row kernel, with
-    norms, SwiGLU and residuals folded in; for one and three rows the attention kernel; each kernel alone too)
-    decodes to the plain model's logits, dense and int8, and prompts to the same logits."""
+    norms, SwiGLU and residuals folded in; for one and three rows the attention kernel; for three rows the norms
+    and SwiGLU as row kernels; each kernel alone too) decodes to the plain model's logits, dense and int8, and
+    prompts to the same logits."""
     run_interpreted(MODEL_SCRIPT)
 
 
@@ -146,7 +148,8 @@ ctx = init_distributed(backend="gloo")
 config = LoadConfig(dtype="float32", quantize="none", n_ctx=600, max_batch_size=3)
 state = random_state_dict(args)
 plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
-fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False), Kernels("triton", gemv=True))
+fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False),
+                Kernels("triton", gemv=True, row_kernels=True))
 step = GraphedStep(fused, record=rerun)
 assert step.windows == [600]  # the attention kernel reads each row up to its position: one graph per bucket
 prompt = torch.tensor([[5, 17, 99, 3], [1, 2, 3, 4]])
@@ -166,3 +169,32 @@ def test_graphed_step_with_the_kernels_installed():
     """Replayed steps (runner/graphs.py, recorded by re-running on CPUs) through the Triton kernels give the plain
     model's logits; the attention kernel needs no window, so one graph per batch bucket."""
     run_interpreted(GRAPHED_SCRIPT)
+
+
+ROWS_SCRIPT = """
+import torch
+import torch.nn.functional as F
+from llama_dist.kernels.rows import load, rms_norm, silu_mul
+from llama_dist.model.transformer import RMSNorm
+assert load()
+g = torch.Generator().manual_seed(0)
+for rows, k, dtype in ((3, 100, torch.float32), (1, 64, torch.float32), (5, 130, torch.float16)):
+    x = (3 * torch.randn(2, rows, k, generator=g)).to(dtype)  # [..., K]: leading dimensions kept
+    norm = RMSNorm(k, 1e-5, dtype=dtype)
+    norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+    want = norm(x)
+    got = rms_norm(x, norm.weight, norm.eps)
+    assert got.shape == want.shape and got.dtype == dtype
+    assert (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max(), (rows, k, dtype)
+    gate_up = torch.randn(2, rows, 2 * k, generator=g).to(dtype)
+    want = F.silu(gate_up[..., :k]) * gate_up[..., k:]
+    got = silu_mul(gate_up)
+    assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+print("ok")
+"""
+
+
+def test_row_kernels_in_the_interpreter():
+    """RMSNorm and SwiGLU of several rows, one kernel each, against the model's modules (fp32 and fp16; widths
+    that are not a power of two)."""
+    run_interpreted(ROWS_SCRIPT)

@@ -4,9 +4,11 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
 
 - attention "cpu": a decoded token's attention as two fp32 matmuls (CPUs; cheaper than SDPA's set-up);
   "triton": rotary + cache write + attention over the cache in one CUDA kernel per layer
-  (decode_attention.py); "sdpa": the model's own.
+  (decode_attention.py), and prompts through SDPA without cuDNN's backend; "sdpa": the model's own.
 - gemv: one decoded row's projections through our Triton matrix-vector kernel, with the block's
   RMSNorm, SwiGLU and residual adds folded in (gemv.py).
+- row_kernels: a decode step of several rows runs its RMSNorms and SwiGLU as one Triton kernel each
+  (rows.py), not PyTorch's six and three.
 - symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
   communicator for it).
 """
@@ -18,8 +20,8 @@ import torch
 
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
-from . import decode_attention, gemv
-from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear
+from . import decode_attention, gemv, rows
+from .fused import CpuDecodeAttention, CudaPromptAttention, FusedTransformerBlock, OneRowColumnParallelLinear
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "triton")
 
@@ -29,6 +31,7 @@ class Kernels:
     attention: str = "sdpa"  # one of ATTENTION_CHOICES
     gemv: bool = False
     symm_mem: bool = False
+    row_kernels: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_CHOICES:
@@ -40,7 +43,9 @@ def choose_kernels(device: torch.device, settings: Settings | None = None) -> Ke
     settings = settings or read_settings()
     if device.type == "cuda":
         triton_attention = settings.attention and decode_attention.load()
-        return Kernels("triton" if triton_attention else "sdpa", settings.gemv and gemv.load(), settings.symm_mem)
+        use_gemv = settings.gemv and gemv.load()
+        return Kernels("triton" if triton_attention else "sdpa", use_gemv, settings.symm_mem,
+                       row_kernels=use_gemv and rows.load())
     return Kernels("cpu" if device.type == "cpu" else "sdpa")
 
 
@@ -48,14 +53,16 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
     """Give the model's modules the chosen kernels, in place (parameters, caches and names unchanged)."""
     if kernels.attention == "triton" and not decode_attention.load():
         raise RuntimeError("The Triton decode-attention kernel needs Triton (and a GPU of compute capability 8.0+).")
-    if kernels.gemv and not gemv.load():
-        raise RuntimeError("The Triton one-row matmul kernel needs Triton.")
+    if (kernels.gemv and not gemv.load()) or (kernels.row_kernels and not rows.load()):
+        raise RuntimeError("The Triton matmul and row kernels need Triton.")
     for block in model.layers.values():
         if kernels.attention == "cpu":
             _specialise(block.attention, CpuDecodeAttention)
+        elif kernels.attention == "triton":
+            _specialise(block.attention, CudaPromptAttention)
         triton_attention = kernels.attention == "triton" and decode_attention.supports(block.attention.head_dim)
-        if kernels.gemv or triton_attention:
-            _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention)
+        if kernels.gemv or triton_attention or kernels.row_kernels:
+            _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention, kernels.row_kernels)
     if kernels.gemv and model.is_last:
         _specialise(model.output, OneRowColumnParallelLinear)
     return model

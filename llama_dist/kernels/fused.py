@@ -3,12 +3,22 @@
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
 from ..model.transformer import Attention, Packed, RMSNorm, Slots, TransformerBlock, cache_rows
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
-from . import decode_attention, gemv
+from . import decode_attention, gemv, rows
+
+try:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def _without_cudnn() -> contextlib.AbstractContextManager:
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+except ImportError:  # torch < 2.3, which has no cuDNN attention
+    _without_cudnn = contextlib.nullcontext
 
 
 class CpuDecodeAttention(Attention):
@@ -32,6 +42,15 @@ class CpuDecodeAttention(Attention):
                           for b, n in enumerate(visible)])
 
 
+class CudaPromptAttention(Attention):
+    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """SDPA without cuDNN's backend, which builds a plan for each new shape (a large fraction of a second
+        on first use): a server's prompt chunks come in many shapes (their lengths, and the cache before them)."""
+        with _without_cudnn():
+            return super().attend(q, keys, values, mask)
+
+
 def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                     mask: torch.Tensor | None = None) -> torch.Tensor:
     scores = (q.float() @ keys.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
@@ -41,19 +60,23 @@ def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def one_row_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: RMSNorm | None = None,
-                   gated: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
+                   gated: bool = False, residual: torch.Tensor | None = None, row_kernels: bool = False) -> torch.Tensor:
     """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when gated):
-    in one Triton kernel for one row whose weight the kernel reads, else step by step."""
+    in one Triton kernel for one row whose weight the kernel reads, else step by step (the norm and SwiGLU
+    in a Triton kernel each with row_kernels)."""
     if use_gemv and x.numel() == x.shape[-1]:
         operands = (layer.weight, None) if layer.qweight is None else layer.qweight.gemv_operands()
         if operands is not None:
             fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
             return gemv.gemv(x, *operands, gated=gated, residual=residual, **fold)
     if norm is not None:
-        x = norm(x)
+        x = rows.rms_norm(x, norm.weight, norm.eps) if row_kernels else norm(x)
     if gated:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
+        if row_kernels:
+            x = rows.silu_mul(x)
+        else:
+            gate, up = x.chunk(2, dim=-1)
+            x = F.silu(gate) * up
     y = ShardedWeight.local_linear(layer, x)
     return y if residual is None else residual + y
 
@@ -70,15 +93,15 @@ class FusedTransformerBlock(TransformerBlock):
     one-row kernel (residuals added by tensor-parallel rank 0 before the all-reduce, so no rank runs another
     kernel after it), and attention in one kernel. Prompts (packed ones too) take the plain block."""
 
-    def configure(self, use_gemv: bool, triton_attention: bool) -> None:
-        self.use_gemv, self.triton_attention = use_gemv, triton_attention
+    def configure(self, use_gemv: bool, triton_attention: bool, row_kernels: bool = False) -> None:
+        self.use_gemv, self.triton_attention, self.row_kernels = use_gemv, triton_attention, row_kernels
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
         if x.shape[1] != 1 or isinstance(slots, Packed):
             return super().forward(x, pos, rope, mask, slots, length)
         attention, ffn = self.attention, self.feed_forward
-        qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm)
+        qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
         if self.triton_attention:  # one token per row: its mask is always "up to pos"
             rows = cache_rows(slots, x.shape[0], x.device)
             out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, rows,
@@ -86,11 +109,12 @@ class FusedTransformerBlock(TransformerBlock):
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
         h = self._reduce(attention.wo, out, residual=x)
-        return self._reduce(ffn.w2, one_row_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm), gated=True,
-                            residual=h)
+        gate_up = one_row_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm, row_kernels=self.row_kernels)
+        return self._reduce(ffn.w2, gate_up, gated=True, residual=h)
 
     def _reduce(self, layer: RowParallelLinear, x: torch.Tensor, residual: torch.Tensor,
                 gated: bool = False) -> torch.Tensor:
         """residual + the row-parallel layer's product, summed over the ranks."""
         mine = residual if layer.comm.rank == 0 else None
-        return layer.comm.all_reduce(one_row_linear(layer, x, self.use_gemv, gated=gated, residual=mine))
+        return layer.comm.all_reduce(one_row_linear(layer, x, self.use_gemv, gated=gated, residual=mine,
+                                                    row_kernels=self.row_kernels))

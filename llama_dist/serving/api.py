@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator
@@ -57,6 +58,34 @@ class State:
     seed: int | None = None  # sampling seed of requests that give none (None: a fresh one each)
     temperature: float | None = None  # sampling temperature of requests that give none (None: the API's default)
     engine: Engine | None = field(default=None, repr=False)
+    relays: dict = field(default_factory=dict, repr=False)
+
+    def relay(self, loop: asyncio.AbstractEventLoop) -> "EventRelay":
+        """The event relay into this event loop (the server runs one)."""
+        if loop not in self.relays:
+            self.relays[loop] = EventRelay(loop)
+        return self.relays[loop]
+
+
+class EventRelay:
+    """Hands the engine thread's events to the event loop's queues, waking the loop once for all the events
+    posted before it runs (a decode step posts one per running request) rather than once per event."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.pending, self.lock = loop, [], threading.Lock()
+
+    def post(self, queue: asyncio.Queue, event: dict) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            wake = len(self.pending) == 1
+        if wake:
+            self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 def _field(body: dict, name: str, kind: type | tuple, default: Any, check=None, why: str = "") -> Any:
@@ -295,8 +324,9 @@ class Handlers:
 
     async def _events(self, req: Request) -> AsyncIterator[dict]:
         """Submit and yield the engine's events; a client that goes away cancels the request."""
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        req.on_event = lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+        events: asyncio.Queue = asyncio.Queue()
+        relay = self.state.relay(asyncio.get_running_loop())
+        req.on_event = lambda e: relay.post(events, e)
         try:
             self.engine.submit(req)
         except QueueFull as e:
