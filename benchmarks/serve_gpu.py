@@ -147,18 +147,22 @@ async def long_prompts_arriving(url: str, streams: int, tokens: int, long_words:
 
 def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = None, max_batch: int = 128,
         n_ctx: int = 1024, levels: tuple[int, ...] = (1, 8, 32, 128), tokens: int = 64, words: int = 40,
-        bench_batches: tuple[int, ...] = (1, 32), extra: str = "", switch_interval: float | None = None) -> dict:
+        bench_batches: tuple[int, ...] = (1, 32), extra: str = "", switch_interval: float | None = None,
+        tp: int = 1) -> dict:
     """extra: more `serve` flags (e.g. "--cuda_graphs False" for the eager step); switch_interval: the server
-    process's sys.setswitchinterval (how long a thread holds the GIL while another waits; Python's is 5 ms)."""
+    process's sys.setswitchinterval (how long a thread holds the GIL while another waits; Python's is 5 ms);
+    tp: tensor-parallel ranks, started by torchrun (bench's figures are then left out: they are one GPU's)."""
     path = Path(checkpoint)
     result: dict = {"checkpoint": checkpoint, "max_batch": max_batch, "n_ctx": n_ctx, "extra": extra,
-                    "switch_interval": switch_interval}
+                    "switch_interval": switch_interval, "tp": tp}
     if checkpoint != "smollm2" and not path.exists():  # (smollm2: a quick run of the script on a CPU)
         result["checkpoint_write_s"] = write_checkpoint(path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     launch = ["-m", "llama_dist.cli"] if switch_interval is None else [
         "-c", f"import sys; sys.setswitchinterval({switch_interval}); from llama_dist.cli import main; main()"]
+    if tp > 1:
+        launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(tp), *launch]
     cmd = [sys.executable, *launch, "serve", "--model", str(path), "--tokenizer", tokenizer,
            "--port", str(port), "--max_batch", str(max_batch), "--n_ctx", str(n_ctx), "--max_queue", "1024",
            *extra.split()]
@@ -183,7 +187,7 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
     finally:
         server.terminate()
         result["server_exit"] = server.wait(timeout=120)
-    if bench_batches:
+    if bench_batches and tp == 1:
         from llama_dist.bench import bench
 
         figures = bench(model=str(path), batches=tuple(bench_batches), hf=False, n_ctx=n_ctx,
@@ -194,7 +198,7 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
                 result[f"serve_c{c}_over_bench_b{b}"] = result[f"concurrency_{c}"]["tok_s"] / figures[f"decode_b{b}_tok_s"]
     print(json.dumps(result, indent=1))
     if out:
-        name = f"serve_gpu{extra}_{switch_interval or ''}".replace(" ", "").replace("-", "_")
+        name = f"serve_gpu_tp{tp}{extra}_{switch_interval or ''}".replace(" ", "").replace("-", "_")
         Path(out, f"{name}.json").write_text(json.dumps(result, indent=1))
     return result
 

@@ -91,20 +91,25 @@ class OneRowColumnParallelLinear(ColumnParallelLinear):
 class FusedTransformerBlock(TransformerBlock):
     """The block of a decode step (one token per row): norms, SwiGLU and residuals folded into the projections'
     one-row kernel (residuals added by tensor-parallel rank 0 before the all-reduce, so no rank runs another
-    kernel after it), and attention in one kernel. Prompts (packed ones too) take the plain block."""
+    kernel after it), and attention in one kernel. Prompts (packed ones too) take the plain block, with the
+    norms and SwiGLU as row kernels where those are installed."""
 
     def configure(self, use_gemv: bool, triton_attention: bool, row_kernels: bool = False) -> None:
         self.use_gemv, self.triton_attention, self.row_kernels = use_gemv, triton_attention, row_kernels
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
+        attention, ffn = self.attention, self.feed_forward
+        if (x.shape[1] != 1 or isinstance(slots, Packed)) and self.row_kernels:  # a prompt: the norms and SwiGLU
+            normed = rows.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
+            h = x + attention.wo(attention.cached_attention(attention.wqkv(normed), pos, rope, mask, slots, length))
+            return h + ffn.w2(rows.silu_mul(ffn.w13(rows.rms_norm(h, self.ffn_norm.weight, self.ffn_norm.eps))))
         if x.shape[1] != 1 or isinstance(slots, Packed):
             return super().forward(x, pos, rope, mask, slots, length)
-        attention, ffn = self.attention, self.feed_forward
         qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
         if self.triton_attention:  # one token per row: its mask is always "up to pos"
-            rows = cache_rows(slots, x.shape[0], x.device)
-            out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, rows,
+            cache_row = cache_rows(slots, x.shape[0], x.device)
+            out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, cache_row,
                                                     pos[:, 0], attention.n_rep)
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)

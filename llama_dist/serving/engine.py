@@ -3,8 +3,9 @@
 Rank 0 owns the requests. Each step it plans: which waiting requests take a free cache slot (starting
 from the longest prefix of their prompt some slot already holds, slot_cache.py), which prompt chunks
 are read, and which running requests decode one token; it broadcasts that plan, and every rank runs the
-same step, so the model's collectives line up. Prompts are read in chunks of at most `prefill_chunk`
-tokens between decode steps, so a long prompt does not stall the streams already running. Chunks end at
+same step, so the model's collectives line up. While answers stream, a step reads at most `prefill_chunk`
+prompt tokens, so a long prompt does not stall the streams already running (with none streaming, up to
+IDLE_PREFILL_TOKENS: a burst of new requests is read at once). Chunks end at
 fixed positions (multiples of prefill_chunk), decode attention takes each row alone, and rank 0 samples
 each request with its own generator, so an answer does not depend on what else is running or was cached. Rank 0 streams text to each request's listener and
 frees the slot when the request stops or its client goes away.
@@ -28,6 +29,7 @@ from .slot_cache import SlotCache
 
 IDLE_PLAN_EVERY_S = 0.5  # an idle driver still broadcasts, so followers' collectives never time out
 PREFILL_CHUNK = 256  # prompt tokens read per step: longer prompts take several steps, decode steps between
+IDLE_PREFILL_TOKENS = 4096  # prompt tokens a step may read while no answer streams (none to keep flowing)
 
 
 class QueueFull(Exception):
@@ -177,6 +179,8 @@ class Engine:
             return StepPlan(shutdown=True)
         plan = StepPlan()
         self._admit(plan)
+        streaming = any(r.generated for r in self.running.values())
+        budget = self.prefill_chunk if streaming else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
         prefill_tokens = 0
         for slot, r in self.running.items():
             if r.embed:
@@ -187,15 +191,16 @@ class Engine:
                 self.slots.wrote(slot, r.cached, r.generated[-1:])
                 r.cached += 1
                 continue
-            # a chunk's bounds are fixed positions: the same whatever else runs, or was cached before
-            n = self.slots.chunk_end(r.cached, r.context_length()) - r.cached
-            if prefill_tokens and prefill_tokens + n > self.prefill_chunk:
-                continue  # the step has its share of prompt tokens: next step
-            ids = r.context()[r.cached:r.cached + n]
-            plan.prefill.append(Chunk(slot, r.cached, ids, last=n == pending))
-            self.slots.wrote(slot, r.cached, ids, prompt_chunk=True)
-            r.cached += n
-            prefill_tokens += n
+            # chunks end at fixed positions: the same whatever else runs, or was cached before
+            while r.cached < r.context_length():
+                n = self.slots.chunk_end(r.cached, r.context_length()) - r.cached
+                if prefill_tokens and prefill_tokens + n > budget:
+                    break  # the step has its share of prompt tokens: next step
+                ids = r.context()[r.cached:r.cached + n]
+                plan.prefill.append(Chunk(slot, r.cached, ids, last=r.cached + n == r.context_length()))
+                self.slots.wrote(slot, r.cached, ids, prompt_chunk=True)
+                r.cached += n
+                prefill_tokens += n
         return plan
 
     def _admit(self, plan: StepPlan) -> None:
