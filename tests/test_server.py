@@ -1,4 +1,5 @@
 """`llama-dist serve` over loopback: OpenAI client, llama.cpp fields, continuous batching, bad input, shutdown."""
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -135,28 +136,72 @@ def test_sixteen_concurrent_requests_equal_each_alone(server):
     assert together == alone
 
 
-def test_answers_do_not_depend_on_the_batch_the_chunks_or_the_cache_on_the_default_quantized_path():
-    """Default flags: Q4_1/Q8_0 weights through the CPU block kernels with 8-bit activations, where the last bit
-    of a sum can flip a later rounding. Prompts read in chunks of 8 between decode steps, beside others and
-    after a shared prefix the cache holds give the answers each gives alone, read whole from an empty cache."""
-    quantized = Server("--model", "smollm2", "--max_batch", "12", "--n_ctx", "256", "--prefill_chunk", "8")
-    shared = "You answer in a few words, and you never repeat the question. "
-    prompts = [shared + p for p in PROMPTS[:12]]
+@pytest.fixture(scope="module")
+def quantized():
+    """Default flags: Q4_1/Q8_0 weights through the CPU block kernels with 8-bit activations, where the last bit of
+    a sum can flip a later rounding. Prompts read in chunks of 8."""
+    s = Server("--model", "smollm2", "--max_batch", "12", "--n_ctx", "256", "--prefill_chunk", "8", "--max_queue", "256")
+    yield s
+    assert s.stop() == [0]
 
-    def complete(prompt: str, n: int, cache: bool) -> dict:
-        r = quantized.post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": cache})
-        assert r.status_code == 200, r.text
-        return r.json()
 
-    try:
-        lengths = [6 + (i * 7) % 18 for i in range(12)]
-        alone = [complete(p, n, cache=False)["tokens"] for p, n in zip(prompts, lengths)]
-        with concurrent.futures.ThreadPoolExecutor(12) as pool:
-            together = list(pool.map(lambda a: complete(*a, cache=True), zip(prompts, lengths)))
-        assert [r["tokens"] for r in together] == alone
-        assert all(r["tokens_cached"] % 8 == 0 for r in together) and max(r["tokens_cached"] for r in together) >= 8
-    finally:
-        assert quantized.stop() == [0]
+def _complete(server, prompt: str, n: int, cache: bool = True) -> dict:
+    r = server.post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0, "cache_prompt": cache})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+SHARED = "You answer in a few words, and you never repeat the question. "
+
+
+def test_answers_do_not_depend_on_the_batch_the_chunks_or_the_cache_on_the_default_quantized_path(quantized):
+    """Prompts read in chunks between decode steps, packed beside others' chunks, and after a shared prefix the
+    cache holds give the answers each gives alone, read whole from an empty cache."""
+    prompts = [SHARED + p for p in PROMPTS[:12]]
+    lengths = [6 + (i * 7) % 18 for i in range(12)]
+    alone = [_complete(quantized, p, n, cache=False)["tokens"] for p, n in zip(prompts, lengths)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        together = list(pool.map(lambda a: _complete(quantized, *a), zip(prompts, lengths)))
+    assert [r["tokens"] for r in together] == alone
+    assert all(r["tokens_cached"] % 8 == 0 for r in together) and max(r["tokens_cached"] for r in together) >= 8
+
+
+def test_nothing_lost_among_256_clients_with_some_leaving_mid_stream(quantized):
+    """256 streaming clients on 12 slots, every tenth leaving after its first token: every other one gets the
+    answer its prompt gets alone, and afterwards no slot is busy and the server still answers."""
+    prompts = [f"{SHARED}{p} ({i})" for i, p in enumerate(PROMPTS * 2)][:24]
+    lengths = [3 + i % 9 for i in range(24)]
+    alone = [_complete(quantized, p, n, cache=False)["tokens"] for p, n in zip(prompts, lengths)]
+
+    async def client(i: int, http: httpx.AsyncClient) -> list[int] | None:
+        body = {"prompt": prompts[i % 24], "n_predict": lengths[i % 24], "temperature": 0, "stream": True}
+        tokens = []
+        async with http.stream("POST", f"{quantized.url}/completion", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if event["stop"]:
+                        return tokens
+                    tokens += event["tokens"]
+                    if i % 10 == 0:
+                        return None  # leaves mid-stream
+        raise AssertionError(f"client {i}: the stream ended without a final event")
+
+    async def all_clients() -> list:
+        limits = httpx.Limits(max_connections=300)
+        async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+            return await asyncio.gather(*(client(i, http) for i in range(256)))
+
+    answers = asyncio.run(all_clients())
+    for i, tokens in enumerate(answers):
+        assert (tokens is None) == (i % 10 == 0)
+        assert tokens is None or tokens == alone[i % 24], i
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{quantized.url}/health").json()["slots_processing"]:
+        assert time.monotonic() < deadline, "a slot stayed busy"
+        time.sleep(0.2)
+    assert _complete(quantized, prompts[0], lengths[0])["tokens"] == alone[0]
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(server):
@@ -201,6 +246,33 @@ def test_disconnected_stream_frees_its_slot(server):
     deadline = time.monotonic() + 20
     while httpx.get(f"{server.url}/health").json()["slots_processing"]:
         assert time.monotonic() < deadline, "the slot was not freed"
+        time.sleep(0.2)
+
+
+def test_a_full_queue_answers_503_before_a_stream_begins(server):
+    """16 slots and 64 places in the queue: of 100 streams asked for at once (and held open), those that find the
+    queue full get a 503 with its JSON error, not a stream that breaks; leaving frees every slot."""
+    async def ask(http: httpx.AsyncClient, answered: list, everyone: asyncio.Event) -> int:
+        body = {"prompt": "Once upon a time", "n_predict": 200, "stream": True}
+        async with http.stream("POST", f"{server.url}/completion", json=body) as r:
+            if r.status_code == 503:
+                assert json.loads(await r.aread())["error"]["code"] == "queue_full"
+            answered.append(r.status_code)
+            if len(answered) == 100:
+                everyone.set()
+            await everyone.wait()
+            return r.status_code
+
+    async def ask_all() -> list[int]:
+        answered, everyone = [], asyncio.Event()
+        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=128)) as http:
+            return await asyncio.gather(*(ask(http, answered, everyone) for _ in range(100)))
+
+    statuses = asyncio.run(ask_all())
+    assert set(statuses) == {200, 503} and 64 < statuses.count(200) <= 16 + 64
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{server.url}/health").json()["slots_processing"]:
+        assert time.monotonic() < deadline, "the streams that left did not free their slots"
         time.sleep(0.2)
 
 

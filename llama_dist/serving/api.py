@@ -322,8 +322,9 @@ class Handlers:
         except GrammarError as e:
             raise APIError(400, str(e), code="invalid_grammar") from None
 
-    async def _events(self, req: Request) -> AsyncIterator[dict]:
-        """Submit and yield the engine's events; a client that goes away cancels the request."""
+    def _events(self, req: Request) -> AsyncIterator[dict]:
+        """Submit the request now (a full queue answers 503 before a streamed response has begun) and return
+        its events from the engine; a client that goes away while they are read cancels the request."""
         events: asyncio.Queue = asyncio.Queue()
         relay = self.state.relay(asyncio.get_running_loop())
         req.on_event = lambda e: relay.post(events, e)
@@ -331,6 +332,10 @@ class Handlers:
             self.engine.submit(req)
         except QueueFull as e:
             raise APIError(503, f"Server busy: {e}. Retry later.", "unavailable", "queue_full") from None
+        return self._relay(req, events)
+
+    @staticmethod
+    async def _relay(req: Request, events: asyncio.Queue) -> AsyncIterator[dict]:
         try:
             while True:
                 event = await events.get()
@@ -340,10 +345,11 @@ class Handlers:
         finally:
             req.cancel()  # no-op once done; frees the slot when the client disconnected
 
-    async def _collect(self, req: Request) -> tuple[str, dict]:
+    @staticmethod
+    async def _collect(events: AsyncIterator[dict]) -> tuple[str, dict]:
         """The whole answer and the final event, for non-streaming responses."""
         text = []
-        async for e in self._events(req):
+        async for e in events:
             if e["type"] == "token":
                 text.append(e["text"])
             elif e["type"] == "error":
@@ -354,7 +360,15 @@ class Handlers:
 
     async def _collect_all(self, reqs: list[Request], client: HTTPRequest) -> list[tuple[str, dict]]:
         """Several prompts at once (they share the running batch), cancelled if the client goes away before
-        the answers are complete (a streamed request notices that itself)."""
+        the answers are complete (a streamed request notices that itself), or if the queue has no room for
+        them all."""
+        try:
+            streams = [self._events(r) for r in reqs]
+        except APIError:
+            for r in reqs:
+                r.cancel()
+            raise
+
         async def watch() -> None:
             while not await client.is_disconnected():
                 await asyncio.sleep(DISCONNECT_POLL_S)
@@ -363,7 +377,7 @@ class Handlers:
 
         watcher = asyncio.create_task(watch())
         try:
-            return list(await asyncio.gather(*(self._collect(r) for r in reqs)))
+            return list(await asyncio.gather(*(self._collect(events) for events in streams)))
         finally:
             watcher.cancel()
 

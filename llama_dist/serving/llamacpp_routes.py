@@ -2,7 +2,7 @@
 /health, /metrics, and the chat page at /. Fields and behaviours follow llama.cpp's server README."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, AsyncIterator
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -23,13 +23,14 @@ class LlamaCppRoutes(Handlers):
         if _field(body, "stream", bool, False):
             if len(reqs) > 1:
                 raise APIError(400, "Streaming takes one prompt; send several prompts without 'stream'.")
-            return StreamingResponse(self._llamacpp_stream(reqs[0], body), media_type="text/event-stream")
+            events = self._events(reqs[0])
+            return StreamingResponse(self._llamacpp_stream(reqs[0], events, body), media_type="text/event-stream")
         results = [self._llamacpp_final(text, req, done, body, i)
                    for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs, request)))]
         return JSONResponse(results if len(results) > 1 else results[0])
 
-    async def _llamacpp_stream(self, req: Request, body: dict):
-        async for e in self._events(req):
+    async def _llamacpp_stream(self, req: Request, events: AsyncIterator[dict], body: dict):
+        async for e in events:
             if e["type"] == "token":
                 chunk = {"index": 0, "content": e["text"], "tokens": e["tokens"], "stop": False, "id_slot": req.slot,
                          "tokens_predicted": len(req.generated), "tokens_evaluated": len(req.prompt_ids)}

@@ -6,6 +6,7 @@ import base64
 import struct
 import time
 import uuid
+from typing import AsyncIterator
 
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -97,7 +98,9 @@ class OpenAIRoutes(Handlers):
         if _field(body, "stream", bool, False):
             if len(reqs) > 1:
                 raise APIError(400, "Streaming takes one prompt and one choice; send several without 'stream'.")
-            return StreamingResponse(self._openai_stream(reqs[0], body, head, chat), media_type="text/event-stream")
+            events = self._events(reqs[0])
+            return StreamingResponse(self._openai_stream(reqs[0], events, body, head, chat),
+                                     media_type="text/event-stream")
         choices = []
         for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs, client))):
             choice = {"index": i, "finish_reason": _finish_reason(done["stop_type"]),
@@ -109,13 +112,13 @@ class OpenAIRoutes(Handlers):
         usage["prompt_tokens_details"] = {"cached_tokens": sum(r.reused for r in reqs)}
         return JSONResponse({**head, "object": obj, "choices": choices, "usage": usage})
 
-    async def _openai_stream(self, req: Request, body: dict, head: dict, chat: bool):
+    async def _openai_stream(self, req: Request, events: AsyncIterator[dict], body: dict, head: dict, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         if chat:
             yield sse({**head, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
                                                            "finish_reason": None}]})
-        async for e in self._events(req):
+        async for e in events:
             if e["type"] == "error":
                 yield sse({"error": {"message": e["message"], "type": "server_error"}})
                 break
