@@ -99,29 +99,3 @@ def test_packed_sequences_compute_what_passes_of_their_own_compute(quantize):
         assert same(a.attention.cache_k, b.attention.cache_k) and same(a.attention.cache_v, b.attention.cache_v)
     with pytest.raises(ValueError, match="do not match"):
         packed(torch.tensor([[1, 2]]), 0, Packed((0,), (0,), (3,)))
-
-
-def test_packed_sequences_in_one_attention_call_as_gpus_take_them():
-    """The GPU prompt attention reads packed sequences with one scatter, one gather and one masked call: the
-    logits and caches of passes of their own, to rounding."""
-    from llama_dist.kernels.fused import CudaPromptAttention
-    from llama_dist.model.transformer import Packed
-
-    args = ModelArgs(**TINY_GQA)
-    ctx, state = init_distributed(), random_state_dict(args)
-    config = LoadConfig(dtype="float32", quantize="none", n_ctx=32, max_batch_size=4)
-    alone, packed = (load_model(StateDictSource(args, state), ctx, config, progress=False) for _ in range(2))
-    for block in packed.layers.values():
-        block.attention.__class__ = CudaPromptAttention
-    prefix = torch.randint(0, args.vocab_size, (1, 6), generator=torch.Generator().manual_seed(0))
-    for model in (alone, packed):
-        model(prefix, 0, slots=torch.tensor([3]))
-    chunks = [(1, 0, [5, 9, 2, 8, 1]), (3, 6, [7, 7, 4]), (0, 0, [11]), (2, 0, [4, 4])]
-    want = torch.cat([alone(torch.tensor([ids]), start, torch.tensor([slot]), last_only=True)[0]
-                      for slot, start, ids in chunks])
-    slots, starts, ids = zip(*chunks)
-    got = packed(torch.tensor([[t for part in ids for t in part]]), 0, Packed(slots, starts, (5, 3, 1, 2)),
-                 last_only=True)[0]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(alone.layers.values(), packed.layers.values()):
-        torch.testing.assert_close(a.attention.cache_k, b.attention.cache_k, rtol=1e-5, atol=1e-5)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,42 +49,6 @@ class CudaPromptAttention(Attention):
         on first use): a server's prompt chunks come in many shapes (their lengths, and the cache before them)."""
         with _without_cudnn():
             return super().attend(q, keys, values, mask)
-
-    def _packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """All packed sequences at once: their keys and values scattered to the cache in one operation, each
-        one's cached keys gathered side by side, and one attention call whose mask lets a token see its own
-        sequence up to its position (a few operations per layer instead of a dozen per sequence, which a
-        server step of many short prompts pays for in launches). Each sequence's sums then group with the
-        others' masked-out keys: its values differ from a pass of its own by rounding, as GPU batches do."""
-        at = _packed_indices(packed, q.device)
-        self.cache_k[at.token_rows, :, at.token_pos] = k[0]
-        self.cache_v[at.token_rows, :, at.token_pos] = v[0]
-        keys = self.cache_k[at.key_rows, :, at.key_pos].transpose(0, 1)[None]
-        values = self.cache_v[at.key_rows, :, at.key_pos].transpose(0, 1)[None]
-        return self.attend_heads(q, keys, values, at.mask)
-
-
-@dataclass(frozen=True)
-class _PackedIndices:
-    token_rows: torch.Tensor  # [N] each token's cache row
-    token_pos: torch.Tensor  # [N] its position
-    key_rows: torch.Tensor  # [K] the cached keys each sequence attends to, side by side: their rows
-    key_pos: torch.Tensor  # [K] and positions
-    mask: torch.Tensor  # [1, 1, N, K] which of them each token sees
-
-
-@functools.lru_cache(maxsize=4)
-def _packed_indices(packed: Packed, device: torch.device) -> _PackedIndices:
-    """Built once per pass (every layer asks for the same)."""
-    slots, starts, lengths = (torch.tensor(t) for t in (packed.slots, packed.starts, packed.lengths))
-    ends = starts + lengths
-    token_pos = torch.cat([torch.arange(s, e) for s, e in zip(packed.starts, ends.tolist())])
-    key_pos = torch.cat([torch.arange(e) for e in ends.tolist()])
-    token_seq = torch.arange(len(lengths)).repeat_interleave(lengths)
-    key_seq = torch.arange(len(lengths)).repeat_interleave(ends)
-    mask = (token_seq[:, None] == key_seq[None, :]) & (key_pos[None, :] <= token_pos[:, None])
-    return _PackedIndices(*(t.to(device) for t in (slots.repeat_interleave(lengths), token_pos,
-                                                    slots.repeat_interleave(ends), key_pos, mask[None, None])))
 
 
 def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -163,15 +163,12 @@ class Attention(nn.Module):
     def attend_cache(self, q: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | slice,
                      length: int) -> torch.Tensor:
         """Rotated queries q [B, S, heads, head_dim] over the first `length` cached positions of their rows."""
-        # consecutive rows attend over a view of the cache; others over a gathered copy of their rows
-        return self.attend_heads(q, self.cache_k[slots, :, :length], self.cache_v[slots, :, :length], mask)
-
-    def attend_heads(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-        """q [B, S, heads, head_dim] over keys and values [B, kv heads, L, head_dim] -> [B, S, heads * head_dim]."""
         bsz, seqlen, nh, hd = q.shape
+        nkv = self.n_local_kv_heads
+        # consecutive rows attend over a view of the cache; others over a gathered copy of their rows
+        keys, values = self.cache_k[slots, :, :length], self.cache_v[slots, :, :length]
         # GQA without copying the cache: the n_rep query heads of one kv head attend as n_rep * seqlen rows
-        q = q.transpose(1, 2).reshape(bsz, self.n_local_kv_heads, self.n_rep * seqlen, hd)
+        q = q.transpose(1, 2).reshape(bsz, nkv, self.n_rep * seqlen, hd)
         if mask is not None and self.n_rep > 1:
             mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).reshape(bsz, 1, self.n_rep * seqlen, -1)
         out = self.attend(q, keys, values, mask)
