@@ -4,7 +4,9 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
 
 - attention "cpu": a decoded token's attention as two fp32 matmuls (CPUs; cheaper than SDPA's set-up);
   "triton": rotary + cache write + attention over the cache in one CUDA kernel per layer
-  (decode_attention.py), and prompts through SDPA without cuDNN's backend; "sdpa": the model's own.
+  (decode_attention.py); "sdpa": the model's own. On GPUs, prompts' SDPA never takes cuDNN's backend (set
+  for the process when a model is given its kernels): it builds a plan per new shape, 1-2 s each, and a
+  server's prompt chunks come in many shapes.
 - gemv: one decoded row's projections through our Triton matrix-vector kernel, with the block's
   RMSNorm, SwiGLU and residual adds folded in (gemv.py).
 - row_kernels: a decode step of several rows runs its RMSNorms and SwiGLU as one Triton kernel each
@@ -21,7 +23,7 @@ import torch
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
 from . import decode_attention, gemv, rows
-from .fused import CpuDecodeAttention, CudaPromptAttention, FusedTransformerBlock, OneRowColumnParallelLinear
+from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "triton")
 
@@ -55,11 +57,11 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
         raise RuntimeError("The Triton decode-attention kernel needs Triton (and a GPU of compute capability 8.0+).")
     if (kernels.gemv and not gemv.load()) or (kernels.row_kernels and not rows.load()):
         raise RuntimeError("The Triton matmul and row kernels need Triton.")
+    if model.device.type == "cuda" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
     for block in model.layers.values():
         if kernels.attention == "cpu":
             _specialise(block.attention, CpuDecodeAttention)
-        elif kernels.attention == "triton":
-            _specialise(block.attention, CudaPromptAttention)
         triton_attention = kernels.attention == "triton" and decode_attention.supports(block.attention.head_dim)
         if kernels.gemv or triton_attention or kernels.row_kernels:
             _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention, kernels.row_kernels)

@@ -3,23 +3,12 @@
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from ..model.transformer import Attention, Packed, RMSNorm, Slots, TransformerBlock, cache_rows
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
 from . import decode_attention, gemv, rows
-
-try:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    def _without_cudnn() -> contextlib.AbstractContextManager:
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-except ImportError:  # torch < 2.3, which has no cuDNN attention
-    _without_cudnn = contextlib.nullcontext
-
 
 class CpuDecodeAttention(Attention):
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -40,15 +29,6 @@ class CpuDecodeAttention(Attention):
         visible = mask[:, 0, 0].sum(-1).tolist()  # decode masks are "up to pos": a prefix per row
         return torch.cat([_attention_fp32(q[b:b + 1], keys[b:b + 1, :, :n], values[b:b + 1, :, :n])
                           for b, n in enumerate(visible)])
-
-
-class CudaPromptAttention(Attention):
-    def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-        """SDPA without cuDNN's backend, which builds a plan for each new shape (a large fraction of a second
-        on first use): a server's prompt chunks come in many shapes (their lengths, and the cache before them)."""
-        with _without_cudnn():
-            return super().attend(q, keys, values, mask)
 
 
 def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

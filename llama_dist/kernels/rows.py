@@ -15,6 +15,11 @@ import torch
 
 from .gemv import INTERPRETED
 
+SILU_BLOCK = 64 if INTERPRETED else 1024
+
+
+_KERNELS: dict = {}  # the Triton kernels, once load() has defined them
+
 
 @functools.cache
 def load() -> bool:
@@ -47,6 +52,9 @@ def load() -> bool:
         act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + row * H + cols, (act * up).to(y_ptr.dtype.element_ty), mask=ok)
 
+    _KERNELS.update(rms_norm=_rms_norm_kernel, silu_mul=_silu_mul_kernel, next_power_of_2=triton.next_power_of_2,
+                    cdiv=triton.cdiv)
+
     @torch.library.triton_op("llama_dist::rms_norm_rows", mutates_args={})
     def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x [rows, K] contiguous -> RMSNorm(x) * weight."""
@@ -61,8 +69,7 @@ def load() -> bool:
         """x [rows, 2H] = [gate, up] contiguous -> silu(gate) * up [rows, H]."""
         rows, h = x.shape[0], x.shape[1] // 2
         y = torch.empty((rows, h), dtype=x.dtype, device=x.device)
-        block = 64 if INTERPRETED else 1024
-        torch.library.wrap_triton(_silu_mul_kernel)[(rows, triton.cdiv(h, block))](x, y, h, BLOCK=block)
+        torch.library.wrap_triton(_silu_mul_kernel)[(rows, triton.cdiv(h, SILU_BLOCK))](x, y, h, BLOCK=SILU_BLOCK)
         return y
 
     return True
@@ -71,10 +78,23 @@ def load() -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of each row of x [..., K], times weight [K] (as model.transformer.RMSNorm)."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    return torch.ops.llama_dist.rms_norm_rows(flat, weight, eps).view(x.shape)
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_dist.rms_norm_rows(flat, weight, eps).view(x.shape)
+    # eager (a prompt pass, or a step being captured): the kernel launched directly, without the op's
+    # dispatch, which costs more than the kernel
+    y = torch.empty_like(flat)
+    _KERNELS["rms_norm"][(flat.shape[0],)](flat, weight, y, flat.shape[1], eps,
+                                           BLOCK=_KERNELS["next_power_of_2"](flat.shape[1]))
+    return y.view(x.shape)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of each row of x [..., 2H] = [gate, up] -> [..., H]."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
-    return torch.ops.llama_dist.silu_mul_rows(flat).view(*x.shape[:-1], -1)
+    if torch.compiler.is_compiling():
+        return torch.ops.llama_dist.silu_mul_rows(flat).view(*x.shape[:-1], -1)
+    rows, h = flat.shape[0], flat.shape[1] // 2
+    y = torch.empty((rows, h), dtype=x.dtype, device=x.device)
+    block = SILU_BLOCK
+    _KERNELS["silu_mul"][(rows, _KERNELS["cdiv"](h, block))](flat, y, h, BLOCK=block)
+    return y.view(*x.shape[:-1], -1)
