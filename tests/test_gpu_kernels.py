@@ -96,7 +96,7 @@ from llama_dist.distributed.context import init_distributed
 from llama_dist.kernels import Kernels, install
 from llama_dist.kernels.fused import FusedTransformerBlock
 from llama_dist.model.args import ModelArgs
-from llama_dist.model.transformer import TransformerBlock
+from llama_dist.model.transformer import Packed, TransformerBlock
 from tests.helpers import TINY_GQA, random_state_dict
 args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
@@ -118,8 +118,12 @@ for quantize, tolerance in (("none", 1e-5), ("int8", 1e-2)):
                 logits[name] = torch.cat([model(rows[:, i:i + 1], i) for i in range(rows.shape[1])], dim=1)
             err = (logits["fused"] - logits["plain"]).abs().max() / logits["plain"].abs().max()
             assert err < tolerance, (quantize, kernels, len(rows), err)
-        # prompts take the plain block: the same logits for a whole prompt
+        # prompts take the plain block: the same logits for a whole prompt, and for prompts packed side by side
         assert (fused(tokens, 0) - plain(tokens, 0)).abs().max() / plain(tokens, 0).abs().max() < tolerance
+        packed = Packed((2, 0), (0, 0), (4, 6))
+        both = torch.cat([tokens[1:2, :4], tokens[2:3]], dim=1)
+        want = plain(both, 0, packed, last_only=True)
+        assert (fused(both, 0, packed, last_only=True) - want).abs().max() / want.abs().max() < tolerance
 print("ok")
 """
 
@@ -190,11 +194,27 @@ for rows, k, dtype in ((3, 100, torch.float32), (1, 64, torch.float32), (5, 130,
     want = F.silu(gate_up[..., :k]) * gate_up[..., k:]
     got = silu_mul(gate_up)
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+from llama_dist.kernels.rows import rope_and_cache
+from llama_dist.model.args import ModelArgs
+from llama_dist.model.transformer import apply_rotary, rope_table
+for bsz, seqlen, nh, nkv, d in ((1, 5, 4, 2, 16), (2, 3, 3, 1, 32)):  # GQA groups of 2 and 3
+    table = rope_table(ModelArgs(dim=d, n_heads=1), 40)
+    qkv = torch.randn(bsz, seqlen, (nh + 2 * nkv) * d, generator=g)
+    rows = torch.tensor([[3] * seqlen, [0] * seqlen][:bsz])
+    pos = torch.randint(0, 40, (bsz, seqlen), generator=g)
+    cache_k, cache_v = torch.zeros(4, nkv, 40, d), torch.zeros(4, nkv, 40, d)
+    q = rope_and_cache(qkv, table[pos], cache_k, cache_v, rows, pos, nh)
+    wq, wk, wv = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
+    assert (q - apply_rotary(wq.view(bsz, seqlen, nh, d), table[pos])).abs().max() < 1e-5
+    want_k = apply_rotary(wk.view(bsz, seqlen, nkv, d), table[pos])
+    assert (cache_k[rows, :, pos] - want_k).abs().max() < 1e-5
+    assert torch.equal(cache_v[rows, :, pos], wv.view(bsz, seqlen, nkv, d))
 print("ok")
 """
 
 
 def test_row_kernels_in_the_interpreter():
     """RMSNorm and SwiGLU of several rows, one kernel each, against the model's modules (fp32 and fp16; widths
-    that are not a power of two)."""
+    that are not a power of two); the rotary embedding with the cache write against apply_rotary and indexing
+    (GQA, tokens at any rows and positions)."""
     run_interpreted(ROWS_SCRIPT)

@@ -9,8 +9,9 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
   server's prompt chunks come in many shapes.
 - gemv: one decoded row's projections through our Triton matrix-vector kernel, with the block's
   RMSNorm, SwiGLU and residual adds folded in (gemv.py).
-- row_kernels: a decode step of several rows runs its RMSNorms and SwiGLU as one Triton kernel each
-  (rows.py), not PyTorch's six and three.
+- row_kernels: a decode step of several rows, and a prompt pass, runs its RMSNorms, SwiGLU and rotary
+  embedding (with the cache write) as one Triton kernel each (rows.py), not PyTorch's six, three and two
+  dozen.
 - symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
   communicator for it).
 """
@@ -23,7 +24,7 @@ import torch
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
 from . import decode_attention, gemv, rows
-from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear
+from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear, TritonRopeAttention
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "triton")
 
@@ -62,6 +63,8 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
     for block in model.layers.values():
         if kernels.attention == "cpu":
             _specialise(block.attention, CpuDecodeAttention)
+        elif kernels.row_kernels and decode_attention.supports(block.attention.head_dim):
+            _specialise(block.attention, TritonRopeAttention)
         triton_attention = kernels.attention == "triton" and decode_attention.supports(block.attention.head_dim)
         if kernels.gemv or triton_attention or kernels.row_kernels:
             _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention, kernels.row_kernels)

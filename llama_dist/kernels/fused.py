@@ -3,6 +3,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,25 @@ class CpuDecodeAttention(Attention):
         visible = mask[:, 0, 0].sum(-1).tolist()  # decode masks are "up to pos": a prefix per row
         return torch.cat([_attention_fp32(q[b:b + 1], keys[b:b + 1, :, :n], values[b:b + 1, :, :n])
                           for b, n in enumerate(visible)])
+
+
+class TritonRopeAttention(Attention):
+    def rotate_and_cache(self, qkv: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """The rotary embedding and the cache write in one Triton kernel (rows.py) instead of two dozen small
+        operations, which a prompt pass on a GPU pays for in CPU time."""
+        bsz, seqlen, _ = qkv.shape
+        if isinstance(slots, Packed):
+            rows_of = _token_rows(slots, qkv.device)[None]
+        else:
+            rows_of = cache_rows(slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
+        return rows.rope_and_cache(qkv, rope, self.cache_k, self.cache_v, rows_of, pos.expand(bsz, seqlen),
+                                   self.n_local_heads)
+
+
+@functools.lru_cache(maxsize=4)
+def _token_rows(packed: Packed, device: torch.device) -> torch.Tensor:
+    """Each packed token's cache row (once per pass: every layer asks)."""
+    return torch.tensor(packed.slots).repeat_interleave(torch.tensor(packed.lengths)).to(device)
 
 
 def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -1,11 +1,12 @@
-"""A decode step's element-wise work for several rows on CUDA, in Triton: RMSNorm and SwiGLU's
-silu(gate) * up, one kernel each.
+"""A decode step's element-wise work for several rows on CUDA, in Triton: RMSNorm, SwiGLU's
+silu(gate) * up, and the rotary embedding of q and k with the cache write of k and v, one kernel each.
 
 For one row the matrix-vector kernel (gemv.py) folds this work into the products. For a batch the
 products are cuBLAS matmuls, and PyTorch runs an RMSNorm as six kernels and SwiGLU as three; inside a
 CUDA graph each still costs a few microseconds, about a millisecond per step over a 7B model's layers.
 Each kernel here rounds where the PyTorch modules round (the normalised rows to the activation dtype
-before the weight; silu(gate) before the product), so it computes what they compute.
+before the weight; silu(gate) before the product), so it computes what they compute. The rotary kernel
+replaces two dozen small operations per layer of a prompt pass, whose time on the CPU exceeds the GPU's.
 """
 from __future__ import annotations
 
@@ -52,8 +53,46 @@ def load() -> bool:
         act = (gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty).to(tl.float32)
         tl.store(y_ptr + row * H + cols, (act * up).to(y_ptr.dtype.element_ty), mask=ok)
 
-    _KERNELS.update(rms_norm=_rms_norm_kernel, silu_mul=_silu_mul_kernel, next_power_of_2=triton.next_power_of_2,
-                    cdiv=triton.cdiv)
+    @triton.jit
+    def _rope_cache_kernel(qkv_ptr, rope_ptr, rows_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, stride_row, stride_head,
+                           stride_pos, N_HEADS: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr):
+        """Program (token t, head h): q head h rotated into q[t] (h < N_HEADS), or kv head h - N_HEADS: k rotated
+        and v written to the caches at (rows[t], head, pos[t]). Meta's interleaved pairs (x[2i], x[2i+1])."""
+        t = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        i = tl.arange(0, HALF)
+        width = (N_HEADS + 2 * N_KV) * 2 * HALF
+        cos = tl.load(rope_ptr + t * 2 * HALF + 2 * i)
+        sin = tl.load(rope_ptr + t * 2 * HALF + 2 * i + 1)
+        x_at = qkv_ptr + t * width + h * 2 * HALF
+        x0 = tl.load(x_at + 2 * i).to(tl.float32)
+        x1 = tl.load(x_at + 2 * i + 1).to(tl.float32)
+        y0, y1 = x0 * cos - x1 * sin, x0 * sin + x1 * cos
+        if h < N_HEADS:
+            out = q_ptr + t * N_HEADS * 2 * HALF + h * 2 * HALF
+            tl.store(out + 2 * i, y0.to(q_ptr.dtype.element_ty))
+            tl.store(out + 2 * i + 1, y1.to(q_ptr.dtype.element_ty))
+        else:
+            at = (tl.load(rows_ptr + t) * stride_row + (h - N_HEADS) * stride_head
+                  + tl.load(pos_ptr + t) * stride_pos)
+            tl.store(k_ptr + at + 2 * i, y0.to(k_ptr.dtype.element_ty))
+            tl.store(k_ptr + at + 2 * i + 1, y1.to(k_ptr.dtype.element_ty))
+            v_at = x_at + N_KV * 2 * HALF
+            tl.store(v_ptr + at + 2 * i, tl.load(v_at + 2 * i))
+            tl.store(v_ptr + at + 2 * i + 1, tl.load(v_at + 2 * i + 1))
+
+    _KERNELS.update(rms_norm=_rms_norm_kernel, silu_mul=_silu_mul_kernel, rope_cache=_rope_cache_kernel,
+                    next_power_of_2=triton.next_power_of_2, cdiv=triton.cdiv)
+
+    @torch.library.triton_op("llama_dist::rope_cache_rows", mutates_args={"cache_k", "cache_v"})
+    def rope_cache_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                      rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """Arguments as rope_and_cache's, flattened to tokens."""
+        q = torch.empty((qkv.shape[0], n_heads * cache_k.shape[3]), dtype=qkv.dtype, device=qkv.device)
+        torch.library.wrap_triton(_rope_cache_kernel)[(qkv.shape[0], n_heads + cache_k.shape[1])](
+            qkv, rope, rows, pos, q, cache_k, cache_v, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+            N_HEADS=n_heads, N_KV=cache_k.shape[1], HALF=cache_k.shape[3] // 2)
+        return q
 
     @torch.library.triton_op("llama_dist::rms_norm_rows", mutates_args={})
     def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,3 +137,24 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     block = SILU_BLOCK
     _KERNELS["silu_mul"][(rows, _KERNELS["cdiv"](h, block))](flat, y, h, BLOCK=block)
     return y.view(*x.shape[:-1], -1)
+
+
+def rope_and_cache(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                   rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """qkv [B, S, (n_heads + 2 kv heads) * head_dim] before the rotary embedding, rope [B, S, head_dim / 2, 2],
+    rows and pos [B, S] each token's cache row and position: writes the rotated keys and the values to the
+    caches [rows, kv heads, n_ctx, head_dim] (contiguous) and returns the rotated queries [B, S, n_heads,
+    head_dim]. A head_dim that is a power of two."""
+    bsz, seqlen, _ = qkv.shape
+    args = (qkv.reshape(bsz * seqlen, -1).contiguous(), rope.reshape(bsz * seqlen, -1).float().contiguous(),
+            cache_k, cache_v, rows.reshape(-1).contiguous(), pos.reshape(-1).contiguous())
+    head_dim = cache_k.shape[3]
+    if torch.compiler.is_compiling():
+        q = torch.ops.llama_dist.rope_cache_rows(*args, n_heads)
+    else:
+        flat, table, _, _, row_ids, positions = args
+        q = torch.empty((flat.shape[0], n_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
+        _KERNELS["rope_cache"][(flat.shape[0], n_heads + cache_k.shape[1])](
+            flat, table, row_ids, positions, q, cache_k, cache_v, cache_k.stride(0), cache_k.stride(1),
+            cache_k.stride(2), N_HEADS=n_heads, N_KV=cache_k.shape[1], HALF=head_dim // 2)
+    return q.view(bsz, seqlen, n_heads, head_dim)

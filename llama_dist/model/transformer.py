@@ -134,31 +134,38 @@ class Attention(nn.Module):
     def cached_attention(self, qkv: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                          slots: Slots, length: int) -> torch.Tensor:
         """Rotate q and k, write k and v to the cache, attend over the cache: [B, S, heads * head_dim]."""
+        q = self.rotate_and_cache(qkv, pos, rope, slots)
+        if not isinstance(slots, Packed):
+            return self.attend_cache(q, mask, slice(0, qkv.shape[0]) if slots is None else slots, length)
+        out, at = [], 0
+        for slot, start, n in zip(slots.slots, slots.starts, slots.lengths):  # each over its own cache row
+            end = start + n
+            positions = torch.arange(start, end, device=q.device)[None]
+            out.append(self.attend_cache(q[:, at:at + n], None if n == 1 else visible(positions, end),
+                                         slice(slot, slot + 1), end))
+            at += n
+        return torch.cat(out, dim=1)
+
+    def rotate_and_cache(self, qkv: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, slots: Slots) -> torch.Tensor:
+        """Rotate q and k, write k and v to the cache at each token's row and position; the rotated q
+        [B, S, heads, head_dim]."""
         bsz, seqlen, _ = qkv.shape
         hd, nh, nkv = self.head_dim, self.n_local_heads, self.n_local_kv_heads
         q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
         q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
-        if isinstance(slots, Packed):
-            return self._packed_attention(q, k, v, slots)
-        slots = slice(0, bsz) if slots is None else slots
-        rows = cache_rows(slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
+        if isinstance(slots, Packed):  # each sequence's run of positions in its row
+            at = 0
+            for slot, start, n in zip(slots.slots, slots.starts, slots.lengths):
+                self.cache_k[slot, :, start:start + n] = k[0, at:at + n].transpose(0, 1)
+                self.cache_v[slot, :, start:start + n] = v[0, at:at + n].transpose(0, 1)
+                at += n
+            return q
+        rows = cache_rows(slice(0, bsz) if slots is None else slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
         self.cache_k[rows, :, pos] = k
         self.cache_v[rows, :, pos] = v
-        return self.attend_cache(q, mask, slots, length)
-
-    def _packed_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packed: Packed) -> torch.Tensor:
-        """Each packed sequence writes its keys and values to its own cache row and attends over that row."""
-        out, at = [], 0
-        for slot, start, n in zip(packed.slots, packed.starts, packed.lengths):
-            end, row = start + n, slice(slot, slot + 1)
-            self.cache_k[slot, :, start:end] = k[0, at:at + n].transpose(0, 1)
-            self.cache_v[slot, :, start:end] = v[0, at:at + n].transpose(0, 1)
-            positions = torch.arange(start, end, device=q.device)[None]
-            out.append(self.attend_cache(q[:, at:at + n], None if n == 1 else visible(positions, end), row, end))
-            at += n
-        return torch.cat(out, dim=1)
+        return q
 
     def attend_cache(self, q: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | slice,
                      length: int) -> torch.Tensor:
