@@ -195,7 +195,8 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
         result["bench"] = {k: v for k, v in figures.items() if k.startswith(("decode_", "prefill", "ceiling"))}
         for c, b in ((1, 1), (32, 32)):
             if f"concurrency_{c}" in result and f"decode_b{b}_tok_s" in figures:
-                result[f"serve_c{c}_over_bench_b{b}"] = result[f"concurrency_{c}"]["tok_s"] / figures[f"decode_b{b}_tok_s"]
+                served = result[f"concurrency_{c}"]["tok_s"]
+                result[f"serve_c{c}_over_bench_b{b}"] = served / figures[f"decode_b{b}_tok_s"]
     print(json.dumps(result, indent=1))
     if out:
         name = f"serve_gpu_tp{tp}{extra}_{switch_interval or ''}".replace(" ", "").replace("-", "_")

@@ -61,7 +61,8 @@ def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 
 def one_row_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: RMSNorm | None = None,
-                   gated: bool = False, residual: torch.Tensor | None = None, row_kernels: bool = False) -> torch.Tensor:
+                   gated: bool = False, residual: torch.Tensor | None = None,
+                   row_kernels: bool = False) -> torch.Tensor:
     """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when gated):
     in one Triton kernel for one row whose weight the kernel reads, else step by step (the norm and SwiGLU
     in a Triton kernel each with row_kernels)."""

@@ -289,7 +289,8 @@ class Transformer(nn.Module):
         if isinstance(slots, Packed):
             pos = torch.cat([torch.arange(s, s + n) for s, n in zip(slots.starts, slots.lengths)]).to(device)
             length = max(s + n for s, n in zip(slots.starts, slots.lengths))
-            if bsz != 1 or seqlen != sum(slots.lengths) or length > self.n_ctx or max(slots.slots) >= self.max_batch_size:
+            if (bsz != 1 or seqlen != sum(slots.lengths) or length > self.n_ctx
+                    or max(slots.slots) >= self.max_batch_size):
                 raise ValueError(f"Packed sequences {slots} do not match their tokens {shape} or the cache "
                                  f"({self.max_batch_size} x {self.n_ctx}).")
             return pos[None], None, length

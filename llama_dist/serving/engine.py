@@ -5,10 +5,10 @@ from the longest prefix of their prompt some slot already holds, slot_cache.py),
 are read, and which running requests decode one token; it broadcasts that plan, and every rank runs the
 same step, so the model's collectives line up. While answers stream, a step reads at most `prefill_chunk`
 prompt tokens, so a long prompt does not stall the streams already running (with none streaming, up to
-IDLE_PREFILL_TOKENS: a burst of new requests is read at once). Chunks end at
-fixed positions (multiples of prefill_chunk), decode attention takes each row alone, and rank 0 samples
-each request with its own generator, so an answer does not depend on what else is running or was cached. Rank 0 streams text to each request's listener and
-frees the slot when the request stops or its client goes away.
+IDLE_PREFILL_TOKENS: a burst of new requests is read at once). Chunks end at fixed positions (multiples
+of prefill_chunk), decode attention takes each row alone, and rank 0 samples each request with its own
+generator, so an answer does not depend on what else is running or was cached. Rank 0 streams text to
+each request's listener and frees the slot when the request stops or its client goes away.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
