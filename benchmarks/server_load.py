@@ -1,7 +1,7 @@
 """Server throughput and latency on loopback: llama-dist serve vs llama-cpp-python's server, same GGUF, same run.
 
     pip install 'llama-cpp-python[server]==0.3.36'   # not a CI dependency
-    python benchmarks/server_load.py [--requests 16] [--tokens 32]
+    python benchmarks/server_load.py [--requests 16] [--tokens 32] [--engines "llama.cpp,llama-dist"]
 
 For concurrency 1, 4 and 16: requests/s, generated tokens/s, p50/p99 request latency. Each engine gets
 the same prompts (greedy, fixed n_predict) through the same OpenAI-style /v1/completions endpoint; ours runs
@@ -78,9 +78,11 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--engines", default="llama.cpp,llama-dist,llama-dist --compile",
+                   help="comma-separated, of: llama.cpp, llama-dist, llama-dist --compile")
     a = p.parse_args()
     rows = []
-    for engine in ("llama.cpp", "llama-dist", "llama-dist --compile"):
+    for engine in a.engines.split(","):
         port = free_port()
         proc = start(engine, port, a.threads, 16)
         try:
