@@ -3,6 +3,7 @@ the bundled SmolLM2 (default flags): paths with and without /v1, any model name,
 /apply-template, /tokenize pieces, several prompts at once, text parts, log-probabilities, context limits,
 llama.cpp's result fields, CORS and /metrics."""
 import base64
+import json
 import concurrent.futures
 import math
 import struct
@@ -161,6 +162,8 @@ def test_context_limits_as_llama_cpp(server):
 
 
 def test_llama_cpp_result_fields(server):
+    """generation_settings, has_new_line, truncated, timings (with timings_per_token, in each streamed event too),
+    response_fields, return_tokens."""
     r = server.post("/completion", {"prompt": "The capital of France is", "n_predict": 4, "temperature": 0,
                                     "seed": 7}, headers=auth()).json()
     assert r["generation_settings"]["n_predict"] == 4 and r["generation_settings"]["seed"] == 7
@@ -173,6 +176,11 @@ def test_llama_cpp_result_fields(server):
     no_tokens = server.post("/completion", {"prompt": "Hi", "n_predict": 2, "return_tokens": False},
                             headers=auth()).json()
     assert no_tokens["tokens"] == []
+    body = {"prompt": "Once upon a time", "n_predict": 6, "temperature": 0, "stream": True, "timings_per_token": True}
+    with httpx.stream("POST", f"{server.url}/completion", json=body, headers=auth(), timeout=60) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: ")]
+    counts = [e["timings"]["predicted_n"] for e in events if not e["stop"]]
+    assert counts == sorted(counts) and counts[-1] <= 6 and all(e["timings"]["prompt_n"] > 0 for e in events)
 
 
 def test_embeddings_through_the_openai_client(server):

@@ -284,7 +284,8 @@ class Handlers:
                        stop_words=stop, seed=seed, top_logprobs=top_logprobs,
                        ignore_eos=_field(body, "ignore_eos", bool, False), constraint=self._constraint(body),
                        n_keep=min(n_keep, len(ids)) if shift else None, prompt_truncated=truncated,
-                       cache_prompt=_field(body, "cache_prompt", bool, True))
+                       cache_prompt=_field(body, "cache_prompt", bool, True),
+                       timings_per_token=_field(body, "timings_per_token", bool, False))
 
     def _logit_bias(self, body: dict) -> dict[int, float]:
         """llama.cpp's [[token, bias], ...] or OpenAI's {token: bias}: a token is an id (or its digits) or text,

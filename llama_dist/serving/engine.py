@@ -52,6 +52,16 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
             "top": [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))}
 
 
+def timings(r: "Request") -> dict:
+    """llama.cpp's timings of a request so far: prompt tokens read (and reused), answer tokens, milliseconds."""
+    predicted_ms = (time.perf_counter() - r.t_first) * 1e3 if r.t_first else 0.0
+    prompt_n = len(r.prompt_ids) - r.reused
+    return {"cache_n": r.reused, "prompt_n": prompt_n, "prompt_ms": r.prompt_ms,
+            "prompt_per_second": prompt_n / max(r.prompt_ms, 1e-9) * 1e3,
+            "predicted_n": len(r.generated), "predicted_ms": predicted_ms,
+            "predicted_per_second": len(r.generated) / max(predicted_ms, 1e-9) * 1e3}
+
+
 @dataclass
 class Request:
     prompt_ids: list[int]
@@ -68,6 +78,7 @@ class Request:
     # the rest, then go on (llama.cpp's --context-shift); None: a full context ends the answer
     prompt_truncated: bool = False  # the prompt was cut to fit the context
     cache_prompt: bool = True  # start from a prefix of the prompt a cache slot already holds (llama.cpp's name)
+    timings_per_token: bool = False  # each streamed event carries the timings so far (llama.cpp's name)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     slot: int = -1
@@ -234,23 +245,19 @@ class Engine:
         hold = 0 if final else max((len(w) for w in r.stop_words), default=1) - 1
         upto = max(r.sent, len(r.text) - hold)
         if upto > r.sent:  # the text, with the tokens chosen since the last event (and their log-probabilities)
-            r.on_event({"type": "token", "text": r.text[r.sent:upto], "tokens": r.generated[r.tokens_sent:],
-                        "logprobs": r.logprobs[r.tokens_sent:] if r.top_logprobs is not None else None})
+            event = {"type": "token", "text": r.text[r.sent:upto], "tokens": r.generated[r.tokens_sent:],
+                     "logprobs": r.logprobs[r.tokens_sent:] if r.top_logprobs is not None else None}
+            if r.timings_per_token:
+                event["timings"] = timings(r)
+            r.on_event(event)
             r.sent, r.tokens_sent = upto, len(r.generated)
 
     def _finish(self, r: Request, stop_type: str, stopping_word: str = "") -> None:
         if stop_type != "cancelled":
             self._emit_text(r, final=True)
         self.metrics.requests.labels(stop_type).inc()
-        now = time.perf_counter()
-        predicted_ms = (now - r.t_first) * 1e3 if r.t_first else 0.0
-        prompt_n = len(r.prompt_ids) - r.reused
         r.on_event({"type": "done", "stop_type": stop_type, "stopping_word": stopping_word,
-                    "embedding": r.embedding, "timings": {
-            "cache_n": r.reused, "prompt_n": prompt_n, "prompt_ms": r.prompt_ms,
-            "prompt_per_second": prompt_n / max(r.prompt_ms, 1e-9) * 1e3,
-            "predicted_n": len(r.generated), "predicted_ms": predicted_ms,
-            "predicted_per_second": len(r.generated) / max(predicted_ms, 1e-9) * 1e3}})
+                    "embedding": r.embedding, "timings": timings(r)})
 
     def _accept(self, r: Request, logits: torch.Tensor, likeliest: int | None = None) -> None:
         """Choose this request's next token and decide whether it is done. likeliest: the argmax of these

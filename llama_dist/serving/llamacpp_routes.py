@@ -36,6 +36,8 @@ class LlamaCppRoutes(Handlers):
                          "tokens_predicted": len(req.generated), "tokens_evaluated": len(req.prompt_ids)}
                 if e["logprobs"] is not None:
                     chunk["completion_probabilities"] = self._probabilities(e["logprobs"])
+                if "timings" in e:
+                    chunk["timings"] = e["timings"]
                 yield sse(chunk)
             elif e["type"] == "error":
                 yield sse({"error": {"message": e["message"], "type": "server_error"}})
