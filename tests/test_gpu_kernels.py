@@ -194,6 +194,11 @@ for rows, k, dtype in ((3, 100, torch.float32), (1, 64, torch.float32), (5, 130,
     want = F.silu(gate_up[..., :k]) * gate_up[..., k:]
     got = silu_mul(gate_up)
     assert got.shape == want.shape and (got.float() - want.float()).abs().max() <= 2e-3 * want.float().abs().max()
+    # the ops compiled code calls launch the same kernels
+    assert torch.equal(torch.ops.llama_dist.silu_mul_rows(gate_up.reshape(-1, 2 * k)), got.reshape(-1, k))
+    flat = x.reshape(-1, k)
+    assert torch.equal(torch.ops.llama_dist.rms_norm_rows(flat, norm.weight, norm.eps),
+                       rms_norm(flat, norm.weight, norm.eps))
 from llama_dist.kernels.rows import rope_and_cache
 from llama_dist.model.args import ModelArgs
 from llama_dist.model.transformer import apply_rotary, rope_table
@@ -209,6 +214,9 @@ for bsz, seqlen, nh, nkv, d in ((1, 5, 4, 2, 16), (2, 3, 3, 1, 32)):  # GQA grou
     want_k = apply_rotary(wk.view(bsz, seqlen, nkv, d), table[pos])
     assert (cache_k[rows, :, pos] - want_k).abs().max() < 1e-5
     assert torch.equal(cache_v[rows, :, pos], wv.view(bsz, seqlen, nkv, d))
+    by_op = torch.ops.llama_dist.rope_cache_rows(qkv.reshape(bsz * seqlen, -1), table[pos].reshape(bsz * seqlen, -1),
+                                                 cache_k, cache_v, rows.reshape(-1), pos.reshape(-1), nh)
+    assert torch.equal(by_op, q.reshape(bsz * seqlen, -1))
 print("ok")
 """
 

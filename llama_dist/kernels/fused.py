@@ -102,12 +102,12 @@ class FusedTransformerBlock(TransformerBlock):
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
         attention, ffn = self.attention, self.feed_forward
-        if (x.shape[1] != 1 or isinstance(slots, Packed)) and self.row_kernels:  # a prompt: the norms and SwiGLU
+        if x.shape[1] != 1 or isinstance(slots, Packed):  # a prompt
+            if not self.row_kernels:
+                return super().forward(x, pos, rope, mask, slots, length)
             normed = rows.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
             h = x + attention.wo(attention.cached_attention(attention.wqkv(normed), pos, rope, mask, slots, length))
             return h + ffn.w2(rows.silu_mul(ffn.w13(rows.rms_norm(h, self.ffn_norm.weight, self.ffn_norm.eps))))
-        if x.shape[1] != 1 or isinstance(slots, Packed):
-            return super().forward(x, pos, rope, mask, slots, length)
         qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
         if self.triton_attention:  # one token per row: its mask is always "up to pos"
             cache_row = cache_rows(slots, x.shape[0], x.device)

@@ -81,50 +81,60 @@ def load() -> bool:
             tl.store(v_ptr + at + 2 * i, tl.load(v_at + 2 * i))
             tl.store(v_ptr + at + 2 * i + 1, tl.load(v_at + 2 * i + 1))
 
-    _KERNELS.update(rms_norm=_rms_norm_kernel, silu_mul=_silu_mul_kernel, rope_cache=_rope_cache_kernel,
-                    next_power_of_2=triton.next_power_of_2, cdiv=triton.cdiv)
+    _KERNELS.update(rms_norm=_rms_norm_kernel, silu_mul=_silu_mul_kernel, rope_cache=_rope_cache_kernel)
 
+    # the same launches as ops, for compiled code (torch.compile traces ops, not bare kernels)
     @torch.library.triton_op("llama_dist::rope_cache_rows", mutates_args={"cache_k", "cache_v"})
     def rope_cache_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                       rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
-        """Arguments as rope_and_cache's, flattened to tokens."""
-        q = torch.empty((qkv.shape[0], n_heads * cache_k.shape[3]), dtype=qkv.dtype, device=qkv.device)
-        torch.library.wrap_triton(_rope_cache_kernel)[(qkv.shape[0], n_heads + cache_k.shape[1])](
-            qkv, rope, rows, pos, q, cache_k, cache_v, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-            N_HEADS=n_heads, N_KV=cache_k.shape[1], HALF=cache_k.shape[3] // 2)
-        return q
+        return _launch_rope_cache(torch.library.wrap_triton(_rope_cache_kernel), qkv, rope, cache_k, cache_v, rows,
+                                  pos, n_heads)
 
     @torch.library.triton_op("llama_dist::rms_norm_rows", mutates_args={})
     def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """x [rows, K] contiguous -> RMSNorm(x) * weight."""
-        rows, k = x.shape
-        y = torch.empty_like(x)
-        torch.library.wrap_triton(_rms_norm_kernel)[(rows,)](x, weight, y, k, eps,
-                                                              BLOCK=triton.next_power_of_2(k))
-        return y
+        return _launch_rms_norm(torch.library.wrap_triton(_rms_norm_kernel), x, weight, eps)
 
     @torch.library.triton_op("llama_dist::silu_mul_rows", mutates_args={})
     def silu_mul_op(x: torch.Tensor) -> torch.Tensor:
-        """x [rows, 2H] = [gate, up] contiguous -> silu(gate) * up [rows, H]."""
-        rows, h = x.shape[0], x.shape[1] // 2
-        y = torch.empty((rows, h), dtype=x.dtype, device=x.device)
-        torch.library.wrap_triton(_silu_mul_kernel)[(rows, triton.cdiv(h, SILU_BLOCK))](x, y, h, BLOCK=SILU_BLOCK)
-        return y
+        return _launch_silu_mul(torch.library.wrap_triton(_silu_mul_kernel), x)
 
     return True
 
+
+def _launch_rms_norm(kernel, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [rows, K] contiguous -> RMSNorm(x) * weight."""
+    y = torch.empty_like(x)
+    kernel[(x.shape[0],)](x, weight, y, x.shape[1], eps, BLOCK=1 << (x.shape[1] - 1).bit_length())
+    return y
+
+
+def _launch_silu_mul(kernel, x: torch.Tensor) -> torch.Tensor:
+    """x [rows, 2H] = [gate, up] contiguous -> silu(gate) * up [rows, H]."""
+    rows, h = x.shape[0], x.shape[1] // 2
+    y = torch.empty((rows, h), dtype=x.dtype, device=x.device)
+    kernel[(rows, -(-h // SILU_BLOCK))](x, y, h, BLOCK=SILU_BLOCK)
+    return y
+
+
+def _launch_rope_cache(kernel, qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                       rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """rope_and_cache's arguments flattened to tokens -> the rotated queries [tokens, n_heads * head_dim]."""
+    q = torch.empty((qkv.shape[0], n_heads * cache_k.shape[3]), dtype=qkv.dtype, device=qkv.device)
+    kernel[(qkv.shape[0], n_heads + cache_k.shape[1])](
+        qkv, rope, rows, pos, q, cache_k, cache_v, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
+        N_HEADS=n_heads, N_KV=cache_k.shape[1], HALF=cache_k.shape[3] // 2)
+    return q
+
+
+# Outside compiled code (a prompt pass, or a step being captured) the kernels are launched directly: the ops'
+# dispatch costs more than the kernels.
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm of each row of x [..., K], times weight [K] (as model.transformer.RMSNorm)."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.llama_dist.rms_norm_rows(flat, weight, eps).view(x.shape)
-    # eager (a prompt pass, or a step being captured): the kernel launched directly, without the op's
-    # dispatch, which costs more than the kernel
-    y = torch.empty_like(flat)
-    _KERNELS["rms_norm"][(flat.shape[0],)](flat, weight, y, flat.shape[1], eps,
-                                           BLOCK=_KERNELS["next_power_of_2"](flat.shape[1]))
-    return y.view(x.shape)
+    return _launch_rms_norm(_KERNELS["rms_norm"], flat, weight, eps).view(x.shape)
 
 
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +142,7 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1]).contiguous()
     if torch.compiler.is_compiling():
         return torch.ops.llama_dist.silu_mul_rows(flat).view(*x.shape[:-1], -1)
-    rows, h = flat.shape[0], flat.shape[1] // 2
-    y = torch.empty((rows, h), dtype=x.dtype, device=x.device)
-    block = SILU_BLOCK
-    _KERNELS["silu_mul"][(rows, _KERNELS["cdiv"](h, block))](flat, y, h, BLOCK=block)
-    return y.view(*x.shape[:-1], -1)
+    return _launch_silu_mul(_KERNELS["silu_mul"], flat).view(*x.shape[:-1], -1)
 
 
 def rope_and_cache(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -147,14 +153,9 @@ def rope_and_cache(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor,
     head_dim]. A head_dim that is a power of two."""
     bsz, seqlen, _ = qkv.shape
     args = (qkv.reshape(bsz * seqlen, -1).contiguous(), rope.reshape(bsz * seqlen, -1).float().contiguous(),
-            cache_k, cache_v, rows.reshape(-1).contiguous(), pos.reshape(-1).contiguous())
-    head_dim = cache_k.shape[3]
+            cache_k, cache_v, rows.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), n_heads)
     if torch.compiler.is_compiling():
-        q = torch.ops.llama_dist.rope_cache_rows(*args, n_heads)
+        q = torch.ops.llama_dist.rope_cache_rows(*args)
     else:
-        flat, table, _, _, row_ids, positions = args
-        q = torch.empty((flat.shape[0], n_heads * head_dim), dtype=qkv.dtype, device=qkv.device)
-        _KERNELS["rope_cache"][(flat.shape[0], n_heads + cache_k.shape[1])](
-            flat, table, row_ids, positions, q, cache_k, cache_v, cache_k.stride(0), cache_k.stride(1),
-            cache_k.stride(2), N_HEADS=n_heads, N_KV=cache_k.shape[1], HALF=head_dim // 2)
-    return q.view(bsz, seqlen, n_heads, head_dim)
+        q = _launch_rope_cache(_KERNELS["rope_cache"], *args)
+    return q.view(bsz, seqlen, n_heads, cache_k.shape[3])

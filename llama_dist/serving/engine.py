@@ -203,12 +203,13 @@ class Engine:
                 r.cached += 1
                 continue
             # chunks end at fixed positions: the same whatever else runs, or was cached before
-            while r.cached < r.context_length():
-                n = self.slots.chunk_end(r.cached, r.context_length()) - r.cached
+            context = r.context()
+            while r.cached < len(context):
+                n = self.slots.chunk_end(r.cached, len(context)) - r.cached
                 if prefill_tokens and prefill_tokens + n > budget:
                     break  # the step has its share of prompt tokens: next step
-                ids = r.context()[r.cached:r.cached + n]
-                plan.prefill.append(Chunk(slot, r.cached, ids, last=r.cached + n == r.context_length()))
+                ids = context[r.cached:r.cached + n]
+                plan.prefill.append(Chunk(slot, r.cached, ids, last=r.cached + n == len(context)))
                 self.slots.wrote(slot, r.cached, ids, prompt_chunk=True)
                 r.cached += n
                 prefill_tokens += n
