@@ -120,7 +120,7 @@ for quantize, tolerance in (("none", 1e-5), ("int8", 1e-2)):
             assert err < tolerance, (quantize, kernels, len(rows), err)
         # prompts take the plain block: the same logits for a whole prompt, and for prompts packed side by side
         assert (fused(tokens, 0) - plain(tokens, 0)).abs().max() / plain(tokens, 0).abs().max() < tolerance
-        packed = Packed((2, 0), (0, 0), (4, 6))
+        packed = Packed.of((2, 0), (0, 0), (4, 6), "cpu")
         both = torch.cat([tokens[1:2, :4], tokens[2:3]], dim=1)
         want = plain(both, 0, packed, last_only=True)
         assert (fused(both, 0, packed, last_only=True) - want).abs().max() / want.abs().max() < tolerance
@@ -144,7 +144,8 @@ from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.kernels import Kernels, install
 from llama_dist.model.args import ModelArgs
-from llama_dist.runner.graphs import GraphedStep
+from llama_dist.model.transformer import Packed
+from llama_dist.runner.graphs import GraphedPrompts, GraphedStep
 from tests.helpers import TINY_GQA, random_state_dict
 from tests.test_graphs import rerun
 args = ModelArgs(**TINY_GQA)
@@ -165,13 +166,37 @@ for pos in range(4, 8):
     got = step(tokens, pos)
     assert (got - want).abs().max() < 1e-4 * want.abs().max(), (pos, (got - want).abs().max())
     tokens = want[:, -1].argmax(-1, keepdim=True)
+# prompt passes: any packing replayed from the graph of its token bucket, as the model's own pass computes it
+config = LoadConfig(dtype="float32", quantize="none", n_ctx=64, max_batch_size=3)
+plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
+fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False),
+                Kernels("triton", gemv=True, row_kernels=True))
+prompts = GraphedPrompts(fused, record=rerun)
+assert prompts.buckets == [16, 32, 64, 128, 192]
+for chunks in ([(0, 0, list(range(1, 13))), (2, 0, list(range(20, 31)))],  # (slot, start, ids)
+               [(0, 12, [4, 5]), (1, 0, [9] * 20), (1, 20, [3] * 5), (2, 11, [8])],  # row 1: one run of two
+               [(2, 0, [7] * 40)]):
+    slots, starts, ids = zip(*chunks)
+    lengths = tuple(map(len, ids))
+    assert prompts.holds(slots, starts, lengths)
+    flat = torch.tensor([[t for part in ids for t in part]])
+    want = plain(flat, 0, Packed.of(slots, starts, lengths, "cpu"), last_only=True)[0]
+    got = prompts(slots, starts, list(ids))
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4 * want.abs().max(), chunks
+    for a, b in zip(plain.layers.values(), fused.layers.values()):  # what the runs wrote to their rows
+        for slot, start, part in chunks:
+            written = slice(start, start + len(part))
+            assert torch.allclose(a.attention.cache_k[slot, :, written], b.attention.cache_k[slot, :, written],
+                                  atol=1e-5)
+assert not prompts.holds((0, 1, 0, 1), (0, 0, 1, 1), (1, 1, 1, 1))  # four runs: more than the cache's rows
 print("ok")
 """
 
 
 def test_graphed_step_with_the_kernels_installed():
     """Replayed steps (runner/graphs.py, recorded by re-running on CPUs) through the Triton kernels give the plain
-    model's logits; the attention kernel needs no window, so one graph per batch bucket."""
+    model's logits; the attention kernel needs no window, so one graph per batch bucket. Packed prompt passes
+    replayed from their token bucket's graph (padded tokens and runs) give the plain model's packed pass."""
     run_interpreted(GRAPHED_SCRIPT)
 
 

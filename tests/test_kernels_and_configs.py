@@ -73,9 +73,10 @@ def test_build_takes_meta_arguments_and_config_fields_only(tiny_checkpoints, sp_
 @pytest.mark.parametrize("quantize", ["none", "int8"])
 def test_packed_sequences_compute_what_passes_of_their_own_compute(quantize):
     """A server step reads several prompt chunks side by side in one pass (runner.prefill): each chunk's logits
-    and cached keys and values are those of a pass of its own, chunks of one token too. Bit for bit through our
-    block kernels (int8 here, the GGUF types in CI's server test), whose sums for a row do not depend on the
-    other rows; dense weights go through BLAS, whose sums do (by ~1e-6 of fp32)."""
+    and cached keys and values are those of a pass of its own, chunks of one token too, and a chunk the next one
+    continues (a long prompt's) gives no logits of its own. Bit for bit through our block kernels (int8 here,
+    the GGUF types in CI's server test), whose sums for a row do not depend on the other rows; dense weights go
+    through BLAS, whose sums do (by ~1e-6 of fp32)."""
     from llama_dist.model.transformer import Packed
 
     args = ModelArgs(**TINY_GQA)
@@ -87,15 +88,17 @@ def test_packed_sequences_compute_what_passes_of_their_own_compute(quantize):
     prefix = torch.randint(0, args.vocab_size, (1, 6), generator=g)
     for model in (alone, packed):  # row 3 holds a context the second chunk continues
         model(prefix, 0, slots=torch.tensor([3]))
-    chunks = [(1, 0, [5, 9, 2, 8, 1]), (3, 6, [7, 7, 4]), (0, 0, [11])]  # (slot, start, ids)
+    chunks = [(1, 0, [5, 9, 2, 8, 1]), (3, 6, [7, 7, 4]), (3, 9, [6, 2]), (0, 0, [11])]  # (slot, start, ids)
     want = torch.cat([alone(torch.tensor([ids]), start, torch.tensor([slot]), last_only=True)[0]
                       for slot, start, ids in chunks])
     slots, starts, ids = zip(*chunks)
-    got = packed(torch.tensor([[t for part in ids for t in part]]), 0, Packed(slots, starts, (5, 3, 1)),
+    got = packed(torch.tensor([[t for part in ids for t in part]]), 0, Packed.of(slots, starts, (5, 3, 2, 1), "cpu"),
                  last_only=True)[0]
     same = torch.equal if quantize == "int8" else lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-5)
-    assert got.shape == (3, args.vocab_size) and same(got, want)
+    assert got.shape == (3, args.vocab_size) and same(got, want[[0, 2, 3]])  # (3, 6, ...) runs on into (3, 9, ...)
     for a, b in zip(alone.layers.values(), packed.layers.values()):
         assert same(a.attention.cache_k, b.attention.cache_k) and same(a.attention.cache_v, b.attention.cache_v)
-    with pytest.raises(ValueError, match="do not match"):
-        packed(torch.tensor([[1, 2]]), 0, Packed((0,), (0,), (3,)))
+    with pytest.raises(ValueError, match="do not match"):  # fewer tokens than the sequences hold
+        packed(torch.tensor([[1, 2]]), 0, Packed.of((0,), (0,), (3,), "cpu"))
+    with pytest.raises(ValueError, match="do not match"):  # a row the cache does not have
+        packed(torch.tensor([[1, 2]]), 0, Packed.of((4,), (0,), (2,), "cpu"))

@@ -17,7 +17,8 @@ class LoadConfig:
     checkpoint stores, "none" loads dense, "int8"/"int4" quantize at load time (int4 in groups of group_size);
     n_ctx: tokens of context per sequence (the KV cache's length); max_batch_size: sequences at once;
     compile: the one-token decode step compiled (CUDA graphs on GPUs); cuda_graphs: without compile, the decode
-    step on GPUs replays CUDA graphs captured at load, one per batch bucket (runner/graphs.py)."""
+    step on GPUs replays CUDA graphs captured at load, one per batch bucket, and so does a server's packed prompt
+    pass, one per token bucket, where its kernels allow (runner/graphs.py)."""
 
     model: str = "smollm2"
     tokenizer: str | None = None

@@ -11,7 +11,8 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
   RMSNorm, SwiGLU and residual adds folded in (gemv.py).
 - row_kernels: a decode step of several rows, and a prompt pass, runs its RMSNorms, SwiGLU and rotary
   embedding (with the cache write) as one Triton kernel each (rows.py), not PyTorch's six, three and two
-  dozen.
+  dozen; packed prompt chunks attend in one Triton kernel (packed_attention.py, where it loads), not an
+  SDPA call each, so a prompt pass can be replayed from a CUDA graph (runner/graphs.py).
 - symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
   communicator for it).
 """
@@ -23,8 +24,8 @@ import torch
 
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
-from . import decode_attention, gemv, rows
-from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear, TritonRopeAttention
+from . import decode_attention, gemv, packed_attention, rows
+from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear, TritonPromptAttention
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "triton")
 
@@ -63,8 +64,8 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
     for block in model.layers.values():
         if kernels.attention == "cpu":
             _specialise(block.attention, CpuDecodeAttention)
-        elif kernels.row_kernels and decode_attention.supports(block.attention.head_dim):
-            _specialise(block.attention, TritonRopeAttention)
+        elif kernels.row_kernels and packed_attention.load() and decode_attention.supports(block.attention.head_dim):
+            _specialise(block.attention, TritonPromptAttention)
         triton_attention = kernels.attention == "triton" and decode_attention.supports(block.attention.head_dim)
         if kernels.gemv or triton_attention or kernels.row_kernels:
             _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention, kernels.row_kernels)

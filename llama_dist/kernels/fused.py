@@ -3,14 +3,12 @@
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
 from ..model.transformer import Attention, Packed, RMSNorm, Slots, TransformerBlock, cache_rows
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
-from . import decode_attention, gemv, rows
+from . import decode_attention, gemv, packed_attention, rows
 
 class CpuDecodeAttention(Attention):
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -33,23 +31,26 @@ class CpuDecodeAttention(Attention):
                           for b, n in enumerate(visible)])
 
 
-class TritonRopeAttention(Attention):
+class TritonPromptAttention(Attention):
+    """A prompt's rotary embedding and cache write in one Triton kernel (rows.py) instead of two dozen small
+    operations, and packed sequences' attention in one more (packed_attention.py) instead of a loop of SDPA
+    calls: a prompt pass on a GPU pays for those in CPU time, and a CUDA graph can hold the kernels."""
+
+    def cached_attention(self, qkv: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                         slots: Slots, length: int) -> torch.Tensor:
+        if not isinstance(slots, Packed):
+            return super().cached_attention(qkv, pos, rope, mask, slots, length)
+        q = self.rotate_and_cache(qkv, pos, rope, slots)
+        out = packed_attention.packed_attention(q[0], self.cache_k, self.cache_v, slots.rows, slots.positions,
+                                                slots.runs)
+        return out[None]
+
     def rotate_and_cache(self, qkv: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, slots: Slots) -> torch.Tensor:
-        """The rotary embedding and the cache write in one Triton kernel (rows.py) instead of two dozen small
-        operations, which a prompt pass on a GPU pays for in CPU time."""
         bsz, seqlen, _ = qkv.shape
-        if isinstance(slots, Packed):
-            rows_of = _token_rows(slots, qkv.device)[None]
-        else:
-            rows_of = cache_rows(slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
+        rows_of = slots.rows[None] if isinstance(slots, Packed) else cache_rows(slots, bsz, qkv.device).view(
+            bsz, 1).expand(bsz, seqlen)
         return rows.rope_and_cache(qkv, rope, self.cache_k, self.cache_v, rows_of, pos.expand(bsz, seqlen),
                                    self.n_local_heads)
-
-
-@functools.lru_cache(maxsize=4)
-def _token_rows(packed: Packed, device: torch.device) -> torch.Tensor:
-    """Each packed token's cache row (once per pass: every layer asks)."""
-    return torch.tensor(packed.slots).repeat_interleave(torch.tensor(packed.lengths)).to(device)
 
 
 def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -18,6 +18,7 @@ after loading (kernels/), computing what these modules compute.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -30,16 +31,58 @@ from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParall
 from .args import ModelArgs
 
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Packed:
     """Several sequences' tokens side by side in one row of a batch (a server step's prompt chunks, read in one
     pass): sequence i is lengths[i] tokens at positions starts[i].. of cache row slots[i]. Each attends to its
-    own cache row, exactly as it would in a pass of its own."""
+    own cache row, exactly as it would in a pass of its own. A sequence may continue the one before it (the
+    next chunk of a long prompt, in the same row): such sequences make one run, and last_only gives each
+    run's last token.
+
+    The same layout on the device, for kernels and CUDA graphs (a replay reads no Python values): each
+    token's position and cache row, each run's length, and the index of each run's last token. Build one
+    with Packed.of."""
 
     slots: tuple[int, ...]
     starts: tuple[int, ...]
     lengths: tuple[int, ...]
+    positions: torch.Tensor  # [tokens]
+    rows: torch.Tensor  # [tokens]
+    runs: torch.Tensor  # [runs]: their lengths
+    finals: torch.Tensor  # [runs]: their last tokens
+
+    @classmethod
+    def of(cls, slots: tuple[int, ...], starts: tuple[int, ...], lengths: tuple[int, ...],
+           device: torch.device) -> "Packed":
+        positions, rows, runs, finals = packed_index(slots, starts, lengths)
+        index = torch.tensor(positions + rows + runs + finals, device=device)
+        return cls(slots, starts, lengths, *index.split([len(positions), len(rows), len(runs), len(finals)]))
+
+
+def run_ends(slots: tuple[int, ...], starts: tuple[int, ...], lengths: tuple[int, ...]) -> list[int]:
+    """The packed sequences that end a run (the next one does not continue them at their row's next position)."""
+    return [i for i in range(len(slots))
+            if i + 1 == len(slots) or (slots[i + 1], starts[i + 1]) != (slots[i], starts[i] + lengths[i])]
+
+
+def packed_index(slots: tuple[int, ...], starts: tuple[int, ...],
+                 lengths: tuple[int, ...]) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Packed sequences' token positions and cache rows, their runs' lengths and last tokens' indices, as lists."""
+    positions = [p for start, n in zip(starts, lengths) for p in range(start, start + n)]
+    rows = [slot for slot, n in zip(slots, lengths) for _ in range(n)]
+    ends = list(itertools.accumulate(lengths))
+    run_end = [ends[i] for i in run_ends(slots, starts, lengths)]
+    return positions, rows, [b - a for a, b in zip([0] + run_end, run_end)], [e - 1 for e in run_end]
+
+
+def check_packed(slots: tuple[int, ...], starts: tuple[int, ...], lengths: tuple[int, ...], n_tokens: int,
+                 max_batch_size: int, n_ctx: int) -> None:
+    """Packed sequences must hold n_tokens tokens and fit the cache (max_batch_size rows of n_ctx)."""
+    if (not slots or n_tokens != sum(lengths) or min(lengths) < 1 or min(starts) < 0
+            or max(s + n for s, n in zip(starts, lengths)) > n_ctx
+            or not 0 <= min(slots) <= max(slots) < max_batch_size):
+        raise ValueError(f"Packed sequences (rows {slots}, starts {starts}, lengths {lengths}) do not match their "
+                         f"{n_tokens} tokens or the cache ({max_batch_size} x {n_ctx}).")
 
 
 Slots = torch.Tensor | slice | Packed | None  # cache rows: indices, consecutive rows, packed sequences, or 0..B-1
@@ -275,8 +318,8 @@ class Transformer(nn.Module):
             h = layer(h, pos, rope, mask, slots, length)
         if not self.is_last:
             return h
-        if last_only and isinstance(slots, Packed):  # each sequence's last token
-            h = h[:, torch.tensor(slots.lengths, device=h.device).cumsum(0) - 1]
+        if last_only and isinstance(slots, Packed):  # each final sequence's last token
+            h = h[:, slots.finals]
         elif last_only:
             h = h[:, -1:]
         return self.norm(h).float() if hidden else self.output(self.norm(h)).float()
@@ -287,13 +330,10 @@ class Transformer(nn.Module):
         cache length attended to."""
         bsz, seqlen = shape
         if isinstance(slots, Packed):
-            pos = torch.cat([torch.arange(s, s + n) for s, n in zip(slots.starts, slots.lengths)]).to(device)
-            length = max(s + n for s, n in zip(slots.starts, slots.lengths))
-            if (bsz != 1 or seqlen != sum(slots.lengths) or length > self.n_ctx
-                    or max(slots.slots) >= self.max_batch_size):
-                raise ValueError(f"Packed sequences {slots} do not match their tokens {shape} or the cache "
-                                 f"({self.max_batch_size} x {self.n_ctx}).")
-            return pos[None], None, length
+            if bsz != 1:
+                raise ValueError(f"Packed sequences are one row of tokens, not {bsz}.")
+            check_packed(slots.slots, slots.starts, slots.lengths, seqlen, self.max_batch_size, self.n_ctx)
+            return slots.positions[None], None, max(s + n for s, n in zip(slots.starts, slots.lengths))
         offsets = torch.arange(seqlen, device=device)
         if isinstance(start_pos, int):
             end = start_pos + seqlen

@@ -1,4 +1,5 @@
-"""The one-token step replayed from CUDA graphs, every one of them captured when the model loads.
+"""The one-token step and the packed prompt pass replayed from CUDA graphs, every one of them captured when
+the model loads.
 
 Eager decode on a GPU is launch-bound: the CPU issues a few hundred small kernels per token and the GPU
 waits for them. A CUDA graph issues them all at once. Each graph is the plain step (with the installed
@@ -6,6 +7,10 @@ kernels) recorded for one batch bucket (and, where attention reads a fixed windo
 window), so nothing is compiled or recorded after start: a server is at full speed from its first
 request. Capturing takes a few steps' time per graph, unlike compiling (runner/step.py), which takes
 minutes for a large model.
+
+A server's prompt pass (a step's prompt chunks packed in one row, Runner.prefill) is launch-bound too
+until it holds thousands of tokens; with the packed-attention kernel installed it reads its layout from
+device tensors, so a graph per token bucket replays any packing of up to that many tokens.
 """
 from __future__ import annotations
 
@@ -14,11 +19,14 @@ from typing import Callable
 
 import torch
 
-from ..kernels.fused import FusedTransformerBlock
-from ..model.transformer import Slots, Transformer, cache_rows
+from ..kernels.fused import FusedTransformerBlock, TritonPromptAttention
+from ..model.transformer import (Packed, Slots, Transformer, cache_rows, check_packed, packed_index,
+                                 run_ends)
 from .step import MIN_ATTENTION_WINDOW, attention_window
 
 Recorder = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
+
+PROMPT_GRAPH_TOKENS = 4096  # the largest prompt pass replayed from a graph; longer ones are GPU-bound anyway
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -30,6 +38,17 @@ def batch_buckets(max_batch_size: int) -> list[int]:
         sizes.append(b)
         b = b * 2 if b < 8 else b + (8 if b < 64 else 16 if b < 128 else 32)
     return sizes + [max_batch_size]
+
+
+def token_buckets(max_tokens: int) -> list[int]:
+    """The prompt-pass sizes graphs are captured at: 16, 32, ... 512, then every 512, and max_tokens itself. A
+    pass runs at the smallest holding it (padding is at most half the pass up to 512 tokens, where the weights'
+    reads cost more than the arithmetic, and a fifth past 2048)."""
+    sizes, n = [], 16
+    while n < max_tokens:
+        sizes.append(n)
+        n = n * 2 if n < 512 else n + 512
+    return sizes + [max_tokens]
 
 
 def cuda_graph_recorder() -> Recorder:
@@ -105,3 +124,74 @@ class GraphedStep:
             static[n:].copy_(value[-1:].expand_as(static[n:]))
         graph.replay()
         return graph.out[:n].clone()  # the next replay overwrites out; a pipeline may still be sending this
+
+
+@dataclass
+class _PromptGraph:
+    index: torch.Tensor  # tokens, positions, rows, run lengths, run ends: filled by one copy before each replay
+    packed: Packed  # the capture's layout; its device tensors are views of index
+    tokens: torch.Tensor  # [1, bucket], a view of index
+    runs: int  # the most runs a replay holds
+    out: torch.Tensor  # logits [1, runs, vocab]
+    replay: Callable[[], None]
+
+
+class GraphedPrompts:
+    """Runner.prefill's packed pass (a model holding every layer, with TritonPromptAttention) replayed from the
+    graph of the smallest token bucket holding it. The tokens are padded by repeating the last one, which joins
+    its run (it writes the same key and value to the same cache place again; its output is dropped), and the
+    runs by empty ones."""
+
+    def __init__(self, model: Transformer, record: Recorder | None = None):
+        self.model = model
+        self.buckets = token_buckets(min(PROMPT_GRAPH_TOKENS, model.max_batch_size * model.n_ctx))
+        record = record or cuda_graph_recorder()
+        self.graphs = {n: self._capture(n, record) for n in reversed(self.buckets)}
+
+    @staticmethod
+    def supported(model: Transformer) -> bool:
+        """Whether every layer's packed attention reads its layout from the device (a graph can hold it)."""
+        return model.is_first and model.is_last and all(isinstance(b.attention, TritonPromptAttention)
+                                                         for b in model.layers.values())
+
+    def holds(self, slots: tuple[int, ...], starts: tuple[int, ...], lengths: tuple[int, ...]) -> bool:
+        """Whether a graph holds this packing (its tokens, and its runs: one per cache row where each row's
+        sequences are consecutive, as a server step's are)."""
+        return (sum(lengths) <= self.buckets[-1]
+                and len(run_ends(slots, starts, lengths)) <= self.graphs[self.buckets[-1]].runs)
+
+    def _capture(self, bucket: int, record: Recorder) -> _PromptGraph:
+        model = self.model
+        runs = min(bucket, model.max_batch_size)
+        index = torch.zeros(3 * bucket + 2 * runs, dtype=torch.long, device=model.device)
+        tokens, positions, rows, run_lengths, finals = index.split([bucket, bucket, bucket, runs, runs])
+        # a layout the capture's checks accept: the bucket's tokens over rows 0, 1, ... (nothing is cached yet)
+        lengths = [min(model.n_ctx, bucket - at) for at in range(0, bucket, model.n_ctx)]
+        layout = (tuple(range(len(lengths))), (0,) * len(lengths), tuple(lengths))
+        packed = Packed(*layout, positions, rows, run_lengths, finals)
+        graph = _PromptGraph(index, packed, tokens.view(1, bucket), runs, None, None)
+        self._fill(graph, *layout, [[0] * n for n in lengths])
+        graph.replay, graph.out = record(lambda: model(graph.tokens, 0, packed, last_only=True))
+        return graph
+
+    def _fill(self, graph: _PromptGraph, slots: tuple[int, ...], starts: tuple[int, ...],
+              lengths: tuple[int, ...], ids: list[list[int]]) -> int:
+        """Write a packing into the graph's inputs; returns its number of runs."""
+        positions, rows, runs, finals = packed_index(slots, starts, lengths)
+        bucket, n = graph.tokens.shape[1], len(positions)
+        pad, spare = bucket - n, graph.runs - len(runs)
+        runs[-1] += pad
+        host = ([t for part in ids for t in part] + [ids[-1][-1]] * pad + positions + [positions[-1]] * pad
+                + rows + [rows[-1]] * pad + runs + [0] * spare + finals + [finals[-1]] * spare)
+        graph.index.copy_(torch.tensor(host))
+        return len(finals)
+
+    def __call__(self, slots: tuple[int, ...], starts: tuple[int, ...], ids: list[list[int]]) -> torch.Tensor:
+        """The logits [runs, vocab] of each run's last token (as the model's pass of Packed.of(...) gives)."""
+        lengths = tuple(map(len, ids))
+        n = sum(lengths)
+        check_packed(slots, starts, lengths, n, self.model.max_batch_size, self.model.n_ctx)
+        graph = self.graphs[next(b for b in self.buckets if b >= n)]
+        n_runs = self._fill(graph, slots, starts, lengths, ids)
+        graph.replay()
+        return graph.out[0, :n_runs].clone()

@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from ..model.transformer import Packed, Transformer
-from .graphs import GraphedStep
+from ..model.transformer import Packed, Transformer, run_ends
+from .graphs import GraphedPrompts, GraphedStep, cuda_graph_recorder
 from .pipeline import PipelineStage
 from .step import Step, make_step
 
@@ -25,11 +25,13 @@ class Runner:
     def __init__(self, model: Transformer, stage: PipelineStage, compile: bool = False,
                  fast_all_reduce: bool = False, cuda_graphs: bool = False):
         """compile: the one-token step compiled (CUDA graphs on GPUs); fast_all_reduce: its all-reduces by
-        the communicator's faster route where it has one; cuda_graphs: on GPUs without compile, the step
-        replayed from CUDA graphs captured now."""
+        the communicator's faster route where it has one; cuda_graphs: on GPUs without compile, the step (and,
+        where the kernels allow, the packed prompt pass) replayed from CUDA graphs captured now."""
         self.model, self.stage = model, stage
         graphed = cuda_graphs and not compile and model.device.type == "cuda"
-        self.step: Step = GraphedStep(model) if graphed else make_step(model, compile, fast_all_reduce)
+        record = cuda_graph_recorder() if graphed else None  # one memory pool: the graphs never run at once
+        self.step: Step = GraphedStep(model, record) if graphed else make_step(model, compile, fast_all_reduce)
+        self.prompt_graphs = GraphedPrompts(model, record) if graphed and GraphedPrompts.supported(model) else None
 
     @property
     def device(self) -> torch.device:
@@ -45,20 +47,27 @@ class Runner:
             return self.model(tokens, start_pos, slots, length, last_only, hidden)
         return self._micro_batched(tokens, start_pos, last_only, slots, length, hidden)
 
-    def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> torch.Tensor:
-        """Read chunks of prompts, each (cache row, start position, token ids), into their cache rows; returns
-        the logits [chunks, vocab] of each chunk's last token. One pass for all of them where one stage holds
-        every layer (packed side by side: each chunk's arithmetic is what a pass of its own would do), one
-        pass per chunk through a pipeline's stages."""
+    def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> list[torch.Tensor | None]:
+        """Read chunks of prompts, each (cache row, start position, token ids), into their cache rows; returns the
+        logits [vocab] of each chunk's last token, or None for a chunk the next one continues (the same row's
+        next positions: a long prompt read in several chunks at once). One pass for all of them where one stage
+        holds every layer (packed side by side: each chunk's arithmetic is what a pass of its own would do;
+        replayed from a graph where one holds it), one pass per chunk through a pipeline's stages."""
         device = self.device
         if self.stage.pipelined:
-            return torch.cat([self.forward(torch.tensor([ids], device=device), start, last_only=True,
-                                           slots=torch.tensor([slot], device=device))[:, -1]
-                              for slot, start, ids in chunks])
+            return [self.forward(torch.tensor([ids], device=device), start, last_only=True,
+                                 slots=torch.tensor([slot], device=device))[0, -1] for slot, start, ids in chunks]
         slots, starts, ids = zip(*chunks)
-        packed = Packed(slots, starts, tuple(map(len, ids)))
-        tokens = torch.tensor([[t for part in ids for t in part]], device=device)
-        return self.model(tokens, 0, packed, last_only=True)[0]
+        lengths = tuple(map(len, ids))
+        if self.prompt_graphs is not None and self.prompt_graphs.holds(slots, starts, lengths):
+            logits = self.prompt_graphs(slots, starts, list(ids))
+        else:
+            tokens = torch.tensor([[t for part in ids for t in part]], device=device)
+            logits = self.model(tokens, 0, Packed.of(slots, starts, lengths, device), last_only=True)[0]
+        out: list[torch.Tensor | None] = [None] * len(chunks)
+        for end, row in zip(run_ends(slots, starts, lengths), logits):
+            out[end] = row
+        return out
 
     def decode(self, tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, 1, vocab] on every rank for one token per row [B, 1] at pos (an int, or one per row), by

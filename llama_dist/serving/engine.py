@@ -338,16 +338,8 @@ class Engine:
         if plan.prefill:
             start = time.perf_counter()
             logits = self.runner.prefill([(c.slot, c.start, c.ids) for c in plan.prefill])
-            for chunk, row in zip(plan.prefill, logits):
-                if not driver or chunk.slot not in self.running:
-                    continue
-                r = self.running[chunk.slot]
-                self.metrics.prompt_tokens.inc(len(chunk.ids))
-                r.t_prompt = r.t_prompt or start
-                if chunk.last and not r.generated:  # (not a context read again after a shift)
-                    r.prompt_ms, r.t_first = (time.perf_counter() - r.t_prompt) * 1e3, time.perf_counter()
-                if chunk.last:
-                    self._safely(r, row)
+            if driver:
+                self._prompts_read(plan.prefill, logits, start)
         if plan.decode:
             slots, tokens, positions = zip(*plan.decode)
             logits = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
@@ -358,6 +350,24 @@ class Engine:
                 for i, slot in enumerate(slots):
                     if slot in self.running:
                         self._safely(self.running[slot], rows[i], likeliest[i])
+
+    def _prompts_read(self, chunks: list[Chunk], logits: list[torch.Tensor | None], start: float) -> None:
+        """Rank 0 after a prefill pass: the prompts read to their end choose their first token."""
+        ended = []
+        for chunk, row in zip(chunks, logits):
+            r = self.running.get(chunk.slot)
+            if r is None:
+                continue
+            self.metrics.prompt_tokens.inc(len(chunk.ids))
+            r.t_prompt = r.t_prompt or start
+            if chunk.last and not r.generated:  # (not a context read again after a shift)
+                r.prompt_ms, r.t_first = (time.perf_counter() - r.t_prompt) * 1e3, time.perf_counter()
+            if chunk.last:
+                ended.append((r, row))
+        if ended:
+            likeliest = self._likeliest(torch.stack([row for _, row in ended]), [r for r, _ in ended])
+            for (r, row), token in zip(ended, likeliest):
+                self._safely(r, row, token)
 
     def _likeliest(self, rows: torch.Tensor, requests: list[Request | None]) -> list[int]:
         """Each row's likeliest token (of the allowed ones, for a request with ignore_eos), in one transfer for
