@@ -87,6 +87,33 @@ def test_gemv_kernel_in_the_interpreter():
     run_interpreted(SCRIPT)
 
 
+PACKED_SCRIPT = """
+import torch
+import torch.nn.functional as F
+from llama_dist.kernels.packed_attention import BLOCK_M, load, packed_attention
+assert load()
+g = torch.Generator().manual_seed(0)
+runs = [(1, 0, 2 * BLOCK_M + 3), (0, 5, 3), (2, 10, 1), (1, 2 * BLOCK_M + 3, 17)]  # (cache row, start, tokens)
+rows = torch.tensor([r for r, s, n in runs for _ in range(n)])
+pos = torch.tensor([p for r, s, n in runs for p in range(s, s + n)])
+for n_heads, n_kv, d in ((4, 2, 16), (3, 1, 32), (2, 2, 16)):
+    cache_k, cache_v = (torch.randn(3, n_kv, 100, d, generator=g) for _ in range(2))
+    q = torch.randn(len(rows), n_heads, d, generator=g)
+    got = packed_attention(q, cache_k, cache_v, rows, pos, torch.tensor([n for *_, n in runs]))
+    for t in range(len(rows)):  # each token over its row's positions up to its own
+        k, v = (c[rows[t], :, :pos[t] + 1].repeat_interleave(n_heads // n_kv, 0) for c in (cache_k, cache_v))
+        want = F.scaled_dot_product_attention(q[t][:, None], k, v).reshape(-1)
+        assert (got[t] - want).abs().max() < 1e-5, (n_heads, n_kv, t)
+print("ok")
+"""
+
+
+def test_packed_attention_kernel_in_the_interpreter():
+    """Packed prompt runs (several blocks of one run, runs in other cache rows, from positions past 0, a run of
+    one token, GQA) attend as each token alone over its row's positions up to its own."""
+    run_interpreted(PACKED_SCRIPT)
+
+
 MODEL_SCRIPT = """
 import torch
 from llama_dist.checkpoint.config import LoadConfig

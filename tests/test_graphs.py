@@ -8,7 +8,7 @@ from llama_dist.checkpoint.loader import load_model
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.model.args import ModelArgs
-from llama_dist.runner.graphs import GraphedStep, batch_buckets
+from llama_dist.runner.graphs import GraphedStep, batch_buckets, token_buckets
 
 from .helpers import TINY_GQA, random_state_dict
 
@@ -25,6 +25,12 @@ def test_buckets():
     assert batch_buckets(32) == [1, 2, 4, 8, 16, 24, 32]
     assert batch_buckets(13) == [1, 2, 4, 8, 13]
     assert batch_buckets(200)[-6:] == [96, 112, 128, 160, 192, 200]
+
+
+def test_token_buckets():
+    assert token_buckets(16) == [16]
+    assert token_buckets(192) == [16, 32, 64, 128, 192]
+    assert token_buckets(4096)[4:] == [256, 512, 1024, 1536, 2048, 2560, 3072, 3584, 4096]
 
 
 def test_graphed_step_equals_the_eager_step():

@@ -132,8 +132,8 @@ class _PromptGraph:
     packed: Packed  # the capture's layout; its device tensors are views of index
     tokens: torch.Tensor  # [1, bucket], a view of index
     runs: int  # the most runs a replay holds
-    out: torch.Tensor  # logits [1, runs, vocab]
-    replay: Callable[[], None]
+    out: torch.Tensor | None = None  # logits [1, runs, vocab], once recorded
+    replay: Callable[[], None] | None = None
 
 
 class GraphedPrompts:
@@ -169,7 +169,7 @@ class GraphedPrompts:
         lengths = [min(model.n_ctx, bucket - at) for at in range(0, bucket, model.n_ctx)]
         layout = (tuple(range(len(lengths))), (0,) * len(lengths), tuple(lengths))
         packed = Packed(*layout, positions, rows, run_lengths, finals)
-        graph = _PromptGraph(index, packed, tokens.view(1, bucket), runs, None, None)
+        graph = _PromptGraph(index, packed, tokens.view(1, bucket), runs)
         self._fill(graph, *layout, [[0] * n for n in lengths])
         graph.replay, graph.out = record(lambda: model(graph.tokens, 0, packed, last_only=True))
         return graph
