@@ -39,6 +39,11 @@ def _prompts(prompt: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 @_with_options
+def _listed(value: Any) -> str | None:
+    """A comma-separated flag as one string (Fire reads "a,b" as a tuple)."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else None if value is None else str(value)
+
+
 def generate(prompt: str | list[str] = "I believe the meaning of life is", model: str = "smollm2",
              max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, n_ctx: int = 512, seed: int = 1,
              **options: Any) -> None:
@@ -133,25 +138,30 @@ def info(model: str = "smollm2") -> None:
 def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max_batch: int = 8, n_ctx: int = 2048,
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
           alias: str | None = None, n_predict: int = -1, seed: int | None = None, temperature: float | None = None,
-          prefill_chunk: int = 256, **options: Any) -> None:
+          prefill_chunk: int = 256, tags: str | None = None, cors_origins: str = "*", ui: bool = True,
+          **options: Any) -> None:
     """HTTP server: llama.cpp's endpoints (/completion, /tokenize, /props, /slots, /metrics, ...) and OpenAI's
     (/v1/completions, /v1/chat/completions, /v1/models, also without /v1), continuous batching across ranks
     (--max_batch sequences of --n_ctx tokens each, --max_queue waiting). One model is served, so any model name
     a client sends is accepted and echoed back. --noslots: GET /slots answers 501. --context_shift (llama.cpp's
     --context-shift): a prompt longer than the context keeps its first n_keep tokens and loses whole blocks after
     them, and a full context drops half of what follows them and goes on. --alias: the model's name in answers
-    and /v1/models. --n_predict: tokens an answer may have when its request does not say (-1: until the context is
-    full; OpenAI completions default to 16). --seed: the sampling seed of requests that give none (default: a fresh
+    and /v1/models (several, comma-separated: the first in sorted order is its id, all are listed; --tags too).
+    --host: one address or several, comma-separated (e.g. 127.0.0.1,::1). --n_predict: tokens an answer may
+    have when its request does not say (-1: until the context is full; OpenAI completions default to 16). --seed: the sampling seed of requests that give none (default: a fresh
     one each); --temperature: theirs when they give none (default: the API's, 0.8 llama.cpp, 1.0 OpenAI).
     --prefill_chunk: prompt tokens read per step (longer prompts take several steps, so running answers keep
     flowing while they are read). A new prompt starts from the longest prefix of it a cache slot holds (a
-    request's "cache_prompt": false reads it whole). Browsers on any origin may call it (CORS). On GPUs the
-    decode step's CUDA graphs are captured before /health answers 200, so no request waits for one (with
-    --compile, steps are compiled on first use instead)."""
+    request's "cache_prompt": false reads it whole). Browser pages on other origins may call it (CORS):
+    --cors_origins "*" (any), "localhost" (pages on this machine) or a comma-separated list. --noui: no chat page
+    at /. The API key may come as Authorization: Bearer <key> or x-api-key: <key>. On GPUs the decode step's
+    CUDA graphs (and the prompt pass's) are captured before /health answers 200, so no request waits for one
+    (with --compile, steps are compiled on first use instead)."""
     from .serving.server import serve as run
 
-    run(*make_configs(model, n_ctx, max_batch, **options), host, port, max_queue, api_key, slots, context_shift,
-        alias, n_predict, seed, temperature, prefill_chunk)
+    run(*make_configs(model, n_ctx, max_batch, **options), _listed(host), port, max_queue, api_key, slots,
+        context_shift, _listed(alias), n_predict, seed, temperature, prefill_chunk, _listed(tags),
+        _listed(cors_origins), ui)
 
 
 COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize,

@@ -205,14 +205,100 @@ def test_embeddings_through_the_openai_client(server):
 
 
 def test_cors_preflight_and_header(server):
-    """A browser page on another origin may call us: the preflight needs no key, answers carry the header."""
+    """A browser page on another origin may call us (llama.cpp's policy: the origin named back, credentials
+    allowed): the preflight needs no key, answers carry the header."""
     pre = httpx.options(f"{server.url}/v1/chat/completions",
                         headers={"Origin": "http://elsewhere.example", "Access-Control-Request-Method": "POST",
                                  "Access-Control-Request-Headers": "authorization,content-type"})
-    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] in ("*", "http://elsewhere.example")
-    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "http://elsewhere.example"
+    assert pre.headers["access-control-allow-credentials"] == "true"
+    assert pre.headers["access-control-allow-methods"] == "GET, POST, DELETE, OPTIONS"
+    assert pre.headers["access-control-allow-headers"] == "authorization,content-type"
     r = httpx.get(f"{server.url}/health", headers={"Origin": "http://elsewhere.example"})
-    assert r.headers["access-control-allow-origin"] == "*"
+    assert r.headers["access-control-allow-origin"] == "http://elsewhere.example"
+    assert "access-control-allow-origin" not in httpx.get(f"{server.url}/health").headers  # no Origin: no CORS
+
+
+def test_api_key_as_anthropic_clients_send_it(server):
+    assert httpx.get(f"{server.url}/v1/models", headers={"x-api-key": "k"}).status_code == 200
+    for headers in ({"x-api-key": "wrong"}, {"Authorization": "k"}, {}):
+        r = httpx.get(f"{server.url}/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+
+
+def test_post_sampling_probabilities_and_the_prompt_echoed(server):
+    """llama.cpp's post_sampling_probs: each token's probability after the sampler's settings (top-k 3 here: at
+    most three candidates, none of probability 0, summing to 1 when fewer than asked), and the prompt as text."""
+    body = {"prompt": "Today was the day. Today I would finally become a", "n_probs": 5, "temperature": 1.0,
+            "top_k": 3, "n_predict": 4, "seed": 3, "post_sampling_probs": True}
+    r = server.post("/completion", body, headers=auth()).json()
+    assert len(r["completion_probabilities"]) == len(r["tokens"]) == 4
+    for token, entry in zip(r["tokens"], r["completion_probabilities"]):
+        top = entry["top_probs"]
+        assert entry["id"] == token and 0 < entry["prob"] <= 1 and 1 <= len(top) <= 3
+        assert all(p["prob"] > 0 for p in top) and math.isclose(sum(p["prob"] for p in top), 1, rel_tol=1e-4)
+        assert entry["prob"] == next(p["prob"] for p in top if p["id"] == token)
+    assert r["prompt"] == body["prompt"]
+    greedy = server.post("/completion", {**body, "temperature": 0, "n_predict": 1}, headers=auth()).json()
+    assert [p["prob"] for p in greedy["completion_probabilities"][0]["top_probs"]] == [1.0]
+
+
+def test_prompt_progress_while_a_prompt_is_read():
+    """return_progress on streams: a first report before anything is read (what the cache held), then one per
+    prompt chunk read (--prefill_chunk 16 here), on llama.cpp's /completion and OpenAI's chat stream; a prompt
+    already in the cache reports it."""
+    s = Server("--model", "smollm2", "--max_batch", "1", "--n_ctx", "256", "--prefill_chunk", "16")
+    try:
+        prompt = "This is a test. " * 12
+        body = {"prompt": prompt, "n_predict": 2, "stream": True, "return_progress": True}
+        with httpx.stream("POST", f"{s.url}/completion", json=body, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        progress = [e["prompt_progress"] for e in events if "prompt_progress" in e]
+        n = progress[0]["total"]
+        assert [p["processed"] for p in progress] == [0, *range(16, n, 16), n] and n > 40
+        assert all(p["cache"] == 0 and p["total"] == n for p in progress) and events[-1]["stop"]
+        chat = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "stream": True,
+                "return_progress": True}
+        for _ in range(2):  # the second time the chat's prompt is in the cache
+            with httpx.stream("POST", f"{s.url}/v1/chat/completions", json=chat, timeout=60) as r:
+                lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            progress = [json.loads(x)["prompt_progress"] for x in lines[:-1] if "prompt_progress" in json.loads(x)]
+            first, last = progress[0], progress[-1]
+            assert first["cache"] == first["processed"] and last["processed"] == last["total"] == first["total"]
+        assert progress[0]["cache"] >= 16 and len(progress) < 4
+        assert "prompt_progress" not in s.post("/completion", {**body, "stream": False}).json()
+    finally:
+        assert s.stop() == [0]
+
+
+def test_aliases_tags_no_ui_and_several_addresses():
+    """llama.cpp's --alias a,b,c and --tags in /models (the id: the first alias in sorted order), --no-ui (no page
+    at /), a host list (each address answers), and --cors_origins localhost (pages on this machine only)."""
+    import socket
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        host = "127.0.0.1,::1"
+    except OSError:
+        host = "127.0.0.1"
+    s = Server("--model", "smollm2", "--max_batch", "1", "--n_ctx", "64", "--host", host, "--alias", "tiny,fim,code",
+               "--tags", "chat,small", "--noui", "--cors_origins", "localhost")
+    try:
+        model = httpx.get(f"{s.url}/v1/models").json()["data"][0]
+        assert model["id"] == "code" and set(model["aliases"]) == {"tiny", "fim", "code"}
+        assert set(model["tags"]) == {"chat", "small"}
+        assert httpx.get(f"{s.url}/").status_code == 404
+        if "::1" in host:
+            assert httpx.get(f"http://[::1]:{s.port}/health").status_code == 200
+        for origin, allowed in (("http://localhost:3000", True), ("http://[::1]", True), ("http://evil.com", False),
+                                ("http://localhost.evil.com", False)):
+            pre = httpx.options(f"{s.url}/completion", headers={"Origin": origin,
+                                                               "Access-Control-Request-Method": "POST"})
+            assert pre.status_code == 200
+            assert pre.headers.get("access-control-allow-origin") == (origin if allowed else None)
+    finally:
+        assert s.stop() == [0]
 
 
 def test_metrics_count_what_clients_sent(server):

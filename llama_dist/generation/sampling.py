@@ -40,6 +40,32 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
                history: list[int]) -> int:
     """One token from one row of logits [vocab], in llama.cpp's order: logit bias, penalty, top-k, min-p, top-p,
     temperature."""
+    logits = _biased(logits, params, history)
+    if params.temperature <= 0:
+        return int(logits.argmax())
+    probs = _filtered(logits, params)
+    if params.top_p < 1.0:
+        return int(sample_top_p(probs[None] / probs.sum(), params.top_p, generator)[0])
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def final_probs(logits: torch.Tensor, params: SamplingParams, history: list[int]) -> torch.Tensor:
+    """The distribution sample_row draws from [vocab] (summing to 1; greedy: all on the likeliest token), what
+    llama.cpp reports as post-sampling probabilities."""
+    logits = _biased(logits, params, history)
+    if params.temperature <= 0:
+        return torch.nn.functional.one_hot(logits.argmax(), logits.numel()).float()
+    probs = _filtered(logits, params)
+    probs = probs / probs.sum()
+    if params.top_p < 1.0:  # the nucleus sample_top_p keeps
+        ordered, idx = probs.sort(descending=True)
+        outside = ordered.cumsum(-1) - ordered > params.top_p
+        probs = probs.scatter(0, idx[outside], 0.0)
+    return probs / probs.sum()
+
+
+def _biased(logits: torch.Tensor, params: SamplingParams, history: list[int]) -> torch.Tensor:
+    """The logits after the logit bias and the repeat penalty (a float copy)."""
     logits = logits.float().clone()
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), device=logits.device)
@@ -48,14 +74,15 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
         recent = torch.tensor(history[-params.repeat_last_n:], device=logits.device).unique()
         picked = logits[recent]
         logits[recent] = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
-    if params.temperature <= 0:
-        return int(logits.argmax())
+    return logits
+
+
+def _filtered(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Probabilities (not normalised) after top-k, temperature and min-p."""
     if 0 < params.top_k < logits.numel():
         kth = logits.topk(params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    if params.top_p < 1.0:
-        return int(sample_top_p(probs[None] / probs.sum(), params.top_p, generator)[0])
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+    return probs

@@ -8,6 +8,7 @@ openai_routes.py; this module holds what they share and the app (routes, CORS).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import threading
 from dataclasses import dataclass, field
@@ -16,7 +17,6 @@ from typing import Any, AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -24,6 +24,7 @@ from starlette.routing import Route
 from ..generation.constraints import Constraint, GrammarError, gbnf_grammar, json_schema_grammar
 from ..generation.sampling import SamplingParams
 from ..tokenizer.chat import check_messages
+from .cors import CORS
 from .engine import Engine, QueueFull, Request
 
 MAX_BODY_BYTES = 1 << 20
@@ -57,6 +58,10 @@ class State:
     n_predict: int = -1  # tokens an answer may have when the request does not say (-1: until the context is full)
     seed: int | None = None  # sampling seed of requests that give none (None: a fresh one each)
     temperature: float | None = None  # sampling temperature of requests that give none (None: the API's default)
+    aliases: tuple[str, ...] = ()  # more names of the model (llama.cpp's --alias a,b,c), shown in /models
+    tags: tuple[str, ...] = ()  # llama.cpp's --tags, shown in /models
+    cors_origins: tuple[str, ...] = ("*",)  # which pages on other origins may call us (serving/cors.py)
+    ui: bool = True  # the chat page at /
     engine: Engine | None = field(default=None, repr=False)
     relays: dict = field(default_factory=dict, repr=False)
 
@@ -175,8 +180,11 @@ class Handlers:
         return {"id": token, "token": text, "bytes": list(text.encode("utf-8"))}
 
     def _authorise(self, request: HTTPRequest) -> None:
-        if self.state.api_key and request.headers.get("authorization") != f"Bearer {self.state.api_key}":
-            raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>'.",
+        """The API key, as OpenAI's clients send it (Authorization: Bearer) or Anthropic's (x-api-key)."""
+        key, headers = self.state.api_key, request.headers
+        if key and not (hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {key}".encode())
+                        or hmac.compare_digest(headers.get("x-api-key", "").encode(), key.encode())):
+            raise APIError(401, "Missing or wrong API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
                            "authentication_error", "invalid_api_key")
 
     async def _body(self, request: HTTPRequest) -> dict:
@@ -285,7 +293,9 @@ class Handlers:
                        ignore_eos=_field(body, "ignore_eos", bool, False), constraint=self._constraint(body),
                        n_keep=min(n_keep, len(ids)) if shift else None, prompt_truncated=truncated,
                        cache_prompt=_field(body, "cache_prompt", bool, True),
-                       timings_per_token=_field(body, "timings_per_token", bool, False))
+                       timings_per_token=_field(body, "timings_per_token", bool, False),
+                       return_progress=_field(body, "return_progress", bool, False) and _field(body, "stream", bool,
+                                                                                               False))
 
     def _logit_bias(self, body: dict) -> dict[int, float]:
         """llama.cpp's [[token, bias], ...] or OpenAI's {token: bias}: a token is an id (or its digits) or text,
@@ -355,7 +365,7 @@ class Handlers:
                 text.append(e["text"])
             elif e["type"] == "error":
                 raise APIError(500, e["message"], "server_error")
-            else:
+            elif e["type"] != "progress":
                 return "".join(text), e
         raise APIError(500, "generation ended without a result", "server_error")
 
@@ -405,8 +415,8 @@ def build_app(state: State) -> Starlette:
         return endpoint
 
     get, post = ["GET"], ["POST"]
-    routes = [Route("/", api.page, methods=get),
-              Route("/health", wrap(api.health), methods=get),
+    routes = [Route("/", api.page, methods=get)] if state.ui else []
+    routes += [Route("/health", wrap(api.health), methods=get),
               Route("/v1/health", wrap(api.health), methods=get),
               Route("/metrics", wrap(api.metrics), methods=get),
               Route("/props", wrap(api.props), methods=get),
@@ -426,5 +436,4 @@ def build_app(state: State) -> Starlette:
               Route("/v1/embeddings", wrap(api.embeddings), methods=post),
               Route("/embeddings", wrap(api.embeddings), methods=post)]
     # Browser apps on other origins may call us (as llama.cpp's server allows); preflights need no API key.
-    cors = Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["*"], allow_headers=["*"])
-    return Starlette(routes=routes, middleware=[cors])
+    return Starlette(routes=routes, middleware=[Middleware(CORS, origins=state.cors_origins)])

@@ -22,7 +22,7 @@ import torch
 
 from ..generation.constraints import Constraint
 from ..generation.llama import Llama
-from ..generation.sampling import SamplingParams, sample_row
+from ..generation.sampling import SamplingParams, final_probs, sample_row
 from ..tokenizer.stream import TextStream
 from .metrics import Metrics
 from .slot_cache import SlotCache
@@ -52,6 +52,14 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int) -> dict:
             "top": [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))}
 
 
+def token_probs(probs: torch.Tensor, token: int, top: int) -> dict:
+    """The chosen token's probability and the `top` likeliest (none of probability 0), from the distribution the
+    sampler drew from (after its settings: llama.cpp's post-sampling probabilities)."""
+    best = probs.topk(min(top, int((probs > 0).sum()))) if top else None
+    return {"id": token, "prob": float(probs[token]),
+            "top": [] if best is None else list(zip(best.indices.tolist(), best.values.tolist()))}
+
+
 def timings(r: "Request") -> dict:
     """llama.cpp's timings of a request so far: prompt tokens read (and reused), answer tokens, milliseconds."""
     predicted_ms = (time.perf_counter() - r.t_first) * 1e3 if r.t_first else 0.0
@@ -68,9 +76,11 @@ class Request:
     params: SamplingParams
     max_new_tokens: int
     on_event: Callable[[dict], None]  # called from the engine thread: {"token"...} then one {"done"...}
+    # ({"progress"...} first, with return_progress)
     stop_words: list[str] = field(default_factory=list)
     seed: int | None = None
     top_logprobs: int | None = None  # report each chosen token's log-probability and this many alternatives
+    post_sampling: bool = False  # ... as probabilities after the sampler's settings (llama.cpp's post_sampling_probs)
     ignore_eos: bool = False  # never choose an end token (llama.cpp's ignore_eos)
     constraint: Constraint | None = None  # a schema or grammar the output must follow
     embed: bool = False  # read the prompt and answer its pooled, L2-normalised final hidden state
@@ -79,6 +89,7 @@ class Request:
     prompt_truncated: bool = False  # the prompt was cut to fit the context
     cache_prompt: bool = True  # start from a prefix of the prompt a cache slot already holds (llama.cpp's name)
     timings_per_token: bool = False  # each streamed event carries the timings so far (llama.cpp's name)
+    return_progress: bool = False  # a {"progress"} event as the prompt is read, chunk by chunk (llama.cpp's name)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     slot: int = -1
@@ -239,6 +250,8 @@ class Engine:
             if r.embed:
                 plan.embed.append((r.slot, r.prompt_ids))
                 self.slots.wrote(r.slot, 0, r.prompt_ids)
+            elif r.return_progress:
+                self._progress(r, r.reused)
             self.running[r.slot] = r
             deadline = time.monotonic()  # take what is queued now, then run
 
@@ -253,6 +266,12 @@ class Engine:
             r.on_event(event)
             r.sent, r.tokens_sent = upto, len(r.generated)
 
+    def _progress(self, r: Request, processed: int) -> None:
+        """llama.cpp's prompt_progress: the prompt's tokens, those found in the cache, those in it now."""
+        elapsed = (time.perf_counter() - r.t_prompt) * 1e3 if r.t_prompt else 0.0
+        r.on_event({"type": "progress", "prompt_progress": {"total": len(r.prompt_ids), "cache": r.reused,
+                                                           "processed": processed, "time_ms": elapsed}})
+
     def _finish(self, r: Request, stop_type: str, stopping_word: str = "") -> None:
         if stop_type != "cancelled":
             self._emit_text(r, final=True)
@@ -266,6 +285,7 @@ class Engine:
         if r.max_new_tokens == 0:  # the prompt was only to be read
             return self._done(r, "limit")
         fast = likeliest is not None and r.plain_greedy()
+        history = r.prompt_ids + r.generated
         if r.ignore_eos and (not fast or r.top_logprobs is not None):
             logits = logits.index_fill(0, self.stop_ids, float("-inf"))
         if fast:
@@ -273,7 +293,7 @@ class Engine:
         else:
             if r.constraint is not None:
                 logits = r.constraint.mask(logits)
-            token = sample_row(logits, r.params, r.generator, r.prompt_ids + r.generated)
+            token = sample_row(logits, r.params, r.generator, history)
         now = time.perf_counter()
         if r.generated:
             self.metrics.inter_token.observe(now - r.t_last)
@@ -284,7 +304,8 @@ class Engine:
         if token in self.llama.tokenizer.stop_ids:
             return self._done(r, "eos")
         if r.top_logprobs is not None:
-            r.logprobs.append(token_logprobs(logits, token, r.top_logprobs))
+            r.logprobs.append(token_probs(final_probs(logits, r.params, history), token, r.top_logprobs)
+                              if r.post_sampling else token_logprobs(logits, token, r.top_logprobs))
         r.generated.append(token)
         r.text += r.stream.push(token)
         if r.constraint is not None:
@@ -360,6 +381,8 @@ class Engine:
                 continue
             self.metrics.prompt_tokens.inc(len(chunk.ids))
             r.t_prompt = r.t_prompt or start
+            if r.return_progress and not r.generated:
+                self._progress(r, chunk.start + len(chunk.ids))
             if chunk.last and not r.generated:  # (not a context read again after a shift)
                 r.prompt_ms, r.t_first = (time.perf_counter() - r.t_prompt) * 1e3, time.perf_counter()
             if chunk.last:

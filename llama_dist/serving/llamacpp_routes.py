@@ -20,6 +20,8 @@ class LlamaCppRoutes(Handlers):
         n_probs = _field(body, "n_probs", int, 0, lambda v: 0 <= v <= 100)
         reqs = [self._request(ids, body, openai=False, max_name="n_predict", top_logprobs=n_probs or None)
                 for ids in self._prompts(body.get("prompt"))]
+        for req in reqs:
+            req.post_sampling = _field(body, "post_sampling_probs", bool, False)
         if _field(body, "stream", bool, False):
             if len(reqs) > 1:
                 raise APIError(400, "Streaming takes one prompt; send several prompts without 'stream'.")
@@ -39,6 +41,9 @@ class LlamaCppRoutes(Handlers):
                 if "timings" in e:
                     chunk["timings"] = e["timings"]
                 yield sse(chunk)
+            elif e["type"] == "progress":
+                yield sse({"index": 0, "content": "", "tokens": [], "stop": False, "id_slot": req.slot,
+                           "prompt_progress": e["prompt_progress"]})
             elif e["type"] == "error":
                 yield sse({"error": {"message": e["message"], "type": "server_error"}})
             else:
@@ -51,7 +56,8 @@ class LlamaCppRoutes(Handlers):
                   "tokens_predicted": len(req.generated), "tokens_evaluated": len(req.prompt_ids),
                   "generation_settings": self._settings(req), "has_new_line": "\n" in text,
                   "truncated": self.truncated(req), "stop_type": done["stop_type"],
-                  "stopping_word": done["stopping_word"], "tokens_cached": req.reused, "timings": done["timings"]}
+                  "stopping_word": done["stopping_word"], "tokens_cached": req.reused, "timings": done["timings"],
+                  "prompt": self.tokenizer.decode(req.prompt_ids)}
         if req.top_logprobs is not None:
             result["completion_probabilities"] = self._probabilities(req.logprobs)
         fields = _field(body, "response_fields", list, None)
@@ -65,9 +71,12 @@ class LlamaCppRoutes(Handlers):
                 "n_probs": req.top_logprobs or 0, "model": self.state.model_name}
 
     def _probabilities(self, logprobs: list[dict]) -> list[dict]:
-        """llama.cpp's completion_probabilities: each chosen token with its log-probability and the likeliest."""
-        return [{**self._piece(lp["id"]), "logprob": lp["logprob"],
-                 "top_logprobs": [{**self._piece(i), "logprob": v} for i, v in lp["top"]]} for lp in logprobs]
+        """llama.cpp's completion_probabilities: each chosen token with its log-probability and the likeliest, or
+        (post_sampling_probs) with its probability and the likeliest after the sampler's settings."""
+        kind = "prob" if logprobs and "prob" in logprobs[0] else "logprob"
+        top = {"prob": "top_probs", "logprob": "top_logprobs"}[kind]
+        return [{**self._piece(lp["id"]), kind: lp[kind], top: [{**self._piece(i), kind: v} for i, v in lp["top"]]}
+                for lp in logprobs]
 
     async def tokenize(self, request: HTTPRequest) -> Response:
         body = await self._body(request)

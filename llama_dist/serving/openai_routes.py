@@ -23,8 +23,10 @@ FINGERPRINT = f"b{__version__}-llama-dist"  # system_fingerprint: which build an
 class OpenAIRoutes(Handlers):
     async def models(self, request: HTTPRequest) -> Response:
         self._authorise(request)
-        return JSONResponse({"object": "list", "data": [{"id": self.state.model_name, "object": "model",
-                                                         "created": 0, "owned_by": "llama-dist"}]})
+        state = self.state
+        return JSONResponse({"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
+                                                         "owned_by": "llama-dist", "aliases": list(state.aliases),
+                                                         "tags": list(state.tags)}]})
 
     async def completions(self, request: HTTPRequest) -> Response:
         body = await self._body(request)
@@ -122,6 +124,9 @@ class OpenAIRoutes(Handlers):
             if e["type"] == "error":
                 yield sse({"error": {"message": e["message"], "type": "server_error"}})
                 break
+            if e["type"] == "progress":
+                yield sse({**head, "object": obj, "choices": [], "prompt_progress": e["prompt_progress"]})
+                continue
             finish = None if e["type"] == "token" else _finish_reason(e["stop_type"])
             text = e.get("text", "")
             logprobs = (self._logprobs(e["logprobs"], chat, text)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -20,19 +21,40 @@ def model_name(model: str) -> str:
     return Path(model).stem if model not in ("smollm2",) else "smollm2"
 
 
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets bound to each of host's comma-separated addresses (IPv4 or IPv6) at port."""
+    sockets = []
+    try:
+        for address in host.split(","):
+            address = address.strip().strip("[]")
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sockets.append(socket.create_server((address, port), family=family))
+    except OSError as e:
+        for s in sockets:
+            s.close()
+        raise RuntimeError(f"Could not listen on {address}:{port} ({e.strerror}; is another server using the "
+                           "port?). Choose another port or address.") from None
+    return sockets
+
+
+def urls(host: str, port: int) -> str:
+    return ", ".join(f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}"
+                     for a in (h.strip().strip("[]") for h in host.split(",")))
+
+
 def start_http(state: State, host: str, port: int):
-    """uvicorn on its own thread and event loop; returns its Server (set should_exit to stop it)."""
+    """uvicorn on its own thread and event loop, listening on each of host's addresses; returns its Server (set
+    should_exit to stop it) and thread."""
     import uvicorn
 
-    config = uvicorn.Config(build_app(state), host=host, port=port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=lambda: asyncio.run(server.serve()), name="http", daemon=True)
+    sockets = listen(host, port)  # fail now, before loading the model, if an address cannot be had
+    server = uvicorn.Server(uvicorn.Config(build_app(state), log_level="warning", access_log=False))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=sockets)), name="http", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
-    while not server.started:  # fail now, before loading the model, if the port cannot be had
+    while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"Could not listen on {host}:{port} (is another server using the port?). "
-                               "Choose another port.")
+            raise RuntimeError(f"The HTTP server did not start on {urls(host, port)}.")
         time.sleep(0.05)
     return server, thread
 
@@ -40,14 +62,20 @@ def start_http(state: State, host: str, port: int):
 def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", port: int = 8080,
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
           alias: str | None = None, n_predict: int = -1, seed: int | None = None,
-          temperature: float | None = None, prefill_chunk: int = 256) -> None:
+          temperature: float | None = None, prefill_chunk: int = 256, tags: str | None = None,
+          cors_origins: str = "*", ui: bool = True) -> None:
     """Serve the model over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
     (every pipeline stage follows the driver's step plan like a tensor-parallel rank does): up to
-    load.max_batch_size sequences of load.n_ctx tokens at once, max_queue more waiting."""
+    load.max_batch_size sequences of load.n_ctx tokens at once, max_queue more waiting. host: addresses,
+    comma-separated; alias and tags: comma-separated names (the model's id is the first alias in sorted order,
+    as llama.cpp's); cors_origins: "*", "localhost" or origins, comma-separated (serving/cors.py)."""
     pctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
-    state = State(alias or model_name(load.model), api_key, model_path=resolve_model(load.model),
+    aliases = tuple(sorted({a.strip() for a in (alias or "").split(",") if a.strip()}))
+    state = State(aliases[0] if aliases else model_name(load.model), api_key, model_path=resolve_model(load.model),
                   slots_endpoint=slots, context_shift=context_shift, n_predict=n_predict, seed=seed,
-                  temperature=temperature)
+                  temperature=temperature, aliases=aliases,
+                  tags=tuple(t.strip() for t in (tags or "").split(",") if t.strip()),
+                  cors_origins=tuple(o.strip() for o in cors_origins.split(",") if o.strip()), ui=ui)
     http = None
     if pctx.is_driver:  # answer /health with 503 while the model loads
         http, thread = start_http(state, host, port)
@@ -61,7 +89,7 @@ def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", p
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         state.engine = engine
-        print(f"Serving {state.model_name} on http://{host}:{port} ({pctx.world_size} rank(s), "
+        print(f"Serving {state.model_name} on {urls(host, port)} ({pctx.world_size} rank(s), "
               f"batch {load.max_batch_size}, context {load.n_ctx})", flush=True)
     else:  # followers leave when rank 0's plan says so
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
