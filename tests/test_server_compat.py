@@ -116,6 +116,29 @@ def test_any_message_order_and_assistant_prefill(server):
     answer = c.chat.completions.create(model="x", messages=prefill, max_tokens=4, temperature=0)
     assert "Paris" in answer.choices[0].message.content
     assert not answer.choices[0].message.content.startswith("The capital")
+    # vLLM's switches: continue_final_message false answers after it instead; both it and add_generation_prompt: 400
+    closed = server.post("/apply-template", {"messages": prefill, "continue_final_message": False},
+                         headers=auth()).json()["prompt"]
+    assert closed.endswith("The capital of France is<|im_end|>\n<|im_start|>assistant\n")
+    for body in ({"add_generation_prompt": True, "continue_final_message": True},
+                 {"messages": prefill + [{"role": "assistant", "content": "Paris"}]}):
+        r = server.post("/v1/chat/completions", {"messages": prefill, "max_tokens": 2, **body}, headers=auth())
+        assert r.status_code == 400, body
+    # llama.cpp's "verbose": what the model read, as text
+    verbose = server.post("/v1/chat/completions", {"messages": prefill, "max_tokens": 2, "verbose": True},
+                          headers=auth()).json()["__verbose"]
+    assert verbose["prompt"] == prompt and len(verbose["tokens"]) == 2
+
+
+def test_openai_stream_usage_carries_timings(server):
+    body = {"messages": [{"role": "user", "content": "test"}], "max_tokens": 5, "stream": True,
+            "stream_options": {"include_usage": True}, "timings_per_token": True}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=auth(), timeout=60) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert "timings" not in chunks[0] and chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    usage = [c for c in chunks if not c["choices"]]
+    assert len(usage) == 1 and usage[0]["timings"]["predicted_n"] == usage[0]["usage"]["completion_tokens"] <= 5
+    assert all("timings" in c for c in chunks[1:])
 
 
 def test_logprobs_chat_completions_and_n_probs(server):

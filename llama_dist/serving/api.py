@@ -179,6 +179,11 @@ class Handlers:
         text = self.tokenizer.decode([token])
         return {"id": token, "token": text, "bytes": list(text.encode("utf-8"))}
 
+    def _verbose(self, req: Request, text: str) -> dict:
+        """llama.cpp's __verbose (a request's "verbose": true): what the model read and wrote, as tokens and text."""
+        return {"prompt": self.tokenizer.decode(req.prompt_ids), "content": text, "tokens": list(req.generated),
+                "tokens_evaluated": len(req.prompt_ids), "tokens_cached": req.reused}
+
     def _authorise(self, request: HTTPRequest) -> None:
         """The API key, as OpenAI's clients send it (Authorization: Bearer) or Anthropic's (x-api-key)."""
         key, headers = self.state.api_key, request.headers
@@ -229,6 +234,16 @@ class Handlers:
         except ValueError as e:
             raise APIError(400, str(e)) from None
         return out
+
+    @staticmethod
+    def _continue_final(body: dict) -> bool:
+        """Whether a final assistant message is continued (llama.cpp's default; vLLM's continue_final_message, which
+        add_generation_prompt: true contradicts)."""
+        add = _field(body, "add_generation_prompt", bool, None)
+        cont = _field(body, "continue_final_message", bool, None)
+        if add and cont:
+            raise APIError(400, "'add_generation_prompt' and 'continue_final_message' cannot both be true.")
+        return cont if cont is not None else not add
 
     def _prompt_ids(self, prompt: Any) -> list[int]:
         """One prompt: text, token ids, or a mix of both (llama.cpp)."""

@@ -4,14 +4,14 @@ An allowed origin is named back in Access-Control-Allow-Origin with credentials 
 (OPTIONS) is answered 200 without an API key; a page on another origin gets the same 200 preflight without
 the header, so the browser refuses it. Starlette's CORS middleware answers that case 400 and cannot name
 credentials for any origin, hence this one. Unlike llama.cpp (which answers "*"), a preflight is allowed the
-headers it asks for: browsers never let "*" cover Authorization.
+headers it asks for: browsers never let "*" cover Authorization. Header names are written as llama.cpp writes
+them (uvicorn's h11 sends every name in lower case; its httptools keeps them).
 """
 from __future__ import annotations
 
 from urllib.parse import urlsplit
 
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.responses import Response
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
@@ -44,13 +44,16 @@ class CORS:
                                                      "Access-Control-Allow-Headers":
                                                          headers.get("access-control-request-headers", "*"),
                                                      "Access-Control-Max-Age": "600"})
-            return await Response(status_code=200, headers=answer)(scope, receive, send)
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": _raw({**answer, "Content-Length": "0"})})
+            return await send({"type": "http.response.body", "body": b""})
         if not allowed:
             return await self.app(scope, receive, send)
 
         async def send_allowed(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).update({**self._allow(origin), "Vary": "Origin"})
+                message = {**message, "headers": [*message.get("headers", []),
+                                                  *_raw({**self._allow(origin), "Vary": "Origin"})]}
             await send(message)
 
         await self.app(scope, receive, send_allowed)
@@ -58,3 +61,7 @@ class CORS:
     @staticmethod
     def _allow(origin: str) -> dict[str, str]:
         return {"Access-Control-Allow-Origin": origin, "Access-Control-Allow-Credentials": "true"}
+
+
+def _raw(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]

@@ -60,6 +60,8 @@ class LlamaCppRoutes(Handlers):
                   "prompt": self.tokenizer.decode(req.prompt_ids)}
         if req.top_logprobs is not None:
             result["completion_probabilities"] = self._probabilities(req.logprobs)
+        if _field(body, "verbose", bool, False):
+            result["__verbose"] = self._verbose(req, text)
         fields = _field(body, "response_fields", list, None)
         return _pick(result, fields) if fields else result
 
@@ -100,7 +102,8 @@ class LlamaCppRoutes(Handlers):
         """The prompt text the model's chat template makes of `messages` (what /v1/chat/completions would read)."""
         body = await self._body(request)
         try:
-            return JSONResponse({"prompt": render_dialog(self._messages(body), self.tokenizer, strict=False)})
+            return JSONResponse({"prompt": render_dialog(self._messages(body), self.tokenizer, strict=False,
+                                                         continue_final=self._continue_final(body))})
         except ValueError as e:
             raise APIError(400, str(e)) from None
 

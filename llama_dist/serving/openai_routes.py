@@ -53,7 +53,8 @@ class OpenAIRoutes(Handlers):
     def _chat_ids(self, body: dict) -> list[int]:
         """The prompt ids the model's chat template makes of the request's messages."""
         try:
-            return encode_dialog(self._messages(body), self.tokenizer, strict=False)
+            return encode_dialog(self._messages(body), self.tokenizer, strict=False,
+                                 continue_final=self._continue_final(body))
         except ValueError as e:
             raise APIError(400, str(e)) from None
 
@@ -112,7 +113,11 @@ class OpenAIRoutes(Handlers):
         usage = {key: sum(_usage(r)[key] for r in reqs) for key in ("prompt_tokens", "completion_tokens",
                                                                      "total_tokens")}
         usage["prompt_tokens_details"] = {"cached_tokens": sum(r.reused for r in reqs)}
-        return JSONResponse({**head, "object": obj, "choices": choices, "usage": usage})
+        answer = {**head, "object": obj, "choices": choices, "usage": usage}
+        if _field(body, "verbose", bool, False):
+            first = choices[0]
+            answer["__verbose"] = self._verbose(reqs[0], first["message"]["content"] if chat else first["text"])
+        return JSONResponse(answer)
 
     async def _openai_stream(self, req: Request, events: AsyncIterator[dict], body: dict, head: dict, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -134,9 +139,10 @@ class OpenAIRoutes(Handlers):
             choice = ({"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
                       if chat else {"index": 0, "text": text, "finish_reason": finish})
             choice["logprobs"] = logprobs
-            yield sse({**head, "object": obj, "choices": [choice]})
+            timing = {"timings": e["timings"]} if "timings" in e else {}  # each event, with timings_per_token
+            yield sse({**head, "object": obj, "choices": [choice], **timing})
             if finish and include_usage:
-                yield sse({**head, "object": obj, "choices": [], "usage": _usage(req)})
+                yield sse({**head, "object": obj, "choices": [], "usage": _usage(req), "timings": e["timings"]})
         yield "data: [DONE]\n\n"
 
     def _logprobs(self, logprobs: list[dict], chat: bool, text: str) -> dict:

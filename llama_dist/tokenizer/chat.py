@@ -57,10 +57,13 @@ ROLES = ("system", "user", "assistant")
 
 def check_messages(dialog: Dialog) -> None:
     """What OpenAI-compatible servers accept: any order of system/user/assistant messages with text content;
-    the template lays them out. A final assistant message is continued rather than answered."""
+    the template lays them out. A final assistant message is continued rather than answered, so two cannot end
+    the list (llama.cpp refuses that too)."""
     if not dialog or not all(isinstance(m.get("content"), str) and m.get("role") in ROLES for m in dialog):
         raise ValueError(f"Messages need a role ({', '.join(ROLES)}) and text content; got "
                          f"{[m.get('role') for m in dialog] or 'none'}.")
+    if len(dialog) > 1 and dialog[-1]["role"] == dialog[-2]["role"] == "assistant":
+        raise ValueError("Two assistant messages end the list: only the last message can be continued.")
 
 
 def default_template(tokenizer: Tokenizer) -> str:
@@ -90,12 +93,14 @@ def _compile(template: str):
     return env.from_string(template)
 
 
-def render_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None, strict: bool = True) -> str:
+def render_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None, strict: bool = True,
+                  continue_final: bool = True) -> str:
     """The prompt text. strict: Meta's dialog rules (check_dialog); else any order (check_messages), and a final
-    assistant message is continued: the text stops right after its content (llama.cpp's assistant prefill)."""
+    assistant message is continued: the text stops right after its content (llama.cpp's assistant prefill), unless
+    continue_final is False (vLLM's continue_final_message), when the assistant's next turn follows it."""
     check_dialog(dialog) if strict else check_messages(dialog)
     template = TEMPLATES.get(template, template) if template else default_template(tokenizer)
-    prefill = dialog[-1]["role"] == "assistant"
+    prefill = continue_final and dialog[-1]["role"] == "assistant"
     text = _compile(template).render(messages=list(dialog), add_generation_prompt=not prefill,
                                      bos_token=tokenizer.token_text(tokenizer.bos_id),
                                      eos_token=tokenizer.token_text(tokenizer.eos_id))
@@ -108,10 +113,11 @@ def render_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = N
     return text
 
 
-def encode_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None, strict: bool = True) -> list[int]:
-    """Prompt ids for the assistant's next turn (or the rest of a final assistant message, when not strict).
+def encode_dialog(dialog: Dialog, tokenizer: Tokenizer, template: str | None = None, strict: bool = True,
+                  continue_final: bool = True) -> list[int]:
+    """Prompt ids for the assistant's next turn (or the rest of a final assistant message, as render_dialog).
     `template`: a TEMPLATES name, Jinja text, or None (the model's)."""
-    ids = tokenizer.encode(render_dialog(dialog, tokenizer, template, strict), bos=False)
+    ids = tokenizer.encode(render_dialog(dialog, tokenizer, template, strict, continue_final), bos=False)
     if tokenizer.add_bos and ids[:1] != [tokenizer.bos_id]:
         ids = [tokenizer.bos_id] + ids
     return ids
