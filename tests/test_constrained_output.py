@@ -5,6 +5,7 @@ import concurrent.futures
 import json
 
 import jsonschema
+import torch
 import pytest
 
 from .test_server import Server
@@ -89,3 +90,27 @@ def test_json_schema_on_three_tensor_parallel_ranks():
         _check_all_valid(s, 9)
     finally:
         assert s.stop() == [0, 0, 0]
+
+
+def test_json_whitespace_and_integers_are_bounded_as_llama_cpp_bounds_them():
+    """Between JSON tokens: nothing, a space, or a newline and up to 20 spaces or tabs; an integer without bounds
+    of its own has at most 16 digits. (Unbounded, answers sampled at temperature 1 ran to their limit in blank
+    lines or digits.) Its own bounds are kept."""
+    from llama_dist.generation.constraints import Constraint, json_schema_grammar
+    from llama_dist.generation.llama import Llama
+
+    tokenizer = Llama.build("smollm2", max_seq_len=32, max_batch_size=1).tokenizer
+    vocab = tokenizer.n_words
+
+    def allowed(schema: dict, text: str, following: str) -> bool:
+        c = Constraint(json_schema_grammar(schema), tokenizer, vocab)
+        for token in tokenizer.encode(text, bos=False):
+            c.consume(token)
+        (nxt,) = tokenizer.encode(following, bos=False)
+        return bool(c.mask(torch.zeros(vocab))[nxt] == 0)
+
+    numbers = {"type": "array", "items": {"type": "integer"}}
+    assert allowed(numbers, "[" + "9" * 15, "9") and not allowed(numbers, "[" + "9" * 16, "9")
+    assert allowed({"type": "array", "items": {"type": "integer", "maximum": 10 ** 20}}, "[" + "9" * 16, "9")
+    assert allowed(numbers, "[1,", " ") and not allowed(numbers, "[1, ", " ")
+    assert allowed(numbers, "[1,\n", "\t") and not allowed(numbers, "[1,\n" + " " * 20, " ")

@@ -26,9 +26,33 @@ class GrammarError(ValueError):
     """A schema or grammar that cannot be compiled."""
 
 
+# As llama.cpp's JSON grammars: between tokens nothing, a space, or a newline and up to 20 spaces or tabs (any
+# amount of whitespace lets a sampled answer run to its token limit in blank lines), and integers of at most 16
+# digits (else "1, 2, 3, ..." can grow one digit at a time until the limit).
+JSON_WHITESPACE = r"(?: |\n[ \t]{0,20})?"
+INTEGER_BOUND = 10 ** 16 - 1
+_DATA_KEYWORDS = ("const", "enum", "default", "examples")  # JSON values, not schemas
+
+
 def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
     """Output that parses as JSON valid against the schema ({} or True: any JSON value)."""
-    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema if schema is not True else {}))
+    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_bounded(schema if schema is not True else {})),
+                                                         defaults={"whitespace_pattern": JSON_WHITESPACE})
+
+
+def _bounded(schema: Any) -> Any:
+    """The schema with llama.cpp's 16-digit limit on integers that have no bounds of their own."""
+    if isinstance(schema, list):
+        return [_bounded(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: v if k in _DATA_KEYWORDS else _bounded(v) for k, v in schema.items()}
+    if out.get("type") == "integer":
+        if not {"minimum", "exclusiveMinimum"} & out.keys():
+            out["minimum"] = -INTEGER_BOUND
+        if not {"maximum", "exclusiveMaximum"} & out.keys():
+            out["maximum"] = INTEGER_BOUND
+    return out
 
 
 def gbnf_grammar(gbnf: str) -> str:
