@@ -77,6 +77,7 @@ def test_json_object_and_gbnf_grammar(server):
     ({"grammar": 42}, "'grammar' must be a GBNF grammar"),
     ({"json_schema": "an object"}, "'json_schema' must be a JSON schema object"),
     ({"response_format": {"type": "xml"}}, "'response_format' must be"),
+    ({"response_format": {"type": "json_object", "schema": 123}}, "must be an object"),
 ])
 def test_bad_constraints_are_refused(server, body, message):
     r = server.post("/completion", {"prompt": "x", **body})

@@ -36,8 +36,14 @@ _DATA_KEYWORDS = ("const", "enum", "default", "examples")  # JSON values, not sc
 
 def json_schema_grammar(schema: dict[str, Any] | bool) -> str:
     """Output that parses as JSON valid against the schema ({} or True: any JSON value)."""
-    return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_bounded(schema if schema is not True else {})),
-                                                         defaults={"whitespace_pattern": JSON_WHITESPACE})
+    schema = {} if schema is True else schema
+    if not isinstance(schema, dict):
+        raise GrammarError(f"A JSON schema must be an object (or true), not {json.dumps(schema)[:40]}.")
+    try:
+        return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(_bounded(schema)),
+                                                             defaults={"whitespace_pattern": JSON_WHITESPACE})
+    except ValueError as e:
+        raise GrammarError(f"The JSON schema is not usable: {e}") from None
 
 
 def _bounded(schema: Any) -> Any:
