@@ -171,7 +171,7 @@ from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.kernels import Kernels, install
 from llama_dist.model.args import ModelArgs
-from llama_dist.model.transformer import Packed
+from llama_dist.model.transformer import Packed, run_ends
 from llama_dist.runner.graphs import GraphedPrompts, GraphedStep
 from tests.helpers import TINY_GQA, random_state_dict
 from tests.test_graphs import rerun
@@ -205,7 +205,7 @@ for chunks in ([(0, 0, list(range(1, 13))), (2, 0, list(range(20, 31)))],  # (sl
                [(2, 0, [7] * 40)]):
     slots, starts, ids = zip(*chunks)
     lengths = tuple(map(len, ids))
-    assert prompts.holds(slots, starts, lengths)
+    assert prompts.holds(sum(lengths), len(run_ends(slots, starts, lengths)))
     flat = torch.tensor([[t for part in ids for t in part]])
     want = plain(flat, 0, Packed.of(slots, starts, lengths, "cpu"), last_only=True)[0]
     got = prompts(slots, starts, list(ids))
@@ -215,7 +215,8 @@ for chunks in ([(0, 0, list(range(1, 13))), (2, 0, list(range(20, 31)))],  # (sl
             written = slice(start, start + len(part))
             assert torch.allclose(a.attention.cache_k[slot, :, written], b.attention.cache_k[slot, :, written],
                                   atol=1e-5)
-assert not prompts.holds((0, 1, 0, 1), (0, 0, 1, 1), (1, 1, 1, 1))  # four runs: more than the cache's rows
+assert not prompts.holds(4, len(run_ends((0, 1, 0, 1), (0, 0, 1, 1), (1, 1, 1, 1))))  # 4 runs > the cache's rows
+assert not prompts.holds(193, 1)  # more tokens than the largest bucket
 print("ok")
 """
 

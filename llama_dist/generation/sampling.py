@@ -9,10 +9,14 @@ import torch
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Nucleus sampling: draw from the smallest set of tokens whose probability mass exceeds top_p."""
     probs_sorted, idx = probs.sort(dim=-1, descending=True)
-    outside = probs_sorted.cumsum(dim=-1) - probs_sorted > top_p
-    probs_sorted = probs_sorted.masked_fill(outside, 0.0)
+    probs_sorted = probs_sorted.masked_fill(_outside_nucleus(probs_sorted, top_p), 0.0)
     choice = torch.multinomial(probs_sorted / probs_sorted.sum(-1, keepdim=True), 1, generator=generator)
     return idx.gather(-1, choice).squeeze(-1)
+
+
+def _outside_nucleus(probs_sorted: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Which of the descending probabilities fall outside the smallest set whose mass exceeds top_p."""
+    return probs_sorted.cumsum(dim=-1) - probs_sorted > top_p
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float,
@@ -59,8 +63,7 @@ def final_probs(logits: torch.Tensor, params: SamplingParams, history: list[int]
     probs = probs / probs.sum()
     if params.top_p < 1.0:  # the nucleus sample_top_p keeps
         ordered, idx = probs.sort(descending=True)
-        outside = ordered.cumsum(-1) - ordered > params.top_p
-        probs = probs.scatter(0, idx[outside], 0.0)
+        probs = probs.scatter(0, idx[_outside_nucleus(ordered, params.top_p)], 0.0)
     return probs / probs.sum()
 
 

@@ -14,14 +14,14 @@ import functools
 
 import torch
 
-from .gemv import INTERPRETED
+from .gemv import INTERPRETED, bf16_tensor_cores
 
 
 @functools.cache
 def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
-    if not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+    if not bf16_tensor_cores():
         return False
     try:
         import triton

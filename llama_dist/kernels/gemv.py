@@ -25,6 +25,12 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks our kernels
 
 
+def bf16_tensor_cores() -> bool:
+    """Whether attention kernels' bf16 tensor-core products (tl.dot) run here: GPUs from Ampere (sm_80) on, or
+    Triton's interpreter; without a GPU, where the kernels are not used, this does not object."""
+    return INTERPRETED or not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (8, 0)
+
+
 @functools.cache
 def load() -> bool:
     """Define the kernel and its op when a model is given this kernel (importing Triton takes seconds,

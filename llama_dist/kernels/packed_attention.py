@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from .gemv import INTERPRETED
+from .gemv import INTERPRETED, bf16_tensor_cores
 
 BLOCK_M = 16 if INTERPRETED else 64  # tokens of one sequence per program
 
@@ -33,7 +33,7 @@ _KERNELS: dict = {}
 def load() -> bool:
     """Define the kernel (importing Triton takes seconds, which CPU runs should not pay). False without
     Triton or on GPUs older than Ampere (its bf16 tensor-core products need sm_80)."""
-    if not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 0):
+    if not bf16_tensor_cores():
         return False
     try:
         import triton

@@ -20,8 +20,7 @@ from typing import Callable
 import torch
 
 from ..kernels.fused import FusedTransformerBlock, TritonPromptAttention
-from ..model.transformer import (Packed, Slots, Transformer, cache_rows, check_packed, packed_index,
-                                 run_ends)
+from ..model.transformer import Packed, Slots, Transformer, cache_rows, check_packed, packed_index
 from .step import MIN_ATTENTION_WINDOW, attention_window
 
 Recorder = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
@@ -129,7 +128,6 @@ class GraphedStep:
 @dataclass
 class _PromptGraph:
     index: torch.Tensor  # tokens, positions, rows, run lengths, run ends: filled by one copy before each replay
-    packed: Packed  # the capture's layout; its device tensors are views of index
     tokens: torch.Tensor  # [1, bucket], a view of index
     runs: int  # the most runs a replay holds
     out: torch.Tensor | None = None  # logits [1, runs, vocab], once recorded
@@ -154,11 +152,10 @@ class GraphedPrompts:
         return model.is_first and model.is_last and all(isinstance(b.attention, TritonPromptAttention)
                                                          for b in model.layers.values())
 
-    def holds(self, slots: tuple[int, ...], starts: tuple[int, ...], lengths: tuple[int, ...]) -> bool:
-        """Whether a graph holds this packing (its tokens, and its runs: one per cache row where each row's
-        sequences are consecutive, as a server step's are)."""
-        return (sum(lengths) <= self.buckets[-1]
-                and len(run_ends(slots, starts, lengths)) <= self.graphs[self.buckets[-1]].runs)
+    def holds(self, n_tokens: int, n_runs: int) -> bool:
+        """Whether a graph holds a packing of this many tokens and runs (at most one run per cache row where each
+        row's sequences are consecutive, as a server step's are)."""
+        return n_tokens <= self.buckets[-1] and n_runs <= self.graphs[self.buckets[-1]].runs
 
     def _capture(self, bucket: int, record: Recorder) -> _PromptGraph:
         model = self.model
@@ -169,7 +166,7 @@ class GraphedPrompts:
         lengths = [min(model.n_ctx, bucket - at) for at in range(0, bucket, model.n_ctx)]
         layout = (tuple(range(len(lengths))), (0,) * len(lengths), tuple(lengths))
         packed = Packed(*layout, positions, rows, run_lengths, finals)
-        graph = _PromptGraph(index, packed, tokens.view(1, bucket), runs)
+        graph = _PromptGraph(index, tokens.view(1, bucket), runs)
         self._fill(graph, *layout, [[0] * n for n in lengths])
         graph.replay, graph.out = record(lambda: model(graph.tokens, 0, packed, last_only=True))
         return graph

@@ -59,13 +59,14 @@ class Runner:
                                  slots=torch.tensor([slot], device=device))[0, -1] for slot, start, ids in chunks]
         slots, starts, ids = zip(*chunks)
         lengths = tuple(map(len, ids))
-        if self.prompt_graphs is not None and self.prompt_graphs.holds(slots, starts, lengths):
+        ends = run_ends(slots, starts, lengths)
+        if self.prompt_graphs is not None and self.prompt_graphs.holds(sum(lengths), len(ends)):
             logits = self.prompt_graphs(slots, starts, list(ids))
         else:
             tokens = torch.tensor([[t for part in ids for t in part]], device=device)
             logits = self.model(tokens, 0, Packed.of(slots, starts, lengths, device), last_only=True)[0]
         out: list[torch.Tensor | None] = [None] * len(chunks)
-        for end, row in zip(run_ends(slots, starts, lengths), logits):
+        for end, row in zip(ends, logits):
             out[end] = row
         return out
 
