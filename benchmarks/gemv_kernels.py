@@ -1,12 +1,15 @@
-"""Our Triton matrix-vector kernel (llama_dist/kernels/gemv.py) against PyTorch's, per Llama-2-7B matrix, on one GPU.
+"""Our Triton matmul kernels (llama_dist/kernels/gemv.py, quant_matmul.py) against PyTorch's, per Llama-2-7B matrix,
+on one GPU.
 
-    python benchmarks/gemv_kernels.py [--dim 4096 --hidden 11008 --vocab 32000]
+    python benchmarks/gemv_kernels.py [--dim 4096 --hidden 11008 --vocab 32000 --rows "(8,32,512)"]
 
-For each weight shape of a decoded token (fused q/k/v, wo, fused w1/w3, w2, output): bf16 with our kernel vs
-F.linear (cuBLAS) vs inductor's compiled F.linear; int8 with our kernel vs inductor's fused
-dequantize-and-matmul. Each in GB/s of weights
-read and as a fraction of the measured read bandwidth, timed with CUDA graphs over rotating copies (so the
-weights come from memory, not L2). Also checks each result against an fp32 reference (GPU-only check).
+One row, for each weight shape of a decoded token (fused q/k/v, wo, fused w1/w3, w2, output): bf16 with our kernel
+vs F.linear (cuBLAS) vs inductor's compiled F.linear; int8 with our kernel vs inductor's fused
+dequantize-and-matmul; int4 (groups of 32) with our kernel vs PyTorch's `_weight_int4pack_mm`. Then several rows:
+bf16 cuBLAS beside int8 and int4 through our tensor-core kernel, PyTorch's int4 kernel, and the dequantized
+matrix with cuBLAS. Each in GB/s of weights read and as a fraction of the measured read bandwidth, timed with CUDA
+graphs over rotating copies (so the weights come from memory, not L2), with each result's error against an fp32
+reference (GPU-only check).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist.bench import read_bandwidth  # noqa: E402
 from llama_dist.kernels.gemv import gemv, load  # noqa: E402
-from llama_dist.quant.weights import int8_quantize  # noqa: E402
+from llama_dist.kernels.quant_matmul import load as load_quantized  # noqa: E402
+from llama_dist.quant.weights import (int4_quantize, int4_scale_min, int4_words, int4_words_dequantize,  # noqa: E402
+                                      int8_quantize)
 
 
 def graph_time_us(fn, copies: int) -> float:
@@ -47,46 +52,77 @@ def graph_time_us(fn, copies: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def int4_peer(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyTorch's CUDA int4 layout (tinygemm, gpt-fast's kernel): packed [out/8, in/(16*8), 32, 4], and
+    (scale, zero) [groups, out, 2] in bf16."""
+    packed = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+    return packed, torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--rows", default="(8,32,512)", help="row counts for the several-row products")
     a = p.parse_args()
     dev = torch.device("cuda")
-    assert load(), "needs Triton"
+    assert load() and load_quantized(), "needs Triton"
     bw = read_bandwidth(dev)
     shapes = {"wqkv": (3 * a.dim, a.dim), "wo": (a.dim, a.dim), "w13": (2 * a.hidden, a.dim),
               "w2": (a.dim, a.hidden), "output": (a.vocab, a.dim)}
     compiled_linear = torch.compile(lambda x, w: torch.nn.functional.linear(x, w))
     compiled_int8 = torch.compile(lambda x, q, s: torch.nn.functional.linear(x, q.to(x.dtype)) * s)
+    several = [int(r) for r in a.rows.strip("()[] ").split(",") if r.strip()]
     rows = []
     for name, (n, k) in shapes.items():
         copies = max(2, int(400e6 // (n * k * 2)))  # > 50 MB L2 several times over
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
-        ref = x.float() @ ws[0].float().t()
-        q8 = [int8_quantize(w) for w in ws]
-        q8 = [(q, s.to(torch.bfloat16)) for q, s in q8]
-        checks = {
-            "bf16 ours": gemv(x, ws[0]),
-            "int8 ours": gemv(x, *q8[0]),
-        }
-        errors = {key: float((y.float() - ref).abs().max() / ref.abs().max()) for key, y in checks.items()}
-        bytes_bf16, bytes_int8 = n * k * 2, n * k + n * 2
-        timings = {
-            "bf16 ours": (graph_time_us(lambda i: gemv(x, ws[i]), copies), bytes_bf16),
-            "bf16 cuBLAS": (graph_time_us(lambda i: torch.nn.functional.linear(x, ws[i]), copies), bytes_bf16),
-            "bf16 inductor": (graph_time_us(lambda i: compiled_linear(x, ws[i]), copies), bytes_bf16),
-            "int8 ours": (graph_time_us(lambda i: gemv(x, *q8[i]), copies), bytes_int8),
-            "int8 inductor": (graph_time_us(lambda i: compiled_int8(x, *q8[i]), copies), bytes_int8),
-        }
-        row = {"shape": name, "n": n, "k": k, "max_rel_error": errors}
-        for key, (us, nbytes) in timings.items():
-            row[key] = {"us": round(us, 2), "GB/s": round(nbytes / us / 1e3, 1),
-                        "of_bandwidth": round(nbytes / us / 1e3 / (bw / 1e9), 3)}
-        rows.append(row)
-        print(json.dumps(row))
+        q8 = [(q, s.to(torch.bfloat16)) for q, s in map(int8_quantize, ws)]
+        q4 = []
+        for w in ws:
+            q, scales, zeros = int4_quantize(w, 32)
+            q4.append({"ours": (int4_words(q, 32), int4_scale_min(scales, zeros)),
+                       "peer": int4_peer(q, scales, zeros)})
+        references = {"bf16": ws[0].float(), "int8": q8[0][0].float() * q8[0][1].float()[:, None],
+                      "int4": int4_words_dequantize(*q4[0]["ours"], k)}
+        nbytes = {"bf16": n * k * 2, "int8": n * k + n * 2, "int4": n * k // 2 + n * k // 32 * 4}
+        for m in [1] + several:
+            x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+            if m == 1:
+                candidates = {
+                    "bf16 ours": ("bf16", lambda i: gemv(x, ws[i])),
+                    "bf16 cuBLAS": ("bf16", lambda i: torch.nn.functional.linear(x, ws[i])),
+                    "bf16 inductor": ("bf16", lambda i: compiled_linear(x, ws[i])),
+                    "int8 ours": ("int8", lambda i: gemv(x, *q8[i])),
+                    "int8 inductor": ("int8", lambda i: compiled_int8(x, *q8[i])),
+                    "int4 ours": ("int4", lambda i: gemv(x, q4[i]["ours"][0], groups=q4[i]["ours"][1])),
+                    "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i]["peer"][0], 32,
+                                                                                q4[i]["peer"][1])),
+                }
+            else:
+                candidates = {
+                    "bf16 cuBLAS": ("bf16", lambda i: torch.nn.functional.linear(x, ws[i])),
+                    "int8 ours tensor cores": ("int8", lambda i: torch.ops.llama_dist.quant_matmul(x, *q8[i], False)),
+                    "int8 dequantized + cuBLAS": ("int8", lambda i: torch.nn.functional.linear(
+                        x, torch.ops.llama_dist.dequantize(*q8[i], k, False, x.dtype))),
+                    "int4 ours tensor cores": ("int4", lambda i: torch.ops.llama_dist.quant_matmul(
+                        x, *q4[i]["ours"], True)),
+                    "int4 dequantized + cuBLAS": ("int4", lambda i: torch.nn.functional.linear(
+                        x, torch.ops.llama_dist.dequantize(*q4[i]["ours"], k, True, x.dtype))),
+                    "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i]["peer"][0], 32,
+                                                                                q4[i]["peer"][1])),
+                }
+            row = {"shape": name, "n": n, "k": k, "rows": m}
+            for key, (kind, fn) in candidates.items():
+                ref = x.float() @ references[kind].t()
+                err = float((fn(0).float() - ref).abs().max() / ref.abs().max())
+                us = graph_time_us(fn, copies)
+                row[key] = {"us": round(us, 2), "GB/s": round(nbytes[kind] / us / 1e3, 1),
+                            "of_bandwidth": round(nbytes[kind] / us / 1e3 / (bw / 1e9), 3),
+                            "TFLOP/s": round(2 * m * n * k / us / 1e6, 1), "max_rel_error": round(err, 5)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     result = {"device": torch.cuda.get_device_name(dev), "read_bandwidth_gbs": bw / 1e9, "rows": rows}
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gemv_kernels.json").write_text(json.dumps(result, indent=1))

@@ -15,6 +15,9 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
   SDPA call each, so a prompt pass can be replayed from a CUDA graph (runner/graphs.py).
 - symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
   communicator for it).
+- quantized: int8 and int4 weights multiply through our Triton kernels, reading them as stored (one row,
+  a batch's few rows on tensor cores, a long prompt through a dequantized scratch matrix: quant_matmul.py);
+  without them the weights dequantize on every call.
 """
 from __future__ import annotations
 
@@ -24,7 +27,9 @@ import torch
 
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
-from . import decode_attention, gemv, packed_attention, rows
+from ..parallel.layers import ShardedWeight
+from ..quant.weights import Int4Weight, Int8Weight
+from . import decode_attention, gemv, packed_attention, quant_matmul, rows
 from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear, TritonPromptAttention
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "triton")
@@ -36,6 +41,7 @@ class Kernels:
     gemv: bool = False
     symm_mem: bool = False
     row_kernels: bool = False
+    quantized: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_CHOICES:
@@ -49,7 +55,7 @@ def choose_kernels(device: torch.device, settings: Settings | None = None) -> Ke
         triton_attention = settings.attention and decode_attention.load()
         use_gemv = settings.gemv and gemv.load()
         return Kernels("triton" if triton_attention else "sdpa", use_gemv, settings.symm_mem,
-                       row_kernels=use_gemv and rows.load())
+                       row_kernels=use_gemv and rows.load(), quantized=quant_matmul.load())
     return Kernels("cpu" if device.type == "cpu" else "sdpa")
 
 
@@ -57,7 +63,8 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
     """Give the model's modules the chosen kernels, in place (parameters, caches and names unchanged)."""
     if kernels.attention == "triton" and not decode_attention.load():
         raise RuntimeError("The Triton decode-attention kernel needs Triton (and a GPU of compute capability 8.0+).")
-    if (kernels.gemv and not gemv.load()) or (kernels.row_kernels and not rows.load()):
+    if ((kernels.gemv and not gemv.load()) or (kernels.row_kernels and not rows.load())
+            or (kernels.quantized and not quant_matmul.load())):
         raise RuntimeError("The Triton matmul and row kernels need Triton.")
     if model.device.type == "cuda" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
         torch.backends.cuda.enable_cudnn_sdp(False)
@@ -71,6 +78,12 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
             _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention, kernels.row_kernels)
     if kernels.gemv and model.is_last:
         _specialise(model.output, OneRowColumnParallelLinear)
+    if kernels.quantized:
+        triton_classes = {Int4Weight: quant_matmul.TritonInt4Weight, Int8Weight: quant_matmul.TritonInt8Weight}
+        for layer in model.modules():
+            weight = getattr(layer, "qweight", None) if isinstance(layer, ShardedWeight) else None
+            if type(weight) in triton_classes and quant_matmul.supports(weight):  # (a tied one is seen twice)
+                _specialise(weight, triton_classes[type(weight)])
     return model
 
 

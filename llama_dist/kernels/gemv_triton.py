@@ -1,0 +1,124 @@
+"""The Triton kernels and ops behind kernels/gemv.py (imported by its load(): Triton is imported only when a model
+is given these kernels)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .gemv import INTERPRETED
+
+INT4_GROUPS = (16, 32, 64, 128)  # group sizes the int4 kernels read (a power of 2: one group is a tile's row)
+
+_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
+                              (16, 256, 8), (16, 512, 8))
+            for s in (2, 4)]
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+                 for bn, w in ((4, 1), (8, 2), (8, 4), (16, 4), (32, 4), (32, 8), (64, 8)) for s in (2, 3, 4)]
+
+@triton.jit
+def _exact_float(v):
+    """Integers |v| < 2^22 (int32) to fp32 exactly, in an integer add and a float subtraction."""
+    return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+@triton.jit
+def _input(x_ptr, g_ptr, cols, K, NORM: tl.constexpr, GATED: tl.constexpr):
+    """The product's input at `cols` (any shape): silu(gate) * up when GATED, times the norm's weight when
+    NORM (1/rms is applied to the finished sums); and the squares its sum of squares needs."""
+    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = x * tl.sigmoid(x) * up
+    squares = x * x
+    if NORM:
+        x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return x, squares
+
+@triton.jit
+def _finish(y, rows, row_ok, squares, s_ptr, r_ptr, y_ptr, K, eps,
+            SCALED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(squares) / K + eps)
+    if SCALED:
+        y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
+                 SCALED: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W [N, K] dense, or int8 times one scale per row s[N] when SCALED. NORM: x is RMS-normalised
+    with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
+                    other=0.0)
+        x, sq = _input(x_ptr, g_ptr, cols, K, NORM, GATED)
+        squares += sq
+        acc += (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :]
+    _finish(tl.sum(acc, axis=1), rows, row_ok, squares, s_ptr, r_ptr, y_ptr, K, eps, SCALED, NORM, RESIDUAL)
+
+@triton.jit
+def _gemv_int4_kernel(x_ptr, w_ptr, sm_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, GROUP: tl.constexpr,
+                      NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+    """W as quant/weights.int4_words' words [N, tiles * GROUP] (a tile: 8 groups, the nibbles at shift 4i being
+    group i) with (scale, min) pairs sm [N, tiles * 8, 2] (fp16): W = scale * q + min. Flags as _gemv_kernel's."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    row_ok = rows < N
+    tiles = tl.cdiv(K, 8 * GROUP)
+    j = tl.arange(0, GROUP)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    squares = tl.zeros((GROUP,), dtype=tl.float32)
+    for t in range(0, tiles):
+        w = tl.load(w_ptr + rows[:, None] * (tiles * GROUP) + t * GROUP + j[None, :], mask=row_ok[:, None], other=0)
+        for i in tl.static_range(8):
+            x, sq = _input(x_ptr, g_ptr, (8 * t + i) * GROUP + j, K, NORM, GATED)
+            squares += sq
+            dot = tl.sum(_exact_float((w >> (4 * i)) & 0xF) * x[None, :], axis=1)
+            at = (rows * (tiles * 8) + 8 * t + i) * 2
+            scale = tl.load(sm_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
+            low = tl.load(sm_ptr + at + 1, mask=row_ok, other=0.0).to(tl.float32)
+            acc += scale * dot + low * tl.sum(x)
+    _finish(acc, rows, row_ok, squares, sm_ptr, r_ptr, y_ptr, K, eps, False, NORM, RESIDUAL)
+
+
+if INTERPRETED:  # the interpreter cannot time configs: one tile
+    _gemv, _gemv_int4 = _gemv_kernel, _gemv_int4_kernel
+    _FIXED, _FIXED_INT4 = {"BLOCK_N": 8, "BLOCK_K": 64}, {"BLOCK_N": 8}
+else:
+    _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
+    _gemv_int4 = triton.autotune(configs=_INT4_CONFIGS, key=["N", "K", "GROUP", "NORM", "GATED", "RESIDUAL"])(
+        _gemv_int4_kernel)
+    _FIXED, _FIXED_INT4 = {}, {}
+
+@torch.library.triton_op("llama_dist::gemv", mutates_args={})
+def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
+            residual: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
+            add: bool) -> torch.Tensor:
+    """x [1, in] (or [1, 2 * in] when gated) -> [1, out]. Tensors whose flag is off are unused."""
+    n, k = w.shape
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, w, scales, norm_weight, residual, y, n, k, eps,
+        SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED)
+    return y
+
+@torch.library.triton_op("llama_dist::gemv_int4", mutates_args={})
+def gemv_int4_op(x: torch.Tensor, words: torch.Tensor, scale_min: torch.Tensor, norm_weight: torch.Tensor,
+                 residual: torch.Tensor, eps: float, norm: bool, gated: bool, add: bool) -> torch.Tensor:
+    """x [1, in] (or [1, 2 * in] when gated) -> [1, out] through int4 words and their groups."""
+    n, k = words.shape[0], x.shape[-1] // (2 if gated else 1)
+    group = words.shape[1] * 8 // scale_min.shape[1]
+    assert group in INT4_GROUPS, group
+    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    torch.library.wrap_triton(_gemv_int4)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
+        x, words, scale_min, norm_weight, residual, y, n, k, eps, GROUP=group,
+        NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED_INT4)
+    return y
