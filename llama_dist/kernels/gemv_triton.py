@@ -14,8 +14,9 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stage
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                               (16, 256, 8), (16, 512, 8))
             for s in (2, 4)]
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-                 for bn, w in ((4, 1), (8, 2), (8, 4), (16, 4), (32, 4), (32, 8), (64, 8)) for s in (2, 3, 4)]
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "TILES": t}, num_warps=w, num_stages=s)
+                 for bn, t, w in ((2, 4, 4), (4, 2, 4), (4, 4, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8))
+                 for s in (2, 3)]
 
 @triton.jit
 def _exact_float(v):
@@ -67,31 +68,38 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
 
 @triton.jit
 def _gemv_int4_kernel(x_ptr, w_ptr, sm_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, GROUP: tl.constexpr,
-                      NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr):
+                      NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
+                      TILES: tl.constexpr):
     """W as quant/weights.int4_words' words [N, tiles * GROUP] (a tile: 8 groups, the nibbles at shift 4i being
-    group i) with (scale, min) pairs sm [N, tiles * 8, 2] (fp16): W = scale * q + min. Flags as _gemv_kernel's."""
+    group i) with (scale, min) pairs sm [N, tiles * 8, 2] (fp16): W = scale * q + min. TILES tiles per step, read
+    as one [BLOCK_N, TILES, GROUP] block. Flags as _gemv_kernel's."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     tiles = tl.cdiv(K, 8 * GROUP)
+    t_ = tl.arange(0, TILES)
     j = tl.arange(0, GROUP)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    squares = tl.zeros((GROUP,), dtype=tl.float32)
-    for t in range(0, tiles):
-        w = tl.load(w_ptr + rows[:, None] * (tiles * GROUP) + t * GROUP + j[None, :], mask=row_ok[:, None], other=0)
+    acc = tl.zeros((BLOCK_N, TILES), dtype=tl.float32)
+    squares = tl.zeros((TILES, GROUP), dtype=tl.float32)
+    for t0 in range(0, tiles, TILES):
+        t = t0 + t_
+        t_ok = t < tiles
+        w = tl.load(w_ptr + rows[:, None, None] * (tiles * GROUP) + t[None, :, None] * GROUP + j[None, None, :],
+                    mask=row_ok[:, None, None] & t_ok[None, :, None], other=0)
         for i in tl.static_range(8):
-            x, sq = _input(x_ptr, g_ptr, (8 * t + i) * GROUP + j, K, NORM, GATED)
+            x, sq = _input(x_ptr, g_ptr, (8 * t[:, None] + i) * GROUP + j[None, :], K, NORM, GATED)
             squares += sq
-            dot = tl.sum(_exact_float((w >> (4 * i)) & 0xF) * x[None, :], axis=1)
-            at = (rows * (tiles * 8) + 8 * t + i) * 2
-            scale = tl.load(sm_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
-            low = tl.load(sm_ptr + at + 1, mask=row_ok, other=0.0).to(tl.float32)
-            acc += scale * dot + low * tl.sum(x)
-    _finish(acc, rows, row_ok, squares, sm_ptr, r_ptr, y_ptr, K, eps, False, NORM, RESIDUAL)
+            dot = tl.sum(_exact_float((w >> (4 * i)) & 0xF) * x[None, :, :], axis=2)  # [BLOCK_N, TILES]
+            at = (rows[:, None] * (tiles * 8) + 8 * t[None, :] + i) * 2
+            ok = row_ok[:, None] & t_ok[None, :]
+            scale = tl.load(sm_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            low = tl.load(sm_ptr + at + 1, mask=ok, other=0.0).to(tl.float32)
+            acc += scale * dot + low * tl.sum(x, axis=1)[None, :]
+    _finish(tl.sum(acc, axis=1), rows, row_ok, squares, sm_ptr, r_ptr, y_ptr, K, eps, False, NORM, RESIDUAL)
 
 
 if INTERPRETED:  # the interpreter cannot time configs: one tile
     _gemv, _gemv_int4 = _gemv_kernel, _gemv_int4_kernel
-    _FIXED, _FIXED_INT4 = {"BLOCK_N": 8, "BLOCK_K": 64}, {"BLOCK_N": 8}
+    _FIXED, _FIXED_INT4 = {"BLOCK_N": 8, "BLOCK_K": 64}, {"BLOCK_N": 8, "TILES": 2}
 else:
     _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
     _gemv_int4 = triton.autotune(configs=_INT4_CONFIGS, key=["N", "K", "GROUP", "NORM", "GATED", "RESIDUAL"])(
