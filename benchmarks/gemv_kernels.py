@@ -5,9 +5,10 @@ on one GPU.
 
 One row, for each weight shape of a decoded token (fused q/k/v, wo, fused w1/w3, w2, output): bf16 with our kernel
 vs F.linear (cuBLAS) vs inductor's compiled F.linear; int8 with our kernel vs inductor's fused
-dequantize-and-matmul; int4 (groups of 32) with our kernel vs PyTorch's `_weight_int4pack_mm`. Then several rows:
-bf16 cuBLAS beside int8 and int4 through our tensor-core kernel, PyTorch's int4 kernel, and the dequantized
-matrix with cuBLAS. Each in GB/s of weights read and as a fraction of the measured read bandwidth, timed with CUDA
+dequantize-and-matmul; int4 (groups of 32) through PyTorch's `_weight_int4pack_mm`, what int4 uses. Then several
+rows: bf16 cuBLAS beside int8 through our tensor-core kernel and through its converted matrix with cuBLAS (the
+plain module's way), and int4 through PyTorch's kernel. Each in GB/s of weights read and as a fraction of the
+measured read bandwidth, timed with CUDA
 graphs over rotating copies (so the weights come from memory, not L2), with each result's error against an fp32
 reference (GPU-only check).
 """
@@ -25,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist.bench import read_bandwidth  # noqa: E402
 from llama_dist.kernels.gemv import gemv, load  # noqa: E402
 from llama_dist.kernels.quant_matmul import load as load_quantized  # noqa: E402
-from llama_dist.quant.weights import (int4_quantize, int4_scale_min, int4_words, int4_words_dequantize,  # noqa: E402
-                                      int8_quantize)
+from llama_dist.quant.weights import int4_dequantize, int4_quantize, int8_quantize  # noqa: E402
 
 
 def graph_time_us(fn, copies: int) -> float:
@@ -82,10 +82,9 @@ def main() -> None:
         q4 = []
         for w in ws:
             q, scales, zeros = int4_quantize(w, 32)
-            q4.append({"ours": (int4_words(q, 32), int4_scale_min(scales, zeros)),
-                       "peer": int4_peer(q, scales, zeros)})
+            q4.append(int4_peer(q, scales, zeros))
         references = {"bf16": ws[0].float(), "int8": q8[0][0].float() * q8[0][1].float()[:, None],
-                      "int4": int4_words_dequantize(*q4[0]["ours"], k)}
+                      "int4": int4_dequantize(*int4_quantize(ws[0], 32))}
         nbytes = {"bf16": n * k * 2, "int8": n * k + n * 2, "int4": n * k // 2 + n * k // 32 * 4}
         for m in [1] + several:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
@@ -96,22 +95,15 @@ def main() -> None:
                     "bf16 inductor": ("bf16", lambda i: compiled_linear(x, ws[i])),
                     "int8 ours": ("int8", lambda i: gemv(x, *q8[i])),
                     "int8 inductor": ("int8", lambda i: compiled_int8(x, *q8[i])),
-                    "int4 ours": ("int4", lambda i: gemv(x, q4[i]["ours"][0], groups=q4[i]["ours"][1])),
-                    "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i]["peer"][0], 32,
-                                                                                q4[i]["peer"][1])),
+                    "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i][0], 32, q4[i][1])),
                 }
             else:
                 candidates = {
                     "bf16 cuBLAS": ("bf16", lambda i: torch.nn.functional.linear(x, ws[i])),
-                    "int8 ours tensor cores": ("int8", lambda i: torch.ops.llama_dist.quant_matmul(x, *q8[i], False)),
-                    "int8 dequantized + cuBLAS": ("int8", lambda i: torch.nn.functional.linear(
-                        x, torch.ops.llama_dist.dequantize(*q8[i], k, False, x.dtype))),
-                    "int4 ours tensor cores": ("int4", lambda i: torch.ops.llama_dist.quant_matmul(
-                        x, *q4[i]["ours"], True)),
-                    "int4 dequantized + cuBLAS": ("int4", lambda i: torch.nn.functional.linear(
-                        x, torch.ops.llama_dist.dequantize(*q4[i]["ours"], k, True, x.dtype))),
-                    "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i]["peer"][0], 32,
-                                                                                q4[i]["peer"][1])),
+                    "int8 ours tensor cores": ("int8", lambda i: torch.ops.llama_dist.int8_matmul(x, *q8[i])),
+                    "int8 converted + cuBLAS": ("int8", lambda i: torch.nn.functional.linear(
+                        x, q8[i][0].to(x.dtype)) * q8[i][1]),
+                    "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i][0], 32, q4[i][1])),
                 }
             row = {"shape": name, "n": n, "k": k, "rows": m}
             for key, (kind, fn) in candidates.items():

@@ -49,7 +49,7 @@ def layers(k: int = 96, n: int = 37):  # 37 rows: the last Q4_1 row group is pad
 def test_block_matmul_equals_its_integer_math(kind, rows):
     """3 blocks per row (an odd count: the unrolled loop's remainder); float32 accumulation only."""
     layer, qw, scales, mins, dense = layers()[kind]
-    assert layer.layout == "blocks" if kind == "q4_1" else True
+    assert layer.uses_blocks if kind == "q4_1" else True
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
     got = layer(x)
     expected = reference(x, qw, scales, mins)
@@ -94,7 +94,7 @@ def test_gguf_q4_1_rows_become_row_groups_by_moving_bytes():
     assert torch.equal(uq.to(q.dtype), q)
     direct = Int4Weight.from_q4_1(rows, torch.float32)
     unpacked = Int4Weight(uq, us, uz, 32, torch.float32)
-    assert direct.layout == "blocks" and (direct.out_features, direct.in_features) == (37, 96)
+    assert direct.uses_blocks and (direct.out_features, direct.in_features) == (37, 96)
     assert torch.equal(direct.blocks, unpacked.blocks)
     x = torch.randn(3, 96, generator=g)
     assert torch.equal(direct(x), unpacked(x))

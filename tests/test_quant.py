@@ -65,7 +65,7 @@ def test_quantized_linear_equals_dequantized_fp32_math(weight, kind, monkeypatch
     else:
         q, scales, zeros = int4_quantize(weight, 32)
         layer = Int4Weight(q, scales, zeros, 32, torch.bfloat16)
-        assert (layer.layout == "blocks") == (kind == "int4" and cpu_kernels.available())
+        assert layer.uses_blocks == (kind == "int4" and cpu_kernels.available())
         dense = int4_dequantize(q, scales, zeros)
     expected = x @ dense.t()
     got = layer(x)

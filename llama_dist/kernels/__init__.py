@@ -15,9 +15,8 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
   SDPA call each, so a prompt pass can be replayed from a CUDA graph (runner/graphs.py).
 - symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
   communicator for it).
-- quantized: int8 and int4 weights multiply through our Triton kernels, reading them as stored (one row,
-  a batch's few rows on tensor cores, a long prompt through a dequantized scratch matrix: quant_matmul.py);
-  without them the weights dequantize on every call.
+- quantized: int8 weights multiply through our Triton kernels (one row, and a batch's few rows on tensor
+  cores, converting the weights in registers: quant_matmul.py) instead of a converted copy each call.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ import torch
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
 from ..parallel.layers import ShardedWeight
-from ..quant.weights import Int4Weight, Int8Weight
+from ..quant.weights import Int8Weight
 from . import decode_attention, gemv, packed_attention, quant_matmul, rows
 from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear, TritonPromptAttention
 
@@ -79,11 +78,10 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
     if kernels.gemv and model.is_last:
         _specialise(model.output, OneRowColumnParallelLinear)
     if kernels.quantized:
-        triton_classes = {Int4Weight: quant_matmul.TritonInt4Weight, Int8Weight: quant_matmul.TritonInt8Weight}
         for layer in model.modules():
-            weight = getattr(layer, "qweight", None) if isinstance(layer, ShardedWeight) else None
-            if type(weight) in triton_classes and quant_matmul.supports(weight):  # (a tied one is seen twice)
-                _specialise(weight, triton_classes[type(weight)])
+            weight = layer.qweight if isinstance(layer, ShardedWeight) else None
+            if type(weight) is Int8Weight:  # (a tied one is seen twice)
+                _specialise(weight, quant_matmul.TritonInt8Weight)
     return model
 
 

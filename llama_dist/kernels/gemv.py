@@ -3,14 +3,14 @@ with the layer's neighbouring element-wise work folded in.
 
 Batch-1 decoding reads every weight once per token, so its speed is the read bandwidth these
 products reach, which general matmuls (cuBLAS, inductor's reductions) fall short of for one row
-(benchmarks/RESULTS.md, "Fused decode kernels"). These kernels stream W in [BLOCK_N, BLOCK_K] tiles with
-pipelined loads and sum in fp32. W is dense, int8 (one scale per row) or int4 (32-bit words of 8 nibbles,
-an fp16 (scale, min) pair per group: quant/weights.int4_words). Tile sizes are autotuned per shape.
+(benchmarks/RESULTS.md, "Fused decode kernels"). This kernel streams W in [BLOCK_N, BLOCK_K] tiles with
+pipelined loads and sum in fp32. W is dense or int8 (one scale per row). Tile sizes are autotuned per shape.
+int4 keeps PyTorch's packed kernel: ours reached 0.15-0.24 of the bandwidth where PyTorch's reaches 0.38-0.44
+(RESULTS.md, "Quantized GPU kernels"; the attempt is in git history, 722fdfe).
 
-Quantized weights are dequantized in registers without the GPU's int-to-float conversion, which runs at a
-quarter of the other instructions' rate and alone would cap int4 at about half the memory bandwidth: a small
-integer v ORed into the mantissa of 2^23 + 2^22 is that float plus v, so one integer add and one float
-subtraction give v exactly (`_exact_float`). int4 sums each group's q * x, then scale * sum + min * sum(x).
+int8 is converted in registers without the GPU's int-to-float instruction, which runs at a quarter of the
+others' rate: a small integer v added to the bits of 2^23 + 2^22 is that float plus v, so one integer add and
+one float subtraction give v exactly (`_exact_float`).
 
 A decode step's other kernels (RMSNorm, SwiGLU, residual adds) each cost a launch and a few
 microseconds for a few kilobytes; here they cost nothing:
@@ -40,26 +40,22 @@ def load() -> bool:
     """Define the kernels and their ops when a model is given them (importing Triton takes seconds, which CPU
     runs should not pay). False where Triton is missing (the dense and packed paths serve)."""
     try:
-        from . import gemv_triton  # noqa: F401  (registers llama_dist::gemv and llama_dist::gemv_int4)
+        from . import gemv_triton  # noqa: F401  (registers llama_dist::gemv)
     except ImportError:
         return False
     return True
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, groups: torch.Tensor | None = None, *,
+def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
          residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., in] with one row -> [..., out]: x W^T, for W dense, int8 times `scales` per output row, or int4
-    words with (scale, min) `groups` [out, in / group, 2].
+    """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W.
 
     norm_weight: RMS-normalise x first (with eps); gated: x is [gate, up] and the input silu(gate) * up;
     residual [..., out]: added to the result."""
     flat = x.reshape(1, -1)
-    norm, r = flat if norm_weight is None else norm_weight, flat if residual is None else residual.reshape(1, -1)
-    if groups is not None:
-        y = torch.ops.llama_dist.gemv_int4(flat, w, groups, norm, r, eps, norm_weight is not None, gated,
-                                           residual is not None)
-    else:
-        y = torch.ops.llama_dist.gemv(flat, w, flat if scales is None else scales, norm, r, eps,
-                                      scales is not None, norm_weight is not None, gated, residual is not None)
+    y = torch.ops.llama_dist.gemv(
+        flat, w, flat if scales is None else scales, flat if norm_weight is None else norm_weight,
+        flat if residual is None else residual.reshape(1, -1), eps,
+        scales is not None, norm_weight is not None, gated, residual is not None)
     return y.reshape(*x.shape[:-1], -1)

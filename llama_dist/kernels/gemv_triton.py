@@ -8,15 +8,11 @@ import triton.language as tl
 
 from .gemv import INTERPRETED
 
-INT4_GROUPS = (16, 32, 64, 128)  # group sizes the int4 kernels read (a power of 2: one group is a tile's row)
-
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                               (16, 256, 8), (16, 512, 8))
             for s in (2, 4)]
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "TILES": t}, num_warps=w, num_stages=s)
-                 for bn, t, w in ((2, 4, 4), (4, 2, 4), (4, 4, 4), (8, 2, 4), (8, 4, 8), (16, 1, 4), (16, 2, 8))
-                 for s in (2, 3)]
+
 
 @triton.jit
 def _exact_float(v):
@@ -66,45 +62,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
         acc += (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :]
     _finish(tl.sum(acc, axis=1), rows, row_ok, squares, s_ptr, r_ptr, y_ptr, K, eps, SCALED, NORM, RESIDUAL)
 
-@triton.jit
-def _gemv_int4_kernel(x_ptr, w_ptr, sm_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, GROUP: tl.constexpr,
-                      NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK_N: tl.constexpr,
-                      TILES: tl.constexpr):
-    """W as quant/weights.int4_words' words [N, tiles * GROUP] (a tile: 8 groups, the nibbles at shift 4i being
-    group i) with (scale, min) pairs sm [N, tiles * 8, 2] (fp16): W = scale * q + min. TILES tiles per step, read
-    as one [BLOCK_N, TILES, GROUP] block. Flags as _gemv_kernel's."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    row_ok = rows < N
-    tiles = tl.cdiv(K, 8 * GROUP)
-    t_ = tl.arange(0, TILES)
-    j = tl.arange(0, GROUP)
-    acc = tl.zeros((BLOCK_N, TILES), dtype=tl.float32)
-    squares = tl.zeros((TILES, GROUP), dtype=tl.float32)
-    for t0 in range(0, tiles, TILES):
-        t = t0 + t_
-        t_ok = t < tiles
-        w = tl.load(w_ptr + rows[:, None, None] * (tiles * GROUP) + t[None, :, None] * GROUP + j[None, None, :],
-                    mask=row_ok[:, None, None] & t_ok[None, :, None], other=0)
-        for i in tl.static_range(8):
-            x, sq = _input(x_ptr, g_ptr, (8 * t[:, None] + i) * GROUP + j[None, :], K, NORM, GATED)
-            squares += sq
-            dot = tl.sum(_exact_float((w >> (4 * i)) & 0xF) * x[None, :, :], axis=2)  # [BLOCK_N, TILES]
-            at = (rows[:, None] * (tiles * 8) + 8 * t[None, :] + i) * 2
-            ok = row_ok[:, None] & t_ok[None, :]
-            scale = tl.load(sm_ptr + at, mask=ok, other=0.0).to(tl.float32)
-            low = tl.load(sm_ptr + at + 1, mask=ok, other=0.0).to(tl.float32)
-            acc += scale * dot + low * tl.sum(x, axis=1)[None, :]
-    _finish(tl.sum(acc, axis=1), rows, row_ok, squares, sm_ptr, r_ptr, y_ptr, K, eps, False, NORM, RESIDUAL)
-
-
 if INTERPRETED:  # the interpreter cannot time configs: one tile
-    _gemv, _gemv_int4 = _gemv_kernel, _gemv_int4_kernel
-    _FIXED, _FIXED_INT4 = {"BLOCK_N": 8, "BLOCK_K": 64}, {"BLOCK_N": 8, "TILES": 2}
+    _gemv, _FIXED = _gemv_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
     _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
-    _gemv_int4 = triton.autotune(configs=_INT4_CONFIGS, key=["N", "K", "GROUP", "NORM", "GATED", "RESIDUAL"])(
-        _gemv_int4_kernel)
-    _FIXED, _FIXED_INT4 = {}, {}
+    _FIXED = {}
 
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
 def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
@@ -116,17 +78,4 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, w, scales, norm_weight, residual, y, n, k, eps,
         SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED)
-    return y
-
-@torch.library.triton_op("llama_dist::gemv_int4", mutates_args={})
-def gemv_int4_op(x: torch.Tensor, words: torch.Tensor, scale_min: torch.Tensor, norm_weight: torch.Tensor,
-                 residual: torch.Tensor, eps: float, norm: bool, gated: bool, add: bool) -> torch.Tensor:
-    """x [1, in] (or [1, 2 * in] when gated) -> [1, out] through int4 words and their groups."""
-    n, k = words.shape[0], x.shape[-1] // (2 if gated else 1)
-    group = words.shape[1] * 8 // scale_min.shape[1]
-    assert group in INT4_GROUPS, group
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    torch.library.wrap_triton(_gemv_int4)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, words, scale_min, norm_weight, residual, y, n, k, eps, GROUP=group,
-        NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED_INT4)
     return y

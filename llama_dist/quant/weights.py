@@ -7,9 +7,9 @@ GGUF's Q4_0, Q4_1 and Q4_K blocks, so those load without requantization.
 Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks (8 rows interleaved) for our C++ block matmul
 with 8-bit activations (cpu_kernels.cpp), as GGUF's Q8_0 tensors stay Q8_0 blocks; without that
 kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`). Elsewhere int4 is stored as our GPU kernels read it (kernels/quant_matmul.py,
-installed over these modules on CUDA): 32-bit words of 8 nibbles and an fp16 (scale, min) pair per group;
-this module itself only dequantizes on the fly. Quantization happens after sharding, on each rank's own slice.
+`_weight_int4pack_mm_for_cpu`). On CUDA int4 takes `_weight_int4pack_mm`, and int8 our Triton kernels
+(kernels/quant_matmul.py, installed over Int8Weight); elsewhere the matrix is dequantized on the fly.
+Quantization happens after sharding, on each rank's own slice.
 """
 from __future__ import annotations
 
@@ -64,78 +64,75 @@ class Int8Weight(QuantizedWeight):
             shape = x.shape
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(self.act_dtype), self.q, self.scales)
             return y.reshape(*shape[:-1], -1).to(x.dtype)
-        # (One row on CUDA goes to our Triton kernel, which dequantizes as it streams: gemv_operands.)
-        # Otherwise the compiled decode step fuses this dequantization into the matmul (PyTorch's packed
-        # int8 CUDA kernel is far slower at batch 1: RESULTS.md).
+        # (On CUDA the installed kernels replace this: kernels/quant_matmul.py. PyTorch's packed int8 CUDA kernel
+        # is far slower at batch 1: RESULTS.md.)
         return torch.nn.functional.linear(x, self.q.to(x.dtype)) * self.scales.to(x.dtype)
 
 
 class Int4Weight(QuantizedWeight):
-    """Stored in one of three layouts (`layout`): "blocks", Q4_1 row groups for our CPU kernel; "packed",
-    PyTorch's CPU int4 matmul's; "words", 32-bit words of 8 nibbles with an fp16 (scale, min) pair per
-    group, which our GPU kernels read (kernels/quant_matmul.py; this module alone dequantizes them per call)."""
-
     def __init__(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                 act_dtype: torch.dtype, layout: str | None = None):
-        """q [out, in] in 0..15; scales, zeros [out, in / group_size]; layout: default, the one for q's device."""
-        self._setup(q.shape, group_size, act_dtype, layout or self._layout_for(q.device.type, group_size))
-        if self.layout == "blocks":
+                 act_dtype: torch.dtype):
+        """q [out, in] in 0..15; scales, zeros [out, in / group_size]."""
+        self._setup(q.shape, group_size, act_dtype, q.device.type)
+        if self.uses_blocks:
             self.register_buffer("blocks", q4_1_row_groups(q4_1_rows(q, scales, zeros)))
-        elif self.layout == "words":
-            self.register_buffer("words", int4_words(q, group_size))
-            self.register_buffer("scale_min", int4_scale_min(scales, zeros))
+            return
+        q = q.to(torch.int32)
+        if self.device_type == "cpu":
+            packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+        elif self.device_type == "cuda":
+            packed = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
         else:
-            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 2))
-            # PyTorch's kernel wants [groups, out, 2] of (scale, zero) in the activation dtype.
-            self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
-                                 .to(act_dtype).contiguous())
+            packed = q.to(torch.uint8)
+        self.register_buffer("packed", packed)
+        # The kernels want [groups, out, 2] of (scale, zero) in the activation dtype.
+        self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
+                             .to(act_dtype).contiguous())
 
-    def _setup(self, shape: tuple[int, int], group_size: int, act_dtype: torch.dtype, layout: str) -> None:
+    def _setup(self, shape: tuple[int, int], group_size: int, act_dtype: torch.dtype, device_type: str) -> None:
         super().__init__()
         self.out_features, self.in_features = shape
-        self.group_size, self.act_dtype, self.layout = group_size, act_dtype, layout
+        self.group_size, self.act_dtype, self.device_type = group_size, act_dtype, device_type
+        self.uses_blocks = self._blocks_on(device_type, group_size)
 
     @staticmethod
-    def _layout_for(device_type: str, group_size: int) -> str:
-        """The CPU kernel's Q4_1 row groups hold a scale per 32 weights, so coarser groups keep PyTorch's smaller
-        packed form; other devices take the GPU kernels' words."""
-        if device_type != "cpu":
-            return "words"
-        return "blocks" if group_size == BLOCK and cpu_kernels.available() else "packed"
+    def _blocks_on(device_type: str, group_size: int) -> bool:
+        """Whether the CPU kernel's Q4_1 row groups serve: they hold a scale per 32 weights, so coarser
+        groups keep their smaller packed form."""
+        return device_type == "cpu" and group_size == BLOCK and cpu_kernels.available()
 
     @classmethod
     def from_q4_1(cls, rows: torch.Tensor, act_dtype: torch.dtype) -> "Int4Weight":
         """GGUF Q4_1 rows [out, in / 32 * 20]. Where the CPU kernel runs, its row groups are these bytes
         reordered (no unpacking, so a faster load); elsewhere they unpack into groups."""
-        if cls._layout_for(rows.device.type, BLOCK) != "blocks":
+        if not cls._blocks_on(rows.device.type, BLOCK):
             return cls(*int4_groups_rows(rows, "Q4_1"), BLOCK, act_dtype)
         weight = cls.__new__(cls)
-        weight._setup((rows.shape[0], rows.shape[1] // Q4_1_BYTES * BLOCK), BLOCK, act_dtype, "blocks")
+        weight._setup((rows.shape[0], rows.shape[1] // Q4_1_BYTES * BLOCK), BLOCK, act_dtype, "cpu")
         weight.register_buffer("blocks", q4_1_row_groups(rows))
         return weight
 
     @classmethod
-    def quantize(cls, w: torch.Tensor, group_size: int, act_dtype: torch.dtype,
-                 layout: str | None = None) -> "Int4Weight":
-        return cls(*int4_quantize(w, group_size), group_size, act_dtype, layout)
+    def quantize(cls, w: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> "Int4Weight":
+        return cls(*int4_quantize(w, group_size), group_size, act_dtype)
 
-    def dequantize(self) -> torch.Tensor:
-        """The matrix [out, in] in fp32, from the words."""
-        return int4_words_dequantize(self.words, self.scale_min, self.in_features)
-
-    def gemv_operands(self) -> dict[str, torch.Tensor] | None:
-        return {"w": self.words, "groups": self.scale_min} if self.layout == "words" else None
+    def _dense(self) -> torch.Tensor:
+        """Devices without a packed kernel keep q unpacked and dequantize on the fly."""
+        sz = self.scales_zeros.float().transpose(0, 1)  # [out, groups, 2]
+        return int4_dequantize(self.packed, sz[..., 0], sz[..., 1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        if self.layout == "blocks":
+        if self.uses_blocks:
             y = torch.ops.llama_dist.q4_1_matmul(x.reshape(-1, shape[-1]), self.blocks, self.out_features)
             return y.reshape(*shape[:-1], -1).to(x.dtype)
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
-        if self.layout == "packed":
+        if self.device_type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
-        else:  # (on CUDA the installed kernels replace this: kernels/quant_matmul.py)
-            y = x2 @ self.dequantize().to(x2.dtype).t()
+        elif self.device_type == "cuda":
+            y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
+        else:
+            y = x2 @ self._dense().to(x2.dtype).t()
         return y.reshape(*shape[:-1], -1).to(x.dtype)
 
 
@@ -210,34 +207,6 @@ def int4_quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15)
     zeros = lo + 8 * scales  # value = (q - 8) * scale + zero
     return q.reshape(out_f, in_f).to(torch.int32), scales, zeros
-
-
-def int4_words(q: torch.Tensor, group_size: int) -> torch.Tensor:
-    """q [out, in] in 0..15 -> int32 words [out, tiles * group_size], for tiles of 8 groups: nibble i (bits
-    4i..4i+3) of a tile's word j holds the tile's input i * group_size + j, so the nibbles at one shift are one
-    group (the GPU kernels unpack a group with one shift, no shuffling). Inputs past the last are zero."""
-    out_f, in_f = q.shape
-    tile = 8 * group_size
-    planes = F.pad(q.to(torch.int32), (0, -in_f % tile)).reshape(out_f, -1, 8, group_size)
-    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int32).view(1, 1, 8, 1)
-    return (planes << shifts).sum(dim=2, dtype=torch.int64).to(torch.int32).reshape(out_f, -1)
-
-
-def int4_scale_min(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
-    """Groups' (scale, min) pairs [out, groups, 2] in fp16, value = scale * q + min, for int4_words' whole tiles
-    (groups past the last are zero)."""
-    scale_min = torch.stack([scales, zeros - 8 * scales], dim=-1).to(torch.float16)
-    return F.pad(scale_min, (0, 0, 0, -scale_min.shape[1] % 8))
-
-
-def int4_words_dequantize(words: torch.Tensor, scale_min: torch.Tensor, in_features: int) -> torch.Tensor:
-    """int4_words' words with int4_scale_min's pairs -> values scale * q + min [out, in] (fp32)."""
-    out_f, groups = scale_min.shape[:2]
-    group_size = words.shape[1] * 8 // groups
-    shifts = torch.arange(0, 32, 4, device=words.device, dtype=torch.int32).view(1, 1, 8, 1)
-    q = ((words.reshape(out_f, -1, 1, group_size) >> shifts) & 0xF).reshape(out_f, groups, group_size).float()
-    sm = scale_min.float()
-    return (q * sm[..., :1] + sm[..., 1:]).reshape(out_f, -1)[:, :in_features]
 
 
 def int4_dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
