@@ -39,7 +39,8 @@ for n, k in ((40, 288), (3, 64), (17, 1000)):  # one row: the kernel's case
     y = gemv(gate_up, q, s, gated=True, residual=r)
     assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
 # several rows of int8 through the tensor-core kernel (fewer than a tile, more than one tile, ragged edges)
-assert __import__("llama_dist.kernels.quant_matmul", fromlist=["load"]).load()
+from llama_dist.kernels.quant_matmul import load as load_quantized
+assert load_quantized()
 for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 1000)):
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
     q, s = int8_quantize(w)

@@ -16,7 +16,8 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
 - symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
   communicator for it).
 - quantized: int8 weights multiply through our Triton kernels (one row, and a batch's few rows on tensor
-  cores, converting the weights in registers: quant_matmul.py) instead of a converted copy each call.
+  cores, converting the weights in registers: quant_matmul.py) instead of a converted copy each call; off
+  with the matmul kernel's setting (LLAMA_DIST_GEMV=0).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def choose_kernels(device: torch.device, settings: Settings | None = None) -> Ke
         triton_attention = settings.attention and decode_attention.load()
         use_gemv = settings.gemv and gemv.load()
         return Kernels("triton" if triton_attention else "sdpa", use_gemv, settings.symm_mem,
-                       row_kernels=use_gemv and rows.load(), quantized=quant_matmul.load())
+                       row_kernels=use_gemv and rows.load(), quantized=use_gemv and quant_matmul.load())
     return Kernels("cpu" if device.type == "cpu" else "sdpa")
 
 

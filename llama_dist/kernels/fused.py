@@ -68,10 +68,10 @@ def one_row_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: 
     in one Triton kernel for one row whose weight the kernel reads, else step by step (the norm and SwiGLU
     in a Triton kernel each with row_kernels)."""
     if use_gemv and x.numel() == x.shape[-1]:
-        operands = {"w": layer.weight} if layer.qweight is None else layer.qweight.gemv_operands()
+        operands = (layer.weight, None) if layer.qweight is None else layer.qweight.gemv_operands()
         if operands is not None:
             fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
-            return gemv.gemv(x, **operands, gated=gated, residual=residual, **fold)
+            return gemv.gemv(x, *operands, gated=gated, residual=residual, **fold)
     if norm is not None:
         x = rows.rms_norm(x, norm.weight, norm.eps) if row_kernels else norm(x)
     if gated:

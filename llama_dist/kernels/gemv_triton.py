@@ -19,29 +19,6 @@ def _exact_float(v):
     """Integers |v| < 2^22 (int32) to fp32 exactly, in an integer add and a float subtraction."""
     return (v + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
 
-@triton.jit
-def _input(x_ptr, g_ptr, cols, K, NORM: tl.constexpr, GATED: tl.constexpr):
-    """The product's input at `cols` (any shape): silu(gate) * up when GATED, times the norm's weight when
-    NORM (1/rms is applied to the finished sums); and the squares its sum of squares needs."""
-    x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
-        x = x * tl.sigmoid(x) * up
-    squares = x * x
-    if NORM:
-        x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-    return x, squares
-
-@triton.jit
-def _finish(y, rows, row_ok, squares, s_ptr, r_ptr, y_ptr, K, eps,
-            SCALED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
-    if NORM:
-        y = y * tl.rsqrt(tl.sum(squares) / K + eps)
-    if SCALED:
-        y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if RESIDUAL:
-        y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
@@ -55,18 +32,32 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :],
-                    other=0.0)
-        x, sq = _input(x_ptr, g_ptr, cols, K, NORM, GATED)
-        squares += sq
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if GATED:
+            up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+            x = x * tl.sigmoid(x) * up
+        if NORM:
+            squares += x * x
+            x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         acc += (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :]
-    _finish(tl.sum(acc, axis=1), rows, row_ok, squares, s_ptr, r_ptr, y_ptr, K, eps, SCALED, NORM, RESIDUAL)
+    y = tl.sum(acc, axis=1)
+    if NORM:
+        y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+    if SCALED:
+        y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    if RESIDUAL:
+        y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
 
 if INTERPRETED:  # the interpreter cannot time configs: one tile
     _gemv, _FIXED = _gemv_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
     _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
     _FIXED = {}
+
 
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
 def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,

@@ -57,4 +57,3 @@ def int8_matmul_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> to
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     torch.library.wrap_triton(_int8_matmul)[grid](x, q, scales, y, m, n, k, bucket, **_FIXED)
     return y
-

@@ -32,8 +32,8 @@ class QuantizedWeight(nn.Module):
     out_features: int
     in_features: int
 
-    def gemv_operands(self) -> dict[str, torch.Tensor] | None:
-        """The CUDA one-row kernel's weight arguments (kernels/gemv.gemv), where it can read this format."""
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(W, per-row scales) for the CUDA one-row kernel (kernels/gemv.py), where it can read this format."""
         return None
 
 
@@ -56,8 +56,8 @@ class Int8Weight(QuantizedWeight):
         """Rows of the dequantized matrix: an int8 embedding table looked up without expanding it."""
         return self.q[ids].float() * self.scales[ids, None].float()
 
-    def gemv_operands(self) -> dict[str, torch.Tensor]:
-        return {"w": self.q, "scales": self.scales}
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q, self.scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
