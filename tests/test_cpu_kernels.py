@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from llama_dist.quant.ggml import int4_groups_rows
-from llama_dist.quant import cpu_kernels
+from llama_dist import csrc
 from llama_dist.quant.weights import Int4Weight, Q8BlockWeight, int4_dequantize, int4_quantize, q4_1_rows, q8_0_blocks
 
-pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="no C++ compiler to build the CPU kernels")
+pytestmark = pytest.mark.skipif(not csrc.available(), reason="no C++ compiler to build the CPU kernels")
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,6 +59,33 @@ def test_block_matmul_equals_its_integer_math(kind, rows):
     assert (got - x @ dense.t()).abs().max() / (x @ dense.t()).abs().max() < 2e-2
 
 
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_folds_compute_the_norm_swiglu_and_residual_of_the_model(kind):
+    """A decode step's RMSNorm before, SwiGLU before and residual after a product, folded into the op, against
+    the model's own modules and the integer reference (rows of any leading shape, results in x's dtype)."""
+    from llama_dist.model.transformer import RMSNorm
+
+    layer, qw, scales, mins, _ = layers()[kind]
+    g = torch.Generator().manual_seed(1)
+    x, residual = torch.randn(2, 3, 96, generator=g), torch.randn(2, 3, 37, generator=g)
+    norm = RMSNorm(96, 1e-5)
+    norm.weight.data = torch.rand(96, generator=g) + 0.5
+
+    def close(got, x_in, plus=0.0):
+        expected = reference(x_in.reshape(-1, 96), qw, scales, mins).reshape(got.shape) + plus
+        return ((got.double() - expected).abs().max() / expected.abs().max()).item() < 1e-4
+
+    normed = layer.folded(x, norm.weight, norm.eps)
+    assert normed.shape == (2, 3, 37) and close(normed, norm(x))
+    gate_up = torch.randn(2, 3, 192, generator=g)
+    assert close(layer.folded(gate_up, gated=True), torch.nn.functional.silu(gate_up[..., :96]) * gate_up[..., 96:])
+    added = layer.folded(x, residual=residual)
+    assert torch.equal(added, layer(x) + residual)
+    assert layer.folded(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(RuntimeError, match="the residual must hold 6 rows of 37"):
+        layer.folded(x, residual=residual[:1])
+
+
 def test_rows_of_a_q8_0_embedding_are_its_dequantized_rows():
     layer, _, _, _, dense = layers()["q8_0"]
     ids = torch.tensor([[3, 0, 36]])
@@ -90,7 +117,7 @@ def test_gguf_q4_1_rows_become_row_groups_by_moving_bytes():
     q, scales, zeros = int4_quantize(torch.randn(37, 96, generator=g), 32)
     rows = q4_1_rows(q, scales, zeros)
     assert rows.shape == (37, 3 * 20)
-    uq, us, uz = int4_groups_rows(rows, "Q4_1")  # llama.cpp's meaning of the bytes: value = d * q + m
+    uq, us, uz = int4_groups_rows(rows)  # llama.cpp's meaning of the bytes: value = d * q + m
     assert torch.equal(uq.to(q.dtype), q)
     direct = Int4Weight.from_q4_1(rows, torch.float32)
     unpacked = Int4Weight(uq, us, uz, 32, torch.float32)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from llama_dist.quant.ggml import BLOCK_TYPES, dequantize_rows
+from llama_dist.quant.ggml import AS_Q4_1, BLOCK_TYPES, as_q4_1_rows, dequantize_rows
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize  # noqa: E402
@@ -25,3 +25,21 @@ def test_dequantize_matches_reference(type_name):
     assert np.array_equal(finite, np.isfinite(ours))
     assert finite.mean() > 0.5
     np.testing.assert_array_equal(ours[finite], expected[finite])
+
+
+@pytest.mark.parametrize("type_name", list(AS_Q4_1))
+def test_4_bit_types_become_q4_1_blocks_of_the_same_values(type_name):
+    """Q4_0 exactly; Q4_K's per-group products d * scale and dmin * min rounded to fp16 as Q4_1 stores them."""
+    block, size, _ = BLOCK_TYPES[type_name]
+    rng = np.random.default_rng(zlib.crc32(type_name.encode()))
+    raw = rng.integers(0, 256, size=(6, 8 * size), dtype=np.uint8)
+    head = 2 if type_name == "Q4_0" else 4  # fp16 scales (and mins) in range, never inf or NaN
+    raw.reshape(6, 8, size)[..., :head] = rng.uniform(0.01, 1, (6, 8, head // 2)).astype(np.float16).view(np.uint8)
+    raw = torch.from_numpy(raw)
+    expected = dequantize_rows(raw, type_name)
+    got = dequantize_rows(as_q4_1_rows(raw, type_name), "Q4_1")
+    assert got.shape == expected.shape == (6, 8 * block)
+    if type_name == "Q4_K":
+        assert ((got - expected).abs().max() / expected.abs().max()).item() < 1e-3
+    else:
+        assert torch.equal(got, expected)

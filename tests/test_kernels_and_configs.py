@@ -3,7 +3,7 @@ the configs that carry a run's options."""
 import pytest
 import torch
 
-from llama_dist import Kernels, Llama, LoadConfig, ParallelConfig
+from llama_dist import Kernels, Llama, LoadConfig, ParallelConfig, csrc
 from llama_dist.checkpoint.loader import load_model
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
@@ -25,21 +25,28 @@ def test_switches_are_read_from_the_environment_given():
 
 
 def test_cpus_get_the_cpu_attention_and_nothing_from_cuda():
-    assert choose_kernels(torch.device("cpu"), read_settings({})) == Kernels("cpu")
-    with pytest.raises(ValueError, match="choose one of sdpa, cpu, triton"):
+    built = csrc.available()
+    assert choose_kernels(torch.device("cpu"), read_settings({})) == Kernels("cpp" if built else "cpu", gemv=built)
+    assert choose_kernels(torch.device("cpu"), read_settings({"LLAMA_DIST_GEMV": "0", "LLAMA_DIST_ATTENTION": "0"})) == Kernels("cpu")
+    with pytest.raises(ValueError, match="choose one of sdpa, cpu, cpp, triton"):
         Kernels("flash")
 
 
-def test_cpu_kernels_compute_what_the_plain_model_computes():
-    """Installed once: every block's attention takes the fp32 decode path; prompts and decode steps (one and
-    three rows, rows at different positions) give the plain model's logits."""
+@pytest.mark.parametrize("kernels", [Kernels("cpu"), Kernels("cpp", gemv=True)])
+def test_cpu_kernels_compute_what_the_plain_model_computes(kernels):
+    """Installed once: every block's attention takes the fp32 decode path (with "cpp", decode steps attend in one
+    C++ call per layer); prompts and decode steps (one and three rows, rows at different positions) give the plain
+    model's logits."""
+    if kernels.attention == "cpp" and not csrc.available():
+        pytest.skip("no C++ compiler to build the CPU kernels")
     args = ModelArgs(**TINY_GQA)
     ctx, state = init_distributed(), random_state_dict(args)
     config = LoadConfig(dtype="float32", n_ctx=16, max_batch_size=3)
     plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
-    fast = install(load_model(StateDictSource(args, state), ctx, config, progress=False), Kernels("cpu"))
+    fast = install(load_model(StateDictSource(args, state), ctx, config, progress=False), kernels)
     assert all(type(b.attention) is CpuDecodeAttention for b in fast.layers.values())
     assert all(type(b.attention) is Attention for b in plain.layers.values())
+    assert all(getattr(b, "attention_kernel", False) == (kernels.attention == "cpp") for b in fast.layers.values())
     tokens = torch.tensor([[5, 17, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6], [300, 8, 8, 8, 41, 0]])
     assert (fast(tokens, 0) - plain(tokens, 0)).abs().max() < 1e-5
     for rows in (tokens[:1], tokens):
@@ -48,6 +55,28 @@ def test_cpu_kernels_compute_what_the_plain_model_computes():
         assert (got - want).abs().max() < 1e-5
     starts = torch.tensor([2, 5, 0])  # rows at different positions (the server's batches)
     assert (fast(tokens[:, :1], starts) - plain(tokens[:, :1], starts)).abs().max() < 1e-5
+    for a, b in zip(fast.layers.values(), plain.layers.values()):  # the kernel wrote the caches the model reads
+        assert (a.attention.cache_k - b.attention.cache_k).abs().max() < 1e-5
+        assert (a.attention.cache_v - b.attention.cache_v).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not csrc.available(), reason="no C++ compiler to build the CPU kernels")
+def test_folded_block_kernels_decode_what_the_plain_quantized_model_decodes():
+    """int4 weights in the C++ block format: a decode step's norms, SwiGLU and residuals folded into the matmuls
+    give the plain modules' logits (both quantize activations to 8 bits; the folded norm may round a value to
+    the neighbouring 8-bit step, so not bit for bit), and a row's logits do not depend on its batch."""
+    args = ModelArgs(**TINY_GQA)
+    ctx, state = init_distributed(), random_state_dict(args)
+    config = LoadConfig(dtype="float32", quantize="int4", group_size=32, n_ctx=16, max_batch_size=3)
+    plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
+    fast = install(load_model(StateDictSource(args, state), ctx, config, progress=False), Kernels("cpp", gemv=True))
+    assert all(type(b).__name__ == "FusedTransformerBlock" and b.use_gemv for b in fast.layers.values())
+    tokens = torch.tensor([[5, 17, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6], [300, 8, 8, 8, 41, 0]])
+    got = torch.cat([fast(tokens[:, i:i + 1], i) for i in range(6)], dim=1)
+    want = torch.cat([plain(tokens[:, i:i + 1], i) for i in range(6)], dim=1)
+    assert (got - want).abs().max() / want.abs().max() < 1e-3
+    alone = torch.cat([fast(tokens[1:2, i:i + 1], i, slots=torch.tensor([1])) for i in range(6)], dim=1)
+    assert torch.equal(alone[0], got[1])
 
 
 def test_configs_refuse_bad_values_by_their_names():

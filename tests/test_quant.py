@@ -12,7 +12,7 @@ from llama_dist.checkpoint.shard import full_shape, param_names
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.checkpoint.bundled import bundled_model_path
-from llama_dist.quant import cpu_kernels
+from llama_dist import csrc
 from llama_dist.quant.weights import Int4Weight, Int8Weight, int4_dequantize, int4_quantize
 
 from .helpers import ROOT, WORKERS, check_all_ok, launch_ranks
@@ -57,7 +57,7 @@ def test_int4_roundtrip_error_is_half_a_step(weight, group):
 def test_quantized_linear_equals_dequantized_fp32_math(weight, kind, monkeypatch):
     """int4 runs our CPU block kernel where it builds; "int4-torch-kernel" is PyTorch's packed fallback."""
     if kind == "int4-torch-kernel":
-        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+        monkeypatch.setattr(csrc, "available", lambda: False)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1))
     if kind == "int8":
         layer = Int8Weight.quantize(weight, torch.bfloat16)
@@ -65,7 +65,7 @@ def test_quantized_linear_equals_dequantized_fp32_math(weight, kind, monkeypatch
     else:
         q, scales, zeros = int4_quantize(weight, 32)
         layer = Int4Weight(q, scales, zeros, 32, torch.bfloat16)
-        assert layer.uses_blocks == (kind == "int4" and cpu_kernels.available())
+        assert layer.uses_blocks == (kind == "int4" and csrc.available())
         dense = int4_dequantize(q, scales, zeros)
     expected = x @ dense.t()
     got = layer(x)
@@ -128,7 +128,7 @@ def test_gguf_weights_stay_quantized_near_file_size():
     source = open_checkpoint(bundled_model_path())
     model = load_model(source, ctx, LoadConfig(n_ctx=64, max_batch_size=1), progress=False)
     unique = {t.data_ptr(): t for t in model.state_dict().values()}  # the tied output shares the embedding
-    if cpu_kernels.available():  # Q8_0 embedding kept as blocks, one copy serving the output too
+    if csrc.available():  # Q8_0 embedding kept as blocks, one copy serving the output too
         assert model.output.qweight is model.tok_embeddings.qweight is not None
     weight_bytes = sum(t.nbytes for t in unique.values())
     file_bytes = bundled_model_path().stat().st_size

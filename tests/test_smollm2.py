@@ -11,7 +11,7 @@ from llama_dist.checkpoint.loader import load_model, open_checkpoint, weight_sum
 from llama_dist.convert import convert
 from llama_dist.distributed.context import init_distributed
 from llama_dist.checkpoint.bundled import bundled_model_path
-from llama_dist.quant import cpu_kernels
+from llama_dist import csrc
 
 from .helpers import WORKERS, check_all_ok, launch_ranks
 
@@ -185,7 +185,7 @@ def test_compiled_cpu_decode_generates_the_eager_tokens():
     8-bit rounding step moves the logits by more than fp32 rounding would."""
     eager = Llama.build(bundled_model_path(), max_seq_len=256, max_batch_size=1)
     compiled = Llama.build(bundled_model_path(), max_seq_len=256, max_batch_size=1, compile=True)
-    expected_dtype = torch.float32 if cpu_kernels.available() else torch.bfloat16
+    expected_dtype = torch.float32 if csrc.available() else torch.bfloat16
     assert compiled.model.act_dtype == expected_dtype and "int4" in weight_summary(compiled.model)
     agreed = 0
     for gen in GENERATIONS:

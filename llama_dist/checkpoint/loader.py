@@ -9,8 +9,8 @@ from tqdm import tqdm
 from ..distributed.context import ParallelContext
 from ..model.transformer import Transformer
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
-from ..quant import cpu_kernels
-from ..quant.ggml import INT4_GROUPS
+from .. import csrc
+from ..quant.ggml import AS_Q4_1
 from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
 from .bundled import resolve_model
 from .config import LoadConfig
@@ -51,7 +51,7 @@ def default_dtype(device: torch.device, quantized: bool = False) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device.type == "mps":
         return torch.float16
-    return torch.bfloat16 if quantized and not cpu_kernels.available() else torch.float32
+    return torch.bfloat16 if quantized and not csrc.available() else torch.float32
 
 
 def quant_act_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -61,7 +61,7 @@ def quant_act_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 def stores_quantized(source: CheckpointSource) -> bool:
     if isinstance(source, GGUFCheckpoint):
-        return any(t in INT4_GROUPS for t in source.tensor_types())
+        return any(t in AS_Q4_1 for t in source.tensor_types())
     return bool(getattr(source, "quantization", None))
 
 
@@ -119,7 +119,8 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
     """This rank's slice of a linear or embedding weight, quantized; None keeps it dense.
 
     "auto" keeps what the checkpoint stores quantized (GGUF Q4 blocks, Q8_0 blocks on CPUs, our quantized
-    checkpoints);
+    checkpoints; on CPUs other GGML block types, fused matrices of mixed types and 4-bit embedding tables become
+    Q8_0 blocks, QuantizedShard.as_q8_0);
     "int8"/"int4" quantize the (dequantized) weights after sharding. Embeddings are looked up by row, so they
     are only ever int8 (one scale per row, or GGUF Q8_0 blocks).
     """
@@ -128,12 +129,16 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
     parts = canonical_parts(name)
     reader = getattr(source, "read_quantized", None) if quantize == "auto" else None
     stored = [reader(p, param_layout(p, args, world, rank)) for p in parts] if reader else [None]
-    if all(s is not None for s in stored) and {s.kind for s in stored} == {"int4", "q4_1"}:  # GGUF's mixed types
-        stored = [s.as_int4() for s in stored]
-    if all(s is not None for s in stored) and len({s.kind for s in stored}) == 1:
+    if all(s is not None for s in stored):
+        kinds = {s.kind for s in stored}
+        q8_0_kernel = ctx.device.type == "cpu" and csrc.available()
+        if kinds == {"int4", "q4_1"}:  # GGUF's mixed 4-bit types
+            stored = [s.as_int4() for s in stored]
+        elif q8_0_kernel and (len(kinds) > 1 or "ggml" in kinds or (is_embedding and kinds <= {"int4", "q4_1"})):
+            stored = [s.as_q8_0() for s in stored]
         kind = stored[0].kind
         # Q8_0 blocks stay quantized where the CPU block kernel reads them; elsewhere they load dense
-        readable = kind != "q8_0" or (ctx.device.type == "cpu" and cpu_kernels.available())
+        readable = len({s.kind for s in stored}) == 1 and kind != "ggml" and (kind != "q8_0" or q8_0_kernel)
         if readable and (not is_embedding or kind in ("int8", "q8_0")):
             return quantized_from_shards(stored, act_dtype, ctx.device)
     if quantize not in QUANT_TYPES:

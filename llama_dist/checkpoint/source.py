@@ -8,7 +8,8 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from ..model.args import ModelArgs
-from ..quant.ggml import int4_groups_rows
+from ..quant.ggml import dequantize_rows, int4_groups_rows
+from ..quant.weights import int4_dequantize, q8_0_quantize
 from .shard import ShardLayout
 
 
@@ -19,17 +20,36 @@ class CheckpointError(ValueError):
 @dataclass
 class QuantizedShard:
     """A rank's slice of a weight as stored quantized: int8 (q, per-row scales), int4 (q, scales, zeros), or
-    "q8_0" / "q4_1": q is the GGUF blocks' bytes, rows [out, blocks * bytes per block]."""
+    "q8_0" / "q4_1": q is the GGUF blocks' bytes, rows [out, blocks * bytes per block], or "ggml": the bytes of
+    another GGML type (ggml_type) that no kernel reads as stored."""
 
     kind: str
     q: torch.Tensor
     scales: torch.Tensor | None = None
     zeros: torch.Tensor | None = None
     group_size: int = 0
+    ggml_type: str = ""
 
     def as_int4(self) -> "QuantizedShard":
         """Q4_1 bytes as int4 groups, to join other int4 slices in one fused matrix."""
-        return QuantizedShard("int4", *int4_groups_rows(self.q, "Q4_1"), group_size=32) if self.kind == "q4_1" else self
+        return QuantizedShard("int4", *int4_groups_rows(self.q), group_size=32) if self.kind == "q4_1" else self
+
+    def as_q8_0(self) -> "QuantizedShard":
+        """Requantized as Q8_0 blocks (8 bits and a scale per 32 weights, what the CPU block kernel reads): for
+        the GGML types without a kernel of their own (Q6_K, Q5_K, ...), for the parts of a fused matrix stored in
+        different types (Q4_K_M files give attn_v more bits than attn_q), and for 4-bit embedding tables (looked
+        up by row). The values move by at most half a step of 8 bits per block, finer than the 4-6 bit sources."""
+        if self.kind == "q8_0":
+            return self
+        if self.kind == "ggml":
+            values = dequantize_rows(self.q, self.ggml_type)
+        elif self.kind == "q4_1":
+            values = dequantize_rows(self.q, "Q4_1")
+        elif self.kind == "int4":
+            values = int4_dequantize(self.q, self.scales, self.zeros)
+        else:
+            values = self.q.float() * self.scales.float()[:, None]
+        return QuantizedShard("q8_0", q8_0_quantize(values), group_size=32)
 
 
 class CheckpointSource(Protocol):

@@ -3,12 +3,15 @@ applies tensor parallelism): modules are swapped for ones that compute the same 
 faster kernels. What to install is a Kernels value, chosen once per run; nothing is re-read per call.
 
 - attention "cpu": a decoded token's attention as two fp32 matmuls (CPUs; cheaper than SDPA's set-up);
-  "triton": rotary + cache write + attention over the cache in one CUDA kernel per layer
+  "cpp": on CPUs, rotary + cache write + attention in one C++ call per layer (csrc/decode_attention.cpp;
+  prompts keep SDPA); "triton": the same in one CUDA kernel per layer
   (decode_attention.py); "sdpa": the model's own. On GPUs, prompts' SDPA never takes cuDNN's backend (set
   for the process when a model is given its kernels): it builds a plan per new shape, 1-2 s each, and a
   server's prompt chunks come in many shapes.
 - gemv: one decoded row's projections through our Triton matrix-vector kernel, with the block's
-  RMSNorm, SwiGLU and residual adds folded in (gemv.py).
+  RMSNorm, SwiGLU and residual adds folded in (gemv.py); on CPUs a decode step's projections (any rows) through
+  the C++ block kernels with the same folds (csrc/block_matmul.cpp), where the weights are in their block formats.
+  On CPUs the two make a decode step a few C++ calls per layer instead of dozens of PyTorch operations.
 - row_kernels: a decode step of several rows, and a prompt pass, runs its RMSNorms, SwiGLU and rotary
   embedding (with the cache write) as one Triton kernel each (rows.py), not PyTorch's six, three and two
   dozen; packed prompt chunks attend in one Triton kernel (packed_attention.py, where it loads), not an
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import csrc
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
 from ..parallel.layers import ShardedWeight
@@ -32,7 +36,7 @@ from ..quant.weights import Int8Weight
 from . import decode_attention, gemv, packed_attention, quant_matmul, rows
 from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear, TritonPromptAttention
 
-ATTENTION_CHOICES = ("sdpa", "cpu", "triton")
+ATTENTION_CHOICES = ("sdpa", "cpu", "cpp", "triton")
 
 
 @dataclass(frozen=True)
@@ -56,26 +60,34 @@ def choose_kernels(device: torch.device, settings: Settings | None = None) -> Ke
         use_gemv = settings.gemv and gemv.load()
         return Kernels("triton" if triton_attention else "sdpa", use_gemv, settings.symm_mem,
                        row_kernels=use_gemv and rows.load(), quantized=use_gemv and quant_matmul.load())
-    return Kernels("cpu" if device.type == "cpu" else "sdpa")
+    if device.type == "cpu":
+        built = csrc.available()
+        return Kernels("cpp" if built and settings.attention else "cpu", gemv=built and settings.gemv)
+    return Kernels("sdpa")
 
 
 def install(model: Transformer, kernels: Kernels) -> Transformer:
     """Give the model's modules the chosen kernels, in place (parameters, caches and names unchanged)."""
     if kernels.attention == "triton" and not decode_attention.load():
         raise RuntimeError("The Triton decode-attention kernel needs Triton (and a GPU of compute capability 8.0+).")
-    if ((kernels.gemv and not gemv.load()) or (kernels.row_kernels and not rows.load())
+    on_cpu = gemv.on_cpp_kernels(model.device)
+    if (kernels.attention == "cpp" or (kernels.gemv and on_cpu)) and not csrc.available():
+        raise RuntimeError("The C++ CPU kernels could not be built (they need a C++ compiler and ninja).")
+    if ((kernels.gemv and not on_cpu and not gemv.load()) or (kernels.row_kernels and not rows.load())
             or (kernels.quantized and not quant_matmul.load())):
         raise RuntimeError("The Triton matmul and row kernels need Triton.")
     if model.device.type == "cuda" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
         torch.backends.cuda.enable_cudnn_sdp(False)
     for block in model.layers.values():
-        if kernels.attention == "cpu":
+        head_dim = block.attention.head_dim
+        if kernels.attention in ("cpu", "cpp"):
             _specialise(block.attention, CpuDecodeAttention)
-        elif kernels.row_kernels and packed_attention.load() and decode_attention.supports(block.attention.head_dim):
+        elif kernels.row_kernels and packed_attention.load() and decode_attention.supports(head_dim):
             _specialise(block.attention, TritonPromptAttention)
-        triton_attention = kernels.attention == "triton" and decode_attention.supports(block.attention.head_dim)
-        if kernels.gemv or triton_attention or kernels.row_kernels:
-            _specialise(block, FusedTransformerBlock).configure(kernels.gemv, triton_attention, kernels.row_kernels)
+        attention_kernel = ((kernels.attention == "triton" and decode_attention.supports(head_dim))
+                            or (kernels.attention == "cpp" and decode_attention.supports(head_dim, "cpu")))
+        if kernels.gemv or attention_kernel or kernels.row_kernels:
+            _specialise(block, FusedTransformerBlock).configure(kernels.gemv, attention_kernel, kernels.row_kernels)
     if kernels.gemv and model.is_last:
         _specialise(model.output, OneRowColumnParallelLinear)
     if kernels.quantized:

@@ -1,4 +1,5 @@
-"""One decoded token's attention on CUDA, in Triton: rotary embedding, cache write and attention in one kernel.
+"""One decoded token's attention on CUDA, in Triton: rotary embedding, cache write and attention in one kernel
+(on CPUs `decode_attention` runs the same in C++: csrc/decode_attention.cpp).
 
 A decode step's attention reads a few megabytes of cache per layer, a small job for which SDPA's
 kernels and the three small ones that rotate q and k and write the cache each pay a launch
@@ -14,7 +15,7 @@ import functools
 
 import torch
 
-from .gemv import INTERPRETED, bf16_tensor_cores
+from .gemv import INTERPRETED, bf16_tensor_cores, on_cpp_kernels
 
 
 @functools.cache
@@ -99,8 +100,10 @@ def load() -> bool:
     return True
 
 
-def supports(head_dim: int) -> bool:
-    """The kernel's tiles need a head_dim that is a power of two, at least 16."""
+def supports(head_dim: int, device_type: str = "cuda") -> bool:
+    """The Triton kernel's tiles need a head_dim that is a power of two, at least 16; the C++ one a multiple of 8."""
+    if device_type == "cpu":
+        return head_dim % 8 == 0
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
@@ -111,6 +114,7 @@ def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tenso
     row's cache row; pos [B]: its position (the row sees [0, pos]). Writes the new keys and values to the
     caches; returns [B, 1, q heads * head_dim]."""
     bsz = qkv.shape[0]
-    out = torch.ops.llama_dist.decode_attention(qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(),
-                                                cache_k, cache_v, slots.contiguous(), pos.contiguous(), n_rep)
+    op = torch.ops.llama_dist.cpu_decode_attention if on_cpp_kernels(qkv.device) else torch.ops.llama_dist.decode_attention
+    out = op(qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(), cache_k, cache_v,
+             slots.contiguous(), pos.contiguous(), n_rep)
     return out.view(bsz, 1, -1)

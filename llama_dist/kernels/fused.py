@@ -61,16 +61,21 @@ def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return (scores.softmax(-1) @ values.float()).type_as(q)
 
 
-def one_row_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: RMSNorm | None = None,
-                   gated: bool = False, residual: torch.Tensor | None = None,
-                   row_kernels: bool = False) -> torch.Tensor:
+def fused_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: RMSNorm | None = None,
+                 gated: bool = False, residual: torch.Tensor | None = None,
+                 row_kernels: bool = False) -> torch.Tensor:
     """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when gated):
-    in one Triton kernel for one row whose weight the kernel reads, else step by step (the norm and SwiGLU
-    in a Triton kernel each with row_kernels)."""
-    if use_gemv and x.numel() == x.shape[-1]:
+    in one kernel where one reads the weight (on CUDA the one-row Triton kernel, for one row; on CPUs the C++
+    block kernels, for any rows), else step by step (the norm and SwiGLU in a Triton kernel each with
+    row_kernels)."""
+    fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
+    if use_gemv and gemv.on_cpp_kernels(x.device):
+        y = None if layer.qweight is None else layer.qweight.folded(x, gated=gated, residual=residual, **fold)
+        if y is not None:
+            return y
+    elif use_gemv and x.numel() == x.shape[-1]:
         operands = (layer.weight, None) if layer.qweight is None else layer.qweight.gemv_operands()
         if operands is not None:
-            fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
             return gemv.gemv(x, *operands, gated=gated, residual=residual, **fold)
     if norm is not None:
         x = rows.rms_norm(x, norm.weight, norm.eps) if row_kernels else norm(x)
@@ -88,17 +93,17 @@ class OneRowColumnParallelLinear(ColumnParallelLinear):
     """The output projection of one decoded row through the one-row kernel."""
 
     def local_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return one_row_linear(self, x, use_gemv=True)
+        return fused_linear(self, x, use_gemv=True)
 
 
 class FusedTransformerBlock(TransformerBlock):
     """The block of a decode step (one token per row): norms, SwiGLU and residuals folded into the projections'
-    one-row kernel (residuals added by tensor-parallel rank 0 before the all-reduce, so no rank runs another
-    kernel after it), and attention in one kernel. Prompts (packed ones too) take the plain block, with the
-    norms and SwiGLU as row kernels where those are installed."""
+    kernels (residuals added by tensor-parallel rank 0 before the all-reduce, so no rank runs another
+    kernel after it), and attention in one kernel (decode_attention: Triton on CUDA, C++ on CPUs). Prompts
+    (packed ones too) take the plain block, with the norms and SwiGLU as row kernels where those are installed."""
 
-    def configure(self, use_gemv: bool, triton_attention: bool, row_kernels: bool = False) -> None:
-        self.use_gemv, self.triton_attention, self.row_kernels = use_gemv, triton_attention, row_kernels
+    def configure(self, use_gemv: bool, attention_kernel: bool, row_kernels: bool = False) -> None:
+        self.use_gemv, self.attention_kernel, self.row_kernels = use_gemv, attention_kernel, row_kernels
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
@@ -109,20 +114,20 @@ class FusedTransformerBlock(TransformerBlock):
             normed = rows.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
             h = x + attention.wo(attention.cached_attention(attention.wqkv(normed), pos, rope, mask, slots, length))
             return h + ffn.w2(rows.silu_mul(ffn.w13(rows.rms_norm(h, self.ffn_norm.weight, self.ffn_norm.eps))))
-        qkv = one_row_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
-        if self.triton_attention:  # one token per row: its mask is always "up to pos"
+        qkv = fused_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
+        if self.attention_kernel:  # one token per row: its mask is always "up to pos"
             cache_row = cache_rows(slots, x.shape[0], x.device)
             out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, cache_row,
                                                     pos[:, 0], attention.n_rep)
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
         h = self._reduce(attention.wo, out, residual=x)
-        gate_up = one_row_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm, row_kernels=self.row_kernels)
+        gate_up = fused_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm, row_kernels=self.row_kernels)
         return self._reduce(ffn.w2, gate_up, gated=True, residual=h)
 
     def _reduce(self, layer: RowParallelLinear, x: torch.Tensor, residual: torch.Tensor,
                 gated: bool = False) -> torch.Tensor:
         """residual + the row-parallel layer's product, summed over the ranks."""
         mine = residual if layer.comm.rank == 0 else None
-        return layer.comm.all_reduce(one_row_linear(layer, x, self.use_gemv, gated=gated, residual=mine,
-                                                    row_kernels=self.row_kernels))
+        return layer.comm.all_reduce(fused_linear(layer, x, self.use_gemv, gated=gated, residual=mine,
+                                                  row_kernels=self.row_kernels))

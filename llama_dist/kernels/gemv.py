@@ -29,6 +29,12 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks our kernels
 
 
+def on_cpp_kernels(device: torch.device) -> bool:
+    """Whether the device's kernels are our C++ CPU ones (csrc/), not Triton's: CPUs, except under Triton's
+    interpreter, where CPU tensors stand for a GPU's."""
+    return device.type == "cpu" and not INTERPRETED
+
+
 def bf16_tensor_cores() -> bool:
     """Whether attention kernels' bf16 tensor-core products (tl.dot) run here: GPUs from Ampere (sm_80) on, or
     Triton's interpreter; without a GPU, where the kernels are not used, this does not object."""

@@ -142,31 +142,41 @@ def dequantize_rows(raw: torch.Tensor, type_name: str) -> torch.Tensor:
     return fn(raw.reshape(-1, size)).reshape(rows, -1)
 
 
-def _q4_0_groups(b: torch.Tensor):
-    d = _f16(b[:, :2])
-    return _nibbles(b[:, 2:]), d, torch.zeros_like(d)
+def _as_f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    """float32 [n, k] -> fp16 little-endian bytes [n * k, 2]."""
+    return x.half().contiguous().view(torch.uint8).reshape(-1, 2)
 
 
-def _q4_1_groups(b: torch.Tensor):
-    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
-    return _nibbles(b[:, 4:]), d, m + 8 * d
+def _q4_0_as_q4_1(b: torch.Tensor) -> torch.Tensor:
+    """d * (q - 8) = d * q + m with m = -8 d (exact in fp16); the nibbles are laid out alike."""
+    return torch.cat([b[:, :2], _as_f16_bytes(-8 * _f16(b[:, :2])), b[:, 2:]], dim=1)
 
 
-def _q4_k_groups(b: torch.Tensor):
+def _q4_k_as_q4_1(b: torch.Tensor) -> torch.Tensor:
+    """A super-block of 256 is 8 groups of 32, each d * sc_j * q - dmin * m_j: Q4_1 blocks with d = d * sc_j and
+    m = -dmin * m_j (products rounded to fp16), nibbles re-paired as Q4_1 pairs them (i with 16 + i)."""
     n = b.shape[0]
     sc, mn = _k_scales(b[:, 4:16])
-    d, dm = _f16(b[:, :2]) * sc, _f16(b[:, 2:4]) * mn  # [n, 8]: one scale and min per 32 values
+    d, m = _as_f16_bytes(_f16(b[:, :2]) * sc), _as_f16_bytes(-(_f16(b[:, 2:4]) * mn))
     q = _bits(b[:, 16:].reshape(n, 4, 32), [0, 4], 0x0F).reshape(n * 8, 32)
-    return q, d.reshape(-1, 1), (8 * d - dm).reshape(-1, 1)
+    return torch.cat([d, m, q[:, :16] | (q[:, 16:] << 4)], dim=1)
 
 
-# GGML types whose blocks are exactly int4 groups of 32: value = (q - 8) * scale + zero.
-INT4_GROUPS = {"Q4_0": _q4_0_groups, "Q4_1": _q4_1_groups, "Q4_K": _q4_k_groups}
+# GGML types whose blocks are Q4_1 blocks (value = d * q + m per 32 weights) once their bytes are moved.
+AS_Q4_1 = {"Q4_0": _q4_0_as_q4_1, "Q4_1": lambda b: b, "Q4_K": _q4_k_as_q4_1}
 
 
-def int4_groups_rows(raw: torch.Tensor, type_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Raw rows of a Q4_0/Q4_1/Q4_K tensor -> (q [rows, cols] in 0..15, scales, zeros [rows, cols / 32])."""
+def as_q4_1_rows(raw: torch.Tensor, type_name: str) -> torch.Tensor:
+    """Raw rows of a Q4_0/Q4_1/Q4_K tensor -> GGUF Q4_1 rows [rows, cols / 32 * 20]."""
     _, size, _ = BLOCK_TYPES[type_name]
     rows = raw.shape[0]
-    q, scales, zeros = INT4_GROUPS[type_name](raw.reshape(-1, size))
-    return q.reshape(rows, -1), scales.reshape(rows, -1), zeros.reshape(rows, -1)
+    return AS_Q4_1[type_name](raw.reshape(-1, size)).reshape(rows, -1)
+
+
+def int4_groups_rows(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GGUF Q4_1 rows -> int4 groups of 32: (q [rows, cols] in 0..15, scales, zeros [rows, cols / 32]),
+    value = (q - 8) * scale + zero."""
+    rows = raw.shape[0]
+    b = raw.reshape(-1, BLOCK_TYPES["Q4_1"][1])
+    d, m = _f16(b[:, :2]), _f16(b[:, 2:4])
+    return _nibbles(b[:, 4:]).reshape(rows, -1), d.reshape(rows, -1), (m + 8 * d).reshape(rows, -1)

@@ -5,7 +5,7 @@ of `group_size` inputs, value = (q - 8) * scale + zero, q in 0..15, which is exa
 GGUF's Q4_0, Q4_1 and Q4_K blocks, so those load without requantization.
 
 Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks (8 rows interleaved) for our C++ block matmul
-with 8-bit activations (cpu_kernels.cpp), as GGUF's Q8_0 tensors stay Q8_0 blocks; without that
+with 8-bit activations (csrc/block_matmul.cpp), as GGUF's Q8_0 tensors stay Q8_0 blocks; without that
 kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`). On CUDA int4 takes `_weight_int4pack_mm`, and int8 our Triton kernels
 (kernels/quant_matmul.py, installed over Int8Weight); elsewhere the matrix is dequantized on the fly.
@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ggml import BLOCK_TYPES, int4_groups_rows, q8_0
-from . import cpu_kernels
-from .cpu_kernels import BLOCK
+from .. import csrc
+from ..csrc import BLOCK
 
 QUANT_TYPES = ("int8", "int4")
 Q4_1_BYTES = BLOCK_TYPES["Q4_1"][1]  # fp16 d, fp16 m, 16 bytes of nibbles: value = d * q + m
@@ -34,6 +34,12 @@ class QuantizedWeight(nn.Module):
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(W, per-row scales) for the CUDA one-row kernel (kernels/gemv.py), where it can read this format."""
+        return None
+
+    def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        """residual + f(x) W^T in one call, f(x) being RMSNorm(x) * norm_weight, or silu(gate) * up of x = [gate, up],
+        or x: where this format's kernel folds those in (the CPU block kernels); None elsewhere."""
         return None
 
 
@@ -99,14 +105,14 @@ class Int4Weight(QuantizedWeight):
     def _blocks_on(device_type: str, group_size: int) -> bool:
         """Whether the CPU kernel's Q4_1 row groups serve: they hold a scale per 32 weights, so coarser
         groups keep their smaller packed form."""
-        return device_type == "cpu" and group_size == BLOCK and cpu_kernels.available()
+        return device_type == "cpu" and group_size == BLOCK and csrc.available()
 
     @classmethod
     def from_q4_1(cls, rows: torch.Tensor, act_dtype: torch.dtype) -> "Int4Weight":
         """GGUF Q4_1 rows [out, in / 32 * 20]. Where the CPU kernel runs, its row groups are these bytes
         reordered (no unpacking, so a faster load); elsewhere they unpack into groups."""
         if not cls._blocks_on(rows.device.type, BLOCK):
-            return cls(*int4_groups_rows(rows, "Q4_1"), BLOCK, act_dtype)
+            return cls(*int4_groups_rows(rows), BLOCK, act_dtype)
         weight = cls.__new__(cls)
         weight._setup((rows.shape[0], rows.shape[1] // Q4_1_BYTES * BLOCK), BLOCK, act_dtype, "cpu")
         weight.register_buffer("blocks", q4_1_row_groups(rows))
@@ -122,10 +128,9 @@ class Int4Weight(QuantizedWeight):
         return int4_dequantize(self.packed, sz[..., 0], sz[..., 1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
         if self.uses_blocks:
-            y = torch.ops.llama_dist.q4_1_matmul(x.reshape(-1, shape[-1]), self.blocks, self.out_features)
-            return y.reshape(*shape[:-1], -1).to(x.dtype)
+            return torch.ops.llama_dist.q4_1_matmul(x, self.blocks, self.out_features)
+        shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
         if self.device_type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
@@ -134,6 +139,12 @@ class Int4Weight(QuantizedWeight):
         else:
             y = x2 @ self._dense().to(x2.dtype).t()
         return y.reshape(*shape[:-1], -1).to(x.dtype)
+
+    def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor | None:
+        if not self.uses_blocks:
+            return None
+        return torch.ops.llama_dist.q4_1_matmul(x, self.blocks, self.out_features, norm_weight, eps, gated, residual)
 
 
 class Q8BlockWeight(QuantizedWeight):
@@ -151,9 +162,11 @@ class Q8BlockWeight(QuantizedWeight):
         return q8_0(raw.reshape(-1, Q8_0_BYTES)).reshape(*raw.shape[:-1], self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        y = torch.ops.llama_dist.q8_0_matmul(x.reshape(-1, shape[-1]), self.blocks)
-        return y.reshape(*shape[:-1], -1).to(x.dtype)
+        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks)
+
+    def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks, norm_weight, eps, gated, residual)
 
 
 def q4_1_rows(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
@@ -186,6 +199,15 @@ def q8_0_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     head = scales.to(torch.float16).reshape(out_f, -1, 1).view(torch.uint8)  # [out, blocks, 2]
     body = q.to(torch.int8).reshape(out_f, -1, BLOCK).view(torch.uint8)
     return torch.cat([head, body], dim=-1).reshape(out_f, -1).contiguous()
+
+
+def q8_0_quantize(w: torch.Tensor) -> torch.Tensor:
+    """float [out, in] -> GGUF Q8_0 blocks [out, in / 32 * 34], as llama.cpp quantizes: d = amax / 127 per block of
+    32, q = round(w / d)."""
+    blocks = w.float().reshape(w.shape[0], -1, BLOCK)
+    d = blocks.abs().amax(dim=-1, keepdim=True) / 127
+    q = torch.round(blocks / torch.where(d > 0, d, torch.ones_like(d))).clamp(-127, 127)
+    return q8_0_blocks(q.reshape(w.shape), d.reshape(w.shape[0], -1))
 
 
 def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,7 +90,7 @@ class GraphedStep:
         self.buckets = batch_buckets(model.max_batch_size)
         # The Triton decode kernel reads each row's cache up to its position, whatever window it is given;
         # SDPA attends over the window it is given, with a mask: a graph per window.
-        self.windowless = all(isinstance(b, FusedTransformerBlock) and b.triton_attention
+        self.windowless = all(isinstance(b, FusedTransformerBlock) and b.attention_kernel
                               for b in model.layers.values())
         self.windows = [model.n_ctx] if self.windowless else sorted(
             {attention_window(p, model.n_ctx) for p in range(MIN_ATTENTION_WINDOW - 1, model.n_ctx,

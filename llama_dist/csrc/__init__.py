@@ -1,8 +1,10 @@
-"""The C++ CPU block matmuls (cpu_kernels.cpp), built once per machine with torch's extension builder.
+"""Our C++ CPU kernels, one extension built once per machine with torch's extension builder:
+block_matmul.cpp (Q4_1 and Q8_0 weights times 8-bit activations, with a block's RMSNorm, SwiGLU and
+residual folded in) and decode_attention.cpp (a decoded token's rotary embedding, cache write and attention).
 
-`available()` builds and loads them on first use (tens of seconds, then cached under ~/.cache/torch_extensions/llama_dist);
-without a compiler, or with LLAMA_DIST_CPU_KERNELS=0, it says why and the int4/int8 weights use
-PyTorch's own packed kernels instead.
+`available()` builds and loads them on first use (tens of seconds, then cached under ~/.cache/torch_extensions/llama_dist;
+`make install` builds them ahead); without a compiler, or with
+LLAMA_DIST_CPU_KERNELS=0, it says why and the int4/int8 weights use PyTorch's own packed kernels instead.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import torch
 
 from ..distributed.settings import read_settings
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 BLOCK = 32  # weights per block, as GGUF's Q4_1 and Q8_0 store them
 
 
@@ -33,7 +35,8 @@ def _build_flags() -> tuple[str, list[str]]:
 def _build_name(variant: str, flags: list[str]) -> str:
     """The extension's name: its variant and a digest of what it is built from, so a cached build of
     other source, flags or torch is never loaded."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + torch.__version__.encode())
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()
+                            + torch.__version__.encode())
     return f"llama_dist_cpu_{variant}_{digest.hexdigest()[:12]}"
 
 
@@ -53,9 +56,11 @@ def available() -> bool:
         return False
     # output shapes, for torch.compile
     torch.library.register_fake("llama_dist::q8_0_matmul")(
-        lambda x, blocks: x.new_empty((x.shape[0], blocks.shape[0]), dtype=torch.float32))
-    torch.library.register_fake("llama_dist::q4_1_matmul")(
-        lambda x, groups, n: x.new_empty((x.shape[0], n), dtype=torch.float32))
+        lambda x, blocks, *folds: x.new_empty((*x.shape[:-1], blocks.shape[0])))
+    torch.library.register_fake("llama_dist::q4_1_matmul")(lambda x, groups, n, *folds: x.new_empty((*x.shape[:-1], n)))
+    torch.library.register_fake("llama_dist::cpu_decode_attention")(
+        lambda qkv, rope, cache_k, cache_v, slots, pos, n_rep: qkv.new_empty(
+            (qkv.shape[0], cache_k.shape[1] * n_rep * cache_k.shape[3])))
     return True
 
 
@@ -67,10 +72,10 @@ def _build(name: str, flags: list[str], directory: Path) -> bool:
         os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
     directory.mkdir(parents=True, exist_ok=True)
     try:
-        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, build_directory=str(directory),
-                           extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
+                           build_directory=str(directory), extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler or ninja: the packed PyTorch kernels still work, only slower
-        warnings.warn(f"llama-dist: the CPU block kernels could not be built ({e}); using PyTorch's int4/int8 "
+        warnings.warn(f"llama-dist: the C++ CPU kernels could not be built ({e}); using PyTorch's int4/int8 "
                       "kernels instead (slower). Install a C++ compiler and `pip install ninja` to build them.")
         return False
     return True

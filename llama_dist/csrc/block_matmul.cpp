@@ -14,6 +14,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -172,17 +173,73 @@ void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int64_t nb, float* o
 #endif
 }
 
-// Each row of x [M, K] (any float dtype) as 8-bit blocks of 32, quantized once per call.
-std::vector<BlockQ8A> quantize_activations(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), name, ": expects CPU activations [M, K]");
-  TORCH_CHECK(x.size(1) % QK == 0, name, ": ", x.size(1), " inputs are not whole blocks of 32");
-  const int64_t M = x.size(0), K = x.size(1), nb = K / QK;
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
+// The rows a product multiplies, in float32: x itself, or RMSNorm(x) * norm_weight, or silu(gate) * up of
+// x = [gate, up] (a block's norms and SwiGLU folded into the matmul that follows them, so a decode step makes
+// one call per projection). The norm's order of operations is the model's: (x * rsqrt(mean(x^2) + eps)) * w.
+at::Tensor fold_in(const at::Tensor& x, const c10::optional<at::Tensor>& norm_weight, double eps, bool gated,
+                   const char* name) {
+  TORCH_CHECK(x.dim() >= 1 && x.device().is_cpu(), name, ": expects CPU activations [..., K]");
+  const at::Tensor xf = x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  if (norm_weight.has_value()) {
+    TORCH_CHECK(!gated && norm_weight->numel() == K, name, ": the norm's weight has ", norm_weight->numel(),
+                " entries for rows of ", K);
+    const at::Tensor w = norm_weight->to(at::kFloat).contiguous();
+    at::Tensor out = at::empty_like(xf);
+    const float *src = xf.data_ptr<float>(), *wp = w.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      const float* row = src + m * K;
+      float lanes[8] = {};
+      for (int64_t k = 0; k < K; ++k) lanes[k % 8] += row[k] * row[k];
+      float sum = 0.f;
+      for (float lane : lanes) sum += lane;
+      const float r = 1.f / std::sqrt(sum / static_cast<float>(K) + static_cast<float>(eps));
+      for (int64_t k = 0; k < K; ++k) dst[m * K + k] = (row[k] * r) * wp[k];
+    }
+    return out;
+  }
+  if (gated) {
+    TORCH_CHECK(K % 2 == 0, name, ": gated rows hold [gate, up] halves, not ", K, " values");
+    const int64_t H = K / 2;
+    at::Tensor out = at::empty({M, H}, xf.options());
+    const float* src = xf.data_ptr<float>();
+    float* dst = out.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < H; ++k) {
+        const float g = src[m * K + k];
+        dst[m * H + k] = g / (1.f + std::exp(-g)) * src[m * K + H + k];
+      }
+    return out;
+  }
+  return xf;
+}
+
+// Each row of x [M, K] (float32) as 8-bit blocks of 32, quantized once per call.
+std::vector<BlockQ8A> quantize_activations(const at::Tensor& xf, const char* name) {
+  TORCH_CHECK(xf.size(1) % QK == 0, name, ": ", xf.size(1), " inputs are not whole blocks of 32");
+  const int64_t M = xf.size(0), K = xf.size(1), nb = K / QK;
   std::vector<BlockQ8A> xq(M * nb);
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) quantize_row(xf.data_ptr<float>() + m * K, xq.data() + m * nb, nb);
   });
   return xq;
+}
+
+// y [M, N] float32 for rows xf [M, K], holding the residual where one is given (the block's skip connection,
+// folded in: the products are added to it).
+at::Tensor output_rows(const at::Tensor& xf, int64_t N, const c10::optional<at::Tensor>& residual, const char* name) {
+  const int64_t M = xf.size(0);
+  if (!residual.has_value()) return at::empty({M, N}, xf.options());
+  TORCH_CHECK(residual->numel() == M * N, name, ": the residual must hold ", M, " rows of ", N);
+  return residual->reshape({M, N}).to(at::kFloat).contiguous().clone();
+}
+
+// y [M, N] as x's leading dimensions [..., N], in x's dtype.
+at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = y.size(1);
+  return y.view(shape).to(x.scalar_type());
 }
 
 // Calls tile(R, rows, m) for the activation rows in tiles of R = 4, then one at a time (R = 1): rows[i]
@@ -207,13 +264,16 @@ void check_weights(const at::Tensor& w, int64_t row_bytes, const char* name) {
               " bytes of blocks per row, the weights have ", w.size(1));
 }
 
-// x [M, K] times Q8_0 rows w [N, K / 32 * 34] -> float32 [M, N]; activations in tiles of 4 rows.
-at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w) {
-  const std::vector<BlockQ8A> xq = quantize_activations(x, "q8_0_matmul");
-  const int64_t M = x.size(0), nb = x.size(1) / QK, N = w.size(0);
+// x [..., K] times Q8_0 rows w [N, K / 32 * 34] -> [..., N] (+ residual); activations in tiles of 4 rows.
+at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& norm_weight,
+                       double eps, bool gated, const c10::optional<at::Tensor>& residual) {
+  const at::Tensor xf = fold_in(x, norm_weight, eps, gated, "q8_0_matmul");
+  const std::vector<BlockQ8A> xq = quantize_activations(xf, "q8_0_matmul");
+  const int64_t M = xf.size(0), nb = xf.size(1) / QK, N = w.size(0);
   check_weights(w, nb * static_cast<int64_t>(sizeof(BlockQ8_0)), "q8_0_matmul");
-  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = output_rows(xf, N, residual, "q8_0_matmul");
   float* out = y.data_ptr<float>();
+  const bool add = residual.has_value();
   const BlockQ8_0* blocks = reinterpret_cast<const BlockQ8_0*>(w.data_ptr<uint8_t>());
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -222,42 +282,54 @@ at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w) {
         constexpr int R = decltype(tile_rows)::value;
         float r[R];
         dot_q8_0<R>(row, rows, nb, r);
-        for (int i = 0; i < R; ++i) out[(m + i) * N + n] = r[i];
+        for (int i = 0; i < R; ++i) out[(m + i) * N + n] = add ? out[(m + i) * N + n] + r[i] : r[i];
       });
     }
   });
-  return y;
+  return shaped_like(y, x);
 }
 
-// x [M, K] times Q4_1 row groups w [ceil(N / 8), K / 32 * 160] -> float32 [M, N].
-at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N) {
-  const std::vector<BlockQ8A> xq = quantize_activations(x, "q4_1_matmul");
-  const int64_t M = x.size(0), nb = x.size(1) / QK, groups = w.size(0);
+// x [..., K] times Q4_1 row groups w [ceil(N / 8), K / 32 * 160] -> [..., N] (+ residual).
+at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
+                       double eps, bool gated, const c10::optional<at::Tensor>& residual) {
+  const at::Tensor xf = fold_in(x, norm_weight, eps, gated, "q4_1_matmul");
+  const std::vector<BlockQ8A> xq = quantize_activations(xf, "q4_1_matmul");
+  const int64_t M = xf.size(0), nb = xf.size(1) / QK, groups = w.size(0);
   check_weights(w, nb * static_cast<int64_t>(sizeof(GroupQ4_1)), "q4_1_matmul");
   TORCH_CHECK(groups == (N + 7) / 8, "q4_1_matmul: ", groups, " row groups cannot hold ", N, " rows");
-  at::Tensor y = at::empty({M, groups * 8}, x.options().dtype(at::kFloat));
+  at::Tensor y = output_rows(xf, N, residual, "q4_1_matmul");
   float* out = y.data_ptr<float>();
-  const int64_t ld = groups * 8;
+  const bool add = residual.has_value();
   const GroupQ4_1* blocks = reinterpret_cast<const GroupQ4_1*>(w.data_ptr<uint8_t>());
   at::parallel_for(0, groups, 2, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
       const GroupQ4_1* group = blocks + g * nb;
+      const int64_t n0 = 8 * g, valid = std::min<int64_t>(8, N - n0);  // the last group's padding rows dropped
       for_row_tiles(xq, M, nb, [&](auto tile_rows, const BlockQ8A* const* rows, int64_t m) {
         constexpr int R = decltype(tile_rows)::value;
+        float sums[R][8];
         float* outs[R];
-        for (int i = 0; i < R; ++i) outs[i] = out + (m + i) * ld + 8 * g;
+        for (int i = 0; i < R; ++i) outs[i] = sums[i];
         dot_q4_1_group<R>(group, rows, nb, outs);
+        for (int i = 0; i < R; ++i)
+          for (int64_t j = 0; j < valid; ++j) {
+            float& o = out[(m + i) * N + n0 + j];
+            o = add ? o + sums[i][j] : sums[i][j];
+          }
       });
     }
   });
-  return ld == N ? y : y.narrow(1, 0, N).contiguous();  // the last group's padding rows dropped
+  return shaped_like(y, x);
 }
 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
-  m.def("q4_1_matmul(Tensor x, Tensor blocks, int n) -> Tensor");
-  m.def("q8_0_matmul(Tensor x, Tensor blocks) -> Tensor");
+  // norm_weight: RMSNorm x first; gated: x is [gate, up], multiply silu(gate) * up; residual: added to the product
+  m.def("q4_1_matmul(Tensor x, Tensor blocks, int n, Tensor? norm_weight=None, float eps=0.0, bool gated=False, "
+        "Tensor? residual=None) -> Tensor");
+  m.def("q8_0_matmul(Tensor x, Tensor blocks, Tensor? norm_weight=None, float eps=0.0, bool gated=False, "
+        "Tensor? residual=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_dist, CPU, m) {
