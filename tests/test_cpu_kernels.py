@@ -45,7 +45,7 @@ def layers(k: int = 96, n: int = 37):  # 37 rows: the last Q4_1 row group is pad
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 4, 7])  # one row, the 4-row tile, a tile plus a remainder
+@pytest.mark.parametrize("rows", [1, 4, 7, 9])  # one row, the 4-row tile, a tile plus a remainder, 8 + 1
 def test_block_matmul_equals_its_integer_math(kind, rows):
     """3 blocks per row (an odd count: the unrolled loop's remainder); float32 accumulation only."""
     layer, qw, scales, mins, dense = layers()[kind]
@@ -92,21 +92,23 @@ def test_rows_of_a_q8_0_embedding_are_its_dequantized_rows():
     assert torch.equal(layer.rows(ids), dense[ids])
 
 
-def test_portable_build_equals_the_avx2_build(tmp_path):
-    """The scalar C++ path (CPUs without AVX2, e.g. ARM Macs) is built and run in a child process."""
+@pytest.mark.parametrize("build", ["scalar", "avx2"])
+def test_other_builds_equal_this_machines_build(tmp_path, build):
+    """The scalar C++ path (CPUs without AVX2, e.g. ARM Macs) and the AVX2 one (where this machine builds AVX-512
+    VNNI) are built and run in a child process: 9 rows, so tiles of 4 and of 8 rows both have a remainder."""
     script = (
         "import json, sys, torch\n"
         "from tests.test_cpu_kernels import layers\n"
-        "x = torch.randn(5, 96, generator=torch.Generator().manual_seed(5))\n"
+        "x = torch.randn(9, 96, generator=torch.Generator().manual_seed(5))\n"
         "json.dump({k: v[0](x).tolist() for k, v in layers().items()}, open(sys.argv[1], 'w'))\n")
-    out = tmp_path / "scalar.json"
+    out = tmp_path / f"{build}.json"
     subprocess.run([sys.executable, "-c", script, str(out)], check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
-                   env={**os.environ, "LLAMA_DIST_CPU_KERNELS": "scalar"}, timeout=600)
-    scalar = json.loads(out.read_text())
-    x = torch.randn(5, 96, generator=torch.Generator().manual_seed(5))
+                   env={**os.environ, "LLAMA_DIST_CPU_KERNELS": build}, timeout=600)
+    other = json.loads(out.read_text())
+    x = torch.randn(9, 96, generator=torch.Generator().manual_seed(5))
     for kind, (layer, *_) in layers().items():
         here = layer(x)
-        assert (torch.tensor(scalar[kind]) - here).abs().max() / here.abs().max() < 1e-5, kind
+        assert (torch.tensor(other[kind]) - here).abs().max() / here.abs().max() < 1e-5, kind
 
 
 def test_gguf_q4_1_rows_become_row_groups_by_moving_bytes():

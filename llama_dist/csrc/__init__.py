@@ -25,10 +25,14 @@ BLOCK = 32  # weights per block, as GGUF's Q4_1 and Q8_0 store them
 
 
 def _build_flags() -> tuple[str, list[str]]:
-    """AVX2 code where the CPU has it (named apart, so a shared cache never hands it to an older CPU)."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability in ("AVX2", "AVX512") and read_settings().cpu_kernels != "scalar":
-        return "avx2", ["-mavx2", "-mfma", "-mf16c"]
+    """AVX-512 VNNI or AVX2 code where the CPU has it (each variant named apart, so a shared cache never hands
+    it to an older CPU)."""
+    capability, setting = torch.backends.cpu.get_cpu_capability(), read_settings().cpu_kernels
+    avx2 = ["-mavx2", "-mfma", "-mf16c"]
+    if capability == "AVX512" and getattr(torch.cpu, "_is_vnni_supported", lambda: False)() and setting == "auto":
+        return "avx512vnni", [*avx2, "-mavx512f", "-mavx512vl", "-mavx512bw", "-mavx512vnni"]
+    if capability in ("AVX2", "AVX512") and setting in ("auto", "avx2"):
+        return "avx2", avx2
     return "scalar", []
 
 

@@ -25,6 +25,11 @@
 #include <immintrin.h>
 #define LLAMA_DIST_AVX2 1
 #endif
+// AVX-512 VNNI (dpbusd: u8 x s8 products summed in fours straight into int32 lanes, one instruction for what
+// maddubs + madd + add do) and its 32 vector registers, which hold tiles of 8 activation rows.
+#if defined(LLAMA_DIST_AVX2) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define LLAMA_DIST_VNNI 1
+#endif
 
 namespace {
 
@@ -78,9 +83,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in pairs, then in fours, as floats
-  const __m256i pairs = _mm256_maddubs_epi16(u, s);
+inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in fours, as floats
+#ifdef LLAMA_DIST_VNNI
+  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
+#else
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // in pairs (within int16: 2 * 127 * 127 < 32768)
   return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
 }
 #endif
 
@@ -104,10 +113,18 @@ void dot_q4_1_group(const GroupQ4_1* w, const BlockQ8A* const* x, int64_t nb, fl
       const BlockQ8A& a = x[r][b];
       int32_t a4[8];  // the block's 32 activations as 8 groups of 4 bytes
       std::memcpy(a4, a.qs, sizeof(a4));
+#ifdef LLAMA_DIST_VNNI
+      __m256i sums[4];  // four independent chains: dpbusd's latency is several cycles
+      for (int s = 0; s < 4; ++s) sums[s] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[s], _mm256_set1_epi32(a4[s]));
+      for (int s = 4; s < 8; ++s) sums[s - 4] = _mm256_dpbusd_epi32(sums[s - 4], q[s], _mm256_set1_epi32(a4[s]));
+      const __m256 dot = _mm256_cvtepi32_ps(
+          _mm256_add_epi32(_mm256_add_epi32(sums[0], sums[1]), _mm256_add_epi32(sums[2], sums[3])));
+#else
       // 8 sub-sums of 4 products per row stay within int16: 8 * 2 * 15 * 127 < 32768
       __m256i sum16 = _mm256_maddubs_epi16(q[0], _mm256_set1_epi32(a4[0]));
       for (int s = 1; s < 8; ++s) sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(q[s], _mm256_set1_epi32(a4[s])));
       const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
+#endif
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), dot, acc[r]);
       acc_min[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc_min[r]);
     }
@@ -242,14 +259,21 @@ at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x) {
   return y.view(shape).to(x.scalar_type());
 }
 
-// Calls tile(R, rows, m) for the activation rows in tiles of R = 4, then one at a time (R = 1): rows[i]
-// points at row m + i's blocks, so a kernel reads its weights once per tile.
+// Calls tile(R, rows, m) for the activation rows in tiles of R = TILE_ROWS, then one at a time (R = 1): rows[i]
+// points at row m + i's blocks, so a kernel reads its weights once per tile. A row's arithmetic is the same in
+// either (so its result does not depend on the other rows).
+#ifdef LLAMA_DIST_VNNI
+constexpr int TILE_ROWS = 8;
+#else
+constexpr int TILE_ROWS = 4;  // AVX2's 16 vector registers hold the weights' 8 and two accumulators per row
+#endif
 template <typename Tile>
 void for_row_tiles(const std::vector<BlockQ8A>& xq, int64_t M, int64_t nb, Tile tile) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) {
-    const BlockQ8A* rows[4] = {&xq[m * nb], &xq[(m + 1) * nb], &xq[(m + 2) * nb], &xq[(m + 3) * nb]};
-    tile(std::integral_constant<int, 4>(), rows, m);
+  for (; m + TILE_ROWS <= M; m += TILE_ROWS) {
+    const BlockQ8A* rows[TILE_ROWS];
+    for (int i = 0; i < TILE_ROWS; ++i) rows[i] = &xq[(m + i) * nb];
+    tile(std::integral_constant<int, TILE_ROWS>(), rows, m);
   }
   for (; m < M; ++m) {
     const BlockQ8A* rows[1] = {&xq[m * nb]};
@@ -264,7 +288,7 @@ void check_weights(const at::Tensor& w, int64_t row_bytes, const char* name) {
               " bytes of blocks per row, the weights have ", w.size(1));
 }
 
-// x [..., K] times Q8_0 rows w [N, K / 32 * 34] -> [..., N] (+ residual); activations in tiles of 4 rows.
+// x [..., K] times Q8_0 rows w [N, K / 32 * 34] -> [..., N] (+ residual); activations in tiles of rows.
 at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& norm_weight,
                        double eps, bool gated, const c10::optional<at::Tensor>& residual) {
   const at::Tensor xf = fold_in(x, norm_weight, eps, gated, "q8_0_matmul");

@@ -5,7 +5,8 @@
     LLAMA_DIST_GEMV=0             CUDA: no Triton one-row matmul kernel (norm/SwiGLU/residual folded in)
     LLAMA_DIST_ATTENTION=0        CUDA: no Triton decode-attention kernel (SDPA instead)
     LLAMA_DIST_SYMM_MEM=0         CUDA graphs all-reduce through NCCL instead of a symmetric-memory one-shot
-    LLAMA_DIST_CPU_KERNELS=0|scalar  CPUs: no C++ block kernels, or their portable (non-AVX2) build
+    LLAMA_DIST_CPU_KERNELS=0|avx2|scalar  CPUs: no C++ kernels, or their AVX2 build (not AVX-512 VNNI), or their
+                                  portable (plain C++) build
 
 The switches exist for comparisons (A/B runs, tests); the defaults are the fast choices.
 """
@@ -23,7 +24,7 @@ class Settings:
     gemv: bool = True
     attention: bool = True
     symm_mem: bool = True
-    cpu_kernels: str = "auto"  # "auto" (AVX2 where the CPU has it), "scalar" or "off"
+    cpu_kernels: str = "auto"  # "auto" (the CPU's best: AVX-512 VNNI, AVX2), "avx2", "scalar" or "off"
 
 
 def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
@@ -37,4 +38,4 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(timeout_s=float(env.get("LLAMA_DIST_TIMEOUT", 300)),
                     heartbeat_timeout_s=float(env.get("LLAMA_DIST_HEARTBEAT_TIMEOUT", 10)),
                     gemv=on("LLAMA_DIST_GEMV"), attention=on("LLAMA_DIST_ATTENTION"), symm_mem=on("LLAMA_DIST_SYMM_MEM"),
-                    cpu_kernels={"0": "off", "scalar": "scalar"}.get(cpu, "auto"))
+                    cpu_kernels={"0": "off", "avx2": "avx2", "scalar": "scalar"}.get(cpu, "auto"))
