@@ -152,6 +152,57 @@ void dot_q4_1_group(const GroupQ4_1* w, const BlockQ8A* const* x, int64_t nb, fl
 #endif
 }
 
+#ifdef LLAMA_DIST_VNNI
+// Two row groups (16 weight rows) at once in 512-bit registers: group 0 in the low half, group 1 in the high
+// half, so each broadcast activation and each instruction serves twice the rows. Every row's arithmetic is
+// dot_q4_1_group's, lane for lane (the same integer sums and float operations), so results are identical.
+template <int R>
+void dot_q4_1_pair(const GroupQ4_1* w0, const GroupQ4_1* w1, const BlockQ8A* const* x, int64_t nb,
+                   float* const* out) {
+  __m512 acc[R], acc_min[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  auto halves = [](const uint16_t* a, const uint16_t* b) __attribute__((always_inline)) {
+    return _mm512_cvtph_ps(_mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1));
+  };
+  for (int64_t b = 0; b < nb; ++b) {
+    const __m512 d = halves(w0[b].d, w1[b].d), m = halves(w0[b].m, w1[b].m);
+    __m512i q[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = _mm512_inserti64x4(
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0[b].qs + 32 * c))),
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1[b].qs + 32 * c)), 1);
+      q[c] = _mm512_and_si512(raw, low);
+      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+    }
+    for (int r = 0; r < R; ++r) {
+      const BlockQ8A& a = x[r][b];
+      int32_t a4[8];
+      std::memcpy(a4, a.qs, sizeof(a4));
+      __m512i sum;
+      if constexpr (R == 1) {  // four independent chains: dpbusd's latency is several cycles
+        __m512i sums[4];
+        for (int s = 0; s < 4; ++s) sums[s] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[s], _mm512_set1_epi32(a4[s]));
+        for (int s = 4; s < 8; ++s) sums[s - 4] = _mm512_dpbusd_epi32(sums[s - 4], q[s], _mm512_set1_epi32(a4[s]));
+        sum = _mm512_add_epi32(_mm512_add_epi32(sums[0], sums[1]), _mm512_add_epi32(sums[2], sums[3]));
+      } else {  // one chain per row: the tile's rows are the independent chains
+        sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_set1_epi32(a4[0]));
+        for (int s = 1; s < 8; ++s) sum = _mm512_dpbusd_epi32(sum, q[s], _mm512_set1_epi32(a4[s]));
+      }
+      const __m512 dot = _mm512_cvtepi32_ps(sum);
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(a.d)), dot, acc[r]);
+      acc_min[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), acc_min[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], _mm512_add_ps(acc[r], acc_min[r]));
+}
+constexpr int64_t GROUPS_PER_STEP = 2;
+#else
+constexpr int64_t GROUPS_PER_STEP = 1;
+#endif
+
 template <int R>
 void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int64_t nb, float* out) {
 #ifdef LLAMA_DIST_AVX2
@@ -325,16 +376,20 @@ at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, cons
   float* out = y.data_ptr<float>();
   const bool add = residual.has_value();
   const GroupQ4_1* blocks = reinterpret_cast<const GroupQ4_1*>(w.data_ptr<uint8_t>());
-  at::parallel_for(0, groups, 2, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const GroupQ4_1* group = blocks + g * nb;
-      const int64_t n0 = 8 * g, valid = std::min<int64_t>(8, N - n0);  // the last group's padding rows dropped
+  at::parallel_for(0, (groups + GROUPS_PER_STEP - 1) / GROUPS_PER_STEP, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t step = s0; step < s1; ++step) {
+      const int64_t g = step * GROUPS_PER_STEP, count = std::min(GROUPS_PER_STEP, groups - g);
+      const int64_t n0 = 8 * g, valid = std::min<int64_t>(8 * count, N - n0);  // the last group's padding dropped
       for_row_tiles(xq, M, nb, [&](auto tile_rows, const BlockQ8A* const* rows, int64_t m) {
         constexpr int R = decltype(tile_rows)::value;
-        float sums[R][8];
+        float sums[R][8 * GROUPS_PER_STEP];
         float* outs[R];
         for (int i = 0; i < R; ++i) outs[i] = sums[i];
-        dot_q4_1_group<R>(group, rows, nb, outs);
+#ifdef LLAMA_DIST_VNNI
+        if (count == 2) dot_q4_1_pair<R>(blocks + g * nb, blocks + (g + 1) * nb, rows, nb, outs);
+        else
+#endif
+        dot_q4_1_group<R>(blocks + g * nb, rows, nb, outs);
         for (int i = 0; i < R; ++i)
           for (int64_t j = 0; j < valid; ++j) {
             float& o = out[(m + i) * N + n0 + j];
