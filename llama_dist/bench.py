@@ -176,6 +176,6 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
         if out:
-            name = f"bench_{Path(str(config)).stem}_tp{ctx.tp_size}_pp{ctx.pp_size}_{load.quantize}.json"
+            name = f"bench_{Path(str(model or config)).stem}_tp{ctx.tp_size}_pp{ctx.pp_size}_{load.quantize}.json"
             Path(out, name).write_text(json.dumps(result, indent=1))
     return result

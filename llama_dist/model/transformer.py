@@ -222,7 +222,7 @@ class Attention(nn.Module):
         if mask is not None and self.n_rep > 1:
             mask = mask.unsqueeze(2).expand(-1, -1, self.n_rep, -1, -1).reshape(bsz, 1, self.n_rep * seqlen, -1)
         out = self.attend(q, keys, values, mask)
-        return out.view(bsz, nh, seqlen, hd).transpose(1, 2).reshape(bsz, seqlen, -1)
+        return out.reshape(bsz, nh, seqlen, hd).transpose(1, 2).reshape(bsz, seqlen, -1)
 
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
