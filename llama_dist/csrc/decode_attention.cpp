@@ -13,6 +13,9 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <limits>
 #include <vector>
 
@@ -27,6 +30,35 @@ float dot(const float* q, const T* k, int64_t n) {
   for (float lane : lanes) sum += lane;
   return sum;
 }
+
+template <typename T>
+void add_scaled(float w, const T* v, float* acc, int64_t n) {  // acc += w v
+  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<float>(v[i]);
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// float32 caches (the CPU default): 8 lanes per instruction, two accumulators.
+template <>
+float dot<float>(const float* q, const float* k, int64_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
+  }
+  if (i < n) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(_mm256_add_ps(a0, a1)), _mm256_extractf128_ps(_mm256_add_ps(a0, a1), 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+template <>
+void add_scaled<float>(float w, const float* v, float* acc, int64_t n) {
+  const __m256 ws = _mm256_set1_ps(w);
+  for (int64_t i = 0; i < n; i += 8)
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(ws, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+}
+#endif
 
 // x's pairs (x[2i], x[2i + 1]) rotated by (cos_i, sin_i) = rope[2i], rope[2i + 1]; the result rounded to T
 // (the model rotates in float32 and stores in its activation dtype), returned in float32.
@@ -76,8 +108,7 @@ void attend_rows(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cach
         for (int64_t p = 0; p <= last; ++p) {
           const float w = std::exp(scores[p] - top);
           total += w;
-          const T* v = v_base + p * hd;
-          for (int64_t i = 0; i < hd; ++i) acc[i] += w * static_cast<float>(v[i]);
+          add_scaled(w, v_base + p * hd, acc.data(), hd);
         }
         for (int64_t i = 0; i < hd; ++i) dst[b * n_heads * hd + h * hd + i] = static_cast<T>(acc[i] / total);
       }
