@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from llama_dist.quant.ggml import int4_groups_rows
+from llama_dist.quant.ggml import as_q4_1_rows, int4_groups_rows
 from llama_dist import csrc
 from llama_dist.quant.weights import Int4Weight, Q8BlockWeight, int4_dequantize, int4_quantize, q4_1_rows, q8_0_blocks
 
@@ -39,17 +39,25 @@ def layers(k: int = 96, n: int = 37):  # 37 rows: the last Q4_1 row group is pad
     q8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
     s8 = torch.rand(n, k // 32, generator=g) * 0.01
     q8w = Q8BlockWeight(q8_0_blocks(q8, s8))
+    # Q4_0 blocks as GGUF stores them: fp16 d, then byte i holds input i (low nibble) and 16 + i (high)
+    q0 = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    d0 = (torch.rand(n, k // 32, generator=g) * 0.01).half()
+    nibbles = q0.view(n, -1, 2, 16)
+    rows0 = torch.cat([d0.view(torch.uint8).view(n, -1, 2), nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)], dim=-1)
+    q4_0 = Int4Weight.from_gguf(rows0.reshape(n, -1), "Q4_0", torch.float32)
     return {"q4_1": (q4, q.float().reshape(n, -1, 32), d4, m4, int4_dequantize(q, scales, zeros)),
+            "q4_0": (q4_0, q0.float().reshape(n, -1, 32), d0.float(), -8 * d0.float(),
+                     (q0.float() - 8) * d0.float().repeat_interleave(32, dim=1)),
             "q8_0": (q8w, q8.float().reshape(n, -1, 32), s8.half().float(), torch.zeros_like(s8),
                      q8.float() * s8.half().float().repeat_interleave(32, dim=1))}
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
 @pytest.mark.parametrize("rows", [1, 4, 7, 9])  # one row, the 4-row tile, a tile plus a remainder, 8 + 1
 def test_block_matmul_equals_its_integer_math(kind, rows):
     """3 blocks per row (an odd count: the unrolled loop's remainder); float32 accumulation only."""
     layer, qw, scales, mins, dense = layers()[kind]
-    assert layer.uses_blocks if kind == "q4_1" else True
+    assert layer.uses_blocks if kind != "q8_0" else True
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
     got = layer(x)
     expected = reference(x, qw, scales, mins)
@@ -59,7 +67,7 @@ def test_block_matmul_equals_its_integer_math(kind, rows):
     assert (got - x @ dense.t()).abs().max() / (x @ dense.t()).abs().max() < 2e-2
 
 
-@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("kind", ["q4_1", "q4_0", "q8_0"])
 def test_folds_compute_the_norm_swiglu_and_residual_of_the_model(kind):
     """A decode step's RMSNorm before, SwiGLU before and residual after a product, folded into the op, against
     the model's own modules and the integer reference (rows of any leading shape, results in x's dtype)."""
@@ -121,9 +129,24 @@ def test_gguf_q4_1_rows_become_row_groups_by_moving_bytes():
     assert rows.shape == (37, 3 * 20)
     uq, us, uz = int4_groups_rows(rows)  # llama.cpp's meaning of the bytes: value = d * q + m
     assert torch.equal(uq.to(q.dtype), q)
-    direct = Int4Weight.from_q4_1(rows, torch.float32)
+    direct = Int4Weight.from_gguf(rows, "Q4_1", torch.float32)
     unpacked = Int4Weight(uq, us, uz, 32, torch.float32)
     assert direct.uses_blocks and (direct.out_features, direct.in_features) == (37, 96)
     assert torch.equal(direct.blocks, unpacked.blocks)
     x = torch.randn(3, 96, generator=g)
     assert torch.equal(direct(x), unpacked(x))
+
+
+def test_q4_0_row_groups_compute_what_their_q4_1_form_computes():
+    """GGUF Q4_0 stays 18 bytes per block in its row groups (no mins: m = -8 d in the kernel); its products are
+    those of the same blocks as Q4_1 (m stored), bit for bit, for one row, tiles of rows and with folds."""
+    g = torch.Generator().manual_seed(2)
+    rows = torch.randint(0, 256, (37, 3 * 18), generator=g, dtype=torch.uint8)
+    rows.view(37, 3, 18)[..., :2] = (torch.rand(37, 3, 1, generator=g) * 0.01).half().view(torch.uint8)
+    q4_0 = Int4Weight.from_gguf(rows, "Q4_0", torch.float32)
+    q4_1 = Int4Weight.from_gguf(as_q4_1_rows(rows, "Q4_0"), "Q4_1", torch.float32)
+    assert (q4_0.block_format, q4_0.blocks.numel(), q4_1.blocks.numel()) == ("q4_0", 5 * 3 * 144, 5 * 3 * 160)
+    for n in (1, 9):
+        x = torch.randn(n, 96, generator=g)
+        assert torch.equal(q4_0(x), q4_1(x))
+        assert torch.equal(q4_0.folded(x, gated=False, residual=torch.ones(n, 37)), q4_1(x) + 1)

@@ -128,7 +128,7 @@ class GGUFCheckpoint:
         return rest.take(values.reshape(t.shape) if len(t.shape) == 1 else values)
 
     def read_quantized(self, name: str, layout: ShardLayout) -> QuantizedShard | None:
-        """Q4_0/Q4_1/Q4_K blocks become Q4_1 blocks (int4 groups of 32), Q8_0 stays Q8_0; other block types come
+        """Q4_0 and Q8_0 stay as stored, Q4_1/Q4_K become Q4_1 blocks (int4 groups of 32); other block types come
         as their bytes ("ggml"), which the loader requantizes where a kernel reads Q8_0. Float types load dense."""
         t = self.tensors[name]
         if BLOCK_TYPES[t.type_name][0] == 1 or len(t.shape) != 2:
@@ -136,8 +136,8 @@ class GGUFCheckpoint:
         raw, rest = self._raw_slice(name, layout)
         if rest.dim is not None and rest.parts > 1:  # a slice through the middle of blocks
             return None
-        if t.type_name == "Q8_0":  # kept as stored: the CPU kernel reads these blocks
-            return QuantizedShard("q8_0", raw, group_size=32)
+        if t.type_name in ("Q8_0", "Q4_0"):  # kept as stored: the CPU kernels read these blocks
+            return QuantizedShard(t.type_name.lower(), raw, group_size=32)
         if t.type_name in AS_Q4_1:  # as Q4_1 blocks, which the CPU kernel reads (or which unpack into int4 groups)
             return QuantizedShard("q4_1", as_q4_1_rows(raw, t.type_name), group_size=32)
         return QuantizedShard("ggml", raw, ggml_type=t.type_name)

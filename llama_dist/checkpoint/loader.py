@@ -132,9 +132,10 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
     if all(s is not None for s in stored):
         kinds = {s.kind for s in stored}
         q8_0_kernel = ctx.device.type == "cpu" and csrc.available()
-        if kinds == {"int4", "q4_1"}:  # GGUF's mixed 4-bit types
-            stored = [s.as_int4() for s in stored]
-        elif q8_0_kernel and (len(kinds) > 1 or "ggml" in kinds or (is_embedding and kinds <= {"int4", "q4_1"})):
+        four_bit = {"int4", "q4_1", "q4_0"}
+        if len(kinds) > 1 and kinds <= four_bit:  # parts of one fused matrix in different 4-bit forms
+            stored = [s.as_int4() if "int4" in kinds else s.as_q4_1() for s in stored]
+        elif q8_0_kernel and (len(kinds) > 1 or "ggml" in kinds or (is_embedding and kinds <= four_bit)):
             stored = [s.as_q8_0() for s in stored]
         kind = stored[0].kind
         # Q8_0 blocks stay quantized where the CPU block kernel reads them; elsewhere they load dense

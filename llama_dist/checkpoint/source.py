@@ -8,7 +8,7 @@ from typing import Any, Iterable, Protocol
 import torch
 
 from ..model.args import ModelArgs
-from ..quant.ggml import dequantize_rows, int4_groups_rows
+from ..quant.ggml import as_q4_1_rows, dequantize_rows, int4_groups_rows
 from ..quant.weights import int4_dequantize, q8_0_quantize
 from .shard import ShardLayout
 
@@ -20,7 +20,7 @@ class CheckpointError(ValueError):
 @dataclass
 class QuantizedShard:
     """A rank's slice of a weight as stored quantized: int8 (q, per-row scales), int4 (q, scales, zeros), or
-    "q8_0" / "q4_1": q is the GGUF blocks' bytes, rows [out, blocks * bytes per block], or "ggml": the bytes of
+    "q8_0" / "q4_1" / "q4_0": q is the GGUF blocks' bytes, rows [out, blocks * bytes per block], or "ggml": the bytes of
     another GGML type (ggml_type) that no kernel reads as stored."""
 
     kind: str
@@ -31,8 +31,14 @@ class QuantizedShard:
     ggml_type: str = ""
 
     def as_int4(self) -> "QuantizedShard":
-        """Q4_1 bytes as int4 groups, to join other int4 slices in one fused matrix."""
-        return QuantizedShard("int4", *int4_groups_rows(self.q), group_size=32) if self.kind == "q4_1" else self
+        """Q4_1 or Q4_0 bytes as int4 groups, to join other int4 slices in one fused matrix."""
+        if self.kind not in ("q4_1", "q4_0"):
+            return self
+        return QuantizedShard("int4", *int4_groups_rows(self.as_q4_1().q), group_size=32)
+
+    def as_q4_1(self) -> "QuantizedShard":
+        """Q4_0 bytes as Q4_1 bytes (m = -8 d, exact), to join Q4_1 slices in one fused matrix."""
+        return QuantizedShard("q4_1", as_q4_1_rows(self.q, "Q4_0"), group_size=32) if self.kind == "q4_0" else self
 
     def as_q8_0(self) -> "QuantizedShard":
         """Requantized as Q8_0 blocks (8 bits and a scale per 32 weights, what the CPU block kernel reads): for
@@ -43,8 +49,8 @@ class QuantizedShard:
             return self
         if self.kind == "ggml":
             values = dequantize_rows(self.q, self.ggml_type)
-        elif self.kind == "q4_1":
-            values = dequantize_rows(self.q, "Q4_1")
+        elif self.kind in ("q4_1", "q4_0"):
+            values = dequantize_rows(self.q, self.kind.upper())
         elif self.kind == "int4":
             values = int4_dequantize(self.q, self.scales, self.zeros)
         else:

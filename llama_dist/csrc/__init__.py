@@ -1,5 +1,5 @@
 """Our C++ CPU kernels, one extension built once per machine with torch's extension builder:
-block_matmul.cpp (Q4_1 and Q8_0 weights times 8-bit activations, with a block's RMSNorm, SwiGLU and
+block_matmul.cpp (Q4_0, Q4_1 and Q8_0 weights times 8-bit activations, with a block's RMSNorm, SwiGLU and
 residual folded in) and decode_attention.cpp (a decoded token's rotary embedding, cache write and attention).
 
 `available()` builds and loads them on first use (tens of seconds, then cached under ~/.cache/torch_extensions/llama_dist;
@@ -61,7 +61,8 @@ def available() -> bool:
     # output shapes, for torch.compile
     torch.library.register_fake("llama_dist::q8_0_matmul")(
         lambda x, blocks, *folds: x.new_empty((*x.shape[:-1], blocks.shape[0])))
-    torch.library.register_fake("llama_dist::q4_1_matmul")(lambda x, groups, n, *folds: x.new_empty((*x.shape[:-1], n)))
+    for op in ("q4_1_matmul", "q4_0_matmul"):
+        torch.library.register_fake(f"llama_dist::{op}")(lambda x, groups, n, *folds: x.new_empty((*x.shape[:-1], n)))
     torch.library.register_fake("llama_dist::cpu_decode_attention")(
         lambda qkv, rope, cache_k, cache_v, slots, pos, n_rep: qkv.new_empty(
             (qkv.shape[0], cache_k.shape[1] * n_rep * cache_k.shape[3])))

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ggml import BLOCK_TYPES, int4_groups_rows, q8_0
+from .ggml import BLOCK_TYPES, as_q4_1_rows, int4_groups_rows, q8_0
 from .. import csrc
 from ..csrc import BLOCK
 
 QUANT_TYPES = ("int8", "int4")
 Q4_1_BYTES = BLOCK_TYPES["Q4_1"][1]  # fp16 d, fp16 m, 16 bytes of nibbles: value = d * q + m
+Q4_0_BYTES = BLOCK_TYPES["Q4_0"][1]  # fp16 d, 16 bytes of nibbles: value = d * (q - 8)
 Q8_0_BYTES = BLOCK_TYPES["Q8_0"][1]  # fp16 d, 32 int8 values
 
 
@@ -81,7 +82,7 @@ class Int4Weight(QuantizedWeight):
         """q [out, in] in 0..15; scales, zeros [out, in / group_size]."""
         self._setup(q.shape, group_size, act_dtype, q.device.type)
         if self.uses_blocks:
-            self.register_buffer("blocks", q4_1_row_groups(q4_1_rows(q, scales, zeros)))
+            self._use_blocks(q4_row_groups(q4_1_rows(q, scales, zeros), Q4_1_BYTES), "q4_1")
             return
         q = q.to(torch.int32)
         if self.device_type == "cpu":
@@ -107,15 +108,23 @@ class Int4Weight(QuantizedWeight):
         groups keep their smaller packed form."""
         return device_type == "cpu" and group_size == BLOCK and csrc.available()
 
+    def _use_blocks(self, groups: torch.Tensor, block_format: str) -> None:
+        """Row groups for the CPU kernel of their format (csrc/block_matmul.cpp): "q4_1" or "q4_0"."""
+        self.register_buffer("blocks", groups)
+        self.block_format = block_format
+        self._matmul = getattr(torch.ops.llama_dist, f"{block_format}_matmul")
+
     @classmethod
-    def from_q4_1(cls, rows: torch.Tensor, act_dtype: torch.dtype) -> "Int4Weight":
-        """GGUF Q4_1 rows [out, in / 32 * 20]. Where the CPU kernel runs, its row groups are these bytes
-        reordered (no unpacking, so a faster load); elsewhere they unpack into groups."""
+    def from_gguf(cls, rows: torch.Tensor, type_name: str, act_dtype: torch.dtype) -> "Int4Weight":
+        """GGUF Q4_1 or Q4_0 rows [out, in / 32 * 20 or 18]. Where the CPU kernel runs, its row groups are these
+        bytes reordered (no unpacking, so a faster load; Q4_0 stays 18 bytes per block); elsewhere they unpack
+        into groups."""
         if not cls._blocks_on(rows.device.type, BLOCK):
-            return cls(*int4_groups_rows(rows), BLOCK, act_dtype)
+            return cls(*int4_groups_rows(as_q4_1_rows(rows, type_name)), BLOCK, act_dtype)
+        block_bytes = BLOCK_TYPES[type_name][1]
         weight = cls.__new__(cls)
-        weight._setup((rows.shape[0], rows.shape[1] // Q4_1_BYTES * BLOCK), BLOCK, act_dtype, "cpu")
-        weight.register_buffer("blocks", q4_1_row_groups(rows))
+        weight._setup((rows.shape[0], rows.shape[1] // block_bytes * BLOCK), BLOCK, act_dtype, "cpu")
+        weight._use_blocks(q4_row_groups(rows, block_bytes), type_name.lower())
         return weight
 
     @classmethod
@@ -129,7 +138,7 @@ class Int4Weight(QuantizedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_blocks:
-            return torch.ops.llama_dist.q4_1_matmul(x, self.blocks, self.out_features)
+            return self._matmul(x, self.blocks, self.out_features)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
         if self.device_type == "cpu":
@@ -144,7 +153,7 @@ class Int4Weight(QuantizedWeight):
                residual: torch.Tensor | None = None) -> torch.Tensor | None:
         if not self.uses_blocks:
             return None
-        return torch.ops.llama_dist.q4_1_matmul(x, self.blocks, self.out_features, norm_weight, eps, gated, residual)
+        return self._matmul(x, self.blocks, self.out_features, norm_weight, eps, gated, residual)
 
 
 class Q8BlockWeight(QuantizedWeight):
@@ -179,18 +188,18 @@ def q4_1_rows(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tor
     return torch.cat([head, qb[:, :, 0] | (qb[:, :, 1] << 4)], dim=-1).reshape(out_f, -1)
 
 
-def q4_1_row_groups(rows: torch.Tensor) -> torch.Tensor:
-    """GGUF Q4_1 rows -> row groups [ceil(out / 8), in / 32 * 160] for the CPU kernel: per 8 rows and block
-    of 32 inputs, fp16 d[8], fp16 m[8], then 128 bytes where byte 32c + 4j + t is row j's byte 4c + t
-    (inputs 4c + t and 16 + 4c + t). Only bytes move."""
+def q4_row_groups(rows: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """GGUF Q4_1 (or Q4_0) rows -> row groups [ceil(out / 8), in / 32 * 8 * block_bytes] for the CPU kernel: per
+    8 rows and block of 32 inputs, fp16 d[8], fp16 m[8] (Q4_1 only), then 128 bytes where byte 32c + 4j + t is
+    row j's byte 4c + t (inputs 4c + t and 16 + 4c + t). Only bytes move."""
     pad = -rows.shape[0] % 8  # zero rows fill the last group; the kernel drops their outputs
     r = F.pad(rows, (0, 0, 0, pad))
-    groups, blocks = r.shape[0] // 8, r.shape[1] // Q4_1_BYTES
-    r = r.view(groups, 8, blocks, Q4_1_BYTES)
-    head = r[..., :4].view(groups, 8, blocks, 2, 2).permute(0, 2, 3, 1, 4)  # [g, b, d|m, j, 2 bytes]
-    body = r[..., 4:].view(groups, 8, blocks, 4, 4).permute(0, 2, 3, 1, 4)  # [g, b, c, j, t]
-    return torch.cat([head.reshape(groups, blocks, 32), body.reshape(groups, blocks, 128)], dim=-1).reshape(
-        groups, -1)
+    groups, blocks, fields = r.shape[0] // 8, r.shape[1] // block_bytes, (block_bytes - 16) // 2
+    r = r.view(groups, 8, blocks, block_bytes)
+    head = r[..., :2 * fields].view(groups, 8, blocks, fields, 2).permute(0, 2, 3, 1, 4)  # [g, b, d|m, j, 2 bytes]
+    body = r[..., 2 * fields:].view(groups, 8, blocks, 4, 4).permute(0, 2, 3, 1, 4)  # [g, b, c, j, t]
+    return torch.cat([head.reshape(groups, blocks, 16 * fields), body.reshape(groups, blocks, 128)],
+                     dim=-1).reshape(groups, -1)
 
 
 def q8_0_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -251,8 +260,8 @@ def quantized_from_shards(shards: list, act_dtype: torch.dtype, device) -> Quant
     q = torch.cat([s.q for s in shards]).to(device)
     if kind == "q8_0":
         return Q8BlockWeight(q)
-    if kind == "q4_1":
-        return Int4Weight.from_q4_1(q, act_dtype)
+    if kind in ("q4_1", "q4_0"):
+        return Int4Weight.from_gguf(q, kind.upper(), act_dtype)
     scales = torch.cat([s.scales for s in shards]).to(device)
     if kind == "int8":
         return Int8Weight(q, scales, act_dtype)
