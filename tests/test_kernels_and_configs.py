@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from llama_dist import Kernels, Llama, LoadConfig, ParallelConfig, csrc
-from llama_dist.checkpoint.loader import load_model
+from llama_dist.checkpoint.bundled import bundled_model_path
+from llama_dist.checkpoint.loader import load_model, open_checkpoint
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.distributed.settings import read_settings
@@ -77,6 +78,37 @@ def test_folded_block_kernels_decode_what_the_plain_quantized_model_decodes():
     assert (got - want).abs().max() / want.abs().max() < 1e-3
     alone = torch.cat([fast(tokens[1:2, i:i + 1], i, slots=torch.tensor([1])) for i in range(6)], dim=1)
     assert torch.equal(alone[0], got[1])
+
+
+@pytest.mark.skipif(not csrc.available(), reason="no C++ compiler to build the CPU kernels")
+@pytest.mark.parametrize("model", ["tiny-int4", "smollm2"])  # int4 groups as Q4_1 blocks; the GGUF's Q4_1 + Q8_0
+def test_one_call_decode_step_equals_the_per_layer_calls(model):
+    """In one process every block of a decode step runs in one C++ call: bit for bit the per-layer calls' logits
+    and caches, one row and rows at different positions and cache rows; prompts still go layer by layer."""
+    from llama_dist.kernels.fused import CppDecodeTransformer
+
+    ctx = init_distributed()
+    if model == "smollm2":
+        source = open_checkpoint(bundled_model_path())
+        config = LoadConfig(dtype="float32", n_ctx=16, max_batch_size=3)
+    else:
+        args = ModelArgs(**TINY_GQA)
+        source = StateDictSource(args, random_state_dict(args))
+        config = LoadConfig(dtype="float32", quantize="int4", group_size=32, n_ctx=16, max_batch_size=3)
+    one, per_layer = (install(load_model(source, ctx, config, progress=False), Kernels("cpp", gemv=True))
+                      for _ in range(2))
+    assert type(one) is CppDecodeTransformer
+    per_layer.__class__ = CppDecodeTransformer.__mro__[1]  # the plain Transformer: its blocks one by one
+    tokens = torch.tensor([[5, 17, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6], [300, 8, 8, 8, 41, 0]])
+    for m in (one, per_layer):
+        m(tokens[:, :4], 0)
+    for step in range(2):
+        got, want = (m(tokens[:, 4 + step:5 + step], 4 + step) for m in (one, per_layer))
+        assert torch.equal(got, want)
+    starts, rows = torch.tensor([7, 2]), torch.tensor([2, 0])
+    assert torch.equal(one(tokens[:2, :1], starts, slots=rows), per_layer(tokens[:2, :1], starts, slots=rows))
+    for a, b in zip(one.layers.values(), per_layer.layers.values()):
+        assert torch.equal(a.attention.cache_k, b.attention.cache_k) and torch.equal(a.attention.cache_v, b.attention.cache_v)
 
 
 def test_configs_refuse_bad_values_by_their_names():

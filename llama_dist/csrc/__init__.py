@@ -1,6 +1,7 @@
 """Our C++ CPU kernels, one extension built once per machine with torch's extension builder:
 block_matmul.cpp (Q4_0, Q4_1 and Q8_0 weights times 8-bit activations, with a block's RMSNorm, SwiGLU and
-residual folded in) and decode_attention.cpp (a decoded token's rotary embedding, cache write and attention).
+residual folded in), decode_attention.cpp (a decoded token's rotary embedding, cache write and attention) and
+decode_step.cpp (a decode step's blocks in one call).
 
 `available()` builds and loads them on first use (tens of seconds, then cached under ~/.cache/torch_extensions/llama_dist;
 `make install` builds them ahead); without a compiler, or with
@@ -21,6 +22,7 @@ import torch
 from ..distributed.settings import read_settings
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
+HEADERS = sorted(Path(__file__).parent.glob("*.h"))
 BLOCK = 32  # weights per block, as GGUF's Q4_1 and Q8_0 store them
 
 
@@ -39,7 +41,7 @@ def _build_flags() -> tuple[str, list[str]]:
 def _build_name(variant: str, flags: list[str]) -> str:
     """The extension's name: its variant and a digest of what it is built from, so a cached build of
     other source, flags or torch is never loaded."""
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES) + " ".join(flags).encode()
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(flags).encode()
                             + torch.__version__.encode())
     return f"llama_dist_cpu_{variant}_{digest.hexdigest()[:12]}"
 
@@ -63,6 +65,7 @@ def available() -> bool:
         lambda x, blocks, *folds: x.new_empty((*x.shape[:-1], blocks.shape[0])))
     for op in ("q4_1_matmul", "q4_0_matmul"):
         torch.library.register_fake(f"llama_dist::{op}")(lambda x, groups, n, *folds: x.new_empty((*x.shape[:-1], n)))
+    torch.library.register_fake("llama_dist::decode_blocks")(lambda x, *args: torch.empty_like(x))
     torch.library.register_fake("llama_dist::cpu_decode_attention")(
         lambda qkv, rope, cache_k, cache_v, slots, pos, n_rep: qkv.new_empty(
             (qkv.shape[0], cache_k.shape[1] * n_rep * cache_k.shape[3])))

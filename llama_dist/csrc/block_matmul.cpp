@@ -11,6 +11,8 @@
 //   Q4_0 row groups: the same without the mins, {fp16 d[8], 128 bytes}, value = d * (q - 8): m = -8 d,
 //     exact, so a Q4_0 group computes what its Q4_1 form would, from 10% fewer bytes.
 // y[m, n] = sum over blocks b: d_w * d_x * dot(q_w, q_x) + m_w * d_x * sum(q_x).
+#include "kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -363,6 +365,10 @@ void check_weights(const at::Tensor& w, int64_t row_bytes, const char* name) {
               " bytes of blocks per row, the weights have ", w.size(1));
 }
 
+}  // namespace
+
+namespace llama_dist_cpu {
+
 // x [..., K] times Q8_0 rows w [N, K / 32 * 34] -> [..., N] (+ residual); activations in tiles of rows.
 at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& norm_weight,
                        double eps, bool gated, const c10::optional<at::Tensor>& residual) {
@@ -436,7 +442,7 @@ at::Tensor q4_0_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, cons
   return q4_matmul<GroupQ4_0>(x, w, N, norm_weight, eps, gated, residual, "q4_0_matmul");
 }
 
-}  // namespace
+}  // namespace llama_dist_cpu
 
 TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
   // norm_weight: RMSNorm x first; gated: x is [gate, up], multiply silu(gate) * up; residual: added to the product
@@ -449,7 +455,7 @@ TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
 }
 
 TORCH_LIBRARY_IMPL(llama_dist, CPU, m) {
-  m.impl("q4_1_matmul", &q4_1_matmul);
-  m.impl("q4_0_matmul", &q4_0_matmul);
-  m.impl("q8_0_matmul", &q8_0_matmul);
+  m.impl("q4_1_matmul", &llama_dist_cpu::q4_1_matmul);
+  m.impl("q4_0_matmul", &llama_dist_cpu::q4_0_matmul);
+  m.impl("q8_0_matmul", &llama_dist_cpu::q8_0_matmul);
 }

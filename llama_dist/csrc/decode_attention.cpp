@@ -6,6 +6,8 @@
 // interleaved pairs) and writes it and the value to the row's cache slot, then for each of its n_rep
 // query heads computes softmax(q k^T / sqrt(d)) v over exactly the positions [0, pos] the row sees, in
 // float32. A row's arithmetic is the same whatever else is in the batch.
+#include "kernels.h"
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -116,6 +118,10 @@ void attend_rows(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cach
   });
 }
 
+}  // namespace
+
+namespace llama_dist_cpu {
+
 // qkv [B, (n_kv * n_rep + 2 n_kv) * head_dim]: each row's new q, k, v heads before the rotary embedding;
 // rope [B, head_dim / 2, 2] (cos, sin); caches [rows, n_kv, L, head_dim] in qkv's dtype; row b writes cache
 // row slots[b] at position pos[b] and sees [0, pos[b]]. Returns [B, n_kv * n_rep * head_dim].
@@ -144,7 +150,7 @@ at::Tensor cpu_decode_attention(const at::Tensor& qkv, const at::Tensor& rope, a
   return out;
 }
 
-}  // namespace
+}  // namespace llama_dist_cpu
 
 TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
   m.def("cpu_decode_attention(Tensor qkv, Tensor rope, Tensor(a!) cache_k, Tensor(b!) cache_v, Tensor slots, "
@@ -152,5 +158,5 @@ TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
 }
 
 TORCH_LIBRARY_IMPL(llama_dist, CPU, m) {
-  m.impl("cpu_decode_attention", &cpu_decode_attention);
+  m.impl("cpu_decode_attention", &llama_dist_cpu::cpu_decode_attention);
 }

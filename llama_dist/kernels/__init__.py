@@ -11,7 +11,8 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
 - gemv: one decoded row's projections through our Triton matrix-vector kernel, with the block's
   RMSNorm, SwiGLU and residual adds folded in (gemv.py); on CPUs a decode step's projections (any rows) through
   the C++ block kernels with the same folds (csrc/block_matmul.cpp), where the weights are in their block formats.
-  On CPUs the two make a decode step a few C++ calls per layer instead of dozens of PyTorch operations.
+  On CPUs the two make a decode step a few C++ calls per layer instead of dozens of PyTorch operations, and
+  in one process one C++ call for all the blocks (CppDecodeTransformer).
 - row_kernels: a decode step of several rows, and a prompt pass, runs its RMSNorms, SwiGLU and rotary
   embedding (with the cache write) as one Triton kernel each (rows.py), not PyTorch's six, three and two
   dozen; packed prompt chunks attend in one Triton kernel (packed_attention.py, where it loads), not an
@@ -34,7 +35,8 @@ from ..model.transformer import Transformer
 from ..parallel.layers import ShardedWeight
 from ..quant.weights import Int8Weight
 from . import decode_attention, gemv, packed_attention, quant_matmul, rows
-from .fused import CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear, TritonPromptAttention
+from .fused import (CppDecodeTransformer, CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear,
+                    TritonPromptAttention)
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "cpp", "triton")
 
@@ -90,6 +92,8 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
             _specialise(block, FusedTransformerBlock).configure(kernels.gemv, attention_kernel, kernels.row_kernels)
     if kernels.gemv and model.is_last:
         _specialise(model.output, OneRowColumnParallelLinear)
+    if on_cpu and CppDecodeTransformer.runs(model):
+        _specialise(model, CppDecodeTransformer).configure()
     if kernels.quantized:
         for layer in model.modules():
             weight = layer.qweight if isinstance(layer, ShardedWeight) else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..model.transformer import Attention, Packed, RMSNorm, Slots, TransformerBlock, cache_rows
+from ..model.transformer import Attention, Packed, RMSNorm, Slots, Transformer, TransformerBlock, cache_rows
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
 from . import decode_attention, gemv, packed_attention, rows
 
@@ -131,3 +131,36 @@ class FusedTransformerBlock(TransformerBlock):
         mine = residual if layer.comm.rank == 0 else None
         return layer.comm.all_reduce(fused_linear(layer, x, self.use_gemv, gated=gated, residual=mine,
                                                   row_kernels=self.row_kernels))
+
+
+class CppDecodeTransformer(Transformer):
+    """One process on a CPU, every block's weights in the C++ kernels' formats: a decode step runs all of this
+    stage's blocks in one C++ call (csrc/decode_step.cpp), the same kernels in the same order as
+    FusedTransformerBlock's calls, so the same results without Python between them. Prompts, and steps being
+    compiled, take the blocks one by one."""
+
+    def configure(self) -> None:
+        blocks = list(self.layers.values())
+        operands = [layer.qweight.block_operands() for b in blocks for layer in
+                    (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)]
+        self.step_formats, self.step_weights, self.step_sizes = (list(t) for t in zip(*operands))
+        self.step_norms = [n.weight for b in blocks for n in (b.attention_norm, b.ffn_norm)]
+        self.n_rep, self.norm_eps = blocks[0].attention.n_rep, blocks[0].attention_norm.eps
+
+    @staticmethod
+    def runs(model: Transformer) -> bool:
+        """Whether every block is a fused one with the C++ attention and block-format weights, in one process."""
+        return model.comm.world_size == 1 and all(
+            isinstance(b, FusedTransformerBlock) and b.use_gemv and b.attention_kernel
+            and all(layer.qweight is not None and layer.qweight.block_operands() is not None
+                    for layer in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2))
+            for b in model.layers.values())
+
+    def run_layers(self, h: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                   slots: Slots, length: int) -> torch.Tensor:
+        if h.shape[1] != 1 or isinstance(slots, Packed) or torch.compiler.is_compiling():
+            return super().run_layers(h, pos, rope, mask, slots, length)
+        caches = [c for b in self.layers.values() for c in (b.attention.cache_k, b.attention.cache_v)]
+        return torch.ops.llama_dist.decode_blocks(
+            h, self.step_weights, self.step_formats, self.step_sizes, self.step_norms, caches, rope,
+            cache_rows(slots, h.shape[0], h.device), pos[:, 0], self.n_rep, self.norm_eps)

@@ -313,9 +313,7 @@ class Transformer(nn.Module):
         """
         pos, mask, length = self.placement(x.shape[:2], x.device, start_pos, slots, length)
         h = self.tok_embeddings(x).to(self.act_dtype) if self.is_first else x  # int8 tables give fp32
-        rope = self.rope[pos]
-        for layer in self.layers.values():
-            h = layer(h, pos, rope, mask, slots, length)
+        h = self.run_layers(h, pos, self.rope[pos], mask, slots, length)
         if not self.is_last:
             return h
         if last_only and isinstance(slots, Packed):  # each final sequence's last token
@@ -323,6 +321,13 @@ class Transformer(nn.Module):
         elif last_only:
             h = h[:, -1:]
         return self.norm(h).float() if hidden else self.output(self.norm(h)).float()
+
+    def run_layers(self, h: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                   slots: Slots, length: int) -> torch.Tensor:
+        """This stage's blocks, in order (kernels may run a decode step's blocks in one call)."""
+        for layer in self.layers.values():
+            h = layer(h, pos, rope, mask, slots, length)
+        return h
 
     def placement(self, shape: tuple[int, ...], device: torch.device, start_pos: int | torch.Tensor,
                   slots: Slots, length: int | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:

@@ -28,6 +28,9 @@ Q4_0_BYTES = BLOCK_TYPES["Q4_0"][1]  # fp16 d, 16 bytes of nibbles: value = d * 
 Q8_0_BYTES = BLOCK_TYPES["Q8_0"][1]  # fp16 d, 32 int8 values
 
 
+BLOCK_FORMATS = ("q4_1", "q4_0", "q8_0")  # the C++ kernels' weight formats, by their codes in csrc/decode_step.cpp
+
+
 class QuantizedWeight(nn.Module):
     """Called on activations x [..., in]: returns x W^T [..., out]."""
 
@@ -42,6 +45,10 @@ class QuantizedWeight(nn.Module):
                residual: torch.Tensor | None = None) -> torch.Tensor | None:
         """residual + f(x) W^T in one call, f(x) being RMSNorm(x) * norm_weight, or silu(gate) * up of x = [gate, up],
         or x: where this format's kernel folds those in (the CPU block kernels); None elsewhere."""
+        return None
+
+    def block_operands(self) -> tuple[int, torch.Tensor, int] | None:
+        """(format code in BLOCK_FORMATS, blocks, out_features) where the CPU block kernels read this weight."""
         return None
 
 
@@ -156,6 +163,9 @@ class Int4Weight(QuantizedWeight):
             return None
         return self._matmul(x, self.blocks, self.out_features, norm_weight, eps, gated, residual)
 
+    def block_operands(self) -> tuple[int, torch.Tensor, int] | None:
+        return (BLOCK_FORMATS.index(self.block_format), self.blocks, self.out_features) if self.uses_blocks else None
+
 
 class Q8BlockWeight(QuantizedWeight):
     """GGUF Q8_0 kept as stored: int8 with one fp16 scale per block of 32 inputs. CPU block kernel only."""
@@ -177,6 +187,9 @@ class Q8BlockWeight(QuantizedWeight):
     def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
                residual: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.llama_dist.q8_0_matmul(x, self.blocks, norm_weight, eps, gated, residual)
+
+    def block_operands(self) -> tuple[int, torch.Tensor, int]:
+        return BLOCK_FORMATS.index("q8_0"), self.blocks, self.out_features
 
 
 def q4_1_rows(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
