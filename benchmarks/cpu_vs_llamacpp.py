@@ -153,7 +153,8 @@ def main() -> None:
         print(f"--compile: the first decode step took {compile_s:.1f} s (compilation; inductor's disk cache warm "
               "after the first repetition)")
     labels = [("defaults", "llama-dist")] + ([("--compile", "llama-dist --compile")] if a.compiled else [])
-    labels += [(f"baseline {label}", name.replace("llama-dist", "baseline")) for label, name in labels] if a.baseline else []
+    if a.baseline:
+        labels += [(f"baseline {label}", name.replace("llama-dist", "baseline")) for label, name in labels]
     for label, name in labels:
         ours = med[name]
         print(f"ours ({label})/llama.cpp: load {ours['load_s'] / ref['load_s']:.1f}x time, prompt "

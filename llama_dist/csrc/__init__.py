@@ -3,8 +3,8 @@ block_matmul.cpp (Q4_0, Q4_1 and Q8_0 weights times 8-bit activations, with a bl
 residual folded in), decode_attention.cpp (a decoded token's rotary embedding, cache write and attention) and
 decode_step.cpp (a decode step's blocks in one call).
 
-`available()` builds and loads them on first use (tens of seconds, then cached under ~/.cache/torch_extensions/llama_dist;
-`make install` builds them ahead); without a compiler, or with
+`available()` builds and loads them on first use (tens of seconds, then cached under
+~/.cache/torch_extensions/llama_dist; `make install` builds them ahead); without a compiler, or with
 LLAMA_DIST_CPU_KERNELS=0, it says why and the int4/int8 weights use PyTorch's own packed kernels instead.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ..distributed.settings import read_settings
 
 SOURCES = sorted(Path(__file__).parent.glob("*.cpp"))
 HEADERS = sorted(Path(__file__).parent.glob("*.h"))
-BLOCK = 32  # weights per block, as GGUF's Q4_1 and Q8_0 store them
+BLOCK = 32  # weights per block, as GGUF's Q4_0, Q4_1 and Q8_0 store them
 
 
 def _build_flags() -> tuple[str, list[str]]:
@@ -81,7 +81,8 @@ def _build(name: str, flags: list[str], directory: Path) -> bool:
     directory.mkdir(parents=True, exist_ok=True)
     try:
         cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
-                           build_directory=str(directory), extra_cflags=["-O3", "-fopenmp", *flags], extra_ldflags=["-fopenmp"])
+                           build_directory=str(directory), extra_cflags=["-O3", "-fopenmp", *flags],
+                           extra_ldflags=["-fopenmp"])
     except Exception as e:  # no compiler or ninja: the packed PyTorch kernels still work, only slower
         warnings.warn(f"llama-dist: the C++ CPU kernels could not be built ({e}); using PyTorch's int4/int8 "
                       "kernels instead (slower). Install a C++ compiler and `pip install ninja` to build them.")

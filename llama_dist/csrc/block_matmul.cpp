@@ -89,12 +89,7 @@ void quantize_row(const float* x, BlockQ8A* y, int64_t nb) {
 }
 
 #ifdef LLAMA_DIST_AVX2
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+using llama_dist_cpu::hsum;
 
 inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in fours, as floats
 #ifdef LLAMA_DIST_VNNI
@@ -106,7 +101,6 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in fours,
 }
 #endif
 
-// 8 interleaved weight rows against R activation rows; out[r] receives 8 outputs.
 #ifdef LLAMA_DIST_AVX2
 inline __m256 group_mins(const GroupQ4_1& g, __m256) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g.m)));
@@ -114,6 +108,7 @@ inline __m256 group_mins(const GroupQ4_1& g, __m256) {
 inline __m256 group_mins(const GroupQ4_0&, __m256 d) { return _mm256_mul_ps(d, _mm256_set1_ps(-8.f)); }
 #endif
 
+// 8 interleaved weight rows against R activation rows; out[r] receives 8 outputs.
 template <typename Group, int R>
 void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* const* out) {
 #ifdef LLAMA_DIST_AVX2
@@ -176,11 +171,12 @@ void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* c
 // Two row groups (16 weight rows) at once in 512-bit registers: group 0 in the low half, group 1 in the high
 // half, so each broadcast activation and each instruction serves twice the rows. Every row's arithmetic is
 // dot_q4_group's, lane for lane (the same integer sums and float operations), so results are identical.
-inline __m512 pair_mins(const GroupQ4_1& g0, const GroupQ4_1& g1, __m512) {
+inline __m512 halves(const uint16_t* low, const uint16_t* high) {  // 8 + 8 fp16 values as 16 floats
   return _mm512_cvtph_ps(_mm256_inserti128_si256(
-      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g0.m))),
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(g1.m)), 1));
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(high)), 1));
 }
+inline __m512 pair_mins(const GroupQ4_1& g0, const GroupQ4_1& g1, __m512) { return halves(g0.m, g1.m); }
 inline __m512 pair_mins(const GroupQ4_0&, const GroupQ4_0&, __m512 d) { return _mm512_mul_ps(d, _mm512_set1_ps(-8.f)); }
 
 template <typename Group, int R>
@@ -188,11 +184,6 @@ void dot_q4_pair(const Group* w0, const Group* w1, const BlockQ8A* const* x, int
   __m512 acc[R], acc_min[R];
   for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
-  auto halves = [](const uint16_t* a, const uint16_t* b) __attribute__((always_inline)) {
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1));
-  };
   for (int64_t b = 0; b < nb; ++b) {
     const __m512 d = halves(w0[b].d, w1[b].d), m = pair_mins(w0[b], w1[b], d);
     __m512i q[8];

@@ -1,9 +1,23 @@
-// The C++ CPU kernels one source file calls from another (their ops are registered where they are defined).
+// What the C++ CPU kernels' source files share: the kernels one calls from another (their ops are registered
+// where they are defined) and a small vector helper.
 #pragma once
 
 #include <ATen/ATen.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 namespace llama_dist_cpu {
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {  // the sum of the 8 lanes
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
 
 // x [..., K] times weight blocks -> [..., N]: RMSNorm(x) * norm_weight first where given, silu(gate) * up of
 // x = [gate, up] where gated, plus residual where given (block_matmul.cpp).

@@ -114,7 +114,8 @@ def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tenso
     row's cache row; pos [B]: its position (the row sees [0, pos]). Writes the new keys and values to the
     caches; returns [B, 1, q heads * head_dim]."""
     bsz = qkv.shape[0]
-    op = torch.ops.llama_dist.cpu_decode_attention if on_cpp_kernels(qkv.device) else torch.ops.llama_dist.decode_attention
+    ops = torch.ops.llama_dist
+    op = ops.cpu_decode_attention if on_cpp_kernels(qkv.device) else ops.decode_attention
     out = op(qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(), cache_k, cache_v,
              slots.contiguous(), pos.contiguous(), n_rep)
     return out.view(bsz, 1, -1)

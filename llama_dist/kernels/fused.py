@@ -141,8 +141,7 @@ class CppDecodeTransformer(Transformer):
 
     def configure(self) -> None:
         blocks = list(self.layers.values())
-        operands = [layer.qweight.block_operands() for b in blocks for layer in
-                    (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2)]
+        operands = [layer.qweight.block_operands() for b in blocks for layer in _projections(b)]
         self.step_formats, self.step_weights, self.step_sizes = (list(t) for t in zip(*operands))
         self.step_norms = [n.weight for b in blocks for n in (b.attention_norm, b.ffn_norm)]
         self.n_rep, self.norm_eps = blocks[0].attention.n_rep, blocks[0].attention_norm.eps
@@ -152,8 +151,7 @@ class CppDecodeTransformer(Transformer):
         """Whether every block is a fused one with the C++ attention and block-format weights, in one process."""
         return model.comm.world_size == 1 and all(
             isinstance(b, FusedTransformerBlock) and b.use_gemv and b.attention_kernel
-            and all(layer.qweight is not None and layer.qweight.block_operands() is not None
-                    for layer in (b.attention.wqkv, b.attention.wo, b.feed_forward.w13, b.feed_forward.w2))
+            and all(p.qweight is not None and p.qweight.block_operands() is not None for p in _projections(b))
             for b in model.layers.values())
 
     def run_layers(self, h: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
@@ -164,3 +162,8 @@ class CppDecodeTransformer(Transformer):
         return torch.ops.llama_dist.decode_blocks(
             h, self.step_weights, self.step_formats, self.step_sizes, self.step_norms, caches, rope,
             cache_rows(slots, h.shape[0], h.device), pos[:, 0], self.n_rep, self.norm_eps)
+
+
+def _projections(block: TransformerBlock) -> tuple[ShardedWeight, ...]:
+    """A block's four projections in the order csrc/decode_step.cpp takes their weights."""
+    return block.attention.wqkv, block.attention.wo, block.feed_forward.w13, block.feed_forward.w2
