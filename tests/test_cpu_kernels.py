@@ -103,12 +103,15 @@ def test_rows_of_a_q8_0_embedding_are_its_dequantized_rows():
 @pytest.mark.parametrize("build", ["scalar", "avx2"])
 def test_other_builds_equal_this_machines_build(tmp_path, build):
     """The scalar C++ path (CPUs without AVX2, e.g. ARM Macs) and the AVX2 one (where this machine builds AVX-512
-    VNNI) are built and run in a child process: 9 rows, so tiles of 4 and of 8 rows both have a remainder."""
+    VNNI) are built and run in a child process: 9 rows, so tiles of 4 and of 8 rows both have a remainder; and
+    the decode attention (the AVX2 one against the element-by-element one)."""
     script = (
         "import json, sys, torch\n"
-        "from tests.test_cpu_kernels import layers\n"
+        "from tests.test_cpu_kernels import attention_at_40, layers\n"
         "x = torch.randn(9, 96, generator=torch.Generator().manual_seed(5))\n"
-        "json.dump({k: v[0](x).tolist() for k, v in layers().items()}, open(sys.argv[1], 'w'))\n")
+        "out = {k: v[0](x).tolist() for k, v in layers().items()}\n"
+        "out['attention'] = attention_at_40().tolist()\n"
+        "json.dump(out, open(sys.argv[1], 'w'))\n")
     out = tmp_path / f"{build}.json"
     subprocess.run([sys.executable, "-c", script, str(out)], check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
                    env={**os.environ, "LLAMA_DIST_CPU_KERNELS": build}, timeout=600)
@@ -117,6 +120,16 @@ def test_other_builds_equal_this_machines_build(tmp_path, build):
     for kind, (layer, *_) in layers().items():
         here = layer(x)
         assert (torch.tensor(other[kind]) - here).abs().max() / here.abs().max() < 1e-5, kind
+    assert (torch.tensor(other["attention"]) - attention_at_40()).abs().max() < 1e-5
+
+
+def attention_at_40() -> torch.Tensor:
+    """The decode attention of one row at position 40 (8 kv heads of 64, 4 query heads each)."""
+    g = torch.Generator().manual_seed(4)
+    qkv, rope = torch.randn(1, 48 * 64, generator=g), torch.randn(1, 32, 2, generator=g)
+    cache_k, cache_v = (torch.randn(1, 8, 48, 64, generator=g) for _ in range(2))
+    return torch.ops.llama_dist.cpu_decode_attention(qkv, rope, cache_k, cache_v, torch.tensor([0]),
+                                                     torch.tensor([40]), 4)
 
 
 def test_gguf_q4_1_rows_become_row_groups_by_moving_bytes():
@@ -145,8 +158,44 @@ def test_q4_0_row_groups_compute_what_their_q4_1_form_computes():
     rows.view(37, 3, 18)[..., :2] = (torch.rand(37, 3, 1, generator=g) * 0.01).half().view(torch.uint8)
     q4_0 = Int4Weight.from_gguf(rows, "Q4_0", torch.float32)
     q4_1 = Int4Weight.from_gguf(as_q4_1_rows(rows, "Q4_0"), "Q4_1", torch.float32)
-    assert (q4_0.block_format, q4_0.blocks.numel(), q4_1.blocks.numel()) == ("q4_0", 5 * 3 * 144, 5 * 3 * 160)
+    assert (q4_0.block_format, q4_0.blocks.numel(), q4_1.blocks.numel()) == ("q4_0", 3 * 3 * 288, 3 * 3 * 320)
     for n in (1, 9):
         x = torch.randn(n, 96, generator=g)
         assert torch.equal(q4_0(x), q4_1(x))
         assert torch.equal(q4_0.folded(x, gated=False, residual=torch.ones(n, 37)), q4_1(x) + 1)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_decode_attention_writes_the_cache_and_attends_over_the_rows_positions(head_dim):
+    """The C++ decode attention against float64 math: rows at positions 37 (blocks of 8 positions and a
+    remainder) and 8, in cache rows 1 and 0, three query heads per kv head. The new key is rotated (Meta's
+    interleaved pairs) and written with the value at the row's position; each head attends over [0, pos]."""
+    g = torch.Generator().manual_seed(3)
+    n_kv, n_rep, length = 2, 3, 48
+    pos, slots = torch.tensor([37, 8]), torch.tensor([1, 0])
+    qkv = torch.randn(2, (n_kv * n_rep + 2 * n_kv) * head_dim, generator=g)
+    angles = torch.rand(2, head_dim // 2, generator=g) * 6.28
+    rope = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    cache_k, cache_v = (torch.randn(2, n_kv, length, head_dim, generator=g) for _ in range(2))
+    before_k, before_v = cache_k.clone(), cache_v.clone()
+    out = torch.ops.llama_dist.cpu_decode_attention(qkv, rope, cache_k, cache_v, slots, pos, n_rep)
+
+    def rotate(x, b):  # [..., head_dim] by row b's angles, pairs (x[2i], x[2i + 1]) as complex numbers
+        c = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())
+        return torch.view_as_real(c * torch.polar(torch.ones_like(angles[b]).double(), angles[b].double())).flatten(-2)
+
+    for b in range(2):
+        q, k, v = qkv[b].split([n_kv * n_rep * head_dim, n_kv * head_dim, n_kv * head_dim])
+        keys, values = before_k[slots[b]].double().clone(), before_v[slots[b]].double().clone()
+        keys[:, pos[b]], values[:, pos[b]] = rotate(k.view(n_kv, head_dim), b), v.view(n_kv, head_dim).double()
+        assert (cache_k[slots[b], :, pos[b]].double() - keys[:, pos[b]]).abs().max() < 1e-6
+        assert torch.equal(cache_v[slots[b], :, pos[b]], v.view(n_kv, head_dim))
+        seen = slice(0, pos[b] + 1)
+        heads = rotate(q.view(n_kv * n_rep, head_dim), b)
+        for h in range(n_kv * n_rep):
+            w = torch.softmax(keys[h // n_rep, seen] @ heads[h] / head_dim ** 0.5, dim=0)
+            expected = w @ values[h // n_rep, seen]
+            assert (out[b, h * head_dim:(h + 1) * head_dim].double() - expected).abs().max() < 1e-5
+    untouched = torch.ones(2, length, dtype=torch.bool)
+    untouched[slots, pos] = False
+    assert torch.equal(cache_k.transpose(1, 2)[untouched], before_k.transpose(1, 2)[untouched])

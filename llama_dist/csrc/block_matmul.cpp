@@ -4,11 +4,13 @@
 // weights on two cores). Quantizing each row of activations to int8 blocks once per call turns every
 // block's dot product into integer multiply-adds (AVX2 maddubs: 32 products per instruction).
 //   Q8_0 rows, as GGUF stores them: {fp16 d, 32 int8}, value = d * q. One weight row at a time.
-//   Q4_1 row groups: 8 weight rows interleaved per block of 32 inputs, {fp16 d[8], fp16 m[8], 128 bytes},
-//     value = d * q + m. Byte 32c + 4j + t holds row j's input 4c + t (low nibble) and 16 + 4c + t (high
-//     nibble), so one maddubs multiplies 4 inputs of all 8 rows at once and the lanes of the sum are the
-//     8 rows' outputs: no horizontal sums, and one scale multiply per 8 rows.
-//   Q4_0 row groups: the same without the mins, {fp16 d[8], 128 bytes}, value = d * (q - 8): m = -8 d,
+//   Q4_1 row groups: 16 weight rows interleaved per block of 32 inputs, {fp16 d[16], fp16 m[16], 256 bytes},
+//     value = d * q + m. Byte 64c + 32h + 4j + t holds row 8h + j's input 4c + t (low nibble) and 16 + 4c + t
+//     (high nibble), so one maddubs multiplies 4 inputs of 8 rows at once (one 512-bit dpbusd, of all 16) and
+//     the lanes of the sum are the rows' outputs: no horizontal sums, and one scale multiply per 8 rows.
+//     A group's blocks follow one another, so a thread reads its rows as one sequential stream (two groups
+//     of 8 rows read side by side streamed from memory at half the rate on an EPYC).
+//   Q4_0 row groups: the same without the mins, {fp16 d[16], 256 bytes}, value = d * (q - 8): m = -8 d,
 //     exact, so a Q4_0 group computes what its Q4_1 form would, from 10% fewer bytes.
 // y[m, n] = sum over blocks b: d_w * d_x * dot(q_w, q_x) + m_w * d_x * sum(q_x).
 #include "kernels.h"
@@ -39,9 +41,11 @@ namespace {
 
 constexpr int64_t QK = 32;
 
-struct GroupQ4_1 {  // 8 rows x 32 inputs
-  uint16_t d[8], m[8];
-  uint8_t qs[4 * QK];
+constexpr int GROUP_ROWS = 16;  // rows of a Q4 row group
+
+struct GroupQ4_1 {  // 16 rows x 32 inputs
+  uint16_t d[GROUP_ROWS], m[GROUP_ROWS];
+  uint8_t qs[GROUP_ROWS / 2 * QK];
 };
 struct BlockQ8_0 {
   uint16_t d;
@@ -51,12 +55,12 @@ struct BlockQ8A {  // one block of quantized activations; s = d * sum(qs)
   float d, s;
   int8_t qs[QK];
 };
-struct GroupQ4_0 {  // 8 rows x 32 inputs
-  uint16_t d[8];
-  uint8_t qs[4 * QK];
+struct GroupQ4_0 {  // 16 rows x 32 inputs
+  uint16_t d[GROUP_ROWS];
+  uint8_t qs[GROUP_ROWS / 2 * QK];
 };
-static_assert(sizeof(GroupQ4_1) == 160, "a Q4_1 row group is 8 blocks of 20 bytes");
-static_assert(sizeof(GroupQ4_0) == 144, "a Q4_0 row group is 8 blocks of 18 bytes");
+static_assert(sizeof(GroupQ4_1) == 320, "a Q4_1 row group is 16 blocks of 20 bytes");
+static_assert(sizeof(GroupQ4_0) == 288, "a Q4_0 row group is 16 blocks of 18 bytes");
 static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block is 34 bytes");
 
 inline float half_to_float(uint16_t h) {
@@ -102,25 +106,26 @@ inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in fours,
 #endif
 
 #ifdef LLAMA_DIST_AVX2
-inline __m256 group_mins(const GroupQ4_1& g, __m256) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(g.m)));
+inline __m256 eight_halves(const uint16_t* h) {  // 8 fp16 values as floats
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)));
 }
-inline __m256 group_mins(const GroupQ4_0&, __m256 d) { return _mm256_mul_ps(d, _mm256_set1_ps(-8.f)); }
+inline __m256 half_mins(const GroupQ4_1& g, int half, __m256) { return eight_halves(g.m + 8 * half); }
+inline __m256 half_mins(const GroupQ4_0&, int, __m256 d) { return _mm256_mul_ps(d, _mm256_set1_ps(-8.f)); }
 #endif
 
-// 8 interleaved weight rows against R activation rows; out[r] receives 8 outputs.
+// Rows 8 half .. 8 half + 7 of a row group against R activation rows; out[r] receives their 8 outputs.
 template <typename Group, int R>
-void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* const* out) {
+void dot_q4_half(const Group* w, int half, const BlockQ8A* const* x, int64_t nb, float* const* out) {
 #ifdef LLAMA_DIST_AVX2
   __m256 acc[R], acc_min[R];
   for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm256_setzero_ps();
   const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   for (int64_t b = 0; b < nb; ++b) {
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[b].d)));
-    const __m256 m = group_mins(w[b], d);
+    const __m256 d = eight_halves(w[b].d + 8 * half);
+    const __m256 m = half_mins(w[b], half, d);
     __m256i q[8];  // q[s]: inputs 4s..4s+3 of the 8 rows
     for (int c = 0; c < 4; ++c) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs + 32 * c));
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs + 64 * c + 32 * half));
       q[c] = _mm256_and_si256(raw, low);
       q[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
     }
@@ -128,18 +133,10 @@ void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* c
       const BlockQ8A& a = x[r][b];
       int32_t a4[8];  // the block's 32 activations as 8 groups of 4 bytes
       std::memcpy(a4, a.qs, sizeof(a4));
-#ifdef LLAMA_DIST_VNNI
-      __m256i sums[4];  // four independent chains: dpbusd's latency is several cycles
-      for (int s = 0; s < 4; ++s) sums[s] = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q[s], _mm256_set1_epi32(a4[s]));
-      for (int s = 4; s < 8; ++s) sums[s - 4] = _mm256_dpbusd_epi32(sums[s - 4], q[s], _mm256_set1_epi32(a4[s]));
-      const __m256 dot = _mm256_cvtepi32_ps(
-          _mm256_add_epi32(_mm256_add_epi32(sums[0], sums[1]), _mm256_add_epi32(sums[2], sums[3])));
-#else
       // 8 sub-sums of 4 products per row stay within int16: 8 * 2 * 15 * 127 < 32768
       __m256i sum16 = _mm256_maddubs_epi16(q[0], _mm256_set1_epi32(a4[0]));
       for (int s = 1; s < 8; ++s) sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(q[s], _mm256_set1_epi32(a4[s])));
       const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
-#endif
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), dot, acc[r]);
       acc_min[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc_min[r]);
     }
@@ -149,13 +146,13 @@ void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* c
   float acc[R][8] = {};
   for (int64_t b = 0; b < nb; ++b) {
     for (int j = 0; j < 8; ++j) {
-      const float d = half_to_float(w[b].d[j]), m = group_min(w[b], j, d);
+      const float d = half_to_float(w[b].d[8 * half + j]), m = group_min(w[b], 8 * half + j, d);
       for (int r = 0; r < R; ++r) {
         const BlockQ8A& a = x[r][b];
         int sum = 0;
         for (int c = 0; c < 4; ++c)
           for (int t = 0; t < 4; ++t) {
-            const uint8_t byte = w[b].qs[32 * c + 4 * j + t];
+            const uint8_t byte = w[b].qs[64 * c + 32 * half + 4 * j + t];
             sum += (byte & 0x0F) * a.qs[4 * c + t] + (byte >> 4) * a.qs[16 + 4 * c + t];
           }
         acc[r][j] += d * a.d * static_cast<float>(sum) + m * a.s;
@@ -168,35 +165,33 @@ void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* c
 }
 
 #ifdef LLAMA_DIST_VNNI
-// Two row groups (16 weight rows) at once in 512-bit registers: group 0 in the low half, group 1 in the high
-// half, so each broadcast activation and each instruction serves twice the rows. Every row's arithmetic is
-// dot_q4_group's, lane for lane (the same integer sums and float operations), so results are identical.
-inline __m512 halves(const uint16_t* low, const uint16_t* high) {  // 8 + 8 fp16 values as 16 floats
-  return _mm512_cvtph_ps(_mm256_inserti128_si256(
-      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(low))),
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(high)), 1));
+inline __m512 sixteen_halves(const uint16_t* h) {  // 16 fp16 values as floats
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h)));
 }
-inline __m512 pair_mins(const GroupQ4_1& g0, const GroupQ4_1& g1, __m512) { return halves(g0.m, g1.m); }
-inline __m512 pair_mins(const GroupQ4_0&, const GroupQ4_0&, __m512 d) { return _mm512_mul_ps(d, _mm512_set1_ps(-8.f)); }
+inline __m512 group_mins(const GroupQ4_1& g, __m512) { return sixteen_halves(g.m); }
+inline __m512 group_mins(const GroupQ4_0&, __m512 d) { return _mm512_mul_ps(d, _mm512_set1_ps(-8.f)); }
+#endif
 
+// A row group's 16 rows against R activation rows; out[r] receives 16 outputs. With AVX-512 in one pass, rows
+// 0-7 in the low 256 bits and 8-15 in the high (each broadcast activation and each instruction serves 16 rows);
+// without, one half after the other (the second reads the group from cache).
 template <typename Group, int R>
-void dot_q4_pair(const Group* w0, const Group* w1, const BlockQ8A* const* x, int64_t nb, float* const* out) {
+void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* const* out) {
+#ifdef LLAMA_DIST_VNNI
   __m512 acc[R], acc_min[R];
   for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm512_setzero_ps();
   const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
-    const __m512 d = halves(w0[b].d, w1[b].d), m = pair_mins(w0[b], w1[b], d);
-    __m512i q[8];
+    const __m512 d = sixteen_halves(w[b].d), m = group_mins(w[b], d);
+    __m512i q[8];  // q[s]: inputs 4s..4s+3 of the 16 rows
     for (int c = 0; c < 4; ++c) {
-      const __m512i raw = _mm512_inserti64x4(
-          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w0[b].qs + 32 * c))),
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w1[b].qs + 32 * c)), 1);
+      const __m512i raw = _mm512_loadu_si512(w[b].qs + 64 * c);
       q[c] = _mm512_and_si512(raw, low);
       q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
     }
     for (int r = 0; r < R; ++r) {
       const BlockQ8A& a = x[r][b];
-      int32_t a4[8];
+      int32_t a4[8];  // the block's 32 activations as 8 groups of 4 bytes
       std::memcpy(a4, a.qs, sizeof(a4));
       __m512i sum;
       if constexpr (R == 1) {  // four independent chains: dpbusd's latency is several cycles
@@ -214,11 +209,14 @@ void dot_q4_pair(const Group* w0, const Group* w1, const BlockQ8A* const* x, int
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], _mm512_add_ps(acc[r], acc_min[r]));
-}
-constexpr int64_t GROUPS_PER_STEP = 2;
 #else
-constexpr int64_t GROUPS_PER_STEP = 1;
+  for (int half = 0; half < 2; ++half) {
+    float* outs[R];
+    for (int r = 0; r < R; ++r) outs[r] = out[r] + 8 * half;
+    dot_q4_half<Group, R>(w, half, x, nb, outs);
+  }
 #endif
+}
 
 template <int R>
 void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int64_t nb, float* out) {
@@ -385,7 +383,7 @@ at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::opti
   return shaped_like(y, x);
 }
 
-// x [..., K] times 4-bit row groups w [ceil(N / 8), K / 32 * sizeof(Group)] -> [..., N] (+ residual).
+// x [..., K] times 4-bit row groups w [ceil(N / 16), K / 32 * sizeof(Group)] -> [..., N] (+ residual).
 template <typename Group>
 at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
                      double eps, bool gated, const c10::optional<at::Tensor>& residual, const char* name) {
@@ -393,24 +391,19 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const 
   const std::vector<BlockQ8A> xq = quantize_activations(xf, name);
   const int64_t M = xf.size(0), nb = xf.size(1) / QK, groups = w.size(0);
   check_weights(w, nb * static_cast<int64_t>(sizeof(Group)), name);
-  TORCH_CHECK(groups == (N + 7) / 8, name, ": ", groups, " row groups cannot hold ", N, " rows");
+  TORCH_CHECK(groups == (N + GROUP_ROWS - 1) / GROUP_ROWS, name, ": ", groups, " row groups cannot hold ", N, " rows");
   at::Tensor y = output_rows(xf, N, residual, name);
   float* out = y.data_ptr<float>();
   const bool add = residual.has_value();
   const Group* blocks = reinterpret_cast<const Group*>(w.data_ptr<uint8_t>());
-  at::parallel_for(0, (groups + GROUPS_PER_STEP - 1) / GROUPS_PER_STEP, 1, [&](int64_t s0, int64_t s1) {
-    for (int64_t step = s0; step < s1; ++step) {
-      const int64_t g = step * GROUPS_PER_STEP, count = std::min(GROUPS_PER_STEP, groups - g);
-      const int64_t n0 = 8 * g, valid = std::min<int64_t>(8 * count, N - n0);  // the last group's padding dropped
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = GROUP_ROWS * g, valid = std::min<int64_t>(GROUP_ROWS, N - n0);  // the last group's padding
       for_row_tiles(xq, M, nb, [&](auto tile_rows, const BlockQ8A* const* rows, int64_t m) {
         constexpr int R = decltype(tile_rows)::value;
-        float sums[R][8 * GROUPS_PER_STEP];
+        float sums[R][GROUP_ROWS];
         float* outs[R];
         for (int i = 0; i < R; ++i) outs[i] = sums[i];
-#ifdef LLAMA_DIST_VNNI
-        if (count == 2) dot_q4_pair<Group, R>(blocks + g * nb, blocks + (g + 1) * nb, rows, nb, outs);
-        else
-#endif
         dot_q4_group<Group, R>(blocks + g * nb, rows, nb, outs);
         for (int i = 0; i < R; ++i)
           for (int64_t j = 0; j < valid; ++j) {

@@ -2,10 +2,9 @@
 // cache in one call per layer (the CPU counterpart of kernels/decode_attention.py's Triton kernel).
 //
 // In PyTorch this is two dozen small operations per layer, each paying a dispatch that costs more than
-// its arithmetic for one token. Each (row, kv head) is one task: it rotates the new key (Meta's
-// interleaved pairs) and writes it and the value to the row's cache slot, then for each of its n_rep
-// query heads computes softmax(q k^T / sqrt(d)) v over exactly the positions [0, pos] the row sees, in
-// float32. A row's arithmetic is the same whatever else is in the batch.
+// its arithmetic for one token. The new keys (rotated, Meta's interleaved pairs) and values go to their
+// rows' cache slots, then each (row, query head) is one task: softmax(q k^T / sqrt(d)) v over exactly the
+// positions [0, pos] the row sees, in float32. A row's arithmetic is the same whatever else is in the batch.
 #include "kernels.h"
 
 #include <ATen/ATen.h>
@@ -21,40 +20,109 @@
 
 namespace {
 
+// One query head over its kv head's cache positions [0, last]: out = softmax(q k^T * scale) v, in float32.
+// Any cache dtype, element by element; float32 caches (the CPU default) take the AVX2 version below.
 template <typename T>
-float dot(const float* q, const T* k, int64_t n) {
-  float lanes[8] = {};
-  for (int64_t i = 0; i < n; i += 8)
-    for (int j = 0; j < 8; ++j) lanes[j] += q[i + j] * static_cast<float>(k[i + j]);
-  float sum = 0.f;
-  for (float lane : lanes) sum += lane;
-  return sum;
-}
-
-template <typename T>
-void add_scaled(float w, const T* v, float* acc, int64_t n) {  // acc += w v
-  for (int64_t i = 0; i < n; ++i) acc[i] += w * static_cast<float>(v[i]);
+void attend_head(const float* q, const T* keys, const T* values, int64_t last, int64_t hd, float scale,
+                 float* scores, float* out) {
+  float top = -std::numeric_limits<float>::infinity();
+  for (int64_t p = 0; p <= last; ++p) {
+    float lanes[8] = {};
+    for (int64_t i = 0; i < hd; i += 8)
+      for (int j = 0; j < 8; ++j) lanes[j] += q[i + j] * static_cast<float>(keys[p * hd + i + j]);
+    float sum = 0.f;
+    for (float lane : lanes) sum += lane;
+    scores[p] = sum * scale;
+    top = std::max(top, scores[p]);
+  }
+  float total = 0.f;
+  std::fill(out, out + hd, 0.f);
+  for (int64_t p = 0; p <= last; ++p) {
+    const float w = std::exp(scores[p] - top);
+    total += w;
+    for (int64_t i = 0; i < hd; ++i) out[i] += w * static_cast<float>(values[p * hd + i]);
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] /= total;
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// float32 caches (the CPU default): 8 lanes per instruction, two accumulators.
-template <>
-float dot<float>(const float* q, const float* k, int64_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), a1);
-  }
-  if (i < n) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), a0);
-  return llama_dist_cpu::hsum(_mm256_add_ps(a0, a1));
+// exp(x) of 8 lanes, x <= 0 (softmax's shifted scores): Cephes' expf polynomial, relative error < 2e-7;
+// below -87 it returns exp(-87) (~1.6e-38) rather than 0, nothing next to the top score's 1.
+inline __m256 exp_ps(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, ln 2 in two parts
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
 }
 
+// The 8 lane sums of t[0..7], in one vector (lane j: the sum of t[j]'s lanes).
+inline __m256 transpose_sums(const __m256* t) {
+  const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
+  const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(t[4], t[5]), _mm256_hadd_ps(t[6], t[7]));
+  // a: lanes (0,1,2,3 | 0,1,2,3) halves of t[0..3]'s sums; b: the same for t[4..7]
+  return _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+}
+
+// float32 caches: eight positions' scores at a time (no horizontal sum per position), the exponentials eight
+// lanes at a time, and the weighted sum of values one 8-float column at a time with four accumulators over
+// positions (no store and reload of a running sum per position).
 template <>
-void add_scaled<float>(float w, const float* v, float* acc, int64_t n) {
-  const __m256 ws = _mm256_set1_ps(w);
-  for (int64_t i = 0; i < n; i += 8)
-    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(ws, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+void attend_head<float>(const float* q, const float* keys, const float* values, int64_t last, int64_t hd,
+                        float scale, float* scores, float* out) {
+  const int64_t n = last + 1, nv = hd / 8;
+  __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t p = 0;
+  for (; p + 8 <= n; p += 8) {
+    __m256 t[8];
+    for (int j = 0; j < 8; ++j) t[j] = _mm256_setzero_ps();
+    for (int64_t v = 0; v < nv; ++v) {
+      const __m256 qv = _mm256_loadu_ps(q + 8 * v);
+      for (int j = 0; j < 8; ++j) t[j] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(keys + (p + j) * hd + 8 * v), t[j]);
+    }
+    const __m256 s = _mm256_mul_ps(transpose_sums(t), _mm256_set1_ps(scale));
+    _mm256_storeu_ps(scores + p, s);
+    top = _mm256_max_ps(top, s);
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  for (; p < n; ++p) {
+    __m256 t = _mm256_setzero_ps();
+    for (int64_t v = 0; v < nv; ++v) t = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * v), _mm256_loadu_ps(keys + p * hd + 8 * v), t);
+    scores[p] = llama_dist_cpu::hsum(t) * scale;
+    m = std::max(m, scores[p]);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, top);
+  for (const float lane : lanes) m = std::max(m, lane);
+  const __m256 shift = _mm256_set1_ps(m);
+  __m256 total = _mm256_setzero_ps();
+  for (p = 0; p + 8 <= n; p += 8) {
+    const __m256 w = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + p), shift));
+    _mm256_storeu_ps(scores + p, w);
+    total = _mm256_add_ps(total, w);
+  }
+  for (; p < n; ++p) {  // the last few through the same vector exp, one lane used
+    const __m256 w = exp_ps(_mm256_set1_ps(scores[p] - m));
+    scores[p] = _mm256_cvtss_f32(w);
+    total = _mm256_add_ps(total, _mm256_setr_ps(scores[p], 0, 0, 0, 0, 0, 0, 0));
+  }
+  const __m256 inv = _mm256_set1_ps(1.f / llama_dist_cpu::hsum(total));
+  for (int64_t v = 0; v < nv; ++v) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    const float* column = values + 8 * v;
+    for (p = 0; p + 4 <= n; p += 4)
+      for (int j = 0; j < 4; ++j)
+        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(scores[p + j]), _mm256_loadu_ps(column + (p + j) * hd), acc[j]);
+    for (; p < n; ++p) acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(scores[p]), _mm256_loadu_ps(column + p * hd), acc[0]);
+    const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+    _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(sum, inv));
+  }
 }
 #endif
 
@@ -80,36 +148,28 @@ void attend_rows(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cach
   const float* rot = rope.data_ptr<float>();
   T *keys = cache_k.data_ptr<T>(), *values = cache_v.data_ptr<T>();
   T* dst = out.data_ptr<T>();
-  at::parallel_for(0, B * n_kv, 1, [&](int64_t t0, int64_t t1) {
+  auto cache_at = [&](T* cache, int64_t b, int64_t g) { return cache + (slots[b] * n_kv + g) * L * hd; };
+  std::vector<float> k(hd);
+  for (int64_t b = 0; b < B; ++b)  // the new keys (rotated) and values into the cache first
+    for (int64_t g = 0; g < n_kv; ++g) {
+      const T* row = src + b * row_len;
+      rotate(row + (n_heads + g) * hd, rot + b * hd, hd, k.data());
+      T *k_at = cache_at(keys, b, g) + pos[b] * hd, *v_at = cache_at(values, b, g) + pos[b] * hd;
+      for (int64_t i = 0; i < hd; ++i) {
+        k_at[i] = static_cast<T>(k[i]);
+        v_at[i] = row[(n_heads + n_kv + g) * hd + i];
+      }
+    }
+  // then one task per query head (its kv head's cache is read by n_rep tasks, from cache)
+  at::parallel_for(0, B * n_heads, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> q(hd), acc(hd), scores;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / n_kv, g = t % n_kv, last = pos[b];
-      const T* row = src + b * row_len;
-      const float* r = rot + b * hd;
-      T* k_base = keys + (slots[b] * n_kv + g) * L * hd;
-      T* v_base = values + (slots[b] * n_kv + g) * L * hd;
-      rotate(row + (n_heads + g) * hd, r, hd, q.data());
-      for (int64_t i = 0; i < hd; ++i) {
-        k_base[last * hd + i] = static_cast<T>(q[i]);
-        v_base[last * hd + i] = row[(n_heads + n_kv + g) * hd + i];
-      }
-      scores.resize(last + 1);
-      for (int64_t h = g * n_rep; h < (g + 1) * n_rep; ++h) {
-        rotate(row + h * hd, r, hd, q.data());
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t p = 0; p <= last; ++p) {
-          scores[p] = dot(q.data(), k_base + p * hd, hd) * scale;
-          top = std::max(top, scores[p]);
-        }
-        float total = 0.f;
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t p = 0; p <= last; ++p) {
-          const float w = std::exp(scores[p] - top);
-          total += w;
-          add_scaled(w, v_base + p * hd, acc.data(), hd);
-        }
-        for (int64_t i = 0; i < hd; ++i) dst[b * n_heads * hd + h * hd + i] = static_cast<T>(acc[i] / total);
-      }
+      const int64_t b = t / n_heads, h = t % n_heads, g = h / n_rep;
+      rotate(src + b * row_len + h * hd, rot + b * hd, hd, q.data());
+      scores.resize(pos[b] + 1);
+      attend_head<T>(q.data(), cache_at(keys, b, g), cache_at(values, b, g), pos[b], hd, scale, scores.data(),
+                     acc.data());
+      for (int64_t i = 0; i < hd; ++i) dst[(b * n_heads + h) * hd + i] = static_cast<T>(acc[i]);
     }
   });
 }

@@ -203,16 +203,16 @@ def q4_1_rows(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tor
 
 
 def q4_row_groups(rows: torch.Tensor, block_bytes: int) -> torch.Tensor:
-    """GGUF Q4_1 (or Q4_0) rows -> row groups [ceil(out / 8), in / 32 * 8 * block_bytes] for the CPU kernel: per
-    8 rows and block of 32 inputs, fp16 d[8], fp16 m[8] (Q4_1 only), then 128 bytes where byte 32c + 4j + t is
-    row j's byte 4c + t (inputs 4c + t and 16 + 4c + t). Only bytes move."""
-    pad = -rows.shape[0] % 8  # zero rows fill the last group; the kernel drops their outputs
+    """GGUF Q4_1 (or Q4_0) rows -> row groups [ceil(out / 16), in / 32 * 16 * block_bytes] for the CPU kernel: per
+    16 rows and block of 32 inputs, fp16 d[16], fp16 m[16] (Q4_1 only), then 256 bytes where byte 64c + 32h + 4j + t
+    is row 8h + j's byte 4c + t (inputs 4c + t and 16 + 4c + t). Only bytes move."""
+    pad = -rows.shape[0] % 16  # zero rows fill the last group; the kernel drops their outputs
     r = F.pad(rows, (0, 0, 0, pad))
-    groups, blocks, fields = r.shape[0] // 8, r.shape[1] // block_bytes, (block_bytes - 16) // 2
-    r = r.view(groups, 8, blocks, block_bytes)
-    head = r[..., :2 * fields].view(groups, 8, blocks, fields, 2).permute(0, 2, 3, 1, 4)  # [g, b, d|m, j, 2 bytes]
-    body = r[..., 2 * fields:].view(groups, 8, blocks, 4, 4).permute(0, 2, 3, 1, 4)  # [g, b, c, j, t]
-    return torch.cat([head.reshape(groups, blocks, 16 * fields), body.reshape(groups, blocks, 128)],
+    groups, blocks, fields = r.shape[0] // 16, r.shape[1] // block_bytes, (block_bytes - 16) // 2
+    r = r.view(groups, 16, blocks, block_bytes)
+    head = r[..., :2 * fields].view(groups, 16, blocks, fields, 2).permute(0, 2, 3, 1, 4)  # [g, b, d|m, row, 2 bytes]
+    body = r[..., 2 * fields:].view(groups, 2, 8, blocks, 4, 4).permute(0, 3, 4, 1, 2, 5)  # [g, b, c, h, j, t]
+    return torch.cat([head.reshape(groups, blocks, 32 * fields), body.reshape(groups, blocks, 256)],
                      dim=-1).reshape(groups, -1)
 
 
