@@ -61,9 +61,7 @@ def available() -> bool:
     elif not _build(name, flags, built.parent):
         return False
     # output shapes, for torch.compile
-    torch.library.register_fake("llama_dist::q8_0_matmul")(
-        lambda x, blocks, *folds: x.new_empty((*x.shape[:-1], blocks.shape[0])))
-    for op in ("q4_1_matmul", "q4_0_matmul"):
+    for op in ("q4_1_matmul", "q4_0_matmul", "q8_0_matmul"):
         torch.library.register_fake(f"llama_dist::{op}")(lambda x, groups, n, *folds: x.new_empty((*x.shape[:-1], n)))
     torch.library.register_fake("llama_dist::decode_blocks")(lambda x, *args: torch.empty_like(x))
     torch.library.register_fake("llama_dist::cpu_decode_attention")(

@@ -3,15 +3,16 @@
 // PyTorch's CPU int4 kernel multiplies bf16 activations and is compute-bound (~6 GB/s of packed
 // weights on two cores). Quantizing each row of activations to int8 blocks once per call turns every
 // block's dot product into integer multiply-adds (AVX2 maddubs: 32 products per instruction).
-//   Q8_0 rows, as GGUF stores them: {fp16 d, 32 int8}, value = d * q. One weight row at a time.
-//   Q4_1 row groups: 16 weight rows interleaved per block of 32 inputs, {fp16 d[16], fp16 m[16], 256 bytes},
-//     value = d * q + m. Byte 64c + 32h + 4j + t holds row 8h + j's input 4c + t (low nibble) and 16 + 4c + t
-//     (high nibble), so one maddubs multiplies 4 inputs of 8 rows at once (one 512-bit dpbusd, of all 16) and
-//     the lanes of the sum are the rows' outputs: no horizontal sums, and one scale multiply per 8 rows.
-//     A group's blocks follow one another, so a thread reads its rows as one sequential stream (two groups
-//     of 8 rows read side by side streamed from memory at half the rate on an EPYC).
-//   Q4_0 row groups: the same without the mins, {fp16 d[16], 256 bytes}, value = d * (q - 8): m = -8 d,
-//     exact, so a Q4_0 group computes what its Q4_1 form would, from 10% fewer bytes.
+// Weights are row groups: 16 rows interleaved per block of 32 inputs, so one maddubs multiplies 4 inputs of
+// 8 rows at once (one 512-bit dpbusd, of all 16) and the lanes of the sum are the rows' outputs: no
+// horizontal sums, one scale multiply per 8 rows. A group's blocks follow one another, so a thread reads its
+// rows as one sequential stream (two 8-row groups read side by side streamed at half the rate on an EPYC).
+//   Q4_1 groups: {fp16 d[16], fp16 m[16], 256 bytes}, value = d * q + m. Byte 64c + 32h + 4j + t holds row
+//     8h + j's input 4c + t (low nibble) and 16 + 4c + t (high nibble).
+//   Q4_0 groups: the same without the mins, {fp16 d[16], 256 bytes}, value = d * (q - 8): m = -8 d, exact, so
+//     a Q4_0 group computes what its Q4_1 form would, from 10% fewer bytes.
+//   Q8_0 groups: {fp16 d[16], 512 bytes}, value = d * (u - 128): byte 64s + 32h + 4j + t holds row 8h + j's
+//     input 4s + t plus 128 (unsigned, as dpbusd's first operand wants; the 128 comes off in integers).
 // y[m, n] = sum over blocks b: d_w * d_x * dot(q_w, q_x) + m_w * d_x * sum(q_x).
 #include "kernels.h"
 
@@ -41,27 +42,30 @@ namespace {
 
 constexpr int64_t QK = 32;
 
-constexpr int GROUP_ROWS = 16;  // rows of a Q4 row group
+constexpr int GROUP_ROWS = 16;  // weight rows of a row group
 
 struct GroupQ4_1 {  // 16 rows x 32 inputs
   uint16_t d[GROUP_ROWS], m[GROUP_ROWS];
   uint8_t qs[GROUP_ROWS / 2 * QK];
 };
-struct BlockQ8_0 {
-  uint16_t d;
-  int8_t qs[QK];
-};
-struct BlockQ8A {  // one block of quantized activations; s = d * sum(qs)
-  float d, s;
-  int8_t qs[QK];
-};
-struct GroupQ4_0 {  // 16 rows x 32 inputs
+struct GroupQ4_0 {
   uint16_t d[GROUP_ROWS];
   uint8_t qs[GROUP_ROWS / 2 * QK];
 };
+struct GroupQ8_0 {
+  uint16_t d[GROUP_ROWS];
+  uint8_t qs[GROUP_ROWS * QK];
+};
+struct BlockQ8A {  // one block of quantized activations; sum = sum(qs), s = d * sum
+  float d, s;
+  int32_t sum;
+  int8_t qs[QK];
+};
 static_assert(sizeof(GroupQ4_1) == 320, "a Q4_1 row group is 16 blocks of 20 bytes");
 static_assert(sizeof(GroupQ4_0) == 288, "a Q4_0 row group is 16 blocks of 18 bytes");
-static_assert(sizeof(BlockQ8_0) == 34, "Q8_0 block is 34 bytes");
+static_assert(sizeof(GroupQ8_0) == 544, "a Q8_0 row group is 16 blocks of 34 bytes");
+template <typename Group>
+constexpr bool is_q8 = std::is_same_v<Group, GroupQ8_0>;
 
 inline float half_to_float(uint16_t h) {
 #ifdef LLAMA_DIST_AVX2
@@ -71,9 +75,17 @@ inline float half_to_float(uint16_t h) {
 #endif
 }
 
-// A group's per-row minimum (the value of code 0) from its stored mins, or -8 d for Q4_0.
+// A Q4 group's per-row minimum (the value of code 0) from its stored mins, or -8 d for Q4_0.
 inline float group_min(const GroupQ4_1& g, int j, float) { return half_to_float(g.m[j]); }
 inline float group_min(const GroupQ4_0&, int, float d) { return -8.f * d; }
+
+// Row 8 half + j's code for inputs 4c + t (c = 0..7) of a group's block: a Q4 nibble or a Q8 byte (+ 128).
+template <typename Group>
+inline int code(const Group& g, int half, int j, int c, int t) {
+  if constexpr (is_q8<Group>) return g.qs[64 * c + 32 * half + 4 * j + t];
+  const uint8_t byte = g.qs[64 * (c % 4) + 32 * half + 4 * j + t];
+  return c < 4 ? byte & 0x0F : byte >> 4;
+}
 
 // Round to nearest even, as the vector path does, so both paths quantize alike.
 void quantize_row(const float* x, BlockQ8A* y, int64_t nb) {
@@ -88,22 +100,10 @@ void quantize_row(const float* x, BlockQ8A* y, int64_t nb) {
       sum += q;
     }
     y[b].d = d;
+    y[b].sum = sum;
     y[b].s = d * static_cast<float>(sum);
   }
 }
-
-#ifdef LLAMA_DIST_AVX2
-using llama_dist_cpu::hsum;
-
-inline __m256 dot_u8_s8(__m256i u, __m256i s) {  // 32 products summed in fours, as floats
-#ifdef LLAMA_DIST_VNNI
-  return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s));
-#else
-  const __m256i pairs = _mm256_maddubs_epi16(u, s);  // in pairs (within int16: 2 * 127 * 127 < 32768)
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-#endif
-}
-#endif
 
 #ifdef LLAMA_DIST_AVX2
 inline __m256 eight_halves(const uint16_t* h) {  // 8 fp16 values as floats
@@ -111,34 +111,55 @@ inline __m256 eight_halves(const uint16_t* h) {  // 8 fp16 values as floats
 }
 inline __m256 half_mins(const GroupQ4_1& g, int half, __m256) { return eight_halves(g.m + 8 * half); }
 inline __m256 half_mins(const GroupQ4_0&, int, __m256 d) { return _mm256_mul_ps(d, _mm256_set1_ps(-8.f)); }
+
+// q[s]: the codes of inputs 4s..4s+3 of rows 8 half .. 8 half + 7 (Q4: a block's nibbles; Q8: see below).
+template <typename Group>
+inline void half_codes(const Group& g, int half, __m256i* q) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int c = 0; c < 4; ++c) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(g.qs + 64 * c + 32 * half));
+    q[c] = _mm256_and_si256(raw, low);
+    q[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
+  }
+}
 #endif
 
 // Rows 8 half .. 8 half + 7 of a row group against R activation rows; out[r] receives their 8 outputs.
 template <typename Group, int R>
-void dot_q4_half(const Group* w, int half, const BlockQ8A* const* x, int64_t nb, float* const* out) {
+void dot_half(const Group* w, int half, const BlockQ8A* const* x, int64_t nb, float* const* out) {
 #ifdef LLAMA_DIST_AVX2
   __m256 acc[R], acc_min[R];
   for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm256_setzero_ps();
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const __m256 d = eight_halves(w[b].d + 8 * half);
-    const __m256 m = half_mins(w[b], half, d);
-    __m256i q[8];  // q[s]: inputs 4s..4s+3 of the 8 rows
-    for (int c = 0; c < 4; ++c) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs + 64 * c + 32 * half));
-      q[c] = _mm256_and_si256(raw, low);
-      q[c + 4] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low);
-    }
+    __m256i q[8];
+    if constexpr (!is_q8<Group>) half_codes(w[b], half, q);
     for (int r = 0; r < R; ++r) {
       const BlockQ8A& a = x[r][b];
       int32_t a4[8];  // the block's 32 activations as 8 groups of 4 bytes
       std::memcpy(a4, a.qs, sizeof(a4));
-      // 8 sub-sums of 4 products per row stay within int16: 8 * 2 * 15 * 127 < 32768
-      __m256i sum16 = _mm256_maddubs_epi16(q[0], _mm256_set1_epi32(a4[0]));
-      for (int s = 1; s < 8; ++s) sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(q[s], _mm256_set1_epi32(a4[s])));
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum16, ones));
-      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), dot, acc[r]);
-      acc_min[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(a.s), acc_min[r]);
+      __m256i sum;
+      if constexpr (is_q8<Group>) {
+        // u = 16 hi + lo: two maddubs on nibbles (u itself would overflow its int16 pairs), the codes read
+        // from cache for each row (16 registers cannot hold them and the tile's sums)
+        __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+        for (int s = 0; s < 8; ++s) {
+          const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs + 64 * s + 32 * half));
+          const __m256i xs = _mm256_set1_epi32(a4[s]);
+          lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(_mm256_and_si256(raw, low), xs));
+          hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low), xs));
+        }
+        sum = _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_slli_epi32(_mm256_madd_epi16(hi, ones), 4));
+        sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(128 * a.sum));
+      } else {
+        // 8 sub-sums of 4 products per row stay within int16: 8 * 2 * 15 * 127 < 32768
+        __m256i sum16 = _mm256_maddubs_epi16(q[0], _mm256_set1_epi32(a4[0]));
+        for (int s = 1; s < 8; ++s) sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(q[s], _mm256_set1_epi32(a4[s])));
+        sum = _mm256_madd_epi16(sum16, ones);
+      }
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(a.d)), _mm256_cvtepi32_ps(sum), acc[r]);
+      if constexpr (!is_q8<Group>) acc_min[r] = _mm256_fmadd_ps(half_mins(w[b], half, d), _mm256_set1_ps(a.s), acc_min[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out[r], _mm256_add_ps(acc[r], acc_min[r]));
@@ -146,16 +167,14 @@ void dot_q4_half(const Group* w, int half, const BlockQ8A* const* x, int64_t nb,
   float acc[R][8] = {};
   for (int64_t b = 0; b < nb; ++b) {
     for (int j = 0; j < 8; ++j) {
-      const float d = half_to_float(w[b].d[8 * half + j]), m = group_min(w[b], 8 * half + j, d);
+      const float d = half_to_float(w[b].d[8 * half + j]);
       for (int r = 0; r < R; ++r) {
         const BlockQ8A& a = x[r][b];
         int sum = 0;
-        for (int c = 0; c < 4; ++c)
-          for (int t = 0; t < 4; ++t) {
-            const uint8_t byte = w[b].qs[64 * c + 32 * half + 4 * j + t];
-            sum += (byte & 0x0F) * a.qs[4 * c + t] + (byte >> 4) * a.qs[16 + 4 * c + t];
-          }
-        acc[r][j] += d * a.d * static_cast<float>(sum) + m * a.s;
+        for (int c = 0; c < 8; ++c)
+          for (int t = 0; t < 4; ++t) sum += code(w[b], half, j, c, t) * a.qs[4 * c + t];
+        if constexpr (is_q8<Group>) acc[r][j] += d * a.d * static_cast<float>(sum - 128 * a.sum);
+        else acc[r][j] += d * a.d * static_cast<float>(sum) + group_min(w[b], 8 * half + j, d) * a.s;
       }
     }
   }
@@ -170,25 +189,36 @@ inline __m512 sixteen_halves(const uint16_t* h) {  // 16 fp16 values as floats
 }
 inline __m512 group_mins(const GroupQ4_1& g, __m512) { return sixteen_halves(g.m); }
 inline __m512 group_mins(const GroupQ4_0&, __m512 d) { return _mm512_mul_ps(d, _mm512_set1_ps(-8.f)); }
+inline __m512 group_mins(const GroupQ8_0&, __m512) { return _mm512_setzero_ps(); }
+
+// q[s]: the codes of inputs 4s..4s+3 of the group's 16 rows.
+template <typename Group>
+inline void group_codes(const Group& g, __m512i* q) {
+  if constexpr (is_q8<Group>) {
+    for (int s = 0; s < 8; ++s) q[s] = _mm512_loadu_si512(g.qs + 64 * s);
+  } else {
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    for (int c = 0; c < 4; ++c) {
+      const __m512i raw = _mm512_loadu_si512(g.qs + 64 * c);
+      q[c] = _mm512_and_si512(raw, low);
+      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
+    }
+  }
+}
 #endif
 
 // A row group's 16 rows against R activation rows; out[r] receives 16 outputs. With AVX-512 in one pass, rows
 // 0-7 in the low 256 bits and 8-15 in the high (each broadcast activation and each instruction serves 16 rows);
 // without, one half after the other (the second reads the group from cache).
 template <typename Group, int R>
-void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* const* out) {
+void dot_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* const* out) {
 #ifdef LLAMA_DIST_VNNI
   __m512 acc[R], acc_min[R];
   for (int r = 0; r < R; ++r) acc[r] = acc_min[r] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < nb; ++b) {
     const __m512 d = sixteen_halves(w[b].d), m = group_mins(w[b], d);
-    __m512i q[8];  // q[s]: inputs 4s..4s+3 of the 16 rows
-    for (int c = 0; c < 4; ++c) {
-      const __m512i raw = _mm512_loadu_si512(w[b].qs + 64 * c);
-      q[c] = _mm512_and_si512(raw, low);
-      q[c + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low);
-    }
+    __m512i q[8];
+    group_codes(w[b], q);
     for (int r = 0; r < R; ++r) {
       const BlockQ8A& a = x[r][b];
       int32_t a4[8];  // the block's 32 activations as 8 groups of 4 bytes
@@ -203,9 +233,9 @@ void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* c
         sum = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q[0], _mm512_set1_epi32(a4[0]));
         for (int s = 1; s < 8; ++s) sum = _mm512_dpbusd_epi32(sum, q[s], _mm512_set1_epi32(a4[s]));
       }
-      const __m512 dot = _mm512_cvtepi32_ps(sum);
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(a.d)), dot, acc[r]);
-      acc_min[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), acc_min[r]);
+      if constexpr (is_q8<Group>) sum = _mm512_sub_epi32(sum, _mm512_set1_epi32(128 * a.sum));
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(a.d)), _mm512_cvtepi32_ps(sum), acc[r]);
+      if constexpr (!is_q8<Group>) acc_min[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(a.s), acc_min[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out[r], _mm512_add_ps(acc[r], acc_min[r]));
@@ -213,46 +243,8 @@ void dot_q4_group(const Group* w, const BlockQ8A* const* x, int64_t nb, float* c
   for (int half = 0; half < 2; ++half) {
     float* outs[R];
     for (int r = 0; r < R; ++r) outs[r] = out[r] + 8 * half;
-    dot_q4_half<Group, R>(w, half, x, nb, outs);
+    dot_half<Group, R>(w, half, x, nb, outs);
   }
-#endif
-}
-
-template <int R>
-void dot_q8_0(const BlockQ8_0* w, const BlockQ8A* const* x, int64_t nb, float* out) {
-#ifdef LLAMA_DIST_AVX2
-  __m256 acc[2][R];
-  for (int r = 0; r < R; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
-  auto block = [&](int64_t b, __m256* acc_k) __attribute__((always_inline)) {
-    const float d = half_to_float(w[b].d);
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[b].qs));
-    const __m256i q_abs = _mm256_sign_epi8(q, q);  // maddubs wants one unsigned operand: move q's sign over
-    for (int r = 0; r < R; ++r) {
-      const BlockQ8A& a = x[r][b];
-      const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.qs));
-      acc_k[r] = _mm256_fmadd_ps(_mm256_set1_ps(d * a.d), dot_u8_s8(q_abs, _mm256_sign_epi8(qa, q)), acc_k[r]);
-    }
-  };
-  int64_t b = 0;
-  for (; b + 2 <= nb; b += 2) {
-    block(b, acc[0]);
-    block(b + 1, acc[1]);
-  }
-  if (b < nb) block(b, acc[0]);
-  for (int r = 0; r < R; ++r) out[r] = hsum(_mm256_add_ps(acc[0][r], acc[1][r]));
-#else
-  float acc[2][R] = {};
-  for (int64_t b = 0; b < nb; ++b) {
-    const int k = b & 1;
-    const float d = half_to_float(w[b].d);
-    for (int r = 0; r < R; ++r) {
-      const BlockQ8A& a = x[r][b];
-      int sum = 0;
-      for (int j = 0; j < QK; ++j) sum += w[b].qs[j] * a.qs[j];
-      acc[k][r] += d * a.d * static_cast<float>(sum);
-    }
-  }
-  for (int r = 0; r < R; ++r) out[r] = acc[0][r] + acc[1][r];
 #endif
 }
 
@@ -288,11 +280,19 @@ at::Tensor fold_in(const at::Tensor& x, const c10::optional<at::Tensor>& norm_we
     at::Tensor out = at::empty({M, H}, xf.options());
     const float* src = xf.data_ptr<float>();
     float* dst = out.data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < H; ++k) {
-        const float g = src[m * K + k];
-        dst[m * H + k] = g / (1.f + std::exp(-g)) * src[m * K + H + k];
+    for (int64_t m = 0; m < M; ++m) {
+      const float *gate = src + m * K, *up = gate + H;
+      int64_t k = 0;
+#ifdef LLAMA_DIST_AVX2
+      const __m256 one = _mm256_set1_ps(1.f);
+      for (; k + 8 <= H; k += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + k);
+        const __m256 e = llama_dist_cpu::exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(dst + m * H + k, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + k)));
       }
+#endif
+      for (; k < H; ++k) dst[m * H + k] = gate[k] / (1.f + std::exp(-gate[k])) * up[k];
+    }
     return out;
   }
   return xf;
@@ -358,35 +358,10 @@ void check_weights(const at::Tensor& w, int64_t row_bytes, const char* name) {
 
 namespace llama_dist_cpu {
 
-// x [..., K] times Q8_0 rows w [N, K / 32 * 34] -> [..., N] (+ residual); activations in tiles of rows.
-at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& norm_weight,
-                       double eps, bool gated, const c10::optional<at::Tensor>& residual) {
-  const at::Tensor xf = fold_in(x, norm_weight, eps, gated, "q8_0_matmul");
-  const std::vector<BlockQ8A> xq = quantize_activations(xf, "q8_0_matmul");
-  const int64_t M = xf.size(0), nb = xf.size(1) / QK, N = w.size(0);
-  check_weights(w, nb * static_cast<int64_t>(sizeof(BlockQ8_0)), "q8_0_matmul");
-  at::Tensor y = output_rows(xf, N, residual, "q8_0_matmul");
-  float* out = y.data_ptr<float>();
-  const bool add = residual.has_value();
-  const BlockQ8_0* blocks = reinterpret_cast<const BlockQ8_0*>(w.data_ptr<uint8_t>());
-  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const BlockQ8_0* row = blocks + n * nb;
-      for_row_tiles(xq, M, nb, [&](auto tile_rows, const BlockQ8A* const* rows, int64_t m) {
-        constexpr int R = decltype(tile_rows)::value;
-        float r[R];
-        dot_q8_0<R>(row, rows, nb, r);
-        for (int i = 0; i < R; ++i) out[(m + i) * N + n] = add ? out[(m + i) * N + n] + r[i] : r[i];
-      });
-    }
-  });
-  return shaped_like(y, x);
-}
-
-// x [..., K] times 4-bit row groups w [ceil(N / 16), K / 32 * sizeof(Group)] -> [..., N] (+ residual).
+// x [..., K] times row groups w [ceil(N / 16), K / 32 * sizeof(Group)] -> [..., N] (+ residual).
 template <typename Group>
-at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
-                     double eps, bool gated, const c10::optional<at::Tensor>& residual, const char* name) {
+at::Tensor group_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
+                        double eps, bool gated, const c10::optional<at::Tensor>& residual, const char* name) {
   const at::Tensor xf = fold_in(x, norm_weight, eps, gated, name);
   const std::vector<BlockQ8A> xq = quantize_activations(xf, name);
   const int64_t M = xf.size(0), nb = xf.size(1) / QK, groups = w.size(0);
@@ -404,7 +379,7 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const 
         float sums[R][GROUP_ROWS];
         float* outs[R];
         for (int i = 0; i < R; ++i) outs[i] = sums[i];
-        dot_q4_group<Group, R>(blocks + g * nb, rows, nb, outs);
+        dot_group<Group, R>(blocks + g * nb, rows, nb, outs);
         for (int i = 0; i < R; ++i)
           for (int64_t j = 0; j < valid; ++j) {
             float& o = out[(m + i) * N + n0 + j];
@@ -418,12 +393,17 @@ at::Tensor q4_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const 
 
 at::Tensor q4_1_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
                        double eps, bool gated, const c10::optional<at::Tensor>& residual) {
-  return q4_matmul<GroupQ4_1>(x, w, N, norm_weight, eps, gated, residual, "q4_1_matmul");
+  return group_matmul<GroupQ4_1>(x, w, N, norm_weight, eps, gated, residual, "q4_1_matmul");
 }
 
 at::Tensor q4_0_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
                        double eps, bool gated, const c10::optional<at::Tensor>& residual) {
-  return q4_matmul<GroupQ4_0>(x, w, N, norm_weight, eps, gated, residual, "q4_0_matmul");
+  return group_matmul<GroupQ4_0>(x, w, N, norm_weight, eps, gated, residual, "q4_0_matmul");
+}
+
+at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
+                       double eps, bool gated, const c10::optional<at::Tensor>& residual) {
+  return group_matmul<GroupQ8_0>(x, w, N, norm_weight, eps, gated, residual, "q8_0_matmul");
 }
 
 }  // namespace llama_dist_cpu
@@ -434,7 +414,7 @@ TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
         "Tensor? residual=None) -> Tensor");
   m.def("q4_0_matmul(Tensor x, Tensor blocks, int n, Tensor? norm_weight=None, float eps=0.0, bool gated=False, "
         "Tensor? residual=None) -> Tensor");
-  m.def("q8_0_matmul(Tensor x, Tensor blocks, Tensor? norm_weight=None, float eps=0.0, bool gated=False, "
+  m.def("q8_0_matmul(Tensor x, Tensor blocks, int n, Tensor? norm_weight=None, float eps=0.0, bool gated=False, "
         "Tensor? residual=None) -> Tensor");
 }
 

@@ -46,22 +46,6 @@ void attend_head(const float* q, const T* keys, const T* values, int64_t last, i
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
-// exp(x) of 8 lanes, x <= 0 (softmax's shifted scores): Cephes' expf polynomial, relative error < 2e-7;
-// below -87 it returns exp(-87) (~1.6e-38) rather than 0, nothing next to the top score's 1.
-inline __m256 exp_ps(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, ln 2 in two parts
-  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(c));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
-  const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n));
-}
-
 // The 8 lane sums of t[0..7], in one vector (lane j: the sum of t[j]'s lanes).
 inline __m256 transpose_sums(const __m256* t) {
   const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));
@@ -103,12 +87,12 @@ void attend_head<float>(const float* q, const float* keys, const float* values, 
   const __m256 shift = _mm256_set1_ps(m);
   __m256 total = _mm256_setzero_ps();
   for (p = 0; p + 8 <= n; p += 8) {
-    const __m256 w = exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + p), shift));
+    const __m256 w = llama_dist_cpu::exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + p), shift));
     _mm256_storeu_ps(scores + p, w);
     total = _mm256_add_ps(total, w);
   }
   for (; p < n; ++p) {  // the last few through the same vector exp, one lane used
-    const __m256 w = exp_ps(_mm256_set1_ps(scores[p] - m));
+    const __m256 w = llama_dist_cpu::exp_ps(_mm256_set1_ps(scores[p] - m));
     scores[p] = _mm256_cvtss_f32(w);
     total = _mm256_add_ps(total, _mm256_setr_ps(scores[p], 0, 0, 0, 0, 0, 0, 0));
   }

@@ -18,7 +18,7 @@ at::Tensor product(int64_t format, const at::Tensor& x, const at::Tensor& w, int
   switch (format) {
     case Q4_1: return llama_dist_cpu::q4_1_matmul(x, w, n, norm_weight, eps, gated, residual);
     case Q4_0: return llama_dist_cpu::q4_0_matmul(x, w, n, norm_weight, eps, gated, residual);
-    case Q8_0: return llama_dist_cpu::q8_0_matmul(x, w, norm_weight, eps, gated, residual);
+    case Q8_0: return llama_dist_cpu::q8_0_matmul(x, w, n, norm_weight, eps, gated, residual);
   }
   TORCH_CHECK(false, "decode_blocks: unknown weight format ", format);
 }

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ggml import BLOCK_TYPES, as_q4_1_rows, int4_groups_rows, q8_0
+from .ggml import BLOCK_TYPES, as_q4_1_rows, int4_groups_rows
 from .. import csrc
 from ..csrc import BLOCK
 
@@ -26,6 +26,7 @@ QUANT_TYPES = ("int8", "int4")
 Q4_1_BYTES = BLOCK_TYPES["Q4_1"][1]  # fp16 d, fp16 m, 16 bytes of nibbles: value = d * q + m
 Q4_0_BYTES = BLOCK_TYPES["Q4_0"][1]  # fp16 d, 16 bytes of nibbles: value = d * (q - 8)
 Q8_0_BYTES = BLOCK_TYPES["Q8_0"][1]  # fp16 d, 32 int8 values
+GROUP_ROWS = 16  # weight rows interleaved in a row group of the CPU kernels (csrc/block_matmul.cpp)
 
 
 BLOCK_FORMATS = ("q4_1", "q4_0", "q8_0")  # the C++ kernels' weight formats, by their codes in csrc/decode_step.cpp
@@ -168,25 +169,30 @@ class Int4Weight(QuantizedWeight):
 
 
 class Q8BlockWeight(QuantizedWeight):
-    """GGUF Q8_0 kept as stored: int8 with one fp16 scale per block of 32 inputs. CPU block kernel only."""
+    """GGUF Q8_0: int8 with one fp16 scale per block of 32 inputs, in the CPU kernel's row groups. CPU only."""
 
     def __init__(self, blocks: torch.Tensor):
         """blocks: GGUF Q8_0 rows [out, in / 32 * 34] (q8_0_blocks makes them from int8 and scales)."""
         super().__init__()
         self.out_features, self.in_features = blocks.shape[0], blocks.shape[1] // Q8_0_BYTES * BLOCK
-        self.register_buffer("blocks", blocks.contiguous())
+        self.register_buffer("blocks", q8_row_groups(blocks))
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the dequantized matrix: a Q8_0 embedding table looked up without expanding it."""
-        raw = self.blocks[ids]
-        return q8_0(raw.reshape(-1, Q8_0_BYTES)).reshape(*raw.shape[:-1], self.in_features)
+        flat, nb = ids.reshape(-1), self.in_features // BLOCK
+        groups = self.blocks.view(-1, nb, GROUP_ROWS * Q8_0_BYTES)[flat // GROUP_ROWS]  # [n, blocks, 544]
+        n, row = torch.arange(flat.numel()), flat % GROUP_ROWS
+        d = groups[..., :2 * GROUP_ROWS].view(len(flat), nb, GROUP_ROWS, 2)[n, :, row].view(torch.float16)
+        codes = groups[..., 2 * GROUP_ROWS:].view(len(flat), nb, BLOCK // 4, GROUP_ROWS, 4)[n, :, :, row]
+        values = (codes.reshape(len(flat), nb, BLOCK).to(torch.int16) - 128).float() * d.float()
+        return values.reshape(*ids.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks)
+        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks, self.out_features)
 
     def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
                residual: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks, norm_weight, eps, gated, residual)
+        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks, self.out_features, norm_weight, eps, gated, residual)
 
     def block_operands(self) -> tuple[int, torch.Tensor, int]:
         return BLOCK_FORMATS.index("q8_0"), self.blocks, self.out_features
@@ -206,14 +212,40 @@ def q4_row_groups(rows: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """GGUF Q4_1 (or Q4_0) rows -> row groups [ceil(out / 16), in / 32 * 16 * block_bytes] for the CPU kernel: per
     16 rows and block of 32 inputs, fp16 d[16], fp16 m[16] (Q4_1 only), then 256 bytes where byte 64c + 32h + 4j + t
     is row 8h + j's byte 4c + t (inputs 4c + t and 16 + 4c + t). Only bytes move."""
-    pad = -rows.shape[0] % 16  # zero rows fill the last group; the kernel drops their outputs
-    r = F.pad(rows, (0, 0, 0, pad))
-    groups, blocks, fields = r.shape[0] // 16, r.shape[1] // block_bytes, (block_bytes - 16) // 2
-    r = r.view(groups, 16, blocks, block_bytes)
-    head = r[..., :2 * fields].view(groups, 16, blocks, fields, 2).permute(0, 2, 3, 1, 4)  # [g, b, d|m, row, 2 bytes]
-    body = r[..., 2 * fields:].view(groups, 2, 8, blocks, 4, 4).permute(0, 3, 4, 1, 2, 5)  # [g, b, c, h, j, t]
-    return torch.cat([head.reshape(groups, blocks, 32 * fields), body.reshape(groups, blocks, 256)],
-                     dim=-1).reshape(groups, -1)
+    fields = (block_bytes - 16) // 2  # d, or d and m
+
+    def interleave(r: torch.Tensor) -> torch.Tensor:  # [groups, 16, blocks, block_bytes]
+        groups, _, blocks, _ = r.shape
+        head = r[..., :2 * fields].view(groups, GROUP_ROWS, blocks, fields, 2).permute(0, 2, 3, 1, 4)  # [g, b, d|m, j, 2]
+        body = r[..., 2 * fields:].view(groups, 2, 8, blocks, 4, 4).permute(0, 3, 4, 1, 2, 5)  # [g, b, c, h, j, t]
+        return torch.cat([head.reshape(groups, blocks, 32 * fields), body.reshape(groups, blocks, 256)], dim=-1)
+
+    return _row_groups(rows, block_bytes, interleave)
+
+
+def q8_row_groups(rows: torch.Tensor) -> torch.Tensor:
+    """GGUF Q8_0 rows -> row groups [ceil(out / 16), in / 32 * 16 * 34] for the CPU kernel: per 16 rows and block
+    of 32 inputs, fp16 d[16], then 512 bytes where byte 64s + 4j + t is row j's input 4s + t plus 128."""
+
+    def interleave(r: torch.Tensor) -> torch.Tensor:  # [groups, 16, blocks, 34]
+        groups, _, blocks, _ = r.shape
+        head = r[..., :2].permute(0, 2, 1, 3)  # [g, b, j, 2 bytes]
+        body = r[..., 2:].view(groups, GROUP_ROWS, blocks, 8, 4).permute(0, 2, 3, 1, 4) ^ 0x80  # [g, b, s, j, t]
+        return torch.cat([head.reshape(groups, blocks, 32), body.reshape(groups, blocks, 512)], dim=-1)
+
+    return _row_groups(rows, Q8_0_BYTES, interleave)
+
+
+def _row_groups(rows: torch.Tensor, block_bytes: int, interleave) -> torch.Tensor:
+    """GGUF rows, padded to whole groups of 16 (zero rows; the kernel drops their outputs), through
+    interleave([groups, 16, blocks, block_bytes]) 256 groups at a time, so the copies it makes stay small."""
+    r = F.pad(rows, (0, 0, 0, -rows.shape[0] % GROUP_ROWS)) if rows.shape[0] % GROUP_ROWS else rows
+    groups, blocks = r.shape[0] // GROUP_ROWS, r.shape[1] // block_bytes
+    out = torch.empty(groups, blocks * GROUP_ROWS * block_bytes, dtype=torch.uint8, device=rows.device)
+    for g in range(0, groups, 256):
+        chunk = r[g * GROUP_ROWS:(g + 256) * GROUP_ROWS].reshape(-1, GROUP_ROWS, blocks, block_bytes)
+        out[g:g + 256] = interleave(chunk).reshape(chunk.shape[0], -1)
+    return out
 
 
 def q8_0_blocks(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
