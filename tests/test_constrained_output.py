@@ -59,10 +59,10 @@ def test_json_schema_outputs_all_validate(server):
 
 def test_json_object_and_gbnf_grammar(server):
     c = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    obj = c.chat.completions.create(model="x", temperature=0.3, max_tokens=200, seed=1,
+    obj = c.chat.completions.create(model="x", temperature=0.0, max_tokens=200,
                                     messages=[{"role": "user", "content": "A JSON object, please."}],
                                     response_format={"type": "json_object"})
-    assert obj.choices[0].finish_reason == "stop"  # complete (seeded: the same answer every run)
+    assert obj.choices[0].finish_reason == "stop"  # complete (greedy: a sampled answer may run past the limit)
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
     grammar = 'root ::= ("yes" | "no") " because " [a-z ]{1,20} "."'
     for seed in range(4):
