@@ -199,3 +199,11 @@ def test_decode_attention_writes_the_cache_and_attends_over_the_rows_positions(h
     untouched = torch.ones(2, length, dtype=torch.bool)
     untouched[slots, pos] = False
     assert torch.equal(cache_k.transpose(1, 2)[untouched], before_k.transpose(1, 2)[untouched])
+
+
+def test_gated_fold_holds_for_gates_far_from_zero():
+    """The fold's SiLU uses a vector exp: gates of -200 (exp(200) overflows a float) to 50 give torch's silu."""
+    layer = Q8BlockWeight(q8_0_blocks(torch.randint(-127, 128, (16, 64), dtype=torch.int8), torch.full((16, 2), 0.01)))
+    gate_up = torch.tensor([[-200., -95., -89., -50., -1., 0., 1., 50.] * 8 + [0.5] * 64])
+    want = layer(torch.nn.functional.silu(gate_up[:, :64]) * 0.5)
+    assert ((layer.folded(gate_up, gated=True) - want).abs().max() / want.abs().max()).item() < 1e-3

@@ -18,10 +18,11 @@ inline float hsum(__m256 v) {  // the sum of the 8 lanes
   return _mm_cvtss_f32(s);
 }
 
-// exp(x) of 8 lanes: Cephes' expf polynomial, relative error < 2e-7; below -87 it returns exp(-87) (~1.6e-38)
-// rather than 0 or a denormal (nothing next to a softmax's top score of 1), above ~88 infinity.
+// exp(x) of 8 lanes: Cephes' expf polynomial, relative error < 2e-7; x is clamped to [-87, 88] (so 2^n stays a
+// normal float): below, exp(-87) ~ 1.6e-38 rather than 0 (nothing next to a softmax's top score of 1), above,
+// exp(88) ~ 1.7e38 (a SiLU's 1 / (1 + e^-x) is 0 either way).
 inline __m256 exp_ps(__m256 x) {
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.f)), _mm256_set1_ps(88.f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, ln 2 in two parts
