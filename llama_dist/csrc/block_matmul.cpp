@@ -112,7 +112,7 @@ inline __m256 eight_halves(const uint16_t* h) {  // 8 fp16 values as floats
 inline __m256 half_mins(const GroupQ4_1& g, int half, __m256) { return eight_halves(g.m + 8 * half); }
 inline __m256 half_mins(const GroupQ4_0&, int, __m256 d) { return _mm256_mul_ps(d, _mm256_set1_ps(-8.f)); }
 
-// q[s]: the codes of inputs 4s..4s+3 of rows 8 half .. 8 half + 7 (Q4: a block's nibbles; Q8: see below).
+// q[s]: a Q4 block's codes of inputs 4s..4s+3 of rows 8 half .. 8 half + 7 (dot_half reads Q8 codes row by row).
 template <typename Group>
 inline void half_codes(const Group& g, int half, __m256i* q) {
   const __m256i low = _mm256_set1_epi8(0x0F);

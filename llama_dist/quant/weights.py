@@ -4,15 +4,16 @@ int8: symmetric, one scale per output channel. int4: asymmetric, a scale and a z
 of `group_size` inputs, value = (q - 8) * scale + zero, q in 0..15, which is exactly the form of
 GGUF's Q4_0, Q4_1 and Q4_K blocks, so those load without requantization.
 
-Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks (8 rows interleaved) for our C++ block matmul
-with 8-bit activations (csrc/block_matmul.cpp), as GGUF's Q4_0 and Q8_0 tensors stay Q4_0 (8 rows interleaved)
-and Q8_0 blocks; without that
-kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
+Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks for our C++ block matmul with 8-bit activations
+(csrc/block_matmul.cpp), as GGUF's Q4_0 and Q8_0 tensors stay Q4_0 and Q8_0 blocks (each in row groups of 16
+rows interleaved); without that kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`). On CUDA int4 takes `_weight_int4pack_mm`, and int8 our Triton kernels
 (kernels/quant_matmul.py, installed over Int8Weight); elsewhere the matrix is dequantized on the fly.
 Quantization happens after sharding, on each rank's own slice.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +46,13 @@ class QuantizedWeight(nn.Module):
     def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
                residual: torch.Tensor | None = None) -> torch.Tensor | None:
         """residual + f(x) W^T in one call, f(x) being RMSNorm(x) * norm_weight, or silu(gate) * up of x = [gate, up],
-        or x: where this format's kernel folds those in (the CPU block kernels); None elsewhere."""
-        return None
+        or x: where this format's kernel folds those in (the CPU block kernels, block_operands); None elsewhere."""
+        operands = self.block_operands()
+        if operands is None:
+            return None
+        code, blocks, n = operands
+        matmul = getattr(torch.ops.llama_dist, f"{BLOCK_FORMATS[code]}_matmul")
+        return matmul(x, blocks, n, norm_weight, eps, gated, residual)
 
     def block_operands(self) -> tuple[int, torch.Tensor, int] | None:
         """(format code in BLOCK_FORMATS, blocks, out_features) where the CPU block kernels read this weight."""
@@ -121,7 +127,6 @@ class Int4Weight(QuantizedWeight):
         """Row groups for the CPU kernel of their format (csrc/block_matmul.cpp): "q4_1" or "q4_0"."""
         self.register_buffer("blocks", groups)
         self.block_format = block_format
-        self._matmul = getattr(torch.ops.llama_dist, f"{block_format}_matmul")
 
     @classmethod
     def from_gguf(cls, rows: torch.Tensor, type_name: str, act_dtype: torch.dtype) -> "Int4Weight":
@@ -147,7 +152,7 @@ class Int4Weight(QuantizedWeight):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.uses_blocks:
-            return self._matmul(x, self.blocks, self.out_features)
+            return self.folded(x)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.act_dtype)
         if self.device_type == "cpu":
@@ -157,12 +162,6 @@ class Int4Weight(QuantizedWeight):
         else:
             y = x2 @ self._dense().to(x2.dtype).t()
         return y.reshape(*shape[:-1], -1).to(x.dtype)
-
-    def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
-               residual: torch.Tensor | None = None) -> torch.Tensor | None:
-        if not self.uses_blocks:
-            return None
-        return self._matmul(x, self.blocks, self.out_features, norm_weight, eps, gated, residual)
 
     def block_operands(self) -> tuple[int, torch.Tensor, int] | None:
         return (BLOCK_FORMATS.index(self.block_format), self.blocks, self.out_features) if self.uses_blocks else None
@@ -180,19 +179,16 @@ class Q8BlockWeight(QuantizedWeight):
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """Rows of the dequantized matrix: a Q8_0 embedding table looked up without expanding it."""
         flat, nb = ids.reshape(-1), self.in_features // BLOCK
-        groups = self.blocks.view(-1, nb, GROUP_ROWS * Q8_0_BYTES)[flat // GROUP_ROWS]  # [n, blocks, 544]
-        n, row = torch.arange(flat.numel()), flat % GROUP_ROWS
-        d = groups[..., :2 * GROUP_ROWS].view(len(flat), nb, GROUP_ROWS, 2)[n, :, row].view(torch.float16)
-        codes = groups[..., 2 * GROUP_ROWS:].view(len(flat), nb, BLOCK // 4, GROUP_ROWS, 4)[n, :, :, row]
-        values = (codes.reshape(len(flat), nb, BLOCK).to(torch.int16) - 128).float() * d.float()
+        count, row = len(flat), flat % GROUP_ROWS
+        groups = self.blocks.view(-1, nb, GROUP_ROWS * Q8_0_BYTES)[flat // GROUP_ROWS]  # [count, blocks, 544]
+        each = torch.arange(count)
+        d = groups[..., :2 * GROUP_ROWS].view(count, nb, GROUP_ROWS, 2)[each, :, row].view(torch.float16)
+        codes = groups[..., 2 * GROUP_ROWS:].view(count, nb, BLOCK // 4, GROUP_ROWS, 4)[each, :, :, row]
+        values = (codes.reshape(count, nb, BLOCK).to(torch.int16) - 128).float() * d.float()
         return values.reshape(*ids.shape, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks, self.out_features)
-
-    def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
-               residual: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.llama_dist.q8_0_matmul(x, self.blocks, self.out_features, norm_weight, eps, gated, residual)
+        return self.folded(x)
 
     def block_operands(self) -> tuple[int, torch.Tensor, int]:
         return BLOCK_FORMATS.index("q8_0"), self.blocks, self.out_features
@@ -236,7 +232,8 @@ def q8_row_groups(rows: torch.Tensor) -> torch.Tensor:
     return _row_groups(rows, Q8_0_BYTES, interleave)
 
 
-def _row_groups(rows: torch.Tensor, block_bytes: int, interleave) -> torch.Tensor:
+def _row_groups(rows: torch.Tensor, block_bytes: int,
+                interleave: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """GGUF rows, padded to whole groups of 16 (zero rows; the kernel drops their outputs), through
     interleave([groups, 16, blocks, block_bytes]) 256 groups at a time, so the copies it makes stay small."""
     r = F.pad(rows, (0, 0, 0, -rows.shape[0] % GROUP_ROWS)) if rows.shape[0] % GROUP_ROWS else rows
