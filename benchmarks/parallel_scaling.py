@@ -7,8 +7,8 @@
 A layout is TP or TPxPP (ranks = TP x PP). Prints decode tokens/s per layout, the speed-up over the
 first, each run's fraction of its own bandwidth ceiling, and whether batch-1 greedy tokens are
 identical across layouts (the same random weights in every layout: RandomSource draws each full
-tensor from a seed, then slices it). Extra environment for every run: --env "LLAMA_DIST_SYMM_MEM=0"
-(A/B the one-shot all-reduce).
+tensor from a seed, then slices it). Extra environment for every run: --env "LLAMA_DIST_SYMM_MEM=0";
+for one run, after its layout: --layouts 1,2,2@LLAMA_DIST_SYMM_MEM=0 (an A/B in one call).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 GPU_DECODE = Path(__file__).resolve().parent / "gpu_decode.py"
@@ -28,13 +29,14 @@ def run_bench(layout: str, args: argparse.Namespace) -> dict:
     """One torchrun job of TP x PP ranks; its rank 0 writes the bench JSON into a fresh folder. A job past
     --timeout is killed; if its JSON was written (the work done, the exit stuck) it still counts."""
     with tempfile.TemporaryDirectory() as out:
-        env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env))
-        tp, pp = (int(n) for n in (layout.split("x") + ["1"])[:2])
+        shape, *own_env = layout.split("@")
+        env = dict(os.environ, **dict(kv.split("=", 1) for kv in args.env + own_env))
+        tp, pp = (int(n) for n in (shape.split("x") + ["1"])[:2])
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp * pp), str(GPU_DECODE),
                "--config", args.config, "--batches", f"({args.batches},)", "--steps", str(args.steps),
                "--hf", "False", "--quantize", args.quantize, "--pp", str(pp), "--compile", str(args.compile), "--out", out]
         cmd += ["--model", args.model] if args.model else []
-        log = Path(os.environ.get("OUT", out), f"{layout}_{Path(args.config).stem}.log")
+        log = Path(os.environ.get("OUT", out), f"{layout.replace('=', '-')}_{Path(args.config).stem}.log")
         with open(log, "w") as f:
             proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
             try:
@@ -43,10 +45,14 @@ def run_bench(layout: str, args: argparse.Namespace) -> dict:
                 os.killpg(proc.pid, signal.SIGKILL)
                 code = "timeout"
         files = list(Path(out).glob("bench_*.json"))
+        text = log.read_text()
         if not files:
-            errors = [line for line in log.read_text().splitlines() if "Error" in line or "error:" in line]
+            errors = [line for line in text.splitlines() if "Error" in line or "error:" in line]
             return {"layout": layout, "error": f"exit {code}", "log_errors": errors[-20:]}
-        return {"layout": layout, "exit": code, **json.loads(files[0].read_text())}
+        # how the ranks left: seconds from rank 0's result to the last exit, and whether any rank complained
+        quiet = "Traceback" not in text and "destroy_process_group" not in text
+        return {"layout": layout, "exit": code, "exit_after_s": round(time.time() - files[0].stat().st_mtime, 1),
+                "exit_quiet": quiet, **json.loads(files[0].read_text())}
 
 
 def main() -> None:
@@ -72,7 +78,7 @@ def main() -> None:
         if "error" in r:
             row.update((k, r[k]) for k in ("error", "log_errors"))
         else:
-            row.update(exit=r["exit"], device=r["device"], ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"],
+            row.update(exit=r["exit"], exit_after_s=r["exit_after_s"], exit_quiet=r["exit_quiet"], device=r["device"], ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"],
                        prefill_tok_s=r["prefill_tok_s"], weight_bytes_per_rank=r["weight_bytes_per_rank"])
             for b in args.batches.split(","):
                 key = f"decode_b{b}_tok_s"

@@ -98,6 +98,59 @@ def test_gemv_kernel_in_the_interpreter():
     run_interpreted(SCRIPT)
 
 
+PEER_SCRIPT = """
+import torch
+import torch.nn.functional as F
+from llama_dist.distributed.peer_memory import PeerSlots, PeerSum
+from llama_dist.kernels.gemv import gemv, load, peer_sum
+from llama_dist.quant.weights import int8_quantize
+assert load()
+g = torch.Generator().manual_seed(0)
+world, dim, hidden = 2, 96, 80  # dim is not a multiple of the interpreter's 64-wide tile
+# every rank's slots in this one process: the address table is what the ranks exchange on GPUs
+slots = [torch.full((2, world, dim), float("nan")) for _ in range(world)]
+counters = [torch.zeros(2, dtype=torch.int32) for _ in range(world)]
+peers = torch.tensor([(s.data_ptr(), c.data_ptr()) for s, c in zip(slots, counters)])
+ranks = [PeerSlots(r, world, slots[r], counters[r], peers, torch.zeros(1, dtype=torch.int32)) for r in range(world)]
+wo = [torch.randn(dim, 64, generator=g) for _ in range(world)]  # row-parallel: each rank's input columns
+w13 = [torch.randn(2 * hidden, dim, generator=g) for _ in range(world)]  # column-parallel: its output rows
+w2 = [int8_quantize(torch.randn(dim, hidden, generator=g)) for _ in range(world)]
+norm_weight = torch.rand(dim, generator=g) + 0.5
+for step in range(1, 4):  # counters keep growing; each step's sums are its own
+    x = torch.randn(1, 1, dim, generator=g)
+    attended = [torch.randn(1, 1, 64, generator=g) for _ in range(world)]
+    for peer in ranks:
+        peer.next_step()
+    h, out = PeerSum(ranks[0], 0), PeerSum(ranks[0], 1)
+    for r, peer in enumerate(ranks):  # the attention output's projection, rank 0 adding the residual
+        gemv(attended[r], wo[r], residual=x if r == 0 else None, into=PeerSum(peer, 0))
+    assert all(c.tolist() == [step * world * dim, (step - 1) * world * dim] for c in counters)  # every rank's rows
+    want_h = x + sum(a @ w.t() for a, w in zip(attended, wo))
+    normed = F.rms_norm(want_h, (dim,), norm_weight, 1e-5)
+    gate_up = [gemv(PeerSum(peer, 0), w13[r], norm_weight=norm_weight, eps=1e-5) for r, peer in enumerate(ranks)]
+    for r in range(world):
+        want = normed @ w13[r].t()
+        assert (gate_up[r] - want).abs().max() < 1e-4 * want.abs().max(), (step, r)
+    for r, peer in enumerate(ranks):  # the feed-forward's output, rank 0 adding h straight from the slots
+        q, s = w2[r]
+        gemv(gate_up[r], q, s, gated=True, residual=PeerSum(peer, 0) if r == 0 else None, into=PeerSum(peer, 1))
+    want = want_h + sum(F.silu(gu[..., :hidden]) * gu[..., hidden:] @ (q.float() * s[:, None]).t()
+                        for gu, (q, s) in zip(gate_up, w2))
+    for peer in ranks:
+        got = peer_sum(PeerSum(peer, 1))
+        assert got.shape == (1, 1, dim) and (got - want).abs().max() < 1e-4 * want.abs().max(), step
+    assert all(c.tolist() == [step * world * dim] * 2 for c in counters)
+print("ok")
+"""
+
+
+def test_kernels_sum_partial_products_through_peer_slots():
+    """Two ranks' partial products summed by the kernels that read them (peer_memory.py's protocol), in one
+    process: each rank's product lands in every rank's slots and is counted there; the next kernels read the
+    sum as their (normalised) input or residual; three steps through the same slots."""
+    run_interpreted(PEER_SCRIPT)
+
+
 PACKED_SCRIPT = """
 import torch
 import torch.nn.functional as F

@@ -12,6 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
+from . import peer_memory
+from .peer_memory import PeerSlots
+
 _ONE_SHOT_BUFFERS: dict[str, torch.Tensor] = {}  # group name -> its symmetric-memory staging buffer
 
 
@@ -68,6 +71,11 @@ class Communicator:
         """Let compiled graphs run all-reduces of up to `numel` elements by a faster route, where the
         transport has one."""
         return False
+
+    def peer_slots(self, sites: int, dim: int, dtype: torch.dtype, device: torch.device) -> PeerSlots | None:
+        """Slots the ranks write each other's partial sums into (peer_memory.py), where the transport has
+        them; None elsewhere. Every rank calls this at once."""
+        return None
 
 
 class TorchCommunicator(Communicator):
@@ -159,3 +167,20 @@ class TorchCommunicator(Communicator):
             return False
         self._one_shot = (numel, dtype)
         return True
+
+    def peer_slots(self, sites: int, dim: int, dtype: torch.dtype, device: torch.device) -> PeerSlots | None:
+        """NCCL on GPUs of one host with symmetric memory. The ranks agree before anyone uses them: a rank
+        reading slots that another never writes would wait for ever."""
+        group = self.group or dist.group.WORLD
+        if device.type != "cuda" or dist.get_backend(group) != "nccl":
+            return None
+        try:
+            peer = peer_memory.allocate(group.group_name, self.rank, self.world_size, sites, dim, dtype, device)
+        except Exception as e:  # old PyTorch, GPUs without peer access
+            peer = None
+            if self.rank == 0:
+                print(f"llama-dist: peer slots unavailable ({e}); all-reducing between kernels", flush=True)
+        everyone = torch.tensor([peer is not None], dtype=torch.int32, device=device)
+        with self._guard():
+            dist.all_reduce(everyone, dist.ReduceOp.MIN, group=self.group)  # also the barrier after zeroing
+        return peer if bool(everyone.item()) else None

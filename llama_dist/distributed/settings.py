@@ -4,7 +4,8 @@
     LLAMA_DIST_HEARTBEAT_TIMEOUT  seconds a rank on another machine may stay silent before it is dead (10)
     LLAMA_DIST_GEMV=0             CUDA: no Triton one-row matmul kernel (norm/SwiGLU/residual folded in)
     LLAMA_DIST_ATTENTION=0        CUDA: no Triton decode-attention kernel (SDPA instead)
-    LLAMA_DIST_SYMM_MEM=0         CUDA graphs all-reduce through NCCL instead of a symmetric-memory one-shot
+    LLAMA_DIST_SYMM_MEM=0         CUDA, tensor-parallel: all-reduces through NCCL, not in-kernel sums through peer
+                                  slots (one row) or a symmetric-memory one-shot (compiled graphs)
     LLAMA_DIST_CPU_KERNELS=0|avx2|scalar  CPUs: no C++ kernels, or their AVX2 build (not AVX-512 VNNI), or their
                                   portable (plain C++) build
 

@@ -17,8 +17,9 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
   embedding (with the cache write) as one Triton kernel each (rows.py), not PyTorch's six, three and two
   dozen; packed prompt chunks attend in one Triton kernel (packed_attention.py, where it loads), not an
   SDPA call each, so a prompt pass can be replayed from a CUDA graph (runner/graphs.py).
-- symm_mem: compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the
-  communicator for it).
+- symm_mem: tensor-parallel ranks decoding one row through the one-row kernels sum their partial products in
+  those kernels, through peer slots in symmetric memory (PeerReducedTransformer), not by all-reduces between
+  them; compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the communicator).
 - quantized: int8 weights multiply through our Triton kernels (one row, and a batch's few rows on tensor
   cores, converting the weights in registers: quant_matmul.py) instead of a converted copy each call; off
   with the matmul kernel's setting (LLAMA_DIST_GEMV=0).
@@ -36,7 +37,7 @@ from ..parallel.layers import ShardedWeight
 from ..quant.weights import Int8Weight
 from . import decode_attention, gemv, packed_attention, quant_matmul, rows
 from .fused import (CppDecodeTransformer, CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear,
-                    TritonPromptAttention)
+                    PeerReducedTransformer, TritonPromptAttention)
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "cpp", "triton")
 
@@ -99,6 +100,10 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
             weight = layer.qweight if isinstance(layer, ShardedWeight) else None
             if type(weight) is Int8Weight:  # (a tied one is seen twice)
                 _specialise(weight, quant_matmul.TritonInt8Weight)
+    if kernels.symm_mem and kernels.gemv and not on_cpu and PeerReducedTransformer.runs(model):
+        peer = model.comm.peer_slots(2 * len(model.layers), model.args.dim, model.act_dtype, model.device)
+        if peer is not None:
+            _specialise(model, PeerReducedTransformer).configure(peer)
     return model
 
 

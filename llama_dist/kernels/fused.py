@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..distributed.peer_memory import PeerSlots, PeerSum
 from ..model.transformer import Attention, Packed, RMSNorm, Slots, Transformer, TransformerBlock, cache_rows
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
 from . import decode_attention, gemv, packed_attention, rows
@@ -61,22 +62,24 @@ def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return (scores.softmax(-1) @ values.float()).type_as(q)
 
 
-def fused_linear(layer: ShardedWeight, x: torch.Tensor, use_gemv: bool, norm: RMSNorm | None = None,
-                 gated: bool = False, residual: torch.Tensor | None = None,
-                 row_kernels: bool = False) -> torch.Tensor:
+def fused_linear(layer: ShardedWeight, x: torch.Tensor | PeerSum, use_gemv: bool, norm: RMSNorm | None = None,
+                 gated: bool = False, residual: torch.Tensor | PeerSum | None = None,
+                 row_kernels: bool = False, into: PeerSum | None = None) -> torch.Tensor | PeerSum:
     """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when gated):
     in one kernel where one reads the weight (on CUDA the one-row Triton kernel, for one row; on CPUs the C++
     block kernels, for any rows), else step by step (the norm and SwiGLU in a Triton kernel each with
-    row_kernels)."""
+    row_kernels). Sums still in peer slots (x, residual) and `into` take the one-row kernel, which reads and
+    writes them (PeerReducedTransformer.runs checks that every projection has it)."""
     fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
-    if use_gemv and gemv.on_cpp_kernels(x.device):
+    peers = isinstance(x, PeerSum) or isinstance(residual, PeerSum) or into is not None
+    if use_gemv and not peers and gemv.on_cpp_kernels(x.device):
         y = None if layer.qweight is None else layer.qweight.folded(x, gated=gated, residual=residual, **fold)
         if y is not None:
             return y
-    elif use_gemv and x.numel() == x.shape[-1]:
+    elif use_gemv and (peers or x.numel() == x.shape[-1]):
         operands = (layer.weight, None) if layer.qweight is None else layer.qweight.gemv_operands()
         if operands is not None:
-            return gemv.gemv(x, *operands, gated=gated, residual=residual, **fold)
+            return gemv.gemv(x, *operands, gated=gated, residual=residual, into=into, **fold)
     if norm is not None:
         x = rows.rms_norm(x, norm.weight, norm.eps) if row_kernels else norm(x)
     if gated:
@@ -114,23 +117,61 @@ class FusedTransformerBlock(TransformerBlock):
             normed = rows.rms_norm(x, self.attention_norm.weight, self.attention_norm.eps)
             h = x + attention.wo(attention.cached_attention(attention.wqkv(normed), pos, rope, mask, slots, length))
             return h + ffn.w2(rows.silu_mul(ffn.w13(rows.rms_norm(h, self.ffn_norm.weight, self.ffn_norm.eps))))
+        return self.decode(x, pos, rope, mask, slots, length)
+
+    def decode(self, x: torch.Tensor | PeerSum, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+               slots: Slots, length: int, peer: PeerSlots | None = None,
+               sites: tuple[int, int] = (0, 1)) -> torch.Tensor | PeerSum:
+        """One token per row. With peer slots (one row; PeerReducedTransformer) the two row-parallel products
+        go to the slots of `sites` instead of through all-reduces, and x may be such a sum."""
+        attention, ffn = self.attention, self.feed_forward
         qkv = fused_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
         if self.attention_kernel:  # one token per row: its mask is always "up to pos"
-            cache_row = cache_rows(slots, x.shape[0], x.device)
+            cache_row = cache_rows(slots, qkv.shape[0], qkv.device)
             out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, cache_row,
                                                     pos[:, 0], attention.n_rep)
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
-        h = self._reduce(attention.wo, out, residual=x)
+        into = (None, None) if peer is None else (PeerSum(peer, sites[0]), PeerSum(peer, sites[1]))
+        h = self._reduce(attention.wo, out, residual=x, into=into[0])
         gate_up = fused_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm, row_kernels=self.row_kernels)
-        return self._reduce(ffn.w2, gate_up, gated=True, residual=h)
+        return self._reduce(ffn.w2, gate_up, gated=True, residual=h, into=into[1])
 
-    def _reduce(self, layer: RowParallelLinear, x: torch.Tensor, residual: torch.Tensor,
-                gated: bool = False) -> torch.Tensor:
-        """residual + the row-parallel layer's product, summed over the ranks."""
+    def _reduce(self, layer: RowParallelLinear, x: torch.Tensor, residual: torch.Tensor | PeerSum,
+                gated: bool = False, into: PeerSum | None = None) -> torch.Tensor | PeerSum:
+        """residual + the row-parallel layer's product, summed over the ranks (in the kernels that read it, when
+        it goes `into` peer slots)."""
         mine = residual if layer.comm.rank == 0 else None
-        return layer.comm.all_reduce(fused_linear(layer, x, self.use_gemv, gated=gated, residual=mine,
-                                                  row_kernels=self.row_kernels))
+        y = fused_linear(layer, x, self.use_gemv, gated=gated, residual=mine, row_kernels=self.row_kernels,
+                         into=into)
+        return y if into is not None else layer.comm.all_reduce(y)
+
+
+class PeerReducedTransformer(Transformer):
+    """Tensor-parallel ranks on GPUs of one host decoding one row: each block's two row-parallel products leave
+    their parts in peer slots (distributed/peer_memory.py) and the kernel that reads the sum next adds them, so a
+    layer runs the five kernels it runs in one process, with no all-reduce between them. Batches, prompts and
+    compiled steps keep the all-reduces."""
+
+    def configure(self, peer: PeerSlots) -> None:
+        self.peer = peer
+
+    @staticmethod
+    def runs(model: Transformer) -> bool:
+        """Whether every block is a fused one whose projections all take the one-row kernel."""
+        return model.comm.world_size > 1 and all(
+            isinstance(b, FusedTransformerBlock) and b.use_gemv
+            and all(p.qweight is None or p.qweight.gemv_operands() is not None for p in _projections(b))
+            for b in model.layers.values())
+
+    def run_layers(self, h: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
+                   slots: Slots, length: int) -> torch.Tensor:
+        if h.shape[:2] != (1, 1) or isinstance(slots, Packed) or torch.compiler.is_compiling():
+            return super().run_layers(h, pos, rope, mask, slots, length)
+        self.peer.next_step()
+        for i, block in enumerate(self.layers.values()):
+            h = block.decode(h, pos, rope, mask, slots, length, self.peer, (2 * i, 2 * i + 1))
+        return gemv.peer_sum(h)
 
 
 class CppDecodeTransformer(Transformer):

@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from ..distributed.peer_memory import PeerSum
+
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: how CI checks our kernels
 
 
@@ -52,16 +54,40 @@ def load() -> bool:
     return True
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None = None, *,
+def gemv(x: torch.Tensor | PeerSum, w: torch.Tensor, scales: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
-         residual: torch.Tensor | None = None) -> torch.Tensor:
+         residual: torch.Tensor | PeerSum | None = None, into: PeerSum | None = None) -> torch.Tensor | PeerSum:
     """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W.
 
     norm_weight: RMS-normalise x first (with eps); gated: x is [gate, up] and the input silu(gate) * up;
-    residual [..., out]: added to the result."""
+    residual [..., out]: added to the result. Across tensor-parallel ranks (distributed/peer_memory.py), x and
+    residual may be sums still in peer slots, and `into` sends this rank's part of the result to the slots of a
+    site (returned as the sum it will be)."""
+    peer = next((p.peer for p in (x, residual, into) if isinstance(p, PeerSum)), None)
+    if peer is not None:
+        from .gemv_triton import gemv_peers
+
+        y = gemv_peers(_row(x), w, scales, norm_weight, _row(residual), eps, gated, peer, _site(x),
+                       _site(residual), _site(into), peer.slots.dtype)
+        return into if into is not None else y.reshape(1, 1, -1)
     flat = x.reshape(1, -1)
     y = torch.ops.llama_dist.gemv(
         flat, w, flat if scales is None else scales, flat if norm_weight is None else norm_weight,
         flat if residual is None else residual.reshape(1, -1), eps,
         scales is not None, norm_weight is not None, gated, residual is not None)
     return y.reshape(*x.shape[:-1], -1)
+
+
+def _row(value: torch.Tensor | PeerSum | None) -> torch.Tensor | None:
+    return value.reshape(1, -1) if isinstance(value, torch.Tensor) else None
+
+
+def _site(value: torch.Tensor | PeerSum | None) -> int | None:
+    return value.site if isinstance(value, PeerSum) else None
+
+
+def peer_sum(value: PeerSum) -> torch.Tensor:
+    """The sum as a tensor [1, 1, dim], once every rank's part has arrived."""
+    from .gemv_triton import peer_sum as sum_slots
+
+    return sum_slots(value.peer, value.site).reshape(1, 1, -1)

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..distributed.peer_memory import PeerSlots
 from .gemv import INTERPRETED
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -21,20 +22,52 @@ def _exact_float(v):
 
 
 @triton.jit
+def _peer_sum(peer_slots_ptr, site, offsets, mask, DIM, WORLD: tl.constexpr):
+    """A site's values at `offsets`: its slots summed in rank order (read from L2, where the peers' writes land)."""
+    base = peer_slots_ptr + site * WORLD * DIM
+    total = tl.load(base + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    for r in tl.static_range(1, WORLD):
+        total += tl.load(base + r * DIM + offsets, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+    return total
+
+
+@triton.jit
+def _wait_for_site(counters_ptr, epoch_ptr, site, DIM, WORLD: tl.constexpr):
+    """Spin until every rank's rows of this step have arrived at the site (peer_memory.py's protocol)."""
+    target = tl.load(epoch_ptr) * (WORLD * DIM)
+    seen = tl.load(counters_ptr + site, volatile=True)
+    while seen != target:
+        seen = tl.load(counters_ptr + site, volatile=True)
+    tl.atomic_add(counters_ptr + site, 0, sem="acquire", scope="sys")  # the slots' loads come after it
+    tl.debug_barrier()
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
+                 slots_ptr, counters_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
                  SCALED: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
+                 WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED. NORM: x is RMS-normalised
-    with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r."""
+    with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r.
+
+    Peer slots (WORLD ranks; peer_memory.py): X_SLOTS: x is site x_site's sum (waited for); R_SLOTS: r is site
+    r_site's sum (an earlier kernel of this rank waited for it); Y_SLOTS: y goes to slot `rank` of site y_site on
+    every rank, and the rows written are counted there."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
+    if X_SLOTS:
+        _wait_for_site(counters_ptr, epoch_ptr, x_site, K, WORLD)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < K)[None, :]
         w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        if X_SLOTS:
+            x = _peer_sum(slots_ptr, x_site, cols, cols < K, K, WORLD)
+        else:
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         if GATED:
             up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
             x = x * tl.sigmoid(x) * up
@@ -47,9 +80,32 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
         y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
     if SCALED:
         y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    if RESIDUAL:
+    if R_SLOTS:
+        y = y + _peer_sum(slots_ptr, r_site, rows, row_ok, N, WORLD)
+    elif RESIDUAL:
         y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    if Y_SLOTS:
+        part = y.to(slots_ptr.dtype.element_ty)
+        for r in tl.static_range(WORLD):
+            slots = tl.load(peers_ptr + 2 * r).to(tl.pointer_type(slots_ptr.dtype.element_ty))
+            tl.store(slots + (y_site * WORLD + rank) * N + rows, part, mask=row_ok)
+        tl.debug_barrier()  # every thread's writes before the count that publishes them
+        written = tl.minimum(N - tl.program_id(0) * BLOCK_N, BLOCK_N)
+        for r in tl.static_range(WORLD):
+            counters = tl.load(peers_ptr + 2 * r + 1).to(tl.pointer_type(tl.int32))
+            tl.atomic_add(counters + y_site, written, sem="release", scope="sys")
+    else:
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+
+@triton.jit
+def _peer_sum_kernel(slots_ptr, counters_ptr, epoch_ptr, y_ptr, site, DIM, WORLD: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    """y = a site's sum, once it has arrived (the hidden state after a stage's last block)."""
+    _wait_for_site(counters_ptr, epoch_ptr, site, DIM, WORLD)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = _peer_sum(slots_ptr, site, cols, cols < DIM, DIM, WORLD)
+    tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=cols < DIM)
 
 
 if INTERPRETED:  # the interpreter cannot time configs: one tile
@@ -67,6 +123,60 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     n, k = w.shape
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, w, scales, norm_weight, residual, y, n, k, eps,
-        SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, **_FIXED)
+        x, w, scales, norm_weight, residual, y, n, k, eps, x, x, x, x, 0, 0, 0, 0,
+        SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
+        Y_SLOTS=False, **_FIXED)
+    return y
+
+
+_TILES: dict[tuple, dict] = {}  # (n, k, flags, dtypes) -> the plain kernel's tuned tile, for peer-slot launches
+
+
+def _tile(w: torch.Tensor, k_in: int, dtype: torch.dtype, scaled: bool, norm: bool, gated: bool,
+          add: bool) -> dict:
+    """The tile the autotuner picks for the plain kernel of this shape. A kernel that writes peers' slots must
+    run exactly once per step, so it cannot be timed itself; the plain one is tuned here on scratch data."""
+    if INTERPRETED:
+        return dict(_FIXED)
+    n, k = w.shape
+    key = (n, k, w.dtype, dtype, scaled, norm, gated, add)
+    if key not in _TILES:
+        scratch = torch.zeros(n + k_in, dtype=dtype, device=w.device)
+        gemv_op(scratch[None, :k_in], w, scratch[:n].float(), scratch[:k], scratch[None, :n], 1e-5,
+                scaled, norm, gated, add)
+        config = _gemv.best_config
+        _TILES[key] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+    return _TILES[key]
+
+
+def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | None,
+               norm_weight: torch.Tensor | None, residual: torch.Tensor | None, eps: float, gated: bool,
+               peer: PeerSlots, x_site: int | None, r_site: int | None, y_site: int | None,
+               dtype: torch.dtype) -> torch.Tensor | None:
+    """gemv_op with peer slots for any of its input (x_site), residual (r_site) and output (y_site); x and
+    residual are None where read from slots. Returns y [1, out], or None when it went to the slots. Not an op:
+    a compiled step all-reduces between kernels instead (its tuning and recording cannot run this)."""
+    n, k = w.shape
+    stand_in = peer.slots  # any tensor, for the pointers a flag leaves unused
+    add = residual is not None or r_site is not None
+    tile = _tile(w, 2 * k if gated else k, dtype, scales is not None, norm_weight is not None, gated, add)
+    y = torch.empty((1, n), dtype=dtype, device=w.device) if y_site is None else None
+    _gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
+        stand_in if x is None else x, w, stand_in if scales is None else scales,
+        stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,
+        stand_in if y is None else y, n, k, eps, peer.slots, peer.counters, peer.peers, peer.epoch,
+        x_site or 0, r_site or 0, y_site or 0, peer.rank,
+        SCALED=scales is not None, NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
+        WORLD=peer.world_size, X_SLOTS=x_site is not None, R_SLOTS=r_site is not None,
+        Y_SLOTS=y_site is not None, **tile)
+    return y
+
+
+def peer_sum(peer: PeerSlots, site: int) -> torch.Tensor:
+    """A site's sum as a tensor [1, dim], once every rank's part has arrived."""
+    dim = peer.slots.shape[-1]
+    y = torch.empty((1, dim), dtype=peer.slots.dtype, device=peer.slots.device)
+    block = 1024
+    _peer_sum_kernel[(triton.cdiv(dim, block),)](peer.slots, peer.counters, peer.epoch, y, site, dim,
+                                                 WORLD=peer.world_size, BLOCK=block)
     return y
