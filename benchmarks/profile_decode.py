@@ -1,7 +1,8 @@
-"""Where a compiled decode step's time goes: the host's time to issue a step, the GPU's busy time, the wall time.
+"""Where a decode step's time goes (compiled, or with --compile False the CUDA-graphed step): the host's time to
+issue a step, the GPU's busy time, the wall time.
 
-    python benchmarks/profile_decode.py --config llama-2-7b [--steps 32]
-    torchrun --nproc_per_node 2 benchmarks/profile_decode.py --config llama-2-7b
+    python benchmarks/profile_decode.py --config llama-2-7b [--steps 32] [--compile False]
+    torchrun --nproc_per_node 2 benchmarks/profile_decode.py --config llama-2-7b [--tag nccl]
 
 Prints per token: wall ms, host ms to issue one step (the call returns before the GPU finishes), GPU kernel
 ms (summed over kernels) and the top kernels. GPU time near the wall time: the kernels are the cost (set their
@@ -28,10 +29,10 @@ from llama_dist.generation.llama import load_runner  # noqa: E402
 from llama_dist.model.args import ModelArgs  # noqa: E402
 
 
-def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12) -> None:
+def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bool = True, tag: str = "") -> None:
     ctx = init_distributed("auto")
     source = RandomSource(ModelArgs.from_params_json(CONFIGS / f"{config}.json"), ctx.device)
-    runner = load_runner(source, ctx, LoadConfig(dtype="bfloat16", n_ctx=1024, max_batch_size=1, compile=True),
+    runner = load_runner(source, ctx, LoadConfig(dtype="bfloat16", n_ctx=1024, max_batch_size=1, compile=compile),
                          progress=False)
     decode = runner.decode
     token, pos = torch.zeros(1, 1, dtype=torch.long, device=ctx.device), 16
@@ -62,7 +63,7 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12) -> None:
             kernels[event.name][1] += 1 / steps
     gpu_ms = sum(us for us, _ in kernels.values()) / 1e3
     device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
-    result = {"config": config, "tp": ctx.tp_size, "device": device,
+    result = {"config": config, "tp": ctx.tp_size, "compile": compile, "tag": tag, "device": device,
               "wall_ms_per_token": wall * 1e3, "host_issue_ms_per_token": issue / steps * 1e3,
               "gpu_kernel_ms_per_token": gpu_ms, "kernels_per_token": sum(n for _, n in kernels.values()),
               "top_kernels": [{"name": name[:90], "us_per_token": round(us, 1), "calls_per_token": round(n, 1)}
@@ -70,7 +71,7 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12) -> None:
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"profile_{config}_tp{ctx.tp_size}.json").write_text(json.dumps(result, indent=1))
+            Path(os.environ["OUT"], f"profile_{config}_tp{ctx.tp_size}{tag and '_' + tag}.json").write_text(json.dumps(result, indent=1))
     ctx.shutdown()
 
 

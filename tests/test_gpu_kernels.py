@@ -111,7 +111,8 @@ world, dim, hidden = 2, 96, 80  # dim is not a multiple of the interpreter's 64-
 slots = [torch.full((2, world, dim), float("nan")) for _ in range(world)]
 counters = [torch.zeros(2, dtype=torch.int32) for _ in range(world)]
 peers = torch.tensor([(s.data_ptr(), c.data_ptr()) for s, c in zip(slots, counters)])
-ranks = [PeerSlots(r, world, slots[r], counters[r], peers, torch.zeros(1, dtype=torch.int32)) for r in range(world)]
+ranks = [PeerSlots(r, world, slots[r], counters[r], torch.zeros(2, dtype=torch.int32), peers,
+                   torch.zeros(1, dtype=torch.int32)) for r in range(world)]
 wo = [torch.randn(dim, 64, generator=g) for _ in range(world)]  # row-parallel: each rank's input columns
 w13 = [torch.randn(2 * hidden, dim, generator=g) for _ in range(world)]  # column-parallel: its output rows
 w2 = [int8_quantize(torch.randn(dim, hidden, generator=g)) for _ in range(world)]
@@ -124,7 +125,7 @@ for step in range(1, 4):  # counters keep growing; each step's sums are its own
     h, out = PeerSum(ranks[0], 0), PeerSum(ranks[0], 1)
     for r, peer in enumerate(ranks):  # the attention output's projection, rank 0 adding the residual
         gemv(attended[r], wo[r], residual=x if r == 0 else None, into=PeerSum(peer, 0))
-    assert all(c.tolist() == [step * world * dim, (step - 1) * world * dim] for c in counters)  # every rank's rows
+    assert all(c.tolist() == [step * world, (step - 1) * world] for c in counters)  # every rank's signal
     want_h = x + sum(a @ w.t() for a, w in zip(attended, wo))
     normed = F.rms_norm(want_h, (dim,), norm_weight, 1e-5)
     gate_up = [gemv(PeerSum(peer, 0), w13[r], norm_weight=norm_weight, eps=1e-5) for r, peer in enumerate(ranks)]
@@ -139,7 +140,8 @@ for step in range(1, 4):  # counters keep growing; each step's sums are its own
     for peer in ranks:
         got = peer_sum(PeerSum(peer, 1))
         assert got.shape == (1, 1, dim) and (got - want).abs().max() < 1e-4 * want.abs().max(), step
-    assert all(c.tolist() == [step * world * dim] * 2 for c in counters)
+    assert all(c.tolist() == [step * world] * 2 for c in counters)
+    assert all(p.arrivals.tolist() == [0, 0] for p in ranks)
 print("ok")
 """
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+import weakref
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -18,6 +19,14 @@ from .rendezvous import rendezvous
 from .settings import read_settings
 
 BACKENDS = ("auto", "nccl", "gloo", "mpi")
+
+_GRAPHS: weakref.WeakSet = weakref.WeakSet()  # CUDA graphs alive, freed at shutdown before the process group
+
+
+def free_at_shutdown(graph: torch.cuda.CUDAGraph) -> None:
+    """A captured CUDA graph that may hold NCCL kernels: shutdown frees it before destroying the process group,
+    which otherwise waits for ever on the communicators the graph keeps busy (pytorch#115388)."""
+    _GRAPHS.add(graph)
 
 
 @dataclass
@@ -66,7 +75,9 @@ class ParallelContext:
             self.comm.barrier()
             if self.device.type == "cuda":  # CUDA graphs that captured NCCL kernels keep its communicators
                 torch.cuda.synchronize(self.device)  # busy: destroying them first would hang (pytorch#115388)
-                # only where graphs were made: importing inductor from an exit hook raises "can't register
+                for graph in list(_GRAPHS):
+                    graph.reset()
+                # only where graphs were compiled: importing inductor from an exit hook raises "can't register
                 # atexit after shutdown"
                 trees = sys.modules.get("torch._inductor.cudagraph_trees")
                 if trees is not None:

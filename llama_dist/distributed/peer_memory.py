@@ -4,10 +4,12 @@ row-parallel product is summed by the kernel that reads it next (kernels/gemv.py
 between the two: a layer runs the kernels it runs in one process, with no collective's launch or barrier.
 
 The protocol, per site (one row-parallel product of a decode step, two per layer):
-- the producer kernel on rank r writes its partial sums into slot r of the site on every rank, then adds the
-  number of rows it wrote to every rank's counter of the site (a release at system scope, after the writes);
-- a kernel reading the site waits until its own counter reaches epoch x world x dim (every rank's rows of
-  this step), then sums the slots in rank order, so every rank gets the same values.
+- each program of the producer kernel on rank r writes its rows of partial sums into slot r of the site on
+  every rank and counts itself in `arrivals` (a release at system scope: its writes are seen first); the last
+  to arrive adds one to every rank's counter of the site (one signal per rank: a signal per program would
+  queue at one address);
+- a kernel reading the site waits until its own counter reaches epoch x world (every rank's part of this
+  step), then sums the slots in rank order, so every rank gets the same values.
 `epoch` counts the steps taken this way; each step adds one before its first kernel. Counters only grow
 (wrapping at 2^32, which the equality test survives), so nothing is reset between steps. A slot is not
 written again before every rank has read it: the next step's writer of site s has waited, at site s - 1, for
@@ -23,12 +25,14 @@ import torch
 @dataclass(frozen=True)
 class PeerSlots:
     """This rank's view of the group's slots: `slots` [sites, world, dim] and `counters` [sites] (int32) live
-    here; `peers` [world, 2] (int64) holds each rank's slots and counters addresses, this rank's included."""
+    here; `peers` [world, 2] (int64) holds each rank's slots and counters addresses, this rank's included;
+    `arrivals` [sites] (int32, zeros) counts this rank's producer programs."""
 
     rank: int
     world_size: int
     slots: torch.Tensor
     counters: torch.Tensor
+    arrivals: torch.Tensor
     peers: torch.Tensor
     epoch: torch.Tensor  # [1] int32
 
@@ -65,6 +69,7 @@ def allocate(group_name: str, rank: int, world_size: int, sites: int, dim: int, 
     return PeerSlots(rank, world_size,
                      slots=buffer[counter_bytes:].view(dtype).view(sites, world_size, dim),
                      counters=buffer[:4 * sites].view(torch.int32),
+                     arrivals=torch.zeros(sites, dtype=torch.int32, device=device),
                      peers=torch.tensor([(base + counter_bytes, base) for base in handle.buffer_ptrs],
                                         dtype=torch.int64, device=device),
                      epoch=torch.zeros(1, dtype=torch.int32, device=device))

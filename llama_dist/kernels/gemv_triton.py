@@ -31,20 +31,45 @@ def _peer_sum(peer_slots_ptr, site, offsets, mask, DIM, WORLD: tl.constexpr):
     return total
 
 
+_ACQUIRE_ASM = tl.constexpr(not INTERPRETED)  # the interpreter runs no PTX
+
+
 @triton.jit
-def _wait_for_site(counters_ptr, epoch_ptr, site, DIM, WORLD: tl.constexpr):
-    """Spin until every rank's rows of this step have arrived at the site (peer_memory.py's protocol)."""
-    target = tl.load(epoch_ptr) * (WORLD * DIM)
-    seen = tl.load(counters_ptr + site, volatile=True)
+def _load_acquire(ptr):
+    """*ptr, with later loads ordered after it at system scope (what sees the peers' writes)."""
+    if _ACQUIRE_ASM:
+        value = tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [ptr + tl.zeros([1], tl.int32)],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+        return tl.max(value, axis=0)
+    return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
+
+
+@triton.jit
+def _wait_for_site(counters_ptr, epoch_ptr, site, WORLD: tl.constexpr):
+    """Spin until every rank has published this step's part of the site (peer_memory.py's protocol)."""
+    target = tl.load(epoch_ptr) * WORLD
+    seen = _load_acquire(counters_ptr + site)
     while seen != target:
-        seen = tl.load(counters_ptr + site, volatile=True)
-    tl.atomic_add(counters_ptr + site, 0, sem="acquire", scope="sys")  # the slots' loads come after it
+        seen = _load_acquire(counters_ptr + site)
     tl.debug_barrier()
 
 
 @triton.jit
+def _publish(peers_ptr, arrivals_ptr, site, WORLD: tl.constexpr):
+    """After this program's writes to the slots: count it here, and the last of the launch tells every rank
+    (one signal per rank and step, not one per program: those would queue at one address)."""
+    tl.debug_barrier()  # every thread's writes before the count
+    ticket = tl.atomic_add(arrivals_ptr + site, 1, sem="acq_rel", scope="sys")
+    if ticket == tl.num_programs(0) - 1:
+        tl.atomic_xchg(arrivals_ptr + site, 0, sem="relaxed", scope="gpu")  # the next launch counts from 0
+        for r in tl.static_range(WORLD):
+            counters = tl.load(peers_ptr + 2 * r + 1).to(tl.pointer_type(tl.int32))
+            tl.atomic_add(counters + site, 1, sem="release", scope="sys")
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
-                 slots_ptr, counters_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
+                 slots_ptr, counters_ptr, arrivals_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
                  SCALED: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
                  WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -57,7 +82,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     if X_SLOTS:
-        _wait_for_site(counters_ptr, epoch_ptr, x_site, K, WORLD)
+        _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -89,11 +114,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
         for r in tl.static_range(WORLD):
             slots = tl.load(peers_ptr + 2 * r).to(tl.pointer_type(slots_ptr.dtype.element_ty))
             tl.store(slots + (y_site * WORLD + rank) * N + rows, part, mask=row_ok)
-        tl.debug_barrier()  # every thread's writes before the count that publishes them
-        written = tl.minimum(N - tl.program_id(0) * BLOCK_N, BLOCK_N)
-        for r in tl.static_range(WORLD):
-            counters = tl.load(peers_ptr + 2 * r + 1).to(tl.pointer_type(tl.int32))
-            tl.atomic_add(counters + y_site, written, sem="release", scope="sys")
+        _publish(peers_ptr, arrivals_ptr, y_site, WORLD)
     else:
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
@@ -102,7 +123,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
 def _peer_sum_kernel(slots_ptr, counters_ptr, epoch_ptr, y_ptr, site, DIM, WORLD: tl.constexpr,
                      BLOCK: tl.constexpr):
     """y = a site's sum, once it has arrived (the hidden state after a stage's last block)."""
-    _wait_for_site(counters_ptr, epoch_ptr, site, DIM, WORLD)
+    _wait_for_site(counters_ptr, epoch_ptr, site, WORLD)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     y = _peer_sum(slots_ptr, site, cols, cols < DIM, DIM, WORLD)
     tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=cols < DIM)
@@ -123,7 +144,7 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     n, k = w.shape
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, w, scales, norm_weight, residual, y, n, k, eps, x, x, x, x, 0, 0, 0, 0,
+        x, w, scales, norm_weight, residual, y, n, k, eps, x, x, x, x, x, 0, 0, 0, 0,
         SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
         Y_SLOTS=False, **_FIXED)
     return y
@@ -164,7 +185,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
     _gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
         stand_in if x is None else x, w, stand_in if scales is None else scales,
         stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,
-        stand_in if y is None else y, n, k, eps, peer.slots, peer.counters, peer.peers, peer.epoch,
+        stand_in if y is None else y, n, k, eps, peer.slots, peer.counters, peer.arrivals, peer.peers, peer.epoch,
         x_site or 0, r_site or 0, y_site or 0, peer.rank,
         SCALED=scales is not None, NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
         WORLD=peer.world_size, X_SLOTS=x_site is not None, R_SLOTS=r_site is not None,

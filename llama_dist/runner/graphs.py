@@ -19,6 +19,7 @@ from typing import Callable
 
 import torch
 
+from ..distributed.context import free_at_shutdown
 from ..kernels.fused import FusedTransformerBlock, TritonPromptAttention
 from ..model.transformer import Packed, Slots, Transformer, cache_rows, check_packed, packed_index
 from .step import MIN_ATTENTION_WINDOW, attention_window
@@ -66,6 +67,7 @@ def cuda_graph_recorder() -> Recorder:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
             out = step()
+        free_at_shutdown(graph)
         return graph.replay, out
 
     return record
