@@ -68,6 +68,30 @@ def _publish(peers_ptr, arrivals_ptr, site, WORLD: tl.constexpr):
 
 
 @triton.jit
+def _weights(w_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
+    cols = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, slots_ptr, x_site, K, SCALED: tl.constexpr, NORM: tl.constexpr,
+                GATED: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One tile of the product: acc += w times the tile of x (normed, gated), squares += its squares for NORM."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if X_SLOTS:
+        x = _peer_sum(slots_ptr, x_site, cols, cols < K, K, WORLD)
+    else:
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = x * tl.sigmoid(x) * up
+    if NORM:
+        squares += x * x
+        x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+    return acc + (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :], squares
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
                  slots_ptr, counters_ptr, arrivals_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
                  SCALED: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
@@ -81,25 +105,19 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
     every rank, and the rows written are counted there."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
-    if X_SLOTS:
-        _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        cols = k0 + tl.arange(0, BLOCK_K)
-        ok = row_ok[:, None] & (cols < K)[None, :]
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0.0)
-        if X_SLOTS:
-            x = _peer_sum(slots_ptr, x_site, cols, cols < K, K, WORLD)
-        else:
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        if GATED:
-            up = tl.load(x_ptr + K + cols, mask=cols < K, other=0.0).to(tl.float32)
-            x = x * tl.sigmoid(x) * up
-        if NORM:
-            squares += x * x
-            x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-        acc += (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :]
+    k_next = 0
+    if X_SLOTS:  # the first tile of weights streams in while the peers' parts arrive
+        w = _weights(w_ptr, rows, row_ok, 0, K, BLOCK_K)
+        _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
+        acc, squares = _accumulate(acc, squares, w, 0, x_ptr, g_ptr, slots_ptr, x_site, K, SCALED, NORM, GATED,
+                                   WORLD, X_SLOTS, BLOCK_K)
+        k_next = BLOCK_K
+    for k0 in range(k_next, K, BLOCK_K):
+        w = _weights(w_ptr, rows, row_ok, k0, K, BLOCK_K)
+        acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, slots_ptr, x_site, K, SCALED, NORM, GATED,
+                                   WORLD, X_SLOTS, BLOCK_K)
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
