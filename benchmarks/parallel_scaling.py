@@ -78,7 +78,8 @@ def main() -> None:
         if "error" in r:
             row.update((k, r[k]) for k in ("error", "log_errors"))
         else:
-            row.update(exit=r["exit"], exit_after_s=r["exit_after_s"], exit_quiet=r["exit_quiet"], device=r["device"], ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"],
+            row.update(exit=r["exit"], exit_after_s=r["exit_after_s"], exit_quiet=r["exit_quiet"], device=r["device"],
+                       ceiling_b1_tok_s=r["ceiling_tok_s"], load_s=r["load_s"],
                        prefill_tok_s=r["prefill_tok_s"], prefill_forward_tok_s=r.get("prefill_forward_tok_s"),
                        weight_bytes_per_rank=r["weight_bytes_per_rank"])
             for b in args.batches.split(","):
