@@ -3,12 +3,14 @@ issue a step, the GPU's busy time, the wall time.
 
     python benchmarks/profile_decode.py --config llama-2-7b [--steps 32] [--compile False]
     torchrun --nproc_per_node 2 benchmarks/profile_decode.py --config llama-2-7b [--tag nccl]
+    torchrun --nproc_per_node 2 benchmarks/profile_decode.py --prompt 512 --layers 8   # a plain prompt pass instead
 
 Prints per token: wall ms, host ms to issue one step (the call returns before the GPU finishes), GPU kernel
 ms (summed over kernels) and the top kernels. GPU time near the wall time: the kernels are the cost (set their
 bytes against the bandwidth). GPU time well under it: the GPU waits, for the host (issue time near the wall
 time) or for the other ranks.
 """
+import dataclasses
 import json
 import os
 import sys
@@ -29,16 +31,25 @@ from llama_dist.generation.llama import load_runner  # noqa: E402
 from llama_dist.model.args import ModelArgs  # noqa: E402
 
 
-def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bool = True, tag: str = "") -> None:
+def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bool = True, tag: str = "",
+         prompt: int = 0, layers: int = 0) -> None:
+    """prompt: profile the plain forward pass of a prompt of this many tokens instead of decode steps; layers:
+    only this many of the config's layers (a faster load)."""
     ctx = init_distributed("auto")
-    source = RandomSource(ModelArgs.from_params_json(CONFIGS / f"{config}.json"), ctx.device)
+    args = ModelArgs.from_params_json(CONFIGS / f"{config}.json")
+    source = RandomSource(dataclasses.replace(args, n_layers=layers) if layers else args, ctx.device)
     runner = load_runner(source, ctx, LoadConfig(dtype="bfloat16", n_ctx=1024, max_batch_size=1, compile=compile),
                          progress=False)
     decode = runner.decode
     token, pos = torch.zeros(1, 1, dtype=torch.long, device=ctx.device), 16
 
+    prompt_tokens = torch.zeros(1, prompt, dtype=torch.long, device=ctx.device)
+
     def step() -> None:
         nonlocal token, pos
+        if prompt:
+            runner.forward(prompt_tokens, 0, last_only=True)
+            return
         token = ctx.comm.broadcast(decode(token, pos)[:, -1].argmax(-1, keepdim=True))
         pos += 1
 
@@ -63,10 +74,12 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bo
             kernels[event.name][1] += 1 / steps
     gpu_ms = sum(us for us, _ in kernels.values()) / 1e3
     device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
+    per = "pass" if prompt else "token"
     result = {"config": config, "tp": ctx.tp_size, "compile": compile, "tag": tag, "device": device,
-              "wall_ms_per_token": wall * 1e3, "host_issue_ms_per_token": issue / steps * 1e3,
-              "gpu_kernel_ms_per_token": gpu_ms, "kernels_per_token": sum(n for _, n in kernels.values()),
-              "top_kernels": [{"name": name[:90], "us_per_token": round(us, 1), "calls_per_token": round(n, 1)}
+              "prompt": prompt, "layers": layers or args.n_layers,
+              f"wall_ms_per_{per}": wall * 1e3, f"host_issue_ms_per_{per}": issue / steps * 1e3,
+              f"gpu_kernel_ms_per_{per}": gpu_ms, f"kernels_per_{per}": sum(n for _, n in kernels.values()),
+              "top_kernels": [{"name": name[:90], f"us_per_{per}": round(us, 1), f"calls_per_{per}": round(n, 1)}
                               for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
