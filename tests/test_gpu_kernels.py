@@ -38,6 +38,36 @@ for n, k in ((40, 288), (3, 64), (17, 1000)):  # one row: the kernel's case
     ref = r + (torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]) @ (q.float() * s[:, None]).t()
     y = gemv(gate_up, q, s, gated=True, residual=r)
     assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
+# int4 groups of 32 (words for dp4a, x in int8 per group): exactly the int8-activation arithmetic, and close to
+# the dequantized matrix's product
+from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words
+
+
+def int8_groups(x):  # the kernel's activation rounding, step by step: int8 per group of 32, round half up
+    g = x.reshape(-1, 32)
+    scale = g.abs().amax(-1, keepdim=True) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.floor(g * inverse + 0.5) * scale).reshape(x.shape)
+
+
+for n, k in ((40, 288), (3, 64), (70, 1024)):
+    w = torch.randn(n, k, generator=g)
+    q, scales, zeros = int4_quantize(w, 32)
+    words, sz = int4_words(q), torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    dense = int4_dequantize(q, scales, zeros)
+    x, r = torch.randn(1, 1, k, generator=g) * 3, torch.randn(1, 1, n, generator=g)
+    norm = RMSNorm(k, 1e-5)
+    norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+    normed = x * norm.weight
+    want = int8_groups(normed) @ dense.t() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) + r
+    got = gemv(x, words, sz, norm_weight=norm.weight, eps=norm.eps, residual=r)
+    assert got.shape == (1, 1, n) and (got - want).abs().max() < 1e-4 * want.abs().max(), (n, k)
+    exact = norm(x) @ dense.t() + r
+    assert (got - exact).abs().max() < 3e-2 * exact.abs().max(), (n, k, (got - exact).abs().max())
+    gate_up = torch.randn(1, 1, 2 * k, generator=g)
+    act = torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]
+    want = int8_groups(act) @ dense.t()
+    assert (gemv(gate_up, words, sz, gated=True) - want).abs().max() < 1e-4 * want.abs().max(), (n, k)
 # several rows of int8 through the tensor-core kernel (fewer than a tile, more than one tile, ragged edges)
 from llama_dist.kernels.quant_matmul import load as load_quantized
 assert load_quantized()
@@ -93,8 +123,9 @@ def test_decode_attention_kernel_in_the_interpreter():
 
 
 def test_gemv_kernel_in_the_interpreter():
-    """Dense and int8 one-row products with the norm, SwiGLU and residual folded in; int8 products of several
-    rows on tensor cores."""
+    """Dense, int8 and int4 one-row products with the norm, SwiGLU and residual folded in (int4 against the same
+    arithmetic with 8-bit activations, exactly, and against the dequantized product, closely); int8 products of
+    several rows on tensor cores."""
     run_interpreted(SCRIPT)
 
 

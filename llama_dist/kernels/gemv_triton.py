@@ -11,7 +11,7 @@ from .gemv import INTERPRETED
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                              (16, 256, 8), (16, 512, 8))
+                              (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))
             for s in (2, 4)]
 
 
@@ -31,13 +31,13 @@ def _peer_sum(peer_slots_ptr, site, offsets, mask, DIM, WORLD: tl.constexpr):
     return total
 
 
-_ACQUIRE_ASM = tl.constexpr(not INTERPRETED)  # the interpreter runs no PTX
+_PTX = tl.constexpr(not INTERPRETED)  # the interpreter runs no inline PTX: it takes the same arithmetic by hand
 
 
 @triton.jit
 def _load_acquire(ptr):
     """*ptr, with later loads ordered after it at system scope (what sees the peers' writes)."""
-    if _ACQUIRE_ASM:
+    if _PTX:
         value = tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [ptr + tl.zeros([1], tl.int32)],
                                           dtype=tl.int32, is_pure=False, pack=1)
         return tl.max(value, axis=0)
@@ -68,14 +68,65 @@ def _publish(peers_ptr, arrivals_ptr, site, WORLD: tl.constexpr):
 
 
 @triton.jit
-def _weights(w_ptr, rows, row_ok, k0, K, BLOCK_K: tl.constexpr):
-    cols = k0 + tl.arange(0, BLOCK_K)
-    return tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+def _dp4a(a, b, c):
+    """c + the dot product of a's four unsigned bytes with b's four signed bytes, in one instruction (dp4a)."""
+    if _PTX:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+    total = c
+    for i in tl.static_range(4):
+        total += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+    return total
 
 
 @triton.jit
-def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, slots_ptr, x_site, K, SCALED: tl.constexpr, NORM: tl.constexpr,
-                GATED: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quantize_groups(x, BLOCK_K: tl.constexpr):
+    """A tile of x [BLOCK_K] to int8 in groups of 32 (the weights' groups), packed for dp4a against int4 words:
+    (the words of inputs 8j..8j+3, of 8j+4..8j+7, each group's scale, each group's sum of the int8 values)."""
+    groups = tl.reshape(x, (BLOCK_K // 32, 32))
+    scale = tl.max(tl.abs(groups), axis=1) / 127.0
+    q = tl.floor(groups * tl.where(scale > 0, 1.0 / scale, 0.0)[:, None] + 0.5).to(tl.int32)
+    # four bytes to a word: disjoint bits, so the sum is the bitwise or
+    words = tl.sum(tl.reshape(q & 0xFF, (BLOCK_K // 4, 4)) << (8 * tl.arange(0, 4))[None, :], axis=1)
+    low, high = tl.split(tl.reshape(words, (BLOCK_K // 8, 2)))
+    return low, high, scale, tl.sum(q, axis=1)
+
+
+@triton.jit
+def _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, BLOCK_K: tl.constexpr):
+    """Each row's product with x over this tile's groups of 32 [BLOCK_N, BLOCK_K / 32]: int4 words w (byte b of
+    word j: input 8j + b in its low nibble, 8j + 4 + b in its high one) against x in int8 (dp4a), then each
+    group's (scale, zero) from s [groups, N, 2]: value = (q - 8) * scale + zero."""
+    x_low, x_high, x_scale, x_sums = _quantize_groups(x, BLOCK_K)
+    low, high = w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F
+    dots = _dp4a(high, tl.broadcast_to(x_high[None, :], high.shape),
+                 _dp4a(low, tl.broadcast_to(x_low[None, :], low.shape), tl.zeros_like(low)))
+    sums = tl.sum(tl.reshape(dots, (w.shape[0], BLOCK_K // 32, 4)), axis=2)
+    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    at = s_ptr + (groups[None, :] * N + rows[:, None]) * 2
+    scale = tl.load(at, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    zero = tl.load(at + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    x_sums = x_sums[None, :]
+    return x_scale[None, :] * (scale * (sums - 8 * x_sums).to(tl.float32) + zero * x_sums.to(tl.float32))
+
+
+@triton.jit
+def _weights(w_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This tile of W: [BLOCK_N, BLOCK_K] values, or for INT4 [BLOCK_N, BLOCK_K / 8] words of 8 inputs."""
+    if INT4:
+        cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        w = tl.load(w_ptr + rows[:, None] * (K // 8) + cols[None, :], mask=row_ok[:, None] & (cols < K // 8)[None, :],
+                    other=0)
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    return w
+
+
+@triton.jit
+def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
+                SCALED: tl.constexpr, INT4: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                WORLD: tl.constexpr, X_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
     """One tile of the product: acc += w times the tile of x (normed, gated), squares += its squares for NORM."""
     cols = k0 + tl.arange(0, BLOCK_K)
     if X_SLOTS:
@@ -88,16 +139,21 @@ def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, slots_ptr, x_site, K, SCALED:
     if NORM:
         squares += x * x
         x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-    return acc + (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :], squares
+    if INT4:
+        acc += _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, BLOCK_K)
+    else:
+        acc += (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :]
+    return acc, squares
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
                  slots_ptr, counters_ptr, arrivals_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
-                 SCALED: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr,
-                 WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """W [N, K] dense, or int8 times one scale per row s[N] when SCALED. NORM: x is RMS-normalised
+                 SCALED: tl.constexpr, INT4: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
+                 RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr,
+                 Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """W [N, K] dense, or int8 times one scale per row s[N] when SCALED, or when INT4 int4 words [N, K / 8] with
+    (scale, zero) per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is RMS-normalised
     with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r.
 
     Peer slots (WORLD ranks; peer_memory.py): X_SLOTS: x is site x_site's sum (waited for); R_SLOTS: r is site
@@ -105,19 +161,19 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
     every rank, and the rows written are counted there."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 32 if INT4 else BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     k_next = 0
     if X_SLOTS:  # the first tile of weights streams in while the peers' parts arrive
-        w = _weights(w_ptr, rows, row_ok, 0, K, BLOCK_K)
+        w = _weights(w_ptr, rows, row_ok, 0, K, INT4, BLOCK_K)
         _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
-        acc, squares = _accumulate(acc, squares, w, 0, x_ptr, g_ptr, slots_ptr, x_site, K, SCALED, NORM, GATED,
-                                   WORLD, X_SLOTS, BLOCK_K)
+        acc, squares = _accumulate(acc, squares, w, 0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
+                                   SCALED, INT4, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
         k_next = BLOCK_K
     for k0 in range(k_next, K, BLOCK_K):
-        w = _weights(w_ptr, rows, row_ok, k0, K, BLOCK_K)
-        acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, slots_ptr, x_site, K, SCALED, NORM, GATED,
-                                   WORLD, X_SLOTS, BLOCK_K)
+        w = _weights(w_ptr, rows, row_ok, k0, K, INT4, BLOCK_K)
+        acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
+                                   SCALED, INT4, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
     y = tl.sum(acc, axis=1)
     if NORM:
         y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
@@ -150,21 +206,29 @@ def _peer_sum_kernel(slots_ptr, counters_ptr, epoch_ptr, y_ptr, site, DIM, WORLD
 if INTERPRETED:  # the interpreter cannot time configs: one tile
     _gemv, _FIXED = _gemv_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
-    _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
+    _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "INT4", "NORM", "GATED",
+                                                                  "RESIDUAL"])(_gemv_kernel)
     _FIXED = {}
+
+
+def _shape(w: torch.Tensor) -> tuple[int, int]:
+    """(outputs, inputs) of a weight: int4 words hold 8 inputs each."""
+    n, k = w.shape
+    return (n, 8 * k) if w.dtype == torch.int32 else (n, k)
 
 
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
 def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
             residual: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
             add: bool) -> torch.Tensor:
-    """x [1, in] (or [1, 2 * in] when gated) -> [1, out]. Tensors whose flag is off are unused."""
-    n, k = w.shape
+    """x [1, in] (or [1, 2 * in] when gated) -> [1, out]. Tensors whose flag is off are unused. The weight's dtype
+    says its format: int8 with per-row scales, int32 int4 words with group scales (both `scaled`), or dense."""
+    n, k = _shape(w)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, w, scales, norm_weight, residual, y, n, k, eps, x, x, x, x, x, 0, 0, 0, 0,
-        SCALED=scaled, NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
-        Y_SLOTS=False, **_FIXED)
+        SCALED=scaled and w.dtype == torch.int8, INT4=w.dtype == torch.int32, NORM=norm, GATED=gated, RESIDUAL=add,
+        WORLD=0, X_SLOTS=False, R_SLOTS=False, Y_SLOTS=False, **_FIXED)
     return y
 
 
@@ -177,12 +241,12 @@ def _tile(w: torch.Tensor, k_in: int, dtype: torch.dtype, scaled: bool, norm: bo
     run exactly once per step, so it cannot be timed itself; the plain one is tuned here on scratch data."""
     if INTERPRETED:
         return dict(_FIXED)
-    n, k = w.shape
+    n, k = _shape(w)
     key = (n, k, w.dtype, dtype, scaled, norm, gated, add)
     if key not in _TILES:
-        scratch = torch.zeros(n + k_in, dtype=dtype, device=w.device)
-        gemv_op(scratch[None, :k_in], w, scratch[:n].float(), scratch[:k], scratch[None, :n], 1e-5,
-                scaled, norm, gated, add)
+        scratch = torch.zeros(max(n + k_in, 2 * n * k // 32), dtype=dtype, device=w.device)
+        scales = scratch[:2 * n * k // 32 if w.dtype == torch.int32 else n]
+        gemv_op(scratch[None, :k_in], w, scales, scratch[:k], scratch[None, :n], 1e-5, scaled, norm, gated, add)
         config = _gemv.best_config
         _TILES[key] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     return _TILES[key]
@@ -195,7 +259,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
     """gemv_op with peer slots for any of its input (x_site), residual (r_site) and output (y_site); x and
     residual are None where read from slots. Returns y [1, out], or None when it went to the slots. Not an op:
     a compiled step all-reduces between kernels instead (its tuning and recording cannot run this)."""
-    n, k = w.shape
+    n, k = _shape(w)
     stand_in = peer.slots  # any tensor, for the pointers a flag leaves unused
     add = residual is not None or r_site is not None
     tile = _tile(w, 2 * k if gated else k, dtype, scales is not None, norm_weight is not None, gated, add)
@@ -205,7 +269,8 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
         stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,
         stand_in if y is None else y, n, k, eps, peer.slots, peer.counters, peer.arrivals, peer.peers, peer.epoch,
         x_site or 0, r_site or 0, y_site or 0, peer.rank,
-        SCALED=scales is not None, NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
+        SCALED=scales is not None and w.dtype == torch.int8, INT4=w.dtype == torch.int32,
+        NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
         WORLD=peer.world_size, X_SLOTS=x_site is not None, R_SLOTS=r_site is not None,
         Y_SLOTS=y_site is not None, **tile)
     return y

@@ -104,6 +104,8 @@ class Int4Weight(QuantizedWeight):
             packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
         elif self.device_type == "cuda":
             packed = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
+            if group_size == BLOCK:  # the one-row kernel's words (kernels/gemv.py), derived: not saved
+                self.register_buffer("words", int4_words(q), persistent=False)
         else:
             packed = q.to(torch.uint8)
         self.register_buffer("packed", packed)
@@ -144,6 +146,11 @@ class Int4Weight(QuantizedWeight):
     @classmethod
     def quantize(cls, w: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> "Int4Weight":
         return cls(*int4_quantize(w, group_size), group_size, act_dtype)
+
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """On CUDA, groups of 32: the words and the (scale, zero) pairs [groups, out, 2]."""
+        words = getattr(self, "words", None)
+        return None if words is None else (words, self.scales_zeros)
 
     def _dense(self) -> torch.Tensor:
         """Devices without a packed kernel keep q unpacked and dequantize on the fly."""
@@ -281,6 +288,16 @@ def int4_quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     q = torch.round((g - lo[..., None]) / scales[..., None]).clamp(0, 15)
     zeros = lo + 8 * scales  # value = (q - 8) * scale + zero
     return q.reshape(out_f, in_f).to(torch.int32), scales, zeros
+
+
+def int4_words(q: torch.Tensor) -> torch.Tensor:
+    """int4 q [out, in] (0..15) -> int32 words [out, in / 8] for the CUDA one-row kernel's dp4a: byte b of word j
+    holds input 8j + b in its low nibble and input 8j + 4 + b in its high one, so masking the low or the high
+    nibbles gives four consecutive inputs."""
+    out_f, in_f = q.shape
+    halves = q.to(torch.int64).view(out_f, in_f // 8, 2, 4)
+    words = ((halves[:, :, 0] | (halves[:, :, 1] << 4)) << torch.arange(0, 32, 8, device=q.device)).sum(-1)
+    return (words - (words >= 2 ** 31) * 2 ** 32).to(torch.int32)
 
 
 def int4_dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
