@@ -5,7 +5,8 @@ on one GPU.
 
 One row, for each weight shape of a decoded token (fused q/k/v, wo, fused w1/w3, w2, output): bf16 with our kernel
 vs F.linear (cuBLAS) vs inductor's compiled F.linear; int8 with our kernel vs inductor's fused
-dequantize-and-matmul; int4 (groups of 32) through PyTorch's `_weight_int4pack_mm`, what int4 uses. Then several
+dequantize-and-matmul; int4 (groups of 32) with our kernel (8-bit activations, dp4a) vs PyTorch's
+`_weight_int4pack_mm`. Then several
 rows: bf16 cuBLAS beside int8 through our tensor-core kernel and through its converted matrix with cuBLAS (the
 plain module's way), and int4 through PyTorch's kernel. Each in GB/s of weights read and as a fraction of the
 measured read bandwidth, timed with CUDA
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist.bench import read_bandwidth  # noqa: E402
 from llama_dist.kernels.gemv import gemv, load  # noqa: E402
 from llama_dist.kernels.quant_matmul import load as load_quantized  # noqa: E402
-from llama_dist.quant.weights import int4_dequantize, int4_quantize, int8_quantize  # noqa: E402
+from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words, int8_quantize  # noqa: E402
 
 
 def graph_time_us(fn, copies: int) -> float:
@@ -73,16 +74,17 @@ def main() -> None:
               "w2": (a.dim, a.hidden), "output": (a.vocab, a.dim)}
     compiled_linear = torch.compile(lambda x, w: torch.nn.functional.linear(x, w))
     compiled_int8 = torch.compile(lambda x, q, s: torch.nn.functional.linear(x, q.to(x.dtype)) * s)
-    several = [int(r) for r in a.rows.strip("()[] ").split(",") if r.strip()]
+    several = [int(r) for r in a.rows.strip("()[] ").split(",") if r.strip()]  # "()": one row only
     rows = []
     for name, (n, k) in shapes.items():
         copies = max(2, int(400e6 // (n * k * 2)))  # > 50 MB L2 several times over
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         q8 = [(q, s.to(torch.bfloat16)) for q, s in map(int8_quantize, ws)]
-        q4 = []
+        q4, words = [], []
         for w in ws:
             q, scales, zeros = int4_quantize(w, 32)
             q4.append(int4_peer(q, scales, zeros))
+            words.append((int4_words(q), q4[-1][1]))
         references = {"bf16": ws[0].float(), "int8": q8[0][0].float() * q8[0][1].float()[:, None],
                       "int4": int4_dequantize(*int4_quantize(ws[0], 32))}
         nbytes = {"bf16": n * k * 2, "int8": n * k + n * 2, "int4": n * k // 2 + n * k // 32 * 4}
@@ -95,6 +97,7 @@ def main() -> None:
                     "bf16 inductor": ("bf16", lambda i: compiled_linear(x, ws[i])),
                     "int8 ours": ("int8", lambda i: gemv(x, *q8[i])),
                     "int8 inductor": ("int8", lambda i: compiled_int8(x, *q8[i])),
+                    "int4 ours": ("int4", lambda i: gemv(x, *words[i])),
                     "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i][0], 32, q4[i][1])),
                 }
             else:
