@@ -4,9 +4,11 @@ with the layer's neighbouring element-wise work folded in.
 Batch-1 decoding reads every weight once per token, so its speed is the read bandwidth these
 products reach, which general matmuls (cuBLAS, inductor's reductions) fall short of for one row
 (benchmarks/RESULTS.md, "Fused decode kernels"). This kernel streams W in [BLOCK_N, BLOCK_K] tiles with
-pipelined loads and sum in fp32. W is dense or int8 (one scale per row). Tile sizes are autotuned per shape.
-int4 keeps PyTorch's packed kernel: ours reached 0.15-0.24 of the bandwidth where PyTorch's reaches 0.38-0.44
-(RESULTS.md, "Quantized GPU kernels"; the attempt is in git history, 722fdfe).
+pipelined loads and sum in fp32. W is dense, int8 (one scale per row), or int4 in groups of 32 with a scale and a
+zero each: 8 weights per 32-bit word, multiplied against x rounded to int8 per group (in the kernel, per tile) with
+dp4a, four products per instruction, each group's scale applied to its integer sum, as llama.cpp's CUDA kernels
+do (float conversions took ~4 instructions per weight: RESULTS.md, "Quantized GPU kernels"). Tile sizes are
+autotuned per shape.
 
 int8 is converted in registers without the GPU's int-to-float instruction, which runs at a quarter of the
 others' rate: a small integer v added to the bits of 2^23 + 2^22 is that float plus v, so one integer add and

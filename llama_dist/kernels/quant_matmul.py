@@ -5,7 +5,8 @@ kernel that converts weight tiles in registers, so a batch reads the int8 weight
 prompt's rows through the converted matrix and cuBLAS (there the product's arithmetic outweighs the conversion:
 benchmarks/RESULTS.md, "Quantized GPU kernels").
 
-int4 keeps PyTorch's packed CUDA kernel: our Triton int4 kernels were slower (same section).
+int4 takes PyTorch's packed CUDA kernel for several rows (ours were slower: same section); one row goes through
+the one-row kernel (gemv.py), which reads int4 words.
 """
 from __future__ import annotations
 

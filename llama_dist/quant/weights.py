@@ -7,8 +7,9 @@ GGUF's Q4_0, Q4_1 and Q4_K blocks, so those load without requantization.
 Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks for our C++ block matmul with 8-bit activations
 (csrc/block_matmul.cpp), as GGUF's Q4_0 and Q8_0 tensors stay Q4_0 and Q8_0 blocks (each in row groups of 16
 rows interleaved); without that kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`). On CUDA int4 takes `_weight_int4pack_mm`, and int8 our Triton kernels
-(kernels/quant_matmul.py, installed over Int8Weight); elsewhere the matrix is dequantized on the fly.
+`_weight_int4pack_mm_for_cpu`). On CUDA int4 takes `_weight_int4pack_mm`, with groups of 32 also kept as
+words for our one-row kernel (kernels/gemv.py), and int8 our Triton kernels (kernels/quant_matmul.py, installed
+over Int8Weight); elsewhere the matrix is dequantized on the fly.
 Quantization happens after sharding, on each rank's own slice.
 """
 from __future__ import annotations
