@@ -93,7 +93,7 @@ def _quantize_groups(x, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, BLOCK_K: tl.constexpr):
+def _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, K, BLOCK_K: tl.constexpr):
     """Each row's product with x over this tile's groups of 32 [BLOCK_N, BLOCK_K / 32]: int4 words w (byte b of
     word j: input 8j + b in its low nibble, 8j + 4 + b in its high one) against x in int8 (dp4a), then each
     group's (scale, zero) from s [groups, N, 2]: value = (q - 8) * scale + zero."""
@@ -104,8 +104,9 @@ def _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, BLOCK_K: tl.constexpr
     sums = tl.sum(tl.reshape(dots, (w.shape[0], BLOCK_K // 32, 4)), axis=2)
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     at = s_ptr + (groups[None, :] * N + rows[:, None]) * 2
-    scale = tl.load(at, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    zero = tl.load(at + 1, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    ok = row_ok[:, None] & (groups < K // 32)[None, :]  # (a masked scale read past the end could be a NaN)
+    scale = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)
     x_sums = x_sums[None, :]
     return x_scale[None, :] * (scale * (sums - 8 * x_sums).to(tl.float32) + zero * x_sums.to(tl.float32))
 
@@ -140,7 +141,7 @@ def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, row
         squares += x * x
         x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     if INT4:
-        acc += _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, BLOCK_K)
+        acc += _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, K, BLOCK_K)
     else:
         acc += (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :]
     return acc, squares
