@@ -84,7 +84,8 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bo
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
         if os.environ.get("OUT"):
-            Path(os.environ["OUT"], f"profile_{config}_tp{ctx.tp_size}{tag and '_' + tag}.json").write_text(json.dumps(result, indent=1))
+            name = f"profile_{config}_tp{ctx.tp_size}{tag and '_' + tag}.json"
+            Path(os.environ["OUT"], name).write_text(json.dumps(result, indent=1))
     ctx.shutdown()
 
 

@@ -38,8 +38,8 @@ _PTX = tl.constexpr(not INTERPRETED)  # the interpreter runs no inline PTX: it t
 def _load_acquire(ptr):
     """*ptr, with later loads ordered after it at system scope (what sees the peers' writes)."""
     if _PTX:
-        value = tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [ptr + tl.zeros([1], tl.int32)],
-                                          dtype=tl.int32, is_pure=False, pack=1)
+        value = tl.inline_asm_elementwise("ld.acquire.sys.global.b32 $0, [$1];", "=r,l",
+                                          [ptr + tl.zeros([1], tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
         return tl.max(value, axis=0)
     return tl.atomic_add(ptr, 0, sem="acquire", scope="sys")
 
@@ -154,12 +154,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
                  RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr,
                  Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED, or when INT4 int4 words [N, K / 8] with
-    (scale, zero) per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is RMS-normalised
-    with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r.
+    (scale, zero) per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
+    RMS-normalised with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r.
 
     Peer slots (WORLD ranks; peer_memory.py): X_SLOTS: x is site x_site's sum (waited for); R_SLOTS: r is site
     r_site's sum (an earlier kernel of this rank waited for it); Y_SLOTS: y goes to slot `rank` of site y_site on
-    every rank, and the rows written are counted there."""
+    every rank, and the last program to finish signals every rank."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K // 32 if INT4 else BLOCK_K), dtype=tl.float32)
