@@ -41,7 +41,8 @@ class QuantizedWeight(nn.Module):
     in_features: int
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(W, per-row scales) for the CUDA one-row kernel (kernels/gemv.py), where it can read this format."""
+        """(W, its scales) for the CUDA one-row kernel (kernels/gemv.py), where it can read this format (the
+        kernel tells int8 rows from int4 words by W's dtype)."""
         return None
 
     def folded(self, x: torch.Tensor, norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
