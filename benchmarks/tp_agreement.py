@@ -8,6 +8,11 @@ back (teacher forcing); it prints the logit differences, where the choice flips,
 its two likeliest tokens there (benchmarks/RESULTS.md has the figures: dense fp32 and the default quantized path).
 
     python benchmarks/tp_agreement.py [--world 3] [--tokens 64] [--quantize none]
+    python benchmarks/tp_agreement.py layers [--world 3]   # per layer: N ranks, and one process nudged
+
+`layers` reads one text at world N and in one process, and once more in one process with its first block's output
+multiplied by 1 + 3e-7 x noise (the size of N ranks' difference there): if the nudged process parts from itself
+as far as N ranks part from it, the cause is the path's sensitivity to last-bit differences, not the ranks.
 """
 from __future__ import annotations
 
@@ -40,6 +45,57 @@ def worker(out: str, tokens: int, forced: list[int] | None = None, quantize: str
     if llama.is_driver:
         torch.save({"prompt": len(prompt), "generated": generated[0], "logits": logits}, out)
     os._exit(0)  # (Gloo's teardown is not needed for a measurement)
+
+
+def layer_worker(out: str, quantize: str = "auto", nudge: float = 0.0) -> None:
+    """Under torchrun: every block's output and the logits of one prompt pass over a longer text; rank 0 saves them."""
+    sys.path.insert(0, str(ROOT))
+    from llama_dist import Llama
+
+    llama = Llama.build("smollm2", max_seq_len=256, max_batch_size=1, backend="gloo", quantize=quantize,
+                        dtype="float32")
+    noise = torch.Generator().manual_seed(1)
+    outputs = {}
+
+    def keep(name: str):
+        def hook(module, inputs, output):
+            if name == "0" and nudge:
+                output = output * (1 + nudge * torch.randn(output.shape, generator=noise))
+            outputs[name] = output.clone()
+            return output
+        return hook
+
+    for name, block in llama.model.layers.items():
+        block.register_forward_hook(keep(name))
+    ids = llama.tokenizer.encode(PROMPT + " to find your gift. The purpose of life is to give it away.", bos=True,
+                                 eos=False)
+    outputs["logits"] = llama.runner.forward(torch.tensor([ids]), 0)[0]
+    if llama.is_driver:
+        torch.save(outputs, out)
+    os._exit(0)
+
+
+def layers(world: int = 3, quantize: str = "auto", nudge: float = 3e-7) -> dict:
+    """Per block output (and the logits): the largest and median difference from one process, at `world` ranks
+    and in one process nudged by `nudge`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for name, n, extra in (("one", 1, 0.0), ("ranks", world, 0.0), ("nudged", 1, nudge)):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__,
+                   "layer_worker", "--out", f"{tmp}/{name}.pt", "--quantize", quantize, "--nudge", str(extra)]
+            subprocess.run(cmd, cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                           stdout=subprocess.DEVNULL)
+            runs[name] = torch.load(f"{tmp}/{name}.pt")
+    rows = {}
+    for key in runs["one"]:
+        row = {}
+        for other in ("ranks", "nudged"):
+            d = (runs["one"][key] - runs[other][key]).abs()
+            row[other] = {"max": round(d.max().item(), 6), "median": float(f"{d.median().item():.3g}")}
+        rows[key] = row
+    result = {"world": world, "quantize": quantize, "nudge": nudge, "differences_from_one_process": rows}
+    print(json.dumps(result, indent=1))
+    return result
 
 
 def run(world: int, out: str, tokens: int, quantize: str, forced: list[int] | None = None) -> dict:
@@ -76,4 +132,5 @@ def main(world: int = 3, tokens: int = 64, quantize: str = "auto") -> dict:
 
 
 if __name__ == "__main__":
-    fire.Fire({"main": main, "worker": worker}) if sys.argv[1:2] == ["worker"] else fire.Fire(main)
+    commands = {"main": main, "worker": worker, "layers": layers, "layer_worker": layer_worker}
+    fire.Fire(commands) if sys.argv[1:2] and sys.argv[1] in commands else fire.Fire(main)
