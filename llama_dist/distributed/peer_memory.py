@@ -36,10 +36,6 @@ class PeerSlots:
     peers: torch.Tensor
     epoch: torch.Tensor  # [1] int32
 
-    @property
-    def sites(self) -> int:
-        return self.slots.shape[0]
-
     def next_step(self) -> None:
         """Count a step before its first kernel (on the stream, so a CUDA graph replays it)."""
         self.epoch.add_(1)

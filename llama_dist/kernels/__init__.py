@@ -9,8 +9,9 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
   for the process when a model is given its kernels): it builds a plan per new shape, 1-2 s each, and a
   server's prompt chunks come in many shapes.
 - gemv: one decoded row's projections (dense, int8, int4 groups of 32) through our Triton matrix-vector kernel,
-  with the block's RMSNorm, SwiGLU and residual adds folded in (gemv.py); on CPUs a decode step's projections (any rows) through
-  the C++ block kernels with the same folds (csrc/block_matmul.cpp), where the weights are in their block formats.
+  with the block's RMSNorm, SwiGLU and residual adds folded in (gemv.py); on CPUs a decode step's projections
+  (any rows) through the C++ block kernels with the same folds (csrc/block_matmul.cpp), where the weights are in
+  their block formats.
   On CPUs the two make a decode step a few C++ calls per layer instead of dozens of PyTorch operations, and
   in one process one C++ call for all the blocks (CppDecodeTransformer).
 - row_kernels: a decode step of several rows, and a prompt pass, runs its RMSNorms, SwiGLU and rotary

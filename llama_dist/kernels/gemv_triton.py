@@ -207,8 +207,8 @@ def _peer_sum_kernel(slots_ptr, counters_ptr, epoch_ptr, y_ptr, site, DIM, WORLD
 if INTERPRETED:  # the interpreter cannot time configs: one tile
     _gemv, _FIXED = _gemv_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
-    _gemv = triton.autotune(configs=_CONFIGS, key=["N", "K", "SCALED", "INT4", "NORM", "GATED",
-                                                                  "RESIDUAL"])(_gemv_kernel)
+    _gemv = triton.autotune(configs=_CONFIGS,
+                            key=["N", "K", "SCALED", "INT4", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
     _FIXED = {}
 
 
@@ -216,6 +216,11 @@ def _shape(w: torch.Tensor) -> tuple[int, int]:
     """(outputs, inputs) of a weight: int4 words hold 8 inputs each."""
     n, k = w.shape
     return (n, 8 * k) if w.dtype == torch.int32 else (n, k)
+
+
+def _format(w: torch.Tensor, scaled: bool) -> dict:
+    """The kernel's format flags, from the weight's dtype: int8 rows with scales, int32 int4 words, or dense."""
+    return {"SCALED": scaled and w.dtype == torch.int8, "INT4": w.dtype == torch.int32}
 
 
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
@@ -228,8 +233,8 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
         x, w, scales, norm_weight, residual, y, n, k, eps, x, x, x, x, x, 0, 0, 0, 0,
-        SCALED=scaled and w.dtype == torch.int8, INT4=w.dtype == torch.int32, NORM=norm, GATED=gated, RESIDUAL=add,
-        WORLD=0, X_SLOTS=False, R_SLOTS=False, Y_SLOTS=False, **_FIXED)
+        **_format(w, scaled), NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
+        Y_SLOTS=False, **_FIXED)
     return y
 
 
@@ -270,8 +275,8 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
         stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,
         stand_in if y is None else y, n, k, eps, peer.slots, peer.counters, peer.arrivals, peer.peers, peer.epoch,
         x_site or 0, r_site or 0, y_site or 0, peer.rank,
-        SCALED=scales is not None and w.dtype == torch.int8, INT4=w.dtype == torch.int32,
-        NORM=norm_weight is not None, GATED=gated, RESIDUAL=residual is not None,
+        **_format(w, scales is not None), NORM=norm_weight is not None, GATED=gated,
+        RESIDUAL=residual is not None,
         WORLD=peer.world_size, X_SLOTS=x_site is not None, R_SLOTS=r_site is not None,
         Y_SLOTS=y_site is not None, **tile)
     return y
