@@ -8,7 +8,8 @@ vs F.linear (cuBLAS) vs inductor's compiled F.linear; int8 with our kernel vs in
 dequantize-and-matmul; int4 (groups of 32) with our kernel (8-bit activations, dp4a) vs PyTorch's
 `_weight_int4pack_mm`. Then several
 rows: bf16 cuBLAS beside int8 through our tensor-core kernel and through its converted matrix with cuBLAS (the
-plain module's way), and int4 through PyTorch's kernel. Each in GB/s of weights read and as a fraction of the
+plain module's way) or through our element-wise dequantizing kernel, and int4 through PyTorch's kernel and
+through its matrix dequantized from the words by ours, with cuBLAS. Each in GB/s of weights read and as a fraction of the
 measured read bandwidth, timed with CUDA
 graphs over rotating copies (so the weights come from memory, not L2), with each result's error against an fp32
 reference (GPU-only check).
@@ -107,6 +108,10 @@ def main() -> None:
                     "int8 converted + cuBLAS": ("int8", lambda i: torch.nn.functional.linear(
                         x, q8[i][0].to(x.dtype)) * q8[i][1]),
                     "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i][0], 32, q4[i][1])),
+                    "int8 dequantized (ours) + cuBLAS": ("int8", lambda i: torch.nn.functional.linear(
+                        x, torch.ops.llama_dist.dequantize(q8[i][0], q8[i][1], x.dtype)) * q8[i][1]),
+                    "int4 dequantized (ours) + cuBLAS": ("int4", lambda i: torch.nn.functional.linear(
+                        x, torch.ops.llama_dist.dequantize(*words[i], x.dtype))),
                 }
             row = {"shape": name, "n": n, "k": k, "rows": m}
             for key, (kind, fn) in candidates.items():

@@ -32,13 +32,14 @@ from llama_dist.model.args import ModelArgs  # noqa: E402
 
 
 def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bool = True, tag: str = "",
-         prompt: int = 0, layers: int = 0) -> None:
+         prompt: int = 0, layers: int = 0, quantize: str = "none") -> None:
     """prompt: profile the plain forward pass of a prompt of this many tokens instead of decode steps; layers:
-    only this many of the config's layers (a faster load)."""
+    only this many of the config's layers (a faster load); quantize: the weights' format (int8, int4)."""
     ctx = init_distributed("auto")
     args = ModelArgs.from_params_json(CONFIGS / f"{config}.json")
     source = RandomSource(dataclasses.replace(args, n_layers=layers) if layers else args, ctx.device)
-    runner = load_runner(source, ctx, LoadConfig(dtype="bfloat16", n_ctx=1024, max_batch_size=1, compile=compile),
+    runner = load_runner(source, ctx, LoadConfig(dtype="bfloat16", n_ctx=1024, max_batch_size=1, compile=compile,
+                                                          quantize=quantize),
                          progress=False)
     decode = runner.decode
     token, pos = torch.zeros(1, 1, dtype=torch.long, device=ctx.device), 16
@@ -75,8 +76,8 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bo
     gpu_ms = sum(us for us, _ in kernels.values()) / 1e3
     device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     per = "pass" if prompt else "token"
-    result = {"config": config, "tp": ctx.tp_size, "compile": compile, "tag": tag, "device": device,
-              "prompt": prompt, "layers": layers or args.n_layers,
+    result = {"config": config, "tp": ctx.tp_size, "compile": compile, "quantize": quantize, "tag": tag,
+              "device": device, "prompt": prompt, "layers": layers or args.n_layers,
               f"wall_ms_per_{per}": wall * 1e3, f"host_issue_ms_per_{per}": issue / steps * 1e3,
               f"gpu_kernel_ms_per_{per}": gpu_ms, f"kernels_per_{per}": sum(n for _, n in kernels.values()),
               "top_kernels": [{"name": name[:90], f"us_per_{per}": round(us, 1), f"calls_per_{per}": round(n, 1)}

@@ -77,6 +77,15 @@ for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 1000)):
     ref = x @ (q.float() * s[:, None]).t()
     got = torch.ops.llama_dist.int8_matmul(x, q, s)
     assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5 * ref.abs().max(), (rows, n, k)
+# whole matrices dequantized for a prompt's product: int8 values as they are, int4 words to the very values of
+# the reference dequantization (ragged tiles in both dimensions)
+for n, k in ((40, 288), (9, 1024)):
+    q, s = int8_quantize(torch.randn(n, k, generator=g))
+    assert torch.equal(torch.ops.llama_dist.dequantize(q, s, torch.float32), q.float())
+    q, scales, zeros = int4_quantize(torch.randn(n, k, generator=g), 32)
+    sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    got = torch.ops.llama_dist.dequantize(int4_words(q), sz, torch.float32)
+    assert torch.equal(got, int4_dequantize(q, scales, zeros)), (n, k)
 print("ok")
 """
 
@@ -299,7 +308,7 @@ for kernels in (Kernels("triton", gemv=True, row_kernels=True, quantized=True), 
             logits[name] = torch.cat([model(rows[:, i:i + 1], i) for i in range(rows.shape[1])], dim=1)
         err = (logits["fused"] - logits["plain"]).abs().max() / logits["plain"].abs().max()
         assert err < 1e-5, (kernels, len(rows), err)
-    want = plain(prompt, 0)  # more rows than the tensor-core kernel takes: the plain product
+    want = plain(prompt, 0)  # more rows than the tensor-core kernel takes: the dequantized matrix's product
     assert (fused(prompt, 0) - want).abs().max() < 1e-5 * want.abs().max(), kernels
 print("ok")
 """

@@ -21,9 +21,10 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
 - symm_mem: tensor-parallel ranks decoding one row through the one-row kernels sum their partial products in
   those kernels, through peer slots in symmetric memory (PeerReducedTransformer), not by all-reduces between
   them; compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the communicator).
-- quantized: int8 weights multiply through our Triton kernels (one row, and a batch's few rows on tensor
-  cores, converting the weights in registers: quant_matmul.py) instead of a converted copy each call; off
-  with the matmul kernel's setting (LLAMA_DIST_GEMV=0).
+- quantized: int8 and int4 weights multiply through our Triton kernels (quant_matmul.py: one row; int8's few
+  rows on tensor cores, converting the weights in registers; a prompt's rows through the matrix dequantized by
+  one kernel, then cuBLAS) instead of a converted copy made by several PyTorch operations or PyTorch's int4
+  kernel; off with the matmul kernel's setting (LLAMA_DIST_GEMV=0).
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from .. import csrc
 from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
 from ..parallel.layers import ShardedWeight
-from ..quant.weights import Int8Weight
+from ..quant.weights import Int4Weight, Int8Weight
 from . import decode_attention, gemv, packed_attention, quant_matmul, rows
 from .fused import (CppDecodeTransformer, CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear,
                     PeerReducedTransformer, TritonPromptAttention)
@@ -101,6 +102,8 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
             weight = layer.qweight if isinstance(layer, ShardedWeight) else None
             if type(weight) is Int8Weight:  # (a tied one is seen twice)
                 _specialise(weight, quant_matmul.TritonInt8Weight)
+            elif type(weight) is Int4Weight and weight.gemv_operands() is not None:
+                _specialise(weight, quant_matmul.TritonInt4Weight)
     if kernels.symm_mem and kernels.gemv and not on_cpu and PeerReducedTransformer.runs(model):
         peer = model.comm.peer_slots(2 * len(model.layers), model.args.dim, model.act_dtype, model.device)
         if peer is not None:

@@ -1,23 +1,25 @@
-"""int8 weights' products on CUDA through our Triton kernels, installed over quant/weights.Int8Weight (which on
-its own converts the matrix on every call): one row through the one-row kernel (gemv.py, which the fused decode
-block also calls with its norms and residuals folded in); a decode step of a few rows through a tensor-core
-kernel that converts weight tiles in registers, so a batch reads the int8 weights once, as one row does; a long
-prompt's rows through the converted matrix and cuBLAS (there the product's arithmetic outweighs the conversion:
-benchmarks/RESULTS.md, "Quantized GPU kernels").
-
-int4 takes PyTorch's packed CUDA kernel for several rows (ours were slower: same section); one row goes through
-the one-row kernel (gemv.py), which reads int4 words.
+"""Quantized weights' products on CUDA through our Triton kernels, installed over quant/weights.Int8Weight and
+Int4Weight. One row goes through the one-row kernel (gemv.py, which the fused decode block also calls with its
+norms and residuals folded in). A prompt's rows (many) go through the matrix dequantized by one element-wise
+kernel into a scratch copy, then cuBLAS: there the product's arithmetic outweighs the conversion, and cuBLAS's
+bf16 GEMM is far faster than a tensor-core kernel converting tiles in registers (ours reached a quarter of it)
+or PyTorch's int4 kernel (benchmarks/RESULTS.md, "Quantized prompts"). A decode step's few rows: int8 through
+our tensor-core kernel, which converts weight tiles in registers, so a batch reads the int8 weights once, as
+one row does; int4 through PyTorch's packed kernel up to INT4_PACKED_ROWS rows, beyond that the dequantized
+matrix (same section).
 """
 from __future__ import annotations
 
 import functools
 
 import torch
+import torch.nn.functional as F
 
-from ..quant.weights import Int8Weight
+from ..quant.weights import Int4Weight, Int8Weight
 from . import gemv
 
-DOT_ROWS = 64  # up to this many rows the tensor-core kernel; more: the converted matrix and cuBLAS
+DOT_ROWS = 64  # int8: up to this many rows the tensor-core kernel; more: the dequantized matrix and cuBLAS
+INT4_PACKED_ROWS = 16  # int4: up to this many rows PyTorch's packed kernel; more: the dequantized matrix and cuBLAS
 
 
 @functools.cache
@@ -25,7 +27,7 @@ def load() -> bool:
     """Define the kernels and their ops (Triton imported only now). False where Triton is missing."""
     if not gemv.load():
         return False
-    from . import quant_matmul_triton  # noqa: F401  (registers llama_dist::int8_matmul)
+    from . import quant_matmul_triton  # noqa: F401  (registers llama_dist::int8_matmul, ::dequantize)
     return True
 
 
@@ -36,6 +38,20 @@ class TritonInt8Weight(Int8Weight):
             y = gemv.gemv(flat, self.q, self.scales)
         elif flat.shape[0] <= DOT_ROWS:
             y = torch.ops.llama_dist.int8_matmul(flat.contiguous(), self.q, self.scales)
+        else:  # the plain module's arithmetic, with a faster conversion
+            y = F.linear(flat, torch.ops.llama_dist.dequantize(self.q, self.scales, flat.dtype)) * self.scales
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class TritonInt4Weight(Int4Weight):
+    """int4 groups of 32 on CUDA (those with words)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
+        if flat.shape[0] == 1:
+            y = gemv.gemv(flat, self.words, self.scales_zeros)
+        elif flat.shape[0] > INT4_PACKED_ROWS:
+            y = F.linear(flat, torch.ops.llama_dist.dequantize(self.words, self.scales_zeros, flat.dtype))
         else:
             return super().forward(x)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -30,6 +30,42 @@ def _int8_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, ROWS_BUCKET,
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
+@triton.jit
+def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Rows `rows` of the int4 matrix over inputs k0..k0+BLOCK_K as fp32 values [BLOCK_N, BLOCK_K], from words
+    [N, K / 8] (byte b of word j: input 8j + b in its low nibble, 8j + 4 + b in its high one) and (scale, zero)
+    [K / 32, N, 2]: value = (q - 8) * scale + zero. Whole words and one pair per group are loaded (an
+    element-wise kernel that loads a word per value ran at half the speed)."""
+    j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(w_ptr + rows[:, None] * (K // 8) + j[None, :], mask=row_ok[:, None] & (j < K // 8)[None, :],
+                    other=0)
+    i = tl.arange(0, 8)  # input 8j + i sits at bit 8 (i % 4) + 4 (i // 4) of word j
+    q = (words[:, :, None] >> (8 * (i % 4) + 4 * (i // 4))[None, None, :]) & 0xF
+    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    at = sz_ptr + (groups[None, :] * N + rows[:, None]) * 2
+    ok = row_ok[:, None] & (groups < K // 32)[None, :]  # (a masked pair read past the end could be a NaN)
+    scale = tl.load(at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+    zero = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)[:, :, None]
+    q = tl.reshape(_exact_float(q), (BLOCK_N, BLOCK_K // 32, 32))
+    return tl.reshape((q - 8.0) * scale + zero, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """y [N, K] = int8 W's values (exact; its row scales are left to multiply the product), or the int4 matrix's
+    from its words and group pairs (_int4_tile)."""
+    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k0 = tl.program_id(1) * BLOCK_K
+    ks = k0 + tl.arange(0, BLOCK_K)
+    ok = (rows < N)[:, None] & (ks < K)[None, :]
+    if INT4:
+        y = _int4_tile(w_ptr, sz_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
+    else:
+        y = _exact_float(tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=ok, other=0).to(tl.int32))
+    tl.store(y_ptr + rows[:, None] * K + ks[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
 def _fits(configs, named_args, **kwargs):
     """No more rows to a tile than the bucket needs."""
     rows = {**named_args, **kwargs}["ROWS_BUCKET"]
@@ -40,12 +76,16 @@ _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_war
             for bm, bn, bk, w in ((16, 64, 128, 4), (16, 128, 128, 4), (16, 64, 256, 4), (32, 64, 128, 4),
                                   (32, 128, 128, 4), (64, 64, 128, 4), (64, 128, 128, 8))
             for s in (3, 4)]
+_DEQUANTIZE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
+                       for bn, bk, w in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (32, 256, 8))]
 if INTERPRETED:  # the interpreter cannot time configs: one tile
     _int8_matmul, _FIXED = _int8_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
+    _dequantize, _DEQUANTIZE_FIXED = _dequantize_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
     _int8_matmul = triton.autotune(configs=_CONFIGS, key=["ROWS_BUCKET", "N", "K"],
                                    prune_configs_by={"early_config_prune": _fits})(_int8_matmul_kernel)
-    _FIXED = {}
+    _dequantize = triton.autotune(configs=_DEQUANTIZE_CONFIGS, key=["N", "K", "INT4"])(_dequantize_kernel)
+    _FIXED, _DEQUANTIZE_FIXED = {}, {}
 
 
 @torch.library.triton_op("llama_dist::int8_matmul", mutates_args={})
@@ -56,4 +96,16 @@ def int8_matmul_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> to
     bucket = min(MAX_ROWS_BUCKET, triton.next_power_of_2(m))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
     torch.library.wrap_triton(_int8_matmul)[grid](x, q, scales, y, m, n, k, bucket, **_FIXED)
+    return y
+
+
+@torch.library.triton_op("llama_dist::dequantize", mutates_args={})
+def dequantize_op(w: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The matrix [N, K] in `dtype`: int8 W [N, K]'s values as they are (scales_zeros unused), or int4 words
+    [N, K / 8] (int32) with (scale, zero) per group of 32 [K / 32, N, 2] dequantized."""
+    int4 = w.dtype == torch.int32
+    n, k = (w.shape[0], 8 * w.shape[1]) if int4 else w.shape
+    y = torch.empty((n, k), dtype=dtype, device=w.device)
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    torch.library.wrap_triton(_dequantize)[grid](w, scales_zeros, y, n, k, INT4=int4, **_DEQUANTIZE_FIXED)
     return y

@@ -8,8 +8,8 @@ Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks for our C++ block matmul 
 (csrc/block_matmul.cpp), as GGUF's Q4_0 and Q8_0 tensors stay Q4_0 and Q8_0 blocks (each in row groups of 16
 rows interleaved); without that kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
 `_weight_int4pack_mm_for_cpu`). On CUDA int4 takes `_weight_int4pack_mm`, with groups of 32 also kept as
-words for our one-row kernel (kernels/gemv.py), and int8 our Triton kernels (kernels/quant_matmul.py, installed
-over Int8Weight); elsewhere the matrix is dequantized on the fly.
+words for our kernels (one row, and prompts dequantized from them: kernels/quant_matmul.py, installed over
+Int4Weight and Int8Weight); elsewhere the matrix is dequantized on the fly.
 Quantization happens after sharding, on each rank's own slice.
 """
 from __future__ import annotations
