@@ -50,9 +50,18 @@ def test_two_compiled_models_in_one_process_keep_their_own_graphs(tiny_checkpoin
     assert (got - second_eager.model(tokens, 3)).abs().max() < 1e-5
 
 
-def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int]) -> list[list[int]]:
+def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int], **options) -> list[list[int]]:
     """Greedy answers of the serving engine to prompts submitted together (continuous batching)."""
-    engine = Engine(llama, max_batch=llama.model.max_batch_size)
+    engine = Engine(llama, max_batch=llama.model.max_batch_size, **options)
+    folds = engine._folds
+    engine.folded_steps = 0
+
+    def count(*args) -> bool:
+        folded = folds(*args)
+        engine.folded_steps += folded
+        return folded
+
+    engine._folds = count
     loop = threading.Thread(target=engine.run, daemon=True)
     loop.start()
     answers, finished = [[] for _ in prompts], queue.Queue()
@@ -71,6 +80,7 @@ def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int]) 
     assert all(e["type"] == "done" for e in events), events
     engine.stopping.set()
     loop.join(timeout=60)
+    assert engine.folded_steps if options.get("fold_decode") else not engine.folded_steps
     return answers
 
 
@@ -85,6 +95,18 @@ def test_compiled_server_steps_equal_eager(tiny_checkpoints, sp_tokenizer, monke
     expected = _engine_answers(eager, prompts, lengths)
     assert sum(len(a) for a in expected) >= 30  # (a random model stops some rows early, at its end token)
     assert _engine_answers(compiled, prompts, lengths) == expected
+
+
+def test_decode_rows_folded_into_prompt_passes_answer_as_decode_steps(tiny_checkpoints, sp_tokenizer):
+    """Decode rows that join a step's prompt pass as runs of one token (what GPUs do where that pass is a CUDA
+    graph) choose the tokens separate decode steps choose: more requests than slots, and prompts read in
+    chunks of 4, so most steps read a prompt while other rows decode."""
+    prompts = [[5 + i, 9, 13 + i][: 1 + i % 3] + [7] * (i % 5) * 2 for i in range(10)]
+    lengths = [4 + (i * 5) % 11 for i in range(10)]
+    llama = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=4)
+    expected = _engine_answers(llama, prompts, lengths, prefill_chunk=4, fold_decode=False)
+    assert sum(len(a) for a in expected) >= 40
+    assert _engine_answers(llama, prompts, lengths, prefill_chunk=4, fold_decode=True) == expected
 
 
 def test_batch_buckets_are_powers_of_two_within_the_cache():

@@ -60,7 +60,7 @@ class Runner:
         slots, starts, ids = zip(*chunks)
         lengths = tuple(map(len, ids))
         ends = run_ends(slots, starts, lengths)
-        if self.prompt_graphs is not None and self.prompt_graphs.holds(sum(lengths), len(ends)):
+        if self.prompt_pass_graphed(sum(lengths), len(ends)):
             logits = self.prompt_graphs(slots, starts, list(ids))
         else:
             tokens = torch.tensor([[t for part in ids for t in part]], device=device)
@@ -69,6 +69,11 @@ class Runner:
         for end, row in zip(ends, logits):
             out[end] = row
         return out
+
+    def prompt_pass_graphed(self, n_tokens: int, n_runs: int) -> bool:
+        """Whether prefill() of this many tokens in this many runs replays one graph (so decode rows, as runs of
+        one token, can join a step's prompt pass for little more than the pass's own time)."""
+        return self.prompt_graphs is not None and self.prompt_graphs.holds(n_tokens, n_runs)
 
     def decode(self, tokens: torch.Tensor, pos: int | list[int], slots: torch.Tensor | None = None) -> torch.Tensor:
         """Logits [B, 1, vocab] on every rank for one token per row [B, 1] at pos (an int, or one per row), by

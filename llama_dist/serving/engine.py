@@ -9,6 +9,11 @@ IDLE_PREFILL_TOKENS: a burst of new requests is read at once). Chunks end at fix
 of prefill_chunk), decode attention takes each row alone, and rank 0 samples each request with its own
 generator, so an answer does not depend on what else is running or was cached. Rank 0 streams text to
 each request's listener and frees the slot when the request stops or its client goes away.
+
+Where the prompt pass replays a CUDA graph (GPUs), a step's decode rows join its prompt chunks in that one
+pass, as runs of one token: a separate decode step would read every weight a second time, and with requests
+arriving continually about every other step reads a prompt. (GPUs make no promise that a row's bits do not
+depend on its batch: cuBLAS picks kernels by shape. CPUs keep the two passes, whose per-row arithmetic is.)
 """
 from __future__ import annotations
 
@@ -154,8 +159,10 @@ class StepPlan:
 
 class Engine:
     def __init__(self, llama: Llama, max_batch: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int = PREFILL_CHUNK, fold_decode: bool | None = None):
+        """fold_decode: decode rows join a step's prompt pass (None: where that pass replays a CUDA graph)."""
         self.llama, self.runner, self.model, self.ctx = llama, llama.runner, llama.model, llama.ctx
+        self.fold_decode = fold_decode
         self.max_batch = min(max_batch or self.model.max_batch_size, self.model.max_batch_size)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk}: a step must read at least one prompt token.")
@@ -356,21 +363,37 @@ class Engine:
                 self.metrics.prompt_tokens.inc(len(ids))
                 r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
                 self._finish(r, "embedding")
-        if plan.prefill:
+        chunks = [(c.slot, c.start, c.ids) for c in plan.prefill]
+        fold = self._folds(chunks, len(plan.decode))
+        folded = [(slot, position, [token]) for slot, token, position in plan.decode] if fold else []
+        if chunks:
             start = time.perf_counter()
-            logits = self.runner.prefill([(c.slot, c.start, c.ids) for c in plan.prefill])
+            logits = self.runner.prefill(chunks + folded)
             if driver:
-                self._prompts_read(plan.prefill, logits, start)
+                self._prompts_read(plan.prefill, logits[:len(chunks)], start)
         if plan.decode:
-            slots, tokens, positions = zip(*plan.decode)
-            logits = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
-                                        torch.tensor(slots, device=device))
+            slots = [slot for slot, _, _ in plan.decode]
+            if folded:
+                rows = torch.stack(logits[len(chunks):])
+            else:
+                tokens, positions = zip(*[(token, position) for _, token, position in plan.decode])
+                rows = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
+                                          torch.tensor(slots, device=device))[:, -1]
             if driver:
-                rows = logits[:, -1]
                 likeliest = self._likeliest(rows, [self.running.get(slot) for slot in slots])
                 for i, slot in enumerate(slots):
                     if slot in self.running:
                         self._safely(self.running[slot], rows[i], likeliest[i])
+
+    def _folds(self, chunks: list[tuple[int, int, list[int]]], n_decode: int) -> bool:
+        """Whether this step's decode rows join its prompt pass (the same answer on every rank: the plan and the
+        runner are the same everywhere)."""
+        if not chunks or not n_decode:
+            return False
+        if self.fold_decode is None:  # (each chunk is at most a run, each decode row one)
+            return self.runner.prompt_pass_graphed(sum(len(ids) for _, _, ids in chunks) + n_decode,
+                                                   len(chunks) + n_decode)
+        return self.fold_decode
 
     def _prompts_read(self, chunks: list[Chunk], logits: list[torch.Tensor | None], start: float) -> None:
         """Rank 0 after a prefill pass: the prompts read to their end choose their first token."""
