@@ -8,11 +8,12 @@ import torch
 
 from llama_dist.checkpoint.config import LoadConfig
 from llama_dist.checkpoint.loader import load_model, open_checkpoint
-from llama_dist.checkpoint.shard import full_shape, param_names
-from llama_dist.checkpoint.source import StateDictSource
+from llama_dist.checkpoint.shard import ShardLayout, full_shape, param_names
+from llama_dist.checkpoint.source import QuantizedShard, StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.checkpoint.bundled import bundled_model_path
 from llama_dist import csrc
+from llama_dist.parallel.layers import ShardedWeight
 from llama_dist.quant.weights import Int4Weight, Int8Weight, int4_dequantize, int4_quantize
 
 from .helpers import ROOT, WORKERS, check_all_ok, launch_ranks
@@ -138,6 +139,38 @@ def test_gguf_weights_stay_quantized_near_file_size():
     layer = model.layers["0"].feed_forward.w2.qweight
     x = torch.randn(3, w.shape[1])
     assert (layer(x) - x @ w.t()).abs().max() / (x @ w.t()).abs().max() < 1e-2
+
+
+def test_gguf_blocks_stay_8_bit_where_the_cpu_block_kernels_do_not_run(monkeypatch):
+    """Where the CPU block kernels do not run (GPUs, or a CPU without a compiler), a GGUF's Q8_0 tensors become
+    int8 rows with a scale each, which the GPU kernels read, not dense matrices: SmolLM2's Q8_0 embedding and
+    the output tied to it are one int8 table, every matrix stays quantized, the values within a per-row step."""
+    monkeypatch.setattr(csrc, "available", lambda: False)
+    ctx = init_distributed()
+    source = open_checkpoint(bundled_model_path())
+    model = load_model(source, ctx, LoadConfig(n_ctx=64, max_batch_size=1), progress=False)
+    table = model.tok_embeddings.qweight
+    assert type(table) is Int8Weight and model.output.qweight is table
+    assert all(m.qweight is not None for m in model.modules() if isinstance(m, ShardedWeight))
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}
+    assert sum(t.nbytes for t in unique.values()) <= 1.5 * bundled_model_path().stat().st_size
+    w = source.read("tok_embeddings.weight", ShardLayout(None))  # the Q8_0 blocks' values
+    ids = torch.arange(0, w.shape[0], 97)
+    step = w[ids].abs().amax(dim=1, keepdim=True) / 127  # (half a step of rounding, the scale's bf16 rounding)
+    assert ((table.rows(ids) - w[ids]).abs() <= step).all()
+
+
+def test_other_block_types_become_int8_rows_within_half_a_step():
+    """A GGML type no kernel reads (Q6_K here) requantized as int8 rows: within half a step of each row's scale."""
+    g = torch.Generator().manual_seed(0)
+    raw = torch.randint(0, 256, (8, 2 * 210), dtype=torch.uint8, generator=g)  # 8 rows of two Q6_K blocks
+    blocks = raw.view(8, 2, 210)
+    blocks[..., 208:] = torch.tensor([0.01], dtype=torch.float16).view(torch.uint8)  # each block's d, as a file's
+    stored = QuantizedShard("ggml", raw, ggml_type="Q6_K")
+    values, int8 = stored.values(), stored.as_int8()
+    assert int8.kind == "int8" and int8.q.dtype == torch.int8 and int8.q.shape == values.shape == (8, 512)
+    step = values.abs().amax(dim=1, keepdim=True) / 127
+    assert ((int8.values() - values).abs() <= step / 2 * (1 + 1e-5)).all()
 
 
 def test_int4_7b_layer_weights_under_0_3_of_bf16():

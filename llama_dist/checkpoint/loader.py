@@ -10,7 +10,7 @@ from ..distributed.context import ParallelContext
 from ..model.transformer import Transformer
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
 from .. import csrc
-from ..quant.ggml import AS_Q4_1
+from ..quant.ggml import BLOCK_TYPES
 from ..quant.weights import QUANT_TYPES, QuantizedWeight, quantize_weight, quantized_from_shards
 from .bundled import resolve_model
 from .config import LoadConfig
@@ -60,8 +60,8 @@ def quant_act_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
 
 
 def stores_quantized(source: CheckpointSource) -> bool:
-    if isinstance(source, GGUFCheckpoint):
-        return any(t in AS_Q4_1 for t in source.tensor_types())
+    if isinstance(source, GGUFCheckpoint):  # any GGML block type
+        return any(BLOCK_TYPES[t][0] > 1 for t in source.tensor_types() if t in BLOCK_TYPES)
     return bool(getattr(source, "quantization", None))
 
 
@@ -118,9 +118,10 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
                      act_dtype: torch.dtype, ctx: ParallelContext) -> QuantizedWeight | None:
     """This rank's slice of a linear or embedding weight, quantized; None keeps it dense.
 
-    "auto" keeps what the checkpoint stores quantized (GGUF Q4 blocks, Q8_0 blocks on CPUs, our quantized
-    checkpoints; on CPUs other GGML block types, fused matrices of mixed types and 4-bit embedding tables become
-    Q8_0 blocks, QuantizedShard.as_q8_0);
+    "auto" keeps what the checkpoint stores quantized (GGUF Q4 blocks, Q8_0 blocks where the CPU block kernels
+    run, our quantized checkpoints); other GGML block types (Q6_K, ...), fused matrices of mixed types and 4-bit
+    embedding tables become Q8_0 blocks there (QuantizedShard.as_q8_0), and elsewhere (GPUs), with Q8_0 too,
+    int8 with a scale per row (as_int8), which the GPU kernels read;
     "int8"/"int4" quantize the (dequantized) weights after sharding. Embeddings are looked up by row, so they
     are only ever int8 (one scale per row, or GGUF Q8_0 blocks).
     """
@@ -135,8 +136,9 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
         four_bit = {"int4", "q4_1", "q4_0"}
         if len(kinds) > 1 and kinds <= four_bit:  # parts of one fused matrix in different 4-bit forms
             stored = [s.as_int4() if "int4" in kinds else s.as_q4_1() for s in stored]
-        elif q8_0_kernel and (len(kinds) > 1 or "ggml" in kinds or (is_embedding and kinds <= four_bit)):
-            stored = [s.as_q8_0() for s in stored]
+        elif (len(kinds) > 1 or "ggml" in kinds or (is_embedding and kinds <= four_bit)
+              or ("q8_0" in kinds and not q8_0_kernel)):
+            stored = [s.as_q8_0() if q8_0_kernel else s.as_int8() for s in stored]
         kind = stored[0].kind
         # Q8_0 blocks stay quantized where the CPU block kernel reads them; elsewhere they load dense
         readable = len({s.kind for s in stored}) == 1 and kind != "ggml" and (kind != "q8_0" or q8_0_kernel)

@@ -9,7 +9,7 @@ import torch
 
 from ..model.args import ModelArgs
 from ..quant.ggml import as_q4_1_rows, dequantize_rows, int4_groups_rows
-from ..quant.weights import int4_dequantize, q8_0_quantize
+from ..quant.weights import int4_dequantize, int8_quantize, q8_0_quantize
 from .shard import ShardLayout
 
 
@@ -45,17 +45,23 @@ class QuantizedShard:
         the GGML types without a kernel of their own (Q6_K, Q5_K, ...), for the parts of a fused matrix stored in
         different types (Q4_K_M files give attn_v more bits than attn_q), and for 4-bit embedding tables (looked
         up by row). The values move by at most half a step of 8 bits per block, finer than the 4-6 bit sources."""
-        if self.kind == "q8_0":
-            return self
+        return self if self.kind == "q8_0" else QuantizedShard("q8_0", q8_0_quantize(self.values()), group_size=32)
+
+    def as_int8(self) -> "QuantizedShard":
+        """Requantized as int8 with one scale per row: what as_q8_0 is for devices without the CPU block kernels
+        (GPUs, whose int8 kernels read this), so such weights stay 8-bit instead of loading dense. The values
+        move by at most half a step of 8 bits over the row's largest value."""
+        return self if self.kind == "int8" else QuantizedShard("int8", *int8_quantize(self.values()))
+
+    def values(self) -> torch.Tensor:
+        """The weights this slice stores, float32 [out, in]."""
         if self.kind == "ggml":
-            values = dequantize_rows(self.q, self.ggml_type)
-        elif self.kind in ("q4_1", "q4_0"):
-            values = dequantize_rows(self.q, self.kind.upper())
-        elif self.kind == "int4":
-            values = int4_dequantize(self.q, self.scales, self.zeros)
-        else:
-            values = self.q.float() * self.scales.float()[:, None]
-        return QuantizedShard("q8_0", q8_0_quantize(values), group_size=32)
+            return dequantize_rows(self.q, self.ggml_type)
+        if self.kind in ("q4_1", "q4_0", "q8_0"):
+            return dequantize_rows(self.q, self.kind.upper())
+        if self.kind == "int4":
+            return int4_dequantize(self.q, self.scales, self.zeros)
+        return self.q.float() * self.scales.float()[:, None]
 
 
 class CheckpointSource(Protocol):

@@ -1,0 +1,77 @@
+"""The serving engine's own host time per step, without HTTP: what a GPU server spends in Python between the
+GPU's passes (planning, choosing and detokenizing each request's token, its events).
+
+    python benchmarks/engine_host.py [--model smollm2 --clients 32 --requests 96 --tokens 64]
+
+Drives the Engine in-process with greedy requests (ignore_eos, ~40-token prompts, `clients` at a time), and
+subtracts the time spent inside the runner's passes (the model's arithmetic, here on the CPU) from the
+engine loop's wall time. Prints host ms per step and per generated token, and the steps' mean rows.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import fire
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_dist import Llama  # noqa: E402
+from llama_dist.generation.sampling import SamplingParams  # noqa: E402
+from llama_dist.serving.engine import Engine, Request  # noqa: E402
+
+WORDS = "river stone light garden market winter paper engine silver forest quiet number window music".split()
+
+
+def main(model: str = "smollm2", clients: int = 32, requests: int = 96, tokens: int = 64, words: int = 40) -> None:
+    llama = Llama.build(model, max_seq_len=512, max_batch_size=clients)
+    engine = Engine(llama, max_batch=clients, max_queue=requests)
+    runner, inside = engine.runner, [0.0, 0]
+
+    def timed(method):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                inside[0] += time.perf_counter() - start
+                inside[1] += 1
+        return run
+
+    runner.prefill, runner.decode = timed(runner.prefill), timed(runner.decode)
+    prompts = [llama.tokenizer.encode(" ".join(WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(words))
+                                      + f" {i}", bos=True, eos=False) for i in range(requests)]
+    finished, generated = threading.Semaphore(0), [0]
+
+    def on_event(event: dict) -> None:
+        if event["type"] == "token":
+            generated[0] += len(event["tokens"])
+        elif event["type"] in ("done", "error"):
+            finished.release()
+
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    start = time.perf_counter()
+    for ids in prompts:
+        while True:  # keep `clients` requests in the engine, as that many clients would
+            if engine.waiting.qsize() + len(engine.running) < clients:
+                break
+            time.sleep(0.0005)
+        engine.submit(Request(ids, SamplingParams(temperature=0.0), tokens, on_event=on_event, ignore_eos=True))
+    for _ in prompts:
+        finished.acquire()
+    wall = time.perf_counter() - start
+    engine.stopping.set()
+    loop.join(timeout=60)
+    host = wall - inside[0]
+    result = {"model": model, "clients": clients, "requests": requests, "tokens": tokens, "passes": inside[1],
+              "generated": generated[0], "wall_s": round(wall, 3), "runner_s": round(inside[0], 3),
+              "host_ms_per_pass": round(1e3 * host / inside[1], 3),
+              "host_us_per_token": round(1e6 * host / max(generated[0], 1), 1)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    fire.Fire(main)
