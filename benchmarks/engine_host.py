@@ -2,10 +2,12 @@
 GPU's passes (planning, choosing and detokenizing each request's token, its events).
 
     python benchmarks/engine_host.py [--model smollm2 --clients 32 --requests 96 --tokens 64]
+    python benchmarks/engine_host.py --model /tmp/serve-7b --tokenizer T.gguf      # GPU: serve_gpu.py's files
 
 Drives the Engine in-process with greedy requests (ignore_eos, ~40-token prompts, `clients` at a time), and
 subtracts the time spent inside the runner's passes (the model's arithmetic, here on the CPU) from the
-engine loop's wall time. Prints host ms per step and per generated token, and the steps' mean rows.
+engine loop's wall time (on GPUs each pass is synchronised, so its GPU time counts as the pass's). Prints host
+ms per pass and us per generated token.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import time
 from pathlib import Path
 
 import fire
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist import Llama  # noqa: E402
@@ -25,8 +28,10 @@ from llama_dist.serving.engine import Engine, Request  # noqa: E402
 WORDS = "river stone light garden market winter paper engine silver forest quiet number window music".split()
 
 
-def main(model: str = "smollm2", clients: int = 32, requests: int = 96, tokens: int = 64, words: int = 40) -> None:
-    llama = Llama.build(model, max_seq_len=512, max_batch_size=clients)
+def main(model: str = "smollm2", tokenizer: str | None = None, clients: int = 32, requests: int = 96,
+         tokens: int = 64, words: int = 40, max_seq_len: int = 512) -> None:
+    """model and tokenizer as `serve` takes them (a GPU: serve_gpu.py's checkpoint and tokenizer file)."""
+    llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=clients)
     engine = Engine(llama, max_batch=clients, max_queue=requests)
     runner, inside = engine.runner, [0.0, 0]
 
@@ -34,7 +39,10 @@ def main(model: str = "smollm2", clients: int = 32, requests: int = 96, tokens: 
         def run(*args, **kwargs):
             start = time.perf_counter()
             try:
-                return method(*args, **kwargs)
+                out = method(*args, **kwargs)
+                if llama.ctx.device.type == "cuda":  # the pass's GPU time counts as the pass's, not the host's
+                    torch.cuda.synchronize()
+                return out
             finally:
                 inside[0] += time.perf_counter() - start
                 inside[1] += 1
