@@ -1,9 +1,11 @@
-"""A TinyLlama-1.1B-shaped GGUF with random weights, written by the gguf package, for CPU benchmarks beyond SmolLM2.
+"""A TinyLlama-1.1B-shaped GGUF with random weights, written by the gguf package, for CPU benchmarks beyond SmolLM2
+(or Llama-2-7B-shaped, for GPU ones: issue 23's Q4_K_M file against our int4).
 
-    python benchmarks/tinyllama_gguf.py OUT.gguf [--qtype Q4_0|Q4_K_M]
+    python benchmarks/tinyllama_gguf.py OUT.gguf [--qtype Q4_0|Q4_K_M] [--shape tinyllama|llama-2-7b]
+    python benchmarks/gpu_decode.py --model OUT.gguf --hf False --compile False   # then, on a GPU
 
-22 layers, dim 2048, 32 heads / 4 kv heads, hidden 5632, vocab 32000 (a SentencePiece-style vocabulary of
-byte tokens and letter pieces). The quantized tensors are random blocks of their GGML type (random codes,
+TinyLlama: 22 layers, dim 2048, 32 heads / 4 kv heads, hidden 5632; Llama-2-7B: 32 layers, dim 4096, 32 heads,
+hidden 11008; vocab 32000 (a SentencePiece-style vocabulary of byte tokens and letter pieces). The quantized tensors are random blocks of their GGML type (random codes,
 scales chosen so activations stay in range), typed as llama.cpp's quantizer types them: Q4_0 files keep
 output.weight in Q6_K; Q4_K_M files are Q4_K with Q6_K for output.weight and for attn_v / ffn_down of the
 layers llama.cpp gives more bits (its use_more_bits rule). Norms are float32.
@@ -16,7 +18,8 @@ import string
 
 import numpy as np
 
-SHAPE = dict(n_layers=22, dim=2048, n_heads=32, n_kv_heads=4, hidden=5632, vocab=32000)
+SHAPES = {"tinyllama": dict(n_layers=22, dim=2048, n_heads=32, n_kv_heads=4, hidden=5632, vocab=32000),
+          "llama-2-7b": dict(n_layers=32, dim=4096, n_heads=32, n_kv_heads=32, hidden=11008, vocab=32000)}
 # bytes per block and weights per block of each GGML type written here
 BLOCKS = {"Q4_0": (18, 32), "Q4_K": (144, 256), "Q6_K": (210, 256)}
 
@@ -61,10 +64,9 @@ def random_blocks(rng: np.random.Generator, qtype: str, rows: int, cols: int) ->
     return blocks.reshape(rows, -1)
 
 
-def tensors(qtype: str, seed: int = 0):
-    """(name, array, GGML type name) for every tensor of the model."""
+def tensors(qtype: str, s: dict, seed: int = 0):
+    """(name, array, GGML type name) for every tensor of a model of shape s."""
     rng = np.random.default_rng(seed)
-    s = SHAPE
     base = "Q4_0" if qtype == "Q4_0" else "Q4_K"
     head_dim = s["dim"] // s["n_heads"]
     kv = s["n_kv_heads"] * head_dim
@@ -86,12 +88,12 @@ def tensors(qtype: str, seed: int = 0):
     yield "output.weight", random_blocks(rng, "Q6_K", s["vocab"], s["dim"]), "Q6_K"
 
 
-def write(path: str, qtype: str = "Q4_0") -> str:
+def write(path: str, qtype: str = "Q4_0", shape: str = "tinyllama") -> str:
     import gguf
 
-    s = SHAPE
+    s = SHAPES[shape]
     w = gguf.GGUFWriter(path, "llama")
-    w.add_name(f"TinyLlama-1.1B-shaped random {qtype}")
+    w.add_name(f"{shape}-shaped random {qtype}")
     w.add_file_type({"Q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "Q4_K_M": gguf.LlamaFileType.MOSTLY_Q4_K_M}[qtype])
     w.add_block_count(s["n_layers"])
     w.add_context_length(2048)
@@ -111,7 +113,7 @@ def write(path: str, qtype: str = "Q4_0") -> str:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
-    for name, array, kind in tensors(qtype):
+    for name, array, kind in tensors(qtype, s):
         raw = None if kind == "F32" else gguf.GGMLQuantizationType[kind]
         w.add_tensor(name, array, raw_dtype=raw)
     w.write_header_to_file()
@@ -125,8 +127,9 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out")
     p.add_argument("--qtype", default="Q4_0", choices=("Q4_0", "Q4_K_M"))
+    p.add_argument("--shape", default="tinyllama", choices=tuple(SHAPES))
     a = p.parse_args()
-    print(write(a.out, a.qtype))
+    print(write(a.out, a.qtype, a.shape))
 
 
 if __name__ == "__main__":

@@ -67,8 +67,7 @@ def chat(prompt: str | list[str] | None = None, model: str = "smollm2", system: 
         from .generation.sampling import SamplingParams
         from .serving.interactive import interactive
 
-        params = SamplingParams(temperature=0.7 if temperature is None else temperature, top_p=top_p, top_k=0,
-                                min_p=0.0)
+        params = SamplingParams.meta(0.7 if temperature is None else temperature, top_p)
         return interactive(*make_configs(model, n_ctx, 1, **options), system, raw, params, max_gen_len)
     prompts = _prompts(prompt)
     llama = Llama.from_config(*make_configs(model, n_ctx, len(prompts), **options), seed=seed)

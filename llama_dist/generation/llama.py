@@ -25,7 +25,7 @@ from ..kernels import Kernels, choose_kernels, install
 from ..runner import Runner, pipeline_stage, row_groups
 from ..tokenizer import Tokenizer, open_tokenizer
 from ..tokenizer.chat import Dialog, encode_dialog
-from .sampling import sample
+from .sampling import SamplingParams, sample
 
 PAD = -1  # never fed to the model: positions past a prompt's end are filled before they are read
 STOP_CHECK_EVERY = 8  # tokens past a stop are computed and discarded; checking less often avoids syncs
@@ -157,6 +157,7 @@ class Llama:
         tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=device)
         for i, p in enumerate(prompt_tokens):
             tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        params = SamplingParams.meta(temperature, top_p)
         batch = _Batch(tokens, tokens != PAD, torch.zeros(bsz, dtype=torch.bool, device=device),
                        torch.tensor(sorted(self.tokenizer.stop_ids), device=device), self.ctx.comm)
         token_logprobs = torch.zeros(bsz, total_len, device=device) if logprobs else None
@@ -169,7 +170,7 @@ class Llama:
                 logits = self.runner.decode(tokens[:, prev_pos:cur_pos], prev_pos)
             else:
                 logits = self.runner.forward(tokens[:, prev_pos:cur_pos], prev_pos, last_only=not logprobs)
-            batch.accept(every_row, cur_pos, sample(logits[:, -1], temperature, top_p, self.generator))
+            batch.accept(every_row, cur_pos, sample(logits[:, -1], params, self.generator))
             if logprobs:
                 token_logprobs[:, prev_pos + 1:cur_pos + 1] = -F.cross_entropy(
                     logits.transpose(1, 2), tokens[:, prev_pos + 1:cur_pos + 1], reduction="none", ignore_index=PAD)
@@ -178,7 +179,7 @@ class Llama:
                 break
         ends = [prev_pos + 1] * bsz  # per row: one past its last filled position
         if interleave and prev_pos + 1 < total_len and not batch.finished(every_row):
-            self._decode_interleaved(batch, prev_pos, total_len, ends, temperature, top_p)
+            self._decode_interleaved(batch, prev_pos, total_len, ends, params)
         out_tokens, out_logprobs = [], []
         for i, n in enumerate(lengths):
             start = 0 if echo else n
@@ -190,14 +191,14 @@ class Llama:
         return out_tokens, (out_logprobs if logprobs else None)
 
     def _decode_interleaved(self, batch: "_Batch", pos: int, total_len: int, ends: list[int],
-                            temperature: float, top_p: float) -> None:
+                            params: SamplingParams) -> None:
         """The rest of a batch on a pipeline: one group of rows per stage, each a step behind the last."""
         device = batch.tokens.device
         groups = row_groups(len(ends), self.runner.stage.count)
 
         def step_done(group: int, p: int, logits: torch.Tensor | None) -> bool:
             rows = groups[group]
-            chosen = (sample(logits[:, -1], temperature, top_p, self.generator) if logits is not None
+            chosen = (sample(logits[:, -1], params, self.generator) if logits is not None
                       else torch.empty(rows.stop - rows.start, dtype=torch.long, device=device))
             batch.accept(rows, p + 1, chosen)
             ends[rows] = [p + 2] * (rows.stop - rows.start)

@@ -1,7 +1,7 @@
 """Quantized weights' products on CUDA through our Triton kernels, installed over quant/weights.Int8Weight and
 Int4Weight. One row goes through the one-row kernel (gemv.py, which the fused decode block also calls with its
-norms and residuals folded in). A prompt's rows (many) go through the matrix dequantized by one element-wise
-kernel into a scratch copy, then cuBLAS: there the product's arithmetic outweighs the conversion, and cuBLAS's
+norms and residuals folded in). A prompt's rows (many) go through the matrix dequantized by one Triton kernel
+into a scratch copy, then cuBLAS: there the product's arithmetic outweighs the conversion, and cuBLAS's
 bf16 GEMM is far faster than a tensor-core kernel converting tiles in registers (ours reached a quarter of it)
 or PyTorch's int4 kernel (benchmarks/RESULTS.md, "Quantized prompts"). A decode step's few rows: int8 through
 our tensor-core kernel, which converts weight tiles in registers, so a batch reads the int8 weights once, as

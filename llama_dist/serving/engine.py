@@ -27,7 +27,7 @@ import torch
 
 from ..generation.constraints import Constraint
 from ..generation.llama import Llama
-from ..generation.sampling import SamplingParams, final_probs, sample_row
+from ..generation.sampling import SamplingParams, final_probs, sample
 from ..tokenizer.stream import TextStream
 from .metrics import Metrics
 from .slot_cache import SlotCache
@@ -300,7 +300,7 @@ class Engine:
         else:
             if r.constraint is not None:
                 logits = r.constraint.mask(logits)
-            token = sample_row(logits, r.params, r.generator, history)
+            token = int(sample(logits[None], r.params, r.generator, [history])[0])
         now = time.perf_counter()
         if r.generated:
             self.metrics.inter_token.observe(now - r.t_last)

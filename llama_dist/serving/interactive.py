@@ -105,7 +105,7 @@ def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, ma
 
 
 def interactive(load: LoadConfig, parallel: ParallelConfig, system: str | None = None, raw: bool = False,
-                params: SamplingParams = SamplingParams(temperature=0.7, top_p=0.95, top_k=0, min_p=0.0),
+                params: SamplingParams = SamplingParams.meta(0.7, 0.95),
                 max_gen_len: int = 512) -> None:
     """The chat on rank 0's terminal; other ranks follow the engine. An answer takes at most half the context."""
     llama = Llama.from_config(load, parallel)
