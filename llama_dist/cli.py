@@ -63,21 +63,20 @@ def chat(prompt: str | list[str] | None = None, model: str = "smollm2", system: 
     """Without --prompt: an interactive chat (--raw: Meta's "Enter prompt:" completion loop).
     With --prompt: answer each as a one-turn chat, in the model's own chat format, and exit.
     --temperature defaults to 0.7 interactively and 0 (greedy) for --prompt."""
-    if prompt is None:
-        from .generation.sampling import SamplingParams
-        from .serving.interactive import interactive
+    from .generation.sampling import SamplingParams
+    from .serving.interactive import answers, interactive
+    from .tokenizer.chat import encode_dialog
 
+    if prompt is None:
         params = SamplingParams.meta(0.7 if temperature is None else temperature, top_p)
         return interactive(*make_configs(model, n_ctx, 1, **options), system, raw, params, max_gen_len)
     prompts = _prompts(prompt)
     llama = Llama.from_config(*make_configs(model, n_ctx, len(prompts), **options), seed=seed)
     head = [{"role": "system", "content": system}] if system else []
-    dialogs = [head + [{"role": "user", "content": p}] for p in prompts]
-    results = llama.chat_completion(dialogs, temperature=temperature or 0.0, top_p=top_p, max_gen_len=max_gen_len,
-                                    chat_template=chat_template)
-    if llama.is_driver:
-        for p, r in zip(prompts, results):
-            print(f"> {p}\n{r['generation']['content']}\n")
+    ids = [encode_dialog(head + [{"role": "user", "content": p}], llama.tokenizer, chat_template) for p in prompts]
+    texts = answers(llama, ids, SamplingParams.meta(temperature or 0.0, top_p), max_gen_len, seed)
+    for p, text in zip(prompts, texts or []):
+        print(f"> {p}\n{text}\n")
 
 
 def convert(model: str, out: str, to: str = "meta", mp: int = 1, dtype: str = "float32") -> None:

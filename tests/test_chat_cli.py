@@ -34,3 +34,24 @@ def test_two_turns_ctrl_c_and_exit():
     finally:
         child.close()
     assert child.exitstatus == 0, child.before
+
+
+def test_prompts_answered_by_the_engine_over_two_pipeline_ranks_as_metas_generate_answers_them():
+    """`chat --prompt` (what `make run` calls) batches its prompts through the serving engine, here over two Gloo
+    pipeline stages (rank 1 follows the engine): each answer is Meta-style generate's greedy answer in one process."""
+    import json
+
+    from llama_dist import Llama
+
+    from .helpers import check_all_ok, launch_ranks
+
+    prompts = ["Name the capital of France.", "What is 2+2?"]
+    ranks = launch_ranks(2, ["-m", "llama_dist.cli", "chat", "--model", "smollm2", "--prompt", json.dumps(prompts),
+                             "--max_gen_len", "24", "--backend", "gloo", "--pp", "2"])
+    check_all_ok(ranks)
+    llama = Llama.build("smollm2", max_seq_len=2048, max_batch_size=2)
+    expected = llama.chat_completion([[{"role": "user", "content": p}] for p in prompts], temperature=0,
+                                     max_gen_len=24)
+    for p, r in zip(prompts, expected):
+        assert f"> {p}\n{r['generation']['content']}\n" in ranks[0].stdout, (ranks[0].stdout, r)
+    assert ">" not in ranks[1].stdout

@@ -1,4 +1,5 @@
-"""`llama-dist chat`: an interactive multi-turn chat (or Meta-style raw completion loop) on the terminal.
+"""`llama-dist chat`: an interactive multi-turn chat (or Meta-style raw completion loop) on the terminal, or
+answers to prompts given on the command line.
 
 Rank 0 reads stdin and prints; the engine runs the same continuous-batching loop as the server, so
 under torchrun/mpirun every rank follows along. Ctrl-C stops the current answer, not the program.
@@ -56,6 +57,36 @@ def ask(engine: Engine, ids: list[int], params: SamplingParams, max_new: int) ->
         if e["type"] == "error":
             print(f"\n[error: {e['message']}]", flush=True)
         return "".join(text)
+
+
+def answers(llama: Llama, prompts: list[list[int]], params: SamplingParams, max_gen_len: int,
+            seed: int | None = None) -> list[str] | None:
+    """Each prompt's answer, all of them batched by the engine as the server batches requests (each sampled with
+    its own generator, seeded by `seed`): the texts on rank 0; the other ranks follow the engine and get None."""
+    engine = Engine(llama, max_batch=len(prompts))
+    if not llama.is_driver:
+        engine.run()
+        return None
+    loop = threading.Thread(target=engine.run, name="engine", daemon=True)
+    loop.start()
+    texts, done = [[] for _ in prompts], queue.Queue()
+
+    def listen(i: int):
+        def on_event(event: dict) -> None:
+            if event["type"] == "token":
+                texts[i].append(event["text"])
+            elif event["type"] in ("done", "error"):
+                done.put(event)
+        return on_event
+
+    for i, ids in enumerate(prompts):
+        engine.submit(Request(ids, params, max_gen_len, on_event=listen(i), seed=seed))
+    errors = [e["message"] for e in (done.get() for _ in prompts) if e["type"] == "error"]
+    engine.stopping.set()
+    loop.join()
+    if errors:
+        raise RuntimeError(f"{len(errors)} answer(s) failed: {errors[0]}")
+    return ["".join(t) for t in texts]
 
 
 def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, max_gen_len: int) -> None:
