@@ -47,13 +47,17 @@ def _listed(value: Any) -> str | None:
 def generate(prompt: str | list[str] = "I believe the meaning of life is", model: str = "smollm2",
              max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, n_ctx: int = 512, seed: int = 1,
              **options: Any) -> None:
-    """Complete each prompt (--prompt may be a list) and print prompt + completion on rank 0."""
+    """Complete each prompt (--prompt may be a list) and print prompt + completion on rank 0 (batched by the
+    serving engine, sampled as Meta's generate samples)."""
+    from .generation.sampling import SamplingParams
+    from .serving.interactive import answers
+
     prompts = _prompts(prompt)
     llama = Llama.from_config(*make_configs(model, n_ctx, len(prompts), **options), seed=seed)
-    results = llama.text_completion(prompts, temperature=temperature, top_p=top_p, max_gen_len=max_gen_len)
-    if llama.is_driver:
-        for p, r in zip(prompts, results):
-            print(p + r["generation"])
+    ids = [llama.tokenizer.encode(p, bos=True, eos=False) for p in prompts]
+    texts = answers(llama, ids, SamplingParams.meta(temperature, top_p), max_gen_len, seed)
+    for p, text in zip(prompts, texts or []):
+        print(p + text)
 
 
 @_with_options

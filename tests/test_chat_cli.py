@@ -55,3 +55,20 @@ def test_prompts_answered_by_the_engine_over_two_pipeline_ranks_as_metas_generat
     for p, r in zip(prompts, expected):
         assert f"> {p}\n{r['generation']['content']}\n" in ranks[0].stdout, (ranks[0].stdout, r)
     assert ">" not in ranks[1].stdout
+
+
+def test_generate_command_prints_metas_greedy_completions():
+    """`llama-dist generate` completes through the serving engine: prompt + the text Meta-style generate gives."""
+    import json
+    import subprocess
+
+    from llama_dist import Llama
+
+    prompts = ["The capital of France is", "I believe the meaning of life is"]
+    out = subprocess.run([sys.executable, "-m", "llama_dist.cli", "generate", "--prompt", json.dumps(prompts),
+                          "--temperature", "0", "--max_gen_len", "16"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    llama = Llama.build("smollm2", max_seq_len=512, max_batch_size=2)
+    for p, r in zip(prompts, llama.text_completion(prompts, temperature=0, max_gen_len=16)):
+        assert p + r["generation"] + "\n" in out.stdout, (out.stdout, r)
