@@ -24,8 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from llama_dist import Llama  # noqa: E402
 from llama_dist.generation.sampling import SamplingParams  # noqa: E402
 from llama_dist.serving.engine import Engine, Request  # noqa: E402
-
-WORDS = "river stone light garden market winter paper engine silver forest quiet number window music".split()
+from serve_gpu import prompt  # noqa: E402  (this folder is the script's: on sys.path)
 
 
 def main(model: str = "smollm2", tokenizer: str | None = None, clients: int = 32, requests: int = 96,
@@ -49,8 +48,7 @@ def main(model: str = "smollm2", tokenizer: str | None = None, clients: int = 32
         return run
 
     runner.prefill, runner.decode = timed(runner.prefill), timed(runner.decode)
-    prompts = [llama.tokenizer.encode(" ".join(WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(words))
-                                      + f" {i}", bos=True, eos=False) for i in range(requests)]
+    prompts = [llama.tokenizer.encode(prompt(i, words), bos=True, eos=False) for i in range(requests)]
     finished, generated = threading.Semaphore(0), [0]
 
     def on_event(event: dict) -> None:

@@ -1,6 +1,7 @@
 """Shared test machinery: tiny random models, checkpoints written on the fly, and real multi-process launches."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -72,6 +73,24 @@ def launch_ranks(world_size: int, argv: list[str], timeout: float = 240, extra_e
         for p in procs:
             p.kill()
     return results
+
+
+async def streamed_tokens(http, url: str, body: dict, leave_after_first: bool = False) -> list[int] | None:
+    """A streamed /completion's tokens up to its final event (http: an httpx.AsyncClient), or None for a client
+    that leaves after its first token event. A status other than 200, or a stream that ends without its final
+    event, raises."""
+    tokens = []
+    async with http.stream("POST", f"{url}/completion", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.status_code
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                event = json.loads(line[6:])
+                if event["stop"]:
+                    return tokens
+                tokens += event["tokens"]
+                if leave_after_first:
+                    return None
+    raise AssertionError(f"the stream of {body['prompt']!r} ended without a final event")
 
 
 def check_all_ok(results: list[subprocess.CompletedProcess]) -> None:

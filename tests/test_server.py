@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from .helpers import ROOT, free_port, start_ranks
+from .helpers import ROOT, free_port, start_ranks, streamed_tokens
 
 openai = pytest.importorskip("openai")
 
@@ -174,19 +174,8 @@ def test_nothing_lost_among_256_clients_with_some_leaving_mid_stream(quantized):
     alone = [_complete(quantized, p, n, cache=False)["tokens"] for p, n in zip(prompts, lengths)]
 
     async def client(i: int, http: httpx.AsyncClient) -> list[int] | None:
-        body = {"prompt": prompts[i % 24], "n_predict": lengths[i % 24], "temperature": 0, "stream": True}
-        tokens = []
-        async with http.stream("POST", f"{quantized.url}/completion", json=body) as r:
-            assert r.status_code == 200
-            async for line in r.aiter_lines():
-                if line.startswith("data: "):
-                    event = json.loads(line[6:])
-                    if event["stop"]:
-                        return tokens
-                    tokens += event["tokens"]
-                    if i % 10 == 0:
-                        return None  # leaves mid-stream
-        raise AssertionError(f"client {i}: the stream ended without a final event")
+        body = {"prompt": prompts[i % 24], "n_predict": lengths[i % 24], "temperature": 0}
+        return await streamed_tokens(http, quantized.url, body, leave_after_first=i % 10 == 0)
 
     async def all_clients() -> list:
         limits = httpx.Limits(max_connections=300)

@@ -139,11 +139,8 @@ def _quantized_shard(source: CheckpointSource, name: str, owner: ShardedWeight, 
         elif (len(kinds) > 1 or "ggml" in kinds or (is_embedding and kinds <= four_bit)
               or ("q8_0" in kinds and not q8_0_kernel)):
             stored = [s.as_q8_0() if q8_0_kernel else s.as_int8() for s in stored]
-        kind = stored[0].kind
-        # Q8_0 blocks stay quantized where the CPU block kernel reads them; elsewhere they load dense
-        readable = len({s.kind for s in stored}) == 1 and kind != "ggml" and (kind != "q8_0" or q8_0_kernel)
-        if readable and (not is_embedding or kind in ("int8", "q8_0")):
-            return quantized_from_shards(stored, act_dtype, ctx.device)
+        # now one kind a kernel reads: Q8_0 only where the CPU block kernel runs, embeddings only in 8 bits
+        return quantized_from_shards(stored, act_dtype, ctx.device)
     if quantize not in QUANT_TYPES:
         return None
     weight = read_shard(source, name, args, world, rank, ctx.device)
