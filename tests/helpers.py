@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -13,7 +15,9 @@ import torch
 from llama_dist.checkpoint.meta import save_meta_checkpoint
 from llama_dist.checkpoint.shard import full_shape, param_names
 from llama_dist.checkpoint.source import StateDictSource
+from llama_dist.generation.sampling import SamplingParams
 from llama_dist.model.args import ModelArgs
+from llama_dist.serving.engine import Engine, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -34,6 +38,50 @@ def random_state_dict(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]
             scale = 1.0 if name == "tok_embeddings.weight" else shape[1] ** -0.5
             sd[name] = scale * torch.randn(shape, generator=g)
     return sd
+
+
+def paged(dense: torch.Tensor, block: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache of rows [rows, kv heads, L, head_dim] paged as the model pages it: blocks of `block` positions in
+    a shuffled order, one spare block among them, and the block table [rows, blocks per row] that finds them."""
+    rows, n_kv, length, d = dense.shape
+    per_row = -(-length // block)
+    padded = torch.nn.functional.pad(dense, (0, 0, 0, per_row * block - length))
+    blocks = padded.view(rows, n_kv, per_row, block, d).transpose(1, 2).reshape(rows * per_row, n_kv, block, d)
+    order = torch.randperm(rows * per_row + 1, generator=generator)[:rows * per_row]
+    cache = torch.randn(rows * per_row + 1, n_kv, block, d, generator=generator).to(dense.dtype)
+    cache[order] = blocks
+    return cache, order.view(rows, per_row)
+
+
+def unpaged(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+    """paged's inverse: the rows [rows, kv heads, length, head_dim]."""
+    return cache[table].transpose(1, 2).flatten(2, 3)[:, :, :length]
+
+
+def engine_answers(engine: Engine, prompts: list[list[int]], lengths: list[int],
+                   cache_prompt: bool = True) -> tuple[list[list[int]], list[dict]]:
+    """Greedy answers of a serving engine to prompts submitted together (continuous batching), and each one's
+    "done" event. The engine runs until they are answered (and may run again)."""
+    engine.stopping.clear()
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    answers, done = [[] for _ in prompts], [queue.Queue() for _ in prompts]
+
+    def listen(i: int):
+        def on_event(event: dict) -> None:
+            if event["type"] == "token":
+                answers[i].extend(event["tokens"])
+            else:  # "done" or "error"
+                done[i].put(event)
+        return on_event
+
+    for i, (ids, n) in enumerate(zip(prompts, lengths)):
+        engine.submit(Request(ids, SamplingParams(temperature=0.0), n, on_event=listen(i), cache_prompt=cache_prompt))
+    events = [d.get(timeout=600) for d in done]
+    assert all(e["type"] == "done" for e in events), events
+    engine.stopping.set()
+    loop.join(timeout=60)
+    return answers, events
 
 
 def write_meta_checkpoint(path: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], mp: int = 1) -> Path:

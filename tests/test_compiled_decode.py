@@ -1,17 +1,13 @@
 """The compiled decode step (the GPU fast path, here on CPU inductor) generates what eager generation does."""
-import queue
-import threading
-
 import torch
 
 from llama_dist import Llama
 from llama_dist.runner import step as runner_step
 from llama_dist.runner.step import attention_window, batch_bucket
-from llama_dist.generation.sampling import SamplingParams
 from llama_dist.model.args import ModelArgs
-from llama_dist.serving.engine import Engine, Request
+from llama_dist.serving.engine import Engine
 
-from .helpers import TINY_GQA, random_state_dict, write_meta_checkpoint
+from .helpers import TINY_GQA, engine_answers, random_state_dict, write_meta_checkpoint
 from .workers.tp_worker import PROMPTS
 
 
@@ -51,7 +47,8 @@ def test_two_compiled_models_in_one_process_keep_their_own_graphs(tiny_checkpoin
 
 
 def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int], **options) -> list[list[int]]:
-    """Greedy answers of the serving engine to prompts submitted together (continuous batching)."""
+    """Greedy answers of a new serving engine to prompts submitted together, checking that its steps folded decode
+    rows into prompt passes exactly when told to."""
     engine = Engine(llama, max_batch=llama.model.max_batch_size, **options)
     folds = engine._folds
     engine.folded_steps = 0
@@ -62,24 +59,7 @@ def _engine_answers(llama: Llama, prompts: list[list[int]], lengths: list[int], 
         return folded
 
     engine._folds = count
-    loop = threading.Thread(target=engine.run, daemon=True)
-    loop.start()
-    answers, finished = [[] for _ in prompts], queue.Queue()
-
-    def listen(i: int):
-        def on_event(event: dict) -> None:
-            if event["type"] == "token":
-                answers[i].extend(event["tokens"])
-            else:  # "done" or "error"
-                finished.put(event)
-        return on_event
-
-    for i, (ids, n) in enumerate(zip(prompts, lengths)):
-        engine.submit(Request(ids, SamplingParams(temperature=0.0), n, on_event=listen(i)))
-    events = [finished.get(timeout=600) for _ in prompts]
-    assert all(e["type"] == "done" for e in events), events
-    engine.stopping.set()
-    loop.join(timeout=60)
+    answers, _ = engine_answers(engine, prompts, lengths)
     assert engine.folded_steps if options.get("fold_decode") else not engine.folded_steps
     return answers
 

@@ -10,6 +10,7 @@ import torch
 from llama_dist.quant.ggml import as_q4_1_rows, int4_groups_rows
 from llama_dist import csrc
 from llama_dist.quant.weights import Int4Weight, Q8BlockWeight, int4_dequantize, int4_quantize, q4_1_rows, q8_0_blocks
+from .helpers import paged, unpaged
 
 pytestmark = pytest.mark.skipif(not csrc.available(), reason="no C++ compiler to build the CPU kernels")
 
@@ -127,9 +128,9 @@ def attention_at_40() -> torch.Tensor:
     """The decode attention of one row at position 40 (8 kv heads of 64, 4 query heads each)."""
     g = torch.Generator().manual_seed(4)
     qkv, rope = torch.randn(1, 48 * 64, generator=g), torch.randn(1, 32, 2, generator=g)
-    cache_k, cache_v = (torch.randn(1, 8, 48, 64, generator=g) for _ in range(2))
-    return torch.ops.llama_dist.cpu_decode_attention(qkv, rope, cache_k, cache_v, torch.tensor([0]),
-                                                     torch.tensor([40]), 4)
+    cache_k, cache_v = (torch.randn(3, 8, 16, 64, generator=g) for _ in range(2))  # blocks 0, 1, 2 of row 0
+    return torch.ops.llama_dist.cpu_decode_attention(qkv, rope, cache_k, cache_v, torch.tensor([[0, 1, 2]]),
+                                                     torch.tensor([0]), torch.tensor([40]), 4)
 
 
 def test_gguf_q4_1_rows_become_row_groups_by_moving_bytes():
@@ -167,18 +168,23 @@ def test_q4_0_row_groups_compute_what_their_q4_1_form_computes():
 
 @pytest.mark.parametrize("head_dim", [16, 64])
 def test_decode_attention_writes_the_cache_and_attends_over_the_rows_positions(head_dim):
-    """The C++ decode attention against float64 math: rows at positions 37 (blocks of 8 positions and a
-    remainder) and 8, in cache rows 1 and 0, three query heads per kv head. The new key is rotated (Meta's
-    interleaved pairs) and written with the value at the row's position; each head attends over [0, pos]."""
+    """The C++ decode attention against float64 math: rows at positions 37 (groups of 8 positions and a
+    remainder) and 8, in cache rows 1 and 0 of a paged cache (blocks of 16 in shuffled order), three query heads
+    per kv head. The new key is rotated (Meta's interleaved pairs) and written with the value at the row's
+    position; each head attends over [0, pos]; nothing else in the cache changes."""
     g = torch.Generator().manual_seed(3)
     n_kv, n_rep, length = 2, 3, 48
     pos, slots = torch.tensor([37, 8]), torch.tensor([1, 0])
     qkv = torch.randn(2, (n_kv * n_rep + 2 * n_kv) * head_dim, generator=g)
     angles = torch.rand(2, head_dim // 2, generator=g) * 6.28
     rope = torch.stack([angles.cos(), angles.sin()], dim=-1)
-    cache_k, cache_v = (torch.randn(2, n_kv, length, head_dim, generator=g) for _ in range(2))
-    before_k, before_v = cache_k.clone(), cache_v.clone()
-    out = torch.ops.llama_dist.cpu_decode_attention(qkv, rope, cache_k, cache_v, slots, pos, n_rep)
+    before_k, before_v = (torch.randn(2, n_kv, length, head_dim, generator=g) for _ in range(2))
+    (cache_k, table), (cache_v, _) = (paged(c, 16, torch.Generator().manual_seed(5)) for c in (before_k, before_v))
+    spare = [b for b in range(cache_k.shape[0]) if b not in table]
+    spare_k = cache_k[spare].clone()
+    out = torch.ops.llama_dist.cpu_decode_attention(qkv, rope, cache_k, cache_v, table, slots, pos, n_rep)
+    assert torch.equal(cache_k[spare], spare_k)
+    cache_k, cache_v = unpaged(cache_k, table, length), unpaged(cache_v, table, length)
 
     def rotate(x, b):  # [..., head_dim] by row b's angles, pairs (x[2i], x[2i + 1]) as complex numbers
         c = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())

@@ -95,6 +95,7 @@ import torch.nn.functional as F
 from llama_dist.model.args import ModelArgs
 from llama_dist.kernels.decode_attention import decode_attention, load
 from llama_dist.model.transformer import apply_rotary, rope_table
+from tests.helpers import paged, unpaged
 assert load()
 g = torch.Generator().manual_seed(0)
 for bsz, n_kv, n_rep, length, d in ((1, 4, 1, 40, 32), (3, 2, 3, 70, 16), (2, 1, 8, 17, 64)):
@@ -112,8 +113,11 @@ for bsz, n_kv, n_rep, length, d in ((1, 4, 1, 40, 32), (3, 2, 3, 70, 16), (2, 1,
     ref_k[slots, :, pos], ref_v[slots, :, pos] = k[:, 0], v.view(bsz, n_kv, d)
     mask = (torch.arange(length) <= pos[:, None])[:, None, None, :]
     ref = F.scaled_dot_product_attention(q, ref_k[slots], ref_v[slots], attn_mask=mask).reshape(bsz, 1, -1)
-    out = decode_attention(qkv, rope, cache_k, cache_v, slots, torch.stack([pos, pos], 1)[:, 0], n_rep)  # strided
-    assert torch.equal(cache_k, ref_k) and torch.equal(cache_v, ref_v)  # the new key and value written
+    (pages_k, table), (pages_v, _) = (paged(c, 16, torch.Generator().manual_seed(1)) for c in (cache_k, cache_v))
+    out = decode_attention(qkv, rope, pages_k, pages_v, table, slots, torch.stack([pos, pos], 1)[:, 0],
+                           n_rep)  # (strided positions)
+    assert torch.equal(unpaged(pages_k, table, length), ref_k)  # the new key and value written
+    assert torch.equal(unpaged(pages_v, table, length), ref_v)
     assert (out - ref).abs().max() < 1e-5, (bsz, n_kv, n_rep, (out - ref).abs().max())
 print("ok")
 """
@@ -197,6 +201,7 @@ PACKED_SCRIPT = """
 import torch
 import torch.nn.functional as F
 from llama_dist.kernels.packed_attention import BLOCK_M, load, packed_attention
+from tests.helpers import paged
 assert load()
 g = torch.Generator().manual_seed(0)
 runs = [(1, 0, 2 * BLOCK_M + 3), (0, 5, 3), (2, 10, 1), (1, 2 * BLOCK_M + 3, 17)]  # (cache row, start, tokens)
@@ -204,8 +209,9 @@ rows = torch.tensor([r for r, s, n in runs for _ in range(n)])
 pos = torch.tensor([p for r, s, n in runs for p in range(s, s + n)])
 for n_heads, n_kv, d in ((4, 2, 16), (3, 1, 32), (2, 2, 16)):
     cache_k, cache_v = (torch.randn(3, n_kv, 100, d, generator=g) for _ in range(2))
+    (pages_k, table), (pages_v, _) = (paged(c, 16, torch.Generator().manual_seed(1)) for c in (cache_k, cache_v))
     q = torch.randn(len(rows), n_heads, d, generator=g)
-    got = packed_attention(q, cache_k, cache_v, rows, pos, torch.tensor([n for *_, n in runs]))
+    got = packed_attention(q, pages_k, pages_v, table, rows, pos, torch.tensor([n for *_, n in runs]))
     for t in range(len(rows)):  # each token over its row's positions up to its own
         k, v = (c[rows[t], :, :pos[t] + 1].repeat_interleave(n_heads // n_kv, 0) for c in (cache_k, cache_v))
         want = F.scaled_dot_product_attention(q[t][:, None], k, v).reshape(-1)
@@ -369,9 +375,9 @@ for chunks in ([(0, 0, list(range(1, 13))), (2, 0, list(range(20, 31)))],  # (sl
     assert got.shape == want.shape and (got - want).abs().max() < 1e-4 * want.abs().max(), chunks
     for a, b in zip(plain.layers.values(), fused.layers.values()):  # what the runs wrote to their rows
         for slot, start, part in chunks:
-            written = slice(start, start + len(part))
-            assert torch.allclose(a.attention.cache_k[slot, :, written], b.attention.cache_k[slot, :, written],
-                                  atol=1e-5)
+            row, end = torch.tensor([slot]), start + len(part)
+            assert torch.allclose(a.attention.cached(row, end)[0][..., start:, :],
+                                  b.attention.cached(row, end)[0][..., start:, :], atol=1e-5)
 assert not prompts.holds(4, len(run_ends((0, 1, 0, 1), (0, 0, 1, 1), (1, 1, 1, 1))))  # 4 runs > the cache's rows
 assert not prompts.holds(193, 1)  # more tokens than the largest bucket
 print("ok")
@@ -412,20 +418,23 @@ for rows, k, dtype in ((3, 100, torch.float32), (1, 64, torch.float32), (5, 130,
 from llama_dist.kernels.rows import rope_and_cache
 from llama_dist.model.args import ModelArgs
 from llama_dist.model.transformer import apply_rotary, rope_table
+from tests.helpers import paged, unpaged
 for bsz, seqlen, nh, nkv, d in ((1, 5, 4, 2, 16), (2, 3, 3, 1, 32)):  # GQA groups of 2 and 3
     table = rope_table(ModelArgs(dim=d, n_heads=1), 40)
     qkv = torch.randn(bsz, seqlen, (nh + 2 * nkv) * d, generator=g)
     rows = torch.tensor([[3] * seqlen, [0] * seqlen][:bsz])
     pos = torch.randint(0, 40, (bsz, seqlen), generator=g)
-    cache_k, cache_v = torch.zeros(4, nkv, 40, d), torch.zeros(4, nkv, 40, d)
-    q = rope_and_cache(qkv, table[pos], cache_k, cache_v, rows, pos, nh)
+    (pages_k, blocks), (pages_v, _) = (paged(torch.zeros(4, nkv, 40, d), 16, torch.Generator().manual_seed(1))
+                                       for _ in range(2))
+    q = rope_and_cache(qkv, table[pos], pages_k, pages_v, blocks, rows, pos, nh)
+    cache_k, cache_v = unpaged(pages_k, blocks, 40), unpaged(pages_v, blocks, 40)
     wq, wk, wv = qkv.split([nh * d, nkv * d, nkv * d], dim=-1)
     assert (q - apply_rotary(wq.view(bsz, seqlen, nh, d), table[pos])).abs().max() < 1e-5
     want_k = apply_rotary(wk.view(bsz, seqlen, nkv, d), table[pos])
     assert (cache_k[rows, :, pos] - want_k).abs().max() < 1e-5
     assert torch.equal(cache_v[rows, :, pos], wv.view(bsz, seqlen, nkv, d))
     by_op = torch.ops.llama_dist.rope_cache_rows(qkv.reshape(bsz * seqlen, -1), table[pos].reshape(bsz * seqlen, -1),
-                                                 cache_k, cache_v, rows.reshape(-1), pos.reshape(-1), nh)
+                                                 pages_k, pages_v, blocks, rows.reshape(-1), pos.reshape(-1), nh)
     assert torch.equal(by_op, q.reshape(bsz * seqlen, -1))
 print("ok")
 """

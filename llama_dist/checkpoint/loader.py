@@ -7,7 +7,7 @@ import torch
 from tqdm import tqdm
 
 from ..distributed.context import ParallelContext
-from ..model.transformer import Transformer
+from ..model.transformer import KV_BLOCK, Transformer
 from ..parallel.layers import ParallelEmbedding, ShardedWeight, VocabParallelEmbedding
 from .. import csrc
 from ..quant.ggml import BLOCK_TYPES
@@ -68,8 +68,8 @@ def stores_quantized(source: CheckpointSource) -> bool:
 def load_model(source: CheckpointSource, ctx: ParallelContext, config: LoadConfig, layers: range | None = None,
                progress: bool = True) -> Transformer:
     """Create the model at shard size without memory, then fill each parameter with this rank's slice
-    (of `layers` only, a pipeline stage's; default all), with KV caches for config.max_batch_size
-    sequences of config.n_ctx tokens.
+    (of `layers` only, a pipeline stage's; default all), with a KV cache of config.kv_tokens (default
+    config.max_batch_size sequences of config.n_ctx tokens).
 
     config.quantize: "auto" keeps weights as the checkpoint stores them (GGUF Q4_0/Q4_1/Q4_K blocks become
     int4 groups of 32 exactly, a quantized checkpoint stays quantized, the rest is dense); "none"
@@ -110,7 +110,8 @@ def load_model(source: CheckpointSource, ctx: ParallelContext, config: LoadConfi
         state[name] = tensor.contiguous()
     missing, _ = model.load_state_dict(state, assign=True, strict=False)
     assert all(".qweight." in k for k in missing), missing  # quantized weights were set in place above
-    model.setup_caches(config.max_batch_size, config.n_ctx, dtype, ctx.device)
+    model.setup_caches(config.max_batch_size, config.n_ctx, dtype, ctx.device,
+                       None if config.kv_tokens is None else -(-config.kv_tokens // KV_BLOCK))
     return model.eval()
 
 

@@ -65,7 +65,7 @@ def available() -> bool:
         torch.library.register_fake(f"llama_dist::{op}")(lambda x, groups, n, *folds: x.new_empty((*x.shape[:-1], n)))
     torch.library.register_fake("llama_dist::decode_blocks")(lambda x, *args: torch.empty_like(x))
     torch.library.register_fake("llama_dist::cpu_decode_attention")(
-        lambda qkv, rope, cache_k, cache_v, slots, pos, n_rep: qkv.new_empty(
+        lambda qkv, rope, cache_k, cache_v, block_table, slots, pos, n_rep: qkv.new_empty(
             (qkv.shape[0], cache_k.shape[1] * n_rep * cache_k.shape[3])))
     return True
 

@@ -25,10 +25,11 @@ at::Tensor product(int64_t format, const at::Tensor& x, const at::Tensor& w, int
 
 // x [B, 1, dim]; per layer l: weights[4l..4l+3] = wqkv, wo, w13, w2 blocks with their formats and output sizes,
 // norms[2l], norms[2l+1] = attention_norm, ffn_norm weights, caches[2l], caches[2l+1] = its keys and values;
-// rope [B, 1, head_dim / 2, 2], slots [B] (cache rows), pos [B].
+// rope [B, 1, head_dim / 2, 2], block_table (the caches' pages), slots [B] (cache rows), pos [B].
 at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::IntArrayRef formats, at::IntArrayRef sizes,
-                         at::TensorList norms, at::TensorList caches, const at::Tensor& rope, const at::Tensor& slots,
-                         const at::Tensor& pos, int64_t n_rep, double eps) {
+                         at::TensorList norms, at::TensorList caches, const at::Tensor& rope,
+                         const at::Tensor& block_table, const at::Tensor& slots, const at::Tensor& pos, int64_t n_rep,
+                         double eps) {
   const int64_t layers = static_cast<int64_t>(norms.size()) / 2, B = x.size(0);
   TORCH_CHECK(x.dim() == 3 && x.size(1) == 1, "decode_blocks: one token per row, [B, 1, dim]");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 4 * layers && static_cast<int64_t>(formats.size()) == 4 * layers &&
@@ -40,7 +41,8 @@ at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::IntArr
     const int64_t w = 4 * l;
     at::Tensor keys = caches[2 * l], values = caches[2 * l + 1];
     const at::Tensor qkv = product(formats[w], h, weights[w], sizes[w], norms[2 * l], eps, false, c10::nullopt);
-    const at::Tensor heads = llama_dist_cpu::cpu_decode_attention(qkv, r, keys, values, slots, pos, n_rep);
+    const at::Tensor heads = llama_dist_cpu::cpu_decode_attention(qkv, r, keys, values, block_table, slots, pos,
+                                                                             n_rep);
     const at::Tensor mid = product(formats[w + 1], heads, weights[w + 1], sizes[w + 1], c10::nullopt, 0., false, h);
     const at::Tensor gate_up = product(formats[w + 2], mid, weights[w + 2], sizes[w + 2], norms[2 * l + 1], eps, false,
                                        c10::nullopt);
@@ -53,7 +55,7 @@ at::Tensor decode_blocks(const at::Tensor& x, at::TensorList weights, at::IntArr
 
 TORCH_LIBRARY_FRAGMENT(llama_dist, m) {
   m.def("decode_blocks(Tensor x, Tensor[] weights, int[] formats, int[] sizes, Tensor[] norms, Tensor(a!)[] caches, "
-        "Tensor rope, Tensor slots, Tensor pos, int n_rep, float eps) -> Tensor");
+        "Tensor rope, Tensor block_table, Tensor slots, Tensor pos, int n_rep, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(llama_dist, CPU, m) {

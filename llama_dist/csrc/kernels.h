@@ -45,8 +45,10 @@ at::Tensor q4_0_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, cons
 at::Tensor q8_0_matmul(const at::Tensor& x, const at::Tensor& w, int64_t N, const c10::optional<at::Tensor>& norm_weight,
                        double eps, bool gated, const c10::optional<at::Tensor>& residual);
 
-// One decoded token per row: rotary, cache write at pos, attention over [0, pos] (decode_attention.cpp).
+// One decoded token per row: rotary, cache write at pos, attention over [0, pos] in the paged cache
+// (decode_attention.cpp).
 at::Tensor cpu_decode_attention(const at::Tensor& qkv, const at::Tensor& rope, at::Tensor& cache_k,
-                                at::Tensor& cache_v, const at::Tensor& slots, const at::Tensor& pos, int64_t n_rep);
+                                at::Tensor& cache_v, const at::Tensor& block_table, const at::Tensor& slots,
+                                const at::Tensor& pos, int64_t n_rep);
 
 }  // namespace llama_dist_cpu

@@ -154,6 +154,7 @@ class Llama:
             raise ValueError(f"A prompt of {max(lengths)} tokens does not fit the context of {model.n_ctx} "
                              "tokens with room to generate; shorten it or raise max_seq_len (n_ctx).")
         total_len = min(model.n_ctx, max_gen_len + max(lengths))
+        model.own_blocks()  # rows 0..bsz-1, each its own blocks (a serving engine may have shared them out)
         tokens = torch.full((bsz, total_len), PAD, dtype=torch.long, device=device)
         for i, p in enumerate(prompt_tokens):
             tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)

@@ -5,8 +5,9 @@ A decode step's attention reads a few megabytes of cache per layer, a small job 
 kernels and the three small ones that rotate q and k and write the cache each pay a launch
 (benchmarks/RESULTS.md, "Fused decode kernels"). Here each (row, kv head) is one
 program: it rotates the new key and its n_rep query heads (Meta's interleaved pairs), writes the
-new key and value to the row's cache slot, then streams the cached positions [0, pos] in blocks
-with an online softmax (GQA without copying the cache; the window's masked tail is never read).
+new key and value to the row's place in the paged cache, then streams the cached positions [0, pos] in
+tiles (each position found through the block table) with an online softmax (GQA without copying the
+cache; the window's masked tail is never read).
 Prefill and other shapes keep the step-by-step path.
 """
 from __future__ import annotations
@@ -31,11 +32,13 @@ def load() -> bool:
         return False
 
     @triton.jit
-    def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, slot_ptr, pos_ptr, o_ptr,
-                          stride_cb, stride_ch, stride_cl, scale,
-                          N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
+                          stride_cb, stride_ch, stride_cl, stride_t, scale, N_REP: tl.constexpr,
+                          HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
+                          BLOCK_L: tl.constexpr):
         """qkv [B, (n_kv * N_REP + 2 n_kv) * HEAD_DIM]: the new token's q, k, v heads; rope [B, HEAD_DIM / 2, 2]
-        (cos, sin); caches [rows, n_kv, L, HEAD_DIM], row slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]."""
+        (cos, sin); caches [blocks, n_kv, KV_BLOCK, HEAD_DIM] paged by table [rows, blocks per row]; cache row
+        slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]."""
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         n_kv = tl.num_programs(1)
         last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
@@ -53,10 +56,10 @@ def load() -> bool:
         k0, k1 = tl.split(tl.reshape(k, (HEAD_DIM // 2, 2)))
         k = tl.reshape(tl.join(k0 * cos - k1 * sin, k0 * sin + k1 * cos), (HEAD_DIM,))
         v = tl.load(row + (n_kv * (N_REP + 1) + h) * HEAD_DIM + dims)
-        k_base = cache_k_ptr + slot * stride_cb + h * stride_ch
-        v_base = cache_v_ptr + slot * stride_cb + h * stride_ch
-        tl.store(k_base + last * stride_cl + dims, k.to(cache_k_ptr.dtype.element_ty))
-        tl.store(v_base + last * stride_cl + dims, v.to(cache_v_ptr.dtype.element_ty))
+        blocks = table_ptr + slot * stride_t  # this row's blocks
+        new = tl.load(blocks + last // KV_BLOCK) * stride_cb + h * stride_ch + (last % KV_BLOCK) * stride_cl
+        tl.store(cache_k_ptr + new + dims, k.to(cache_k_ptr.dtype.element_ty))
+        tl.store(cache_v_ptr + new + dims, v.to(cache_v_ptr.dtype.element_ty))
         tl.debug_barrier()  # the block's stores are visible to its own loads below
 
         top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
@@ -65,8 +68,10 @@ def load() -> bool:
         for start in range(0, last + 1, BLOCK_L):
             cols = start + tl.arange(0, BLOCK_L)
             seen = cols <= last
-            keys = tl.load(k_base + cols[:, None] * stride_cl + dims[None, :], mask=seen[:, None], other=0.0)
-            values = tl.load(v_base + cols[:, None] * stride_cl + dims[None, :], mask=seen[:, None], other=0.0)
+            at = (tl.load(blocks + cols // KV_BLOCK, mask=seen, other=0) * stride_cb + h * stride_ch
+                  + (cols % KV_BLOCK) * stride_cl)[:, None] + dims[None, :]
+            keys = tl.load(cache_k_ptr + at, mask=seen[:, None], other=0.0)
+            values = tl.load(cache_v_ptr + at, mask=seen[:, None], other=0.0)
             scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # inductor passes scale as fp64
             scores = tl.where(seen[None, :], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
@@ -87,14 +92,15 @@ def load() -> bool:
 
     @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
     def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                            slots: torch.Tensor, pos: torch.Tensor, n_rep: int) -> torch.Tensor:
+                            block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
+                            n_rep: int) -> torch.Tensor:
         """Arguments as decode_attention's."""
         bsz, n_kv, head_dim = qkv.shape[0], cache_k.shape[1], cache_k.shape[3]
         out = torch.empty((bsz, n_kv * n_rep * head_dim), dtype=qkv.dtype, device=qkv.device)
         torch.library.wrap_triton(kernel)[(bsz, n_kv)](
-            qkv, rope, cache_k, cache_v, slots, pos, out, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-            head_dim ** -0.5, N_REP=n_rep, HEAD_DIM=head_dim, BLOCK_R=max(16, triton.next_power_of_2(n_rep)),
-            **fixed)
+            qkv, rope, cache_k, cache_v, block_table, slots, pos, out, cache_k.stride(0), cache_k.stride(1),
+            cache_k.stride(2), block_table.stride(0), head_dim ** -0.5, N_REP=n_rep, HEAD_DIM=head_dim,
+            KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)), **fixed)
         return out
 
     return True
@@ -108,14 +114,15 @@ def supports(head_dim: int, device_type: str = "cuda") -> bool:
 
 
 def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                     slots: torch.Tensor, pos: torch.Tensor, n_rep: int) -> torch.Tensor:
+                     block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, n_rep: int) -> torch.Tensor:
     """Attention of one new token per row. qkv [B, 1, (q heads + 2 kv heads) * head_dim]: its q, k, v before
-    the rotary embedding; rope [B, 1, head_dim / 2, 2]; caches [rows, kv heads, L, head_dim]; slots [B]: each
-    row's cache row; pos [B]: its position (the row sees [0, pos]). Writes the new keys and values to the
-    caches; returns [B, 1, q heads * head_dim]."""
+    the rotary embedding; rope [B, 1, head_dim / 2, 2]; caches [blocks, kv heads, block, head_dim] paged by
+    block_table [cache rows, blocks per row] (model.transformer.Attention's); slots [B]: each row's cache row;
+    pos [B]: its position (the row sees [0, pos]). Writes the new keys and values to the caches; returns
+    [B, 1, q heads * head_dim]."""
     bsz = qkv.shape[0]
     ops = torch.ops.llama_dist
     op = ops.cpu_decode_attention if on_cpp_kernels(qkv.device) else ops.decode_attention
-    out = op(qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(), cache_k, cache_v,
+    out = op(qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(), cache_k, cache_v, block_table,
              slots.contiguous(), pos.contiguous(), n_rep)
     return out.view(bsz, 1, -1)

@@ -42,16 +42,16 @@ class TritonPromptAttention(Attention):
         if not isinstance(slots, Packed):
             return super().cached_attention(qkv, pos, rope, mask, slots, length)
         q = self.rotate_and_cache(qkv, pos, rope, slots)
-        out = packed_attention.packed_attention(q[0], self.cache_k, self.cache_v, slots.rows, slots.positions,
-                                                slots.runs)
+        out = packed_attention.packed_attention(q[0], self.cache_k, self.cache_v, self.block_table, slots.rows,
+                                                slots.positions, slots.runs)
         return out[None]
 
     def rotate_and_cache(self, qkv: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, slots: Slots) -> torch.Tensor:
         bsz, seqlen, _ = qkv.shape
         rows_of = slots.rows[None] if isinstance(slots, Packed) else cache_rows(slots, bsz, qkv.device).view(
             bsz, 1).expand(bsz, seqlen)
-        return rows.rope_and_cache(qkv, rope, self.cache_k, self.cache_v, rows_of, pos.expand(bsz, seqlen),
-                                   self.n_local_heads)
+        return rows.rope_and_cache(qkv, rope, self.cache_k, self.cache_v, self.block_table, rows_of,
+                                   pos.expand(bsz, seqlen), self.n_local_heads)
 
 
 def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -128,8 +128,8 @@ class FusedTransformerBlock(TransformerBlock):
         qkv = fused_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
         if self.attention_kernel:  # one token per row: its mask is always "up to pos"
             cache_row = cache_rows(slots, qkv.shape[0], qkv.device)
-            out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v, cache_row,
-                                                    pos[:, 0], attention.n_rep)
+            out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v,
+                                                    attention.block_table, cache_row, pos[:, 0], attention.n_rep)
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
         into = (None, None) if peer is None else (PeerSum(peer, sites[0]), PeerSum(peer, sites[1]))
@@ -202,7 +202,7 @@ class CppDecodeTransformer(Transformer):
         caches = [c for b in self.layers.values() for c in (b.attention.cache_k, b.attention.cache_v)]
         return torch.ops.llama_dist.decode_blocks(
             h, self.step_weights, self.step_formats, self.step_sizes, self.step_norms, caches, rope,
-            cache_rows(slots, h.shape[0], h.device), pos[:, 0], self.n_rep, self.norm_eps)
+            self.block_table, cache_rows(slots, h.shape[0], h.device), pos[:, 0], self.n_rep, self.norm_eps)
 
 
 def _projections(block: TransformerBlock) -> tuple[ShardedWeight, ...]:

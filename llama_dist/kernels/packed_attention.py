@@ -1,5 +1,5 @@
 """Packed prompt chunks' attention on CUDA, in Triton: every sequence of a packed pass over its own cache
-row, in one kernel per layer.
+row (through the paged cache's block table), in one kernel per layer.
 
 A server step reads several requests' prompt chunks side by side in one row (model.transformer.Packed).
 The model's own path attends sequence by sequence (an SDPA call and a few small operations each), which
@@ -42,13 +42,13 @@ def load() -> bool:
         return False
 
     @triton.jit
-    def _packed_attention_kernel(q_ptr, cache_k_ptr, cache_v_ptr, rows_ptr, pos_ptr, lengths_ptr, o_ptr, n_runs,
-                                 stride_cb, stride_ch, stride_cl, scale, N_HEADS: tl.constexpr, N_REP: tl.constexpr,
-                                 HEAD_DIM: tl.constexpr, RUNS: tl.constexpr, BLOCK_M: tl.constexpr,
-                                 BLOCK_N: tl.constexpr):
-        """q, o [tokens, N_HEADS * HEAD_DIM]; caches [rows, kv heads, L, HEAD_DIM]; rows, pos [tokens]; lengths
-        [n_runs] of the runs (RUNS: a power of two >= n_runs). Blocks past the last (the grid is an upper
-        bound) exit."""
+    def _packed_attention_kernel(q_ptr, cache_k_ptr, cache_v_ptr, table_ptr, rows_ptr, pos_ptr, lengths_ptr, o_ptr,
+                                 n_runs, stride_cb, stride_ch, stride_cl, stride_t, scale, N_HEADS: tl.constexpr,
+                                 N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
+                                 RUNS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """q, o [tokens, N_HEADS * HEAD_DIM]; caches [blocks, kv heads, KV_BLOCK, HEAD_DIM] paged by table
+        [rows, blocks per row]; rows, pos [tokens]; lengths [n_runs] of the runs (RUNS: a power of two >=
+        n_runs). Blocks past the last (the grid is an upper bound) exit."""
         block, h = tl.program_id(0), tl.program_id(1)
         s = tl.arange(0, RUNS)
         lengths = tl.load(lengths_ptr + s, mask=s < n_runs, other=0)
@@ -70,8 +70,7 @@ def load() -> bool:
         row = tl.load(rows_ptr + first.to(tl.int64))
         q_at = tokens[:, None] * (N_HEADS * HEAD_DIM) + h * HEAD_DIM + dims[None, :]
         q = tl.load(q_ptr + q_at, mask=mine[:, None], other=0.0)
-        k_base = cache_k_ptr + row * stride_cb + (h // N_REP) * stride_ch
-        v_base = cache_v_ptr + row * stride_cb + (h // N_REP) * stride_ch
+        blocks = table_ptr + row * stride_t  # this row's blocks
 
         top = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((BLOCK_M,), dtype=tl.float32)
@@ -79,8 +78,10 @@ def load() -> bool:
         for start in range(0, last + 1, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             inside = cols <= last
-            keys = tl.load(k_base + cols[:, None] * stride_cl + dims[None, :], mask=inside[:, None], other=0.0)
-            values = tl.load(v_base + cols[:, None] * stride_cl + dims[None, :], mask=inside[:, None], other=0.0)
+            at = (tl.load(blocks + cols // KV_BLOCK, mask=inside, other=0) * stride_cb + (h // N_REP) * stride_ch
+                  + (cols % KV_BLOCK) * stride_cl)[:, None] + dims[None, :]
+            keys = tl.load(cache_k_ptr + at, mask=inside[:, None], other=0.0)
+            values = tl.load(cache_v_ptr + at, mask=inside[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(keys)) * scale
             scores = tl.where(cols[None, :] <= q_pos[:, None], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
@@ -95,19 +96,20 @@ def load() -> bool:
     return True
 
 
-def packed_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, rows: torch.Tensor,
-                     positions: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
+def packed_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, block_table: torch.Tensor,
+                     rows: torch.Tensor, positions: torch.Tensor, runs: torch.Tensor) -> torch.Tensor:
     """Rotated queries q [tokens, heads, head_dim] of packed runs (runs [runs]: their lengths, consecutive in q;
-    a run's tokens share one cache row) over their rows of the caches [rows, kv heads, L, head_dim], each
-    token seeing the positions up to its own (rows, positions [tokens]).
+    a run's tokens share one cache row) over their rows of the caches [blocks, kv heads, block, head_dim] (paged
+    by block_table [cache rows, blocks per row]), each token seeing the positions up to its own (rows,
+    positions [tokens]).
     Returns [tokens, heads * head_dim]. A head_dim that is a power of two, at least 16 (as the decode kernel's)."""
     n_tokens, n_heads, head_dim = q.shape
     n_runs = runs.shape[0]
     out = torch.empty((n_tokens, n_heads * head_dim), dtype=q.dtype, device=q.device)
     grid = (-(-n_tokens // BLOCK_M) + n_runs, n_heads)  # each run adds at most one partial block
     _KERNELS["packed_attention"][grid](
-        q.contiguous(), cache_k, cache_v, rows, positions, runs, out, n_runs,
-        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), head_dim ** -0.5,
-        N_HEADS=n_heads, N_REP=n_heads // cache_k.shape[1], HEAD_DIM=head_dim,
+        q.contiguous(), cache_k, cache_v, block_table, rows, positions, runs, out, n_runs,
+        cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), block_table.stride(0), head_dim ** -0.5,
+        N_HEADS=n_heads, N_REP=n_heads // cache_k.shape[1], HEAD_DIM=head_dim, KV_BLOCK=cache_k.shape[2],
         RUNS=max(16, 1 << (n_runs - 1).bit_length()), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_M if INTERPRETED else 64)
     return out

@@ -54,10 +54,12 @@ def load() -> bool:
         tl.store(y_ptr + row * H + cols, (act * up).to(y_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def _rope_cache_kernel(qkv_ptr, rope_ptr, rows_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, stride_row, stride_head,
-                           stride_pos, N_HEADS: tl.constexpr, N_KV: tl.constexpr, HALF: tl.constexpr):
+    def _rope_cache_kernel(qkv_ptr, rope_ptr, table_ptr, rows_ptr, pos_ptr, q_ptr, k_ptr, v_ptr, stride_block,
+                           stride_head, stride_pos, stride_t, N_HEADS: tl.constexpr, N_KV: tl.constexpr,
+                           HALF: tl.constexpr, KV_BLOCK: tl.constexpr):
         """Program (token t, head h): q head h rotated into q[t] (h < N_HEADS), or kv head h - N_HEADS: k rotated
-        and v written to the caches at (rows[t], head, pos[t]). Meta's interleaved pairs (x[2i], x[2i+1])."""
+        and v written to the paged caches at (cache row rows[t], position pos[t]) through the block table.
+        Meta's interleaved pairs (x[2i], x[2i+1])."""
         t = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         i = tl.arange(0, HALF)
@@ -73,8 +75,9 @@ def load() -> bool:
             tl.store(out + 2 * i, y0.to(q_ptr.dtype.element_ty))
             tl.store(out + 2 * i + 1, y1.to(q_ptr.dtype.element_ty))
         else:
-            at = (tl.load(rows_ptr + t) * stride_row + (h - N_HEADS) * stride_head
-                  + tl.load(pos_ptr + t) * stride_pos)
+            p = tl.load(pos_ptr + t)
+            block = tl.load(table_ptr + tl.load(rows_ptr + t) * stride_t + p // KV_BLOCK)
+            at = block * stride_block + (h - N_HEADS) * stride_head + (p % KV_BLOCK) * stride_pos
             tl.store(k_ptr + at + 2 * i, y0.to(k_ptr.dtype.element_ty))
             tl.store(k_ptr + at + 2 * i + 1, y1.to(k_ptr.dtype.element_ty))
             v_at = x_at + N_KV * 2 * HALF
@@ -86,9 +89,9 @@ def load() -> bool:
     # the same launches as ops, for compiled code (torch.compile traces ops, not bare kernels)
     @torch.library.triton_op("llama_dist::rope_cache_rows", mutates_args={"cache_k", "cache_v"})
     def rope_cache_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                      rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
-        return _launch_rope_cache(torch.library.wrap_triton(_rope_cache_kernel), qkv, rope, cache_k, cache_v, rows,
-                                  pos, n_heads)
+                      block_table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+        return _launch_rope_cache(torch.library.wrap_triton(_rope_cache_kernel), qkv, rope, cache_k, cache_v,
+                                  block_table, rows, pos, n_heads)
 
     @torch.library.triton_op("llama_dist::rms_norm_rows", mutates_args={})
     def rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -117,12 +120,13 @@ def _launch_silu_mul(kernel, x: torch.Tensor) -> torch.Tensor:
 
 
 def _launch_rope_cache(kernel, qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                       rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+                       block_table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
     """rope_and_cache's arguments flattened to tokens -> the rotated queries [tokens, n_heads * head_dim]."""
     q = torch.empty((qkv.shape[0], n_heads * cache_k.shape[3]), dtype=qkv.dtype, device=qkv.device)
     kernel[(qkv.shape[0], n_heads + cache_k.shape[1])](
-        qkv, rope, rows, pos, q, cache_k, cache_v, cache_k.stride(0), cache_k.stride(1), cache_k.stride(2),
-        N_HEADS=n_heads, N_KV=cache_k.shape[1], HALF=cache_k.shape[3] // 2)
+        qkv, rope, block_table, rows, pos, q, cache_k, cache_v, cache_k.stride(0), cache_k.stride(1),
+        cache_k.stride(2), block_table.stride(0), N_HEADS=n_heads, N_KV=cache_k.shape[1],
+        HALF=cache_k.shape[3] // 2, KV_BLOCK=cache_k.shape[2])
     return q
 
 
@@ -146,14 +150,14 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_and_cache(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                   rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
+                   block_table: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor, n_heads: int) -> torch.Tensor:
     """qkv [B, S, (n_heads + 2 kv heads) * head_dim] before the rotary embedding, rope [B, S, head_dim / 2, 2],
     rows and pos [B, S] each token's cache row and position: writes the rotated keys and the values to the
-    caches [rows, kv heads, n_ctx, head_dim] (contiguous) and returns the rotated queries [B, S, n_heads,
-    head_dim]. A head_dim that is a power of two."""
+    caches [blocks, kv heads, block, head_dim] (contiguous; paged by block_table [cache rows, blocks per row])
+    and returns the rotated queries [B, S, n_heads, head_dim]. A head_dim that is a power of two."""
     bsz, seqlen, _ = qkv.shape
     args = (qkv.reshape(bsz * seqlen, -1).contiguous(), rope.reshape(bsz * seqlen, -1).float().contiguous(),
-            cache_k, cache_v, rows.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), n_heads)
+            cache_k, cache_v, block_table, rows.reshape(-1).contiguous(), pos.reshape(-1).contiguous(), n_heads)
     if torch.compiler.is_compiling():
         q = torch.ops.llama_dist.rope_cache_rows(*args)
     else:

@@ -1,15 +1,18 @@
 """The Llama network (Llama 1/2/3, GQA), written once for any tensor-parallel size.
 
 Reads top to bottom like Meta's llama/model.py: RMSNorm, rotary embeddings in Meta's
-interleaved pair layout, attention with a preallocated KV cache, SwiGLU feed-forward.
+interleaved pair layout, attention with a preallocated, paged KV cache, SwiGLU feed-forward.
 Every projection is a model-parallel layer, so per layer there are exactly two all-reduces
 (after wo and after w2) and one gather for the logits. q/k/v and w1/w3 are fused into one
 matrix each per shard (one matmul instead of three or two); the loader assembles them from
 the canonical per-projection weights (checkpoint/shard.py: FUSED).
 
-Rows of a batch may sit at different positions and in any cache slot, which is what the
+Rows of a batch may sit at different positions and in any cache row, which is what the
 server's continuous batching needs; Meta-style generation is the special case of one
-start position for all rows in slots 0..B-1.
+start position for all rows in rows 0..B-1. The cache is paged (vLLM's layout): blocks of KV_BLOCK
+positions, and a block table saying which block holds each row's positions p .. p + KV_BLOCK - 1. A
+server gives a sequence blocks as it grows and lets sequences with a common prompt prefix share its
+blocks (serving/kv_blocks.py); everything else sees row r's blocks laid out one after another.
 
 A Transformer holds a range of layers (all of them, or one pipeline stage's): it maps tokens
 (first stage) or a hidden state (later stages) to a hidden state, or (last stage) to logits.
@@ -29,6 +32,8 @@ from torch import nn
 from ..distributed.comm import Communicator
 from ..parallel.layers import ColumnParallelLinear, ParallelEmbedding, RowParallelLinear, VocabParallelEmbedding
 from .args import ModelArgs
+
+KV_BLOCK = 16  # positions per KV cache block
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,18 +159,27 @@ class Attention(nn.Module):
         kw = dict(comm=comm, dtype=dtype, device=device)
         self.wqkv = ColumnParallelLinear(args.dim, local_qkv * tp, gather_output=False, **kw)
         self.wo = RowParallelLinear(args.n_heads * self.head_dim, args.dim, input_is_parallel=True, **kw)
-        self.cache_k: torch.Tensor | None = None
+        self.cache_k: torch.Tensor | None = None  # [blocks, kv heads, KV_BLOCK, head_dim]
         self.cache_v: torch.Tensor | None = None
+        self.block_table: torch.Tensor | None = None  # [rows, blocks per row], the model's (one for all layers)
 
-    def setup_cache(self, max_batch_size: int, n_ctx: int, dtype: torch.dtype, device) -> None:
-        shape = (max_batch_size, self.n_local_kv_heads, n_ctx, self.head_dim)
+    def setup_cache(self, n_blocks: int, block_table: torch.Tensor, dtype: torch.dtype, device) -> None:
+        shape = (n_blocks, self.n_local_kv_heads, KV_BLOCK, self.head_dim)
         self.cache_k = torch.zeros(shape, dtype=dtype, device=device)
         self.cache_v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_table = block_table
 
-    def copy_cache(self, source: int, target: int, n: int) -> None:
-        """Cache row `target` takes row `source`'s keys and values at positions 0..n-1."""
-        self.cache_k[target, :, :n] = self.cache_k[source, :, :n]
-        self.cache_v[target, :, :n] = self.cache_v[source, :, :n]
+    def cache_places(self, rows: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block and the offset in it of each (cache row, position) pair (rows and pos of one shape): the
+        cache's [block, :, offset] holds that position's kv heads."""
+        return self.block_table[rows, pos // KV_BLOCK], pos % KV_BLOCK
+
+    def cached(self, rows: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values at positions 0..length-1 of cache rows [B], gathered: [B, kv heads, length,
+        head_dim] each."""
+        blocks = self.block_table[rows, :-(-length // KV_BLOCK)]
+        return tuple(cache[blocks].transpose(1, 2).flatten(2, 3)[:, :, :length]
+                     for cache in (self.cache_k, self.cache_v))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
@@ -179,13 +193,13 @@ class Attention(nn.Module):
         """Rotate q and k, write k and v to the cache, attend over the cache: [B, S, heads * head_dim]."""
         q = self.rotate_and_cache(qkv, pos, rope, slots)
         if not isinstance(slots, Packed):
-            return self.attend_cache(q, mask, slice(0, qkv.shape[0]) if slots is None else slots, length)
+            return self.attend_cache(q, mask, cache_rows(slots, qkv.shape[0], qkv.device), length)
         out, at = [], 0
         for slot, start, n in zip(slots.slots, slots.starts, slots.lengths):  # each over its own cache row
             end = start + n
             positions = torch.arange(start, end, device=q.device)[None]
             out.append(self.attend_cache(q[:, at:at + n], None if n == 1 else visible(positions, end),
-                                         slice(slot, slot + 1), end))
+                                         torch.tensor([slot], device=q.device), end))
             at += n
         return torch.cat(out, dim=1)
 
@@ -198,25 +212,21 @@ class Attention(nn.Module):
         q = apply_rotary(q.view(bsz, seqlen, nh, hd), rope)
         k = apply_rotary(k.view(bsz, seqlen, nkv, hd), rope)
         v = v.view(bsz, seqlen, nkv, hd)
-        if isinstance(slots, Packed):  # each sequence's run of positions in its row
-            at = 0
-            for slot, start, n in zip(slots.slots, slots.starts, slots.lengths):
-                self.cache_k[slot, :, start:start + n] = k[0, at:at + n].transpose(0, 1)
-                self.cache_v[slot, :, start:start + n] = v[0, at:at + n].transpose(0, 1)
-                at += n
-            return q
-        rows = cache_rows(slice(0, bsz) if slots is None else slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
-        self.cache_k[rows, :, pos] = k
-        self.cache_v[rows, :, pos] = v
+        if isinstance(slots, Packed):  # each token at its own row and position
+            blocks, offsets = self.cache_places(slots.rows[None], slots.positions[None])
+        else:
+            rows = cache_rows(slots, bsz, qkv.device).view(bsz, 1).expand(bsz, seqlen)
+            blocks, offsets = self.cache_places(rows, pos)
+        self.cache_k[blocks, :, offsets] = k
+        self.cache_v[blocks, :, offsets] = v
         return q
 
-    def attend_cache(self, q: torch.Tensor, mask: torch.Tensor | None, slots: torch.Tensor | slice,
+    def attend_cache(self, q: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor,
                      length: int) -> torch.Tensor:
-        """Rotated queries q [B, S, heads, head_dim] over the first `length` cached positions of their rows."""
+        """Rotated queries q [B, S, heads, head_dim] over the first `length` cached positions of their rows [B]."""
         bsz, seqlen, nh, hd = q.shape
         nkv = self.n_local_kv_heads
-        # consecutive rows attend over a view of the cache; others over a gathered copy of their rows
-        keys, values = self.cache_k[slots, :, :length], self.cache_v[slots, :, :length]
+        keys, values = self.cached(rows, length)
         # GQA without copying the cache: the n_rep query heads of one kv head attend as n_rep * seqlen rows
         q = q.transpose(1, 2).reshape(bsz, nkv, self.n_rep * seqlen, hd)
         if mask is not None and self.n_rep > 1:
@@ -288,17 +298,36 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.rope.device
 
-    def setup_caches(self, max_batch_size: int, n_ctx: int, dtype: torch.dtype, device) -> None:
-        """Allocate the KV cache (in the activation dtype) and the rotary table once."""
+    def setup_caches(self, max_batch_size: int, n_ctx: int, dtype: torch.dtype, device,
+                     n_blocks: int | None = None) -> None:
+        """Allocate the KV cache (in the activation dtype), its block table and the rotary table once.
+        n_blocks: cache blocks of KV_BLOCK positions for all rows together (default: every row's n_ctx, so
+        rows 0..max_batch_size-1 may each hold a whole context in blocks of their own)."""
+        per_row = -(-n_ctx // KV_BLOCK)
+        self.n_blocks = n_blocks or max_batch_size * per_row
+        self.block_table = torch.zeros((max_batch_size, per_row), dtype=torch.long, device=device)
         for layer in self.layers.values():
-            layer.attention.setup_cache(max_batch_size, n_ctx, dtype, device)
+            layer.attention.setup_cache(self.n_blocks, self.block_table, dtype, device)
         self.rope = rope_table(self.args, n_ctx).to(device)
         self.max_batch_size, self.n_ctx = max_batch_size, n_ctx
+        if self.n_blocks >= max_batch_size * per_row:
+            self.own_blocks()
 
-    def copy_cache(self, source: int, target: int, n: int) -> None:
-        """Every layer's cache row `target` takes row `source`'s first n positions (a shared prompt prefix)."""
-        for layer in self.layers.values():
-            layer.attention.copy_cache(source, target, n)
+    def own_blocks(self) -> None:
+        """Give every cache row blocks of its own, one after another (what Meta-style generation, perplexity and
+        benchmarks address: rows 0..B-1, each up to n_ctx), after a server's sharing."""
+        rows, per_row = self.block_table.shape
+        if self.n_blocks < rows * per_row:
+            raise ValueError(f"The KV cache holds {self.n_blocks * KV_BLOCK} tokens, fewer than {rows} rows of "
+                             f"{self.n_ctx}; only the serving engine shares it out (kv_tokens).")
+        self.block_table.copy_(torch.arange(rows * per_row, device=self.block_table.device).view(rows, per_row))
+
+    def assign_blocks(self, rows: list[int], blocks: list[list[int]]) -> None:
+        """Cache row rows[i] takes blocks[i] (for its positions from 0 on), in one copy to the device."""
+        if rows:
+            width = max(map(len, blocks))
+            table = torch.tensor([b + b[-1:] * (width - len(b)) for b in blocks], dtype=torch.long)
+            self.block_table[torch.tensor(rows), :width] = table.to(self.block_table.device, non_blocking=True)
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,

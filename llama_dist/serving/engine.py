@@ -1,14 +1,16 @@
 """Continuous batching across tensor-parallel ranks and pipeline stages.
 
-Rank 0 owns the requests. Each step it plans: which waiting requests take a free cache slot (starting
-from the longest prefix of their prompt some slot already holds, slot_cache.py), which prompt chunks
-are read, and which running requests decode one token; it broadcasts that plan, and every rank runs the
-same step, so the model's collectives line up. While answers stream, a step reads at most `prefill_chunk`
+Rank 0 owns the requests. Each step it plans: which waiting requests take a free cache row and blocks of
+the paged KV cache (starting from the longest cached prefix of their prompt, shared: kv_blocks.py), which
+prompt chunks are read, and which running requests decode one token; where a running request needs a block
+and none is free, the latest admitted gives its blocks back and waits to be read again (preempted, never
+failed). It broadcasts that plan (with the block tables that changed), and every rank runs the same step, so
+the model's collectives line up. While answers stream, a step reads at most `prefill_chunk`
 prompt tokens, so a long prompt does not stall the streams already running (with none streaming, up to
 IDLE_PREFILL_TOKENS: a burst of new requests is read at once). Chunks end at fixed positions (multiples
 of prefill_chunk), decode attention takes each row alone, and rank 0 samples each request with its own
 generator, so an answer does not depend on what else is running or was cached. Rank 0 streams text to
-each request's listener and frees the slot when the request stops or its client goes away.
+each request's listener and frees the row and its blocks when the request stops or its client goes away.
 
 Where the prompt pass replays a CUDA graph (GPUs), a step's decode rows join its prompt chunks in that one
 pass, as runs of one token: a separate decode step would read every weight a second time, and with requests
@@ -17,6 +19,7 @@ depend on its batch: cuBLAS picks kernels by shape. CPUs keep the two passes, wh
 """
 from __future__ import annotations
 
+import collections
 import queue
 import threading
 import time
@@ -28,9 +31,10 @@ import torch
 from ..generation.constraints import Constraint
 from ..generation.llama import Llama
 from ..generation.sampling import SamplingParams, final_probs, sample
+from ..model.transformer import KV_BLOCK
 from ..tokenizer.stream import TextStream
+from .kv_blocks import KVBlocks
 from .metrics import Metrics
-from .slot_cache import SlotCache
 
 IDLE_PLAN_EVERY_S = 0.5  # an idle driver still broadcasts, so followers' collectives never time out
 PREFILL_CHUNK = 256  # prompt tokens read per step: longer prompts take several steps, decode steps between
@@ -100,6 +104,7 @@ class Request:
     slot: int = -1
     reused: int = 0  # prompt tokens found in the cache, not read again
     cached: int = 0  # tokens of context() whose keys and values are in the slot
+    preempted: int = 0  # times its blocks were given back for others' (then its context was read again)
     generated: list[int] = field(default_factory=list)
     text: str = ""
     sent: int = 0  # characters of text streamed
@@ -150,7 +155,7 @@ class Chunk:
 class StepPlan:
     """What every rank does this step, in this order (rank 0 makes it; the others receive it)."""
 
-    copies: list[tuple[int, int, int]] = field(default_factory=list)  # (from slot, to slot, positions 0..n-1)
+    blocks: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, its KV cache blocks): new tables
     embed: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, prompt): pooled hidden state
     prefill: list[Chunk] = field(default_factory=list)
     decode: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, token, position)
@@ -168,18 +173,19 @@ class Engine:
             raise ValueError(f"prefill_chunk={prefill_chunk}: a step must read at least one prompt token.")
         self.prefill_chunk = prefill_chunk
         self.waiting: queue.Queue[Request] = queue.Queue(maxsize=max_queue)
+        self.next_up: collections.deque[Request] = collections.deque()  # before the queue: preempted, or waiting
+        # for blocks
         self.running: dict[int, Request] = {}  # by slot, in the order they were admitted
-        self.slots = SlotCache(self.max_batch, prefill_chunk)
+        self.kv = KVBlocks(self.model.n_blocks, KV_BLOCK, self.max_batch, prefill_chunk)
         self.stopping = threading.Event()
         self.stop_ids = torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)
-        self.metrics = Metrics(queued=self.waiting.qsize, running=lambda: len(self.running),
-                               cache_tokens=lambda: sum(r.context_length()
-                                                        for r in list(self.running.values())),
-                               cache_capacity=self.max_batch * self.model.n_ctx)
+        self.metrics = Metrics(queued=self.queued,
+                               running=lambda: len(self.running), cache_tokens=lambda: self.kv.in_use() * KV_BLOCK,
+                               cache_capacity=self.model.n_blocks * KV_BLOCK)
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """A prompt chunk and a decode step in slot 0 (which holds nothing the slot cache knows of), on every
+        """A prompt chunk and a decode step in slot 0 (its blocks hold nothing the engine knows of), on every
         rank at once: libraries set themselves up now, not in the first request's time to first token."""
         device = self.ctx.device
         self.runner.prefill([(0, 0, [0] * 8)])
@@ -187,6 +193,10 @@ class Engine:
                                                                                                   device=device))
 
     # ---- rank 0 side -------------------------------------------------------------------------
+    def queued(self) -> int:
+        """Requests waiting to run (new ones, and preempted ones waiting to be read again)."""
+        return self.waiting.qsize() + len(self.next_up)
+
     def submit(self, request: Request) -> None:
         if self.stopping.is_set():
             raise QueueFull("the server is shutting down")
@@ -197,16 +207,19 @@ class Engine:
             raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
 
     def _plan(self) -> StepPlan:
-        for slot in [s for s, r in self.running.items() if r.cancelled.is_set()]:
-            self._finish(self.running.pop(slot), "cancelled")
+        for r in [r for r in self.running.values() if r.cancelled.is_set()]:
+            self._leave(r)
+            self._finish(r, "cancelled")
         if self.stopping.is_set():
-            for r in list(self.running.values()):
+            for r in [*self.running.values(), *self.next_up]:
+                self._leave(r)
                 self._finish(r, "cancelled")
-            self.running.clear()
+            self.next_up.clear()
             while not self.waiting.empty():
                 self._finish(self.waiting.get_nowait(), "cancelled")
             return StepPlan(shutdown=True)
         plan = StepPlan()
+        self._grow()
         self._admit(plan)
         streaming = any(r.generated for r in self.running.values())
         budget = self.prefill_chunk if streaming else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
@@ -217,50 +230,78 @@ class Engine:
             pending = r.context_length() - r.cached
             if r.generated and pending == 1:
                 plan.decode.append((slot, r.generated[-1], r.cached))
-                self.slots.wrote(slot, r.cached, r.generated[-1:])
+                self.kv.wrote(slot, r.cached, r.generated[-1:])
                 r.cached += 1
                 continue
             # chunks end at fixed positions: the same whatever else runs, or was cached before
             context = r.context()
             while r.cached < len(context):
-                n = self.slots.chunk_end(r.cached, len(context)) - r.cached
+                n = self.kv.chunk_end(r.cached, len(context)) - r.cached
                 if prefill_tokens and prefill_tokens + n > budget:
                     break  # the step has its share of prompt tokens: next step
                 ids = context[r.cached:r.cached + n]
                 plan.prefill.append(Chunk(slot, r.cached, ids, last=r.cached + n == len(context)))
-                self.slots.wrote(slot, r.cached, ids, prompt_chunk=True)
+                self.kv.wrote(slot, r.cached, ids, prompt_chunk=True)
                 r.cached += n
                 prefill_tokens += n
+        plan.blocks = self.kv.take_changes()
         return plan
 
+    def _grow(self) -> None:
+        """Blocks for what each running request writes this step, in the order they were admitted; where none is
+        free, the latest admitted (perhaps the request itself) is preempted: its blocks go back, and it waits at
+        the front of the queue to read its context again (from the prefix still cached)."""
+        for r in list(self.running.values()):
+            while self.running.get(r.slot) is r and not self.kv.grow(r.slot, r.context_length()):
+                victim = next(reversed(self.running.values()))
+                self._leave(victim)
+                victim.cached, victim.preempted = 0, victim.preempted + 1
+                self.metrics.preempted.inc()
+                self.next_up.appendleft(victim)
+
     def _admit(self, plan: StepPlan) -> None:
-        """Waiting requests into free slots (waiting up to IDLE_PLAN_EVERY_S when nothing runs); each starts
-        from the longest prefix of its prompt the cache holds."""
+        """Requests into free slots, preempted ones first (waiting up to IDLE_PLAN_EVERY_S when nothing runs),
+        while the cache has blocks for their prompts; each starts from the longest prefix of its prompt the
+        cache holds."""
         free = [s for s in range(self.max_batch) if s not in self.running]
         deadline = time.monotonic() + (0 if self.running else IDLE_PLAN_EVERY_S)
         while free:
             try:
-                r = self.waiting.get(timeout=max(0.0, deadline - time.monotonic()))
+                r = self.next_up.popleft() if self.next_up else self.waiting.get(
+                    timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 return
             if r.cancelled.is_set():
                 self._finish(r, "cancelled")
                 continue
-            place = self.slots.place(r.prompt_ids, free, reuse=r.cache_prompt and not r.embed)
-            free.remove(place.slot)
-            if place.copy_from is not None:
-                plan.copies.append((place.copy_from, place.slot, place.reused))
-            r.slot, r.reused, r.cached = place.slot, place.reused, place.reused
-            r.stream = TextStream(self.llama.tokenizer)
-            if r.seed is not None:
-                r.generator = torch.Generator(device=self.ctx.device).manual_seed(r.seed)
+            context = r.context()
+            if self.kv.blocks_for(len(context)) > self.kv.n_blocks:
+                r.on_event({"type": "error", "message": f"{len(context)} tokens do not fit the KV cache "
+                                                        f"({self.kv.n_blocks * KV_BLOCK} tokens)"})
+                continue
+            reused = self.kv.place(free[0], context, reuse=r.cache_prompt and not r.embed)
+            if reused is None:  # too few free blocks: it goes first once running requests give some back
+                self.next_up.appendleft(r)
+                return
+            r.slot, r.cached = free.pop(0), reused
+            if not r.preempted:
+                r.reused = reused
+                r.stream = TextStream(self.llama.tokenizer)
+                if r.seed is not None:
+                    r.generator = torch.Generator(device=self.ctx.device).manual_seed(r.seed)
             if r.embed:
                 plan.embed.append((r.slot, r.prompt_ids))
-                self.slots.wrote(r.slot, 0, r.prompt_ids)
-            elif r.return_progress:
+                self.kv.wrote(r.slot, 0, r.prompt_ids)
+            elif r.return_progress and not r.preempted:
                 self._progress(r, r.reused)
             self.running[r.slot] = r
             deadline = time.monotonic()  # take what is queued now, then run
+
+    def _leave(self, r: Request) -> None:
+        """The request no longer runs: its slot and blocks are free."""
+        if self.running.get(r.slot) is r:
+            del self.running[r.slot]
+            self.kv.release(r.slot)
 
     def _emit_text(self, r: Request, final: bool) -> None:
         hold = 0 if final else max((len(w) for w in r.stop_words), default=1) - 1
@@ -331,12 +372,11 @@ class Engine:
             return self._done(r, "limit")
         if full:  # drop half of what follows the kept tokens; the next steps read the rest again
             r.dropped += (self.model.n_ctx - r.n_keep) // 2
-            r.cached = r.n_keep
-            self.slots.wrote(r.slot, r.n_keep, [])
+            r.cached = self.kv.truncate(r.slot, r.n_keep)
         self._emit_text(r, final=False)
 
     def _done(self, r: Request, stop_type: str, word: str = "") -> None:
-        self.running.pop(r.slot, None)
+        self._leave(r)
         self._finish(r, stop_type, word)
 
     # ---- every rank ----------------------------------------------------------------------------
@@ -351,14 +391,15 @@ class Engine:
 
     def _execute(self, plan: StepPlan) -> None:
         device, driver = self.ctx.device, self.ctx.is_driver
-        for source, target, n in plan.copies:
-            self.model.copy_cache(source, target, n)
+        if plan.blocks:
+            self.model.assign_blocks(*zip(*plan.blocks))
         for slot, ids in plan.embed:
             start = time.perf_counter()
             hidden = self.runner.forward(torch.tensor([ids], device=device), 0, slots=torch.tensor([slot], device=device),
                                          hidden=True)
             if driver:
-                r = self.running.pop(slot)
+                r = self.running[slot]
+                self._leave(r)
                 r.prompt_ms = (time.perf_counter() - start) * 1e3
                 self.metrics.prompt_tokens.inc(len(ids))
                 r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
@@ -429,5 +470,5 @@ class Engine:
         try:
             self._accept(r, logits, likeliest)
         except Exception as e:  # noqa: BLE001
-            self.running.pop(r.slot, None)
+            self._leave(r)
             r.on_event({"type": "error", "message": f"{type(e).__name__}: {e}"})

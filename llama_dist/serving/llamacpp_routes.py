@@ -138,7 +138,7 @@ class LlamaCppRoutes(Handlers):
         engine = self.state.engine
         busy = len(engine.running)
         return JSONResponse({"status": "ok", "slots_idle": engine.max_batch - busy, "slots_processing": busy,
-                             "requests_waiting": engine.waiting.qsize()})
+                             "requests_waiting": engine.queued()})
 
     async def metrics(self, request: HTTPRequest) -> Response:
         self._authorise(request)

@@ -15,11 +15,13 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class Metrics:
     def __init__(self, queued: Callable[[], int], running: Callable[[], int], cache_tokens: Callable[[], int],
                  cache_capacity: int):
-        """queued/running/cache_tokens: read at scrape time; cache_capacity: KV-cache positions in all slots."""
+        """queued/running/cache_tokens: read at scrape time; cache_capacity: KV-cache positions (all blocks)."""
         self.registry = registry = CollectorRegistry()
         self.requests = Counter("llamadist_requests", "Requests finished, by how they ended", ["stop_type"],
                                 registry=registry)
         self.prompt_tokens = Counter("llamadist_prompt_tokens", "Prompt tokens read", registry=registry)
+        self.preempted = Counter("llamadist_requests_preempted", "Times a running request gave its KV cache blocks "
+                                 "back to earlier ones (and was read again later)", registry=registry)
         self.generated_tokens = Counter("llamadist_tokens_predicted", "Tokens generated", registry=registry)
         self.time_to_first_token = Histogram("llamadist_time_to_first_token_seconds",
                                              "From admission to the first generated token",
