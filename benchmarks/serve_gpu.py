@@ -74,6 +74,12 @@ def prompt(i: int, words: int) -> str:
     return " ".join(WORDS[(i * 7 + j * (i % 5 + 1)) % len(WORDS)] for j in range(words)) + f" {i}"
 
 
+def limits(connections: int) -> httpx.Limits:
+    """A client's connections, idle ones dropped after 1 s: uvicorn closes them after 5 s (httpx's own default
+    too), and a request sent on one the server is closing fails with a read error."""
+    return httpx.Limits(max_connections=connections, keepalive_expiry=1.0)
+
+
 async def stream(client: httpx.AsyncClient, url: str, body: dict) -> dict:
     """One streamed /completion: its token times."""
     start, times = time.perf_counter(), []
@@ -100,8 +106,7 @@ def summary(results: list[dict], elapsed: float) -> dict:
 
 
 async def load_level(url: str, concurrency: int, requests: int, tokens: int, words: int, offset: int) -> dict:
-    limits = httpx.Limits(max_connections=concurrency + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    async with httpx.AsyncClient(timeout=600, limits=limits(concurrency + 4)) as client:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> dict:
@@ -119,7 +124,7 @@ async def shared_prefix(url: str, words: int) -> dict:
     asks for one token and is timed to its answer (a streamed first token can be held back while its text is an
     incomplete character, which random weights often choose), beside the server's own prompt time."""
     system = prompt(10_000, words)
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=600, limits=limits(4)) as client:
         out = {}
         for name, tail in (("first", " What is the first word?"), ("second", " What is the last word?")):
             start = time.perf_counter()
@@ -138,7 +143,7 @@ async def nothing_lost(url: str, clients: int = 256, prompts: int = 24, words: i
     without their final event (unfinished)."""
     texts = [prompt(40_000 + i, words) for i in range(prompts)]
     lengths = [8 + i % 9 for i in range(prompts)]
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
+    async with httpx.AsyncClient(timeout=600, limits=limits(clients + 4)) as http:
         alone = []
         for text, n in zip(texts, lengths):
             body = {"prompt": text, "n_predict": n, "temperature": 0, "cache_prompt": False}
@@ -156,7 +161,7 @@ async def nothing_lost(url: str, clients: int = 256, prompts: int = 24, words: i
 
 async def long_prompts_arriving(url: str, streams: int, tokens: int, long_words: int, arrivals: int) -> dict:
     """Inter-token times of running streams while long prompts keep arriving (chunked prefill between steps)."""
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=streams + arrivals + 4)) as client:
+    async with httpx.AsyncClient(timeout=600, limits=limits(streams + arrivals + 4)) as client:
         running = [asyncio.create_task(stream(client, url, {"prompt": prompt(20_000 + i, 16), "n_predict": tokens,
                                                             "temperature": 0, "ignore_eos": True}))
                    for i in range(streams)]

@@ -322,12 +322,12 @@ class Transformer(nn.Module):
                              f"{self.n_ctx}; only the serving engine shares it out (kv_tokens).")
         self.block_table.copy_(torch.arange(rows * per_row, device=self.block_table.device).view(rows, per_row))
 
-    def assign_blocks(self, rows: list[int], blocks: list[list[int]]) -> None:
-        """Cache row rows[i] takes blocks[i] (for its positions from 0 on), in one copy to the device."""
-        if rows:
-            width = max(map(len, blocks))
-            table = torch.tensor([b + b[-1:] * (width - len(b)) for b in blocks], dtype=torch.long)
-            self.block_table[torch.tensor(rows), :width] = table.to(self.block_table.device, non_blocking=True)
+    def assign_blocks(self, entries: list[tuple[int, int, int]]) -> None:
+        """Set block table entries (cache row, index in its row, block), in one copy to the device that does not
+        wait for it."""
+        if entries:
+            rows, index, blocks = torch.tensor(entries).to(self.block_table.device, non_blocking=True).unbind(1)
+            self.block_table.view(-1)[rows * self.block_table.shape[1] + index] = blocks
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph
     def forward(self, x: torch.Tensor, start_pos: int | torch.Tensor, slots: Slots = None,

@@ -155,7 +155,7 @@ class Chunk:
 class StepPlan:
     """What every rank does this step, in this order (rank 0 makes it; the others receive it)."""
 
-    blocks: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, its KV cache blocks): new tables
+    blocks: list[tuple[int, int, int]] = field(default_factory=list)  # block table entries: (slot, index, block)
     embed: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, prompt): pooled hidden state
     prefill: list[Chunk] = field(default_factory=list)
     decode: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, token, position)
@@ -391,8 +391,7 @@ class Engine:
 
     def _execute(self, plan: StepPlan) -> None:
         device, driver = self.ctx.device, self.ctx.is_driver
-        if plan.blocks:
-            self.model.assign_blocks(*zip(*plan.blocks))
+        self.model.assign_blocks(plan.blocks)
         for slot, ids in plan.embed:
             start = time.perf_counter()
             hidden = self.runner.forward(torch.tensor([ids], device=device), 0, slots=torch.tensor([slot], device=device),

@@ -33,10 +33,10 @@ class KVBlocks:
         self.registered: dict[int, int] = {}  # key -> block
         self.content: dict[int, tuple[int, int, tuple[int, ...]]] = {}  # registered block -> (key, parent, tokens)
         self.tables: list[list[int]] = [[] for _ in range(n_rows)]
-        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]  # what each row holds at positions 0..
         self.exact = [0] * n_rows  # leading positions written by whole aligned prompt chunks
+        self.tokens: list[list[int]] = [[] for _ in range(n_rows)]  # each row's tokens at those positions
         self.keys: list[list[int]] = [[] for _ in range(n_rows)]  # keys of the row's leading reusable blocks
-        self.changed: set[int] = set()
+        self.changes: list[tuple[int, int, int]] = []  # (row, index in its table, block) since take_changes
 
     def chunk_end(self, start: int, end: int) -> int:
         """Where a chunk of the tokens start..end-1 that begins at `start` ends: at the next multiple of
@@ -77,7 +77,7 @@ class KVBlocks:
             self.refs[b] += 1
         self.tables[row] = shared + [self._take() for _ in range(new)]
         self.tokens[row], self.exact[row], self.keys[row] = prompt[:reused], reused, keys
-        self.changed.add(row)
+        self.changes += [(row, i, b) for i, b in enumerate(self.tables[row])]
         return reused
 
     def grow(self, row: int, n_tokens: int) -> bool:
@@ -85,23 +85,25 @@ class KVBlocks:
         more = self.blocks_for(n_tokens) - len(self.tables[row])
         if more > len(self.free):
             return False
-        if more > 0:
-            self.tables[row] += [self._take() for _ in range(more)]
-            self.changed.add(row)
+        table = self.tables[row]
+        for _ in range(more):
+            table.append(self._take())
+            self.changes.append((row, len(table) - 1, table[-1]))
         return True
 
     def wrote(self, row: int, start: int, tokens: list[int], prompt_chunk: bool = False) -> None:
         """A step writes these tokens' keys and values at start.. in this row; prompt_chunk: as a chunk of a
         prompt (or of a context read again), whose bounds chunk_end gave. Blocks that whole aligned chunks have
         now filled are registered."""
-        held = self.tokens[row]
-        assert start <= len(held) and self.blocks_for(start + len(tokens)) <= len(self.tables[row]), (row, start)
-        del held[start:]
+        assert self.blocks_for(start + len(tokens)) <= len(self.tables[row]), (row, start)
+        if start < self.exact[row]:
+            self.exact[row] = start
+            del self.tokens[row][start:], self.keys[row][start // self.block:]
+        if not (prompt_chunk and start == self.exact[row] and start % self.chunk == 0 and len(tokens) == self.chunk):
+            return
+        held, keys = self.tokens[row], self.keys[row]
         held.extend(tokens)
-        self.exact[row] = min(self.exact[row], start)
-        if prompt_chunk and start == self.exact[row] and start % self.chunk == 0 and len(tokens) == self.chunk:
-            self.exact[row] += self.chunk
-        keys = self.keys[row]
+        self.exact[row] += self.chunk
         while (len(keys) + 1) * self.block <= self.exact[row]:
             i = len(keys)
             parent, block = keys[-1] if keys else 0, self.tables[row][i]
@@ -127,10 +129,10 @@ class KVBlocks:
         self._give_back(self.tables[row])
         self.tables[row], self.tokens[row], self.keys[row], self.exact[row] = [], [], [], 0
 
-    def take_changes(self) -> list[tuple[int, list[int]]]:
-        """(row, its blocks) for each row whose blocks changed since the last call: for the model's block table."""
-        changes = [(row, list(self.tables[row])) for row in sorted(self.changed) if self.tables[row]]
-        self.changed.clear()
+    def take_changes(self) -> list[tuple[int, int, int]]:
+        """(row, index in its table, block) for each table entry set since the last call: for the model's block
+        table (a row given back keeps its stale entries, which nothing reads)."""
+        changes, self.changes = self.changes, []
         return changes
 
     def _take(self) -> int:
