@@ -3,6 +3,7 @@ import asyncio
 import concurrent.futures
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,9 +285,11 @@ TWO_RANK_ANSWERS: dict[int, list] = {}
 @pytest.mark.parametrize("pp", [1, 2])
 def test_api_key_and_two_ranks(pp, tiny_checkpoints, sp_tokenizer):
     """A tiny model over 2 Gloo ranks (tensor parallel, or --pp 2: a layer per stage) with --api_key: 401
-    without it; batching still equals alone, and both layouts answer alike; SIGTERM exits all."""
+    without it; batching still equals alone, in a KV cache of one context for 8 sequences (requests preempted, and
+    every rank following rank 0's block tables), and both layouts answer alike; SIGTERM exits all."""
     s = Server("--model", str(tiny_checkpoints["mp2"]), "--tokenizer", str(sp_tokenizer), "--api_key", "sekrit",
-               "--max_batch", "8", "--n_ctx", "128", "--backend", "gloo", "--pp", str(pp), world=2)
+               "--max_batch", "8", "--n_ctx", "128", "--kv_tokens", "128", "--backend", "gloo", "--pp", str(pp),
+               world=2)
     try:
         assert s.post("/completion", {"prompt": "hi"}).status_code == 401
         auth = {"Authorization": "Bearer sekrit"}
@@ -299,6 +302,8 @@ def test_api_key_and_two_ranks(pp, tiny_checkpoints, sp_tokenizer):
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
             together = list(pool.map(lambda a: greedy(*a), [(p, 6 + i) for i, p in enumerate(PROMPTS[:8])]))
         assert together == alone and all(len(t) > 0 for t in alone)
+        metrics = httpx.get(f"{s.url}/metrics", headers=auth).text
+        assert float(re.search(r"^llamadist_requests_preempted_total (\S+)$", metrics, re.M)[1]) > 0
         TWO_RANK_ANSWERS[pp] = alone
         if len(TWO_RANK_ANSWERS) == 2:
             assert TWO_RANK_ANSWERS[1] == TWO_RANK_ANSWERS[2]
