@@ -207,9 +207,10 @@ class Engine:
             raise QueueFull(f"{self.waiting.maxsize} requests are already waiting") from None
 
     def _plan(self) -> StepPlan:
-        for r in [r for r in self.running.values() if r.cancelled.is_set()]:
+        for r in [r for r in (*self.running.values(), *self.next_up) if r.cancelled.is_set()]:
             self._leave(r)
             self._finish(r, "cancelled")
+        self.next_up = collections.deque(r for r in self.next_up if not r.cancelled.is_set())
         if self.stopping.is_set():
             for r in [*self.running.values(), *self.next_up]:
                 self._leave(r)
