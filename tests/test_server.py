@@ -11,6 +11,9 @@ import time
 
 import httpx
 import pytest
+import torch
+
+from llama_dist import Llama
 
 from .helpers import ROOT, free_port, start_ranks, streamed_tokens
 
@@ -92,6 +95,33 @@ def test_openai_chat_and_completion(server):
     streamed = "".join(ch.choices[0].text for ch in c.completions.create(
         model="smollm2", prompt="The capital of France is", max_tokens=5, temperature=0, stream=True))
     assert streamed == comp.choices[0].text
+
+
+def test_echo_gives_the_prompt_and_its_log_probabilities(server):
+    """OpenAI's echo with logprobs: the text starts with the prompt, and each prompt token after the first has the
+    log-probability the model gives it after those before it (with max_tokens 0, the prompt's alone: scoring);
+    with an answer, its entries follow; streamed, the prompt comes first."""
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2, "temperature": 0}
+    scored = server.post("/v1/completions", body).json()["choices"][0]
+    assert scored["text"] == prompt and scored["finish_reason"] == "length"
+    lp = scored["logprobs"]
+    llama = Llama.build("smollm2", max_seq_len=64, max_batch_size=1, dtype="float32", quantize="none")
+    ids = llama.tokenizer.encode(prompt, bos=True, eos=False)
+    logp = torch.log_softmax(llama.runner.forward(torch.tensor([ids]), 0)[0], dim=-1)
+    want = logp[torch.arange(len(ids) - 1), torch.tensor(ids[1:])].tolist()
+    assert len(lp["tokens"]) == len(ids) and "".join(lp["tokens"]).endswith(prompt)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"][1:], want)) < 1e-4
+    assert all(len(top) == 2 and max(top.values()) >= lp["token_logprobs"][i + 1] - 1e-6
+               for i, top in enumerate(lp["top_logprobs"][1:]))
+    answered = server.post("/v1/completions", {**body, "max_tokens": 3}).json()["choices"][0]
+    assert answered["text"].startswith(prompt) and len(answered["logprobs"]["tokens"]) == len(ids) + 3
+    assert answered["logprobs"]["token_logprobs"][1:len(ids)] == pytest.approx(lp["token_logprobs"][1:], abs=1e-6)
+    stream = client(server).completions.create(model="m", prompt=prompt, max_tokens=3, echo=True, temperature=0,
+                                               stream=True)
+    texts = [c.choices[0].text for c in stream if c.choices]
+    assert texts[0] == prompt and "".join(texts) == answered["text"]
 
 
 def test_llamacpp_completion_fields(server):

@@ -270,7 +270,7 @@ class Handlers:
         return [self._prompt_ids(_prompt_string(prompt))]
 
     def _request(self, ids: list[int], body: dict, openai: bool, max_name: str, default_max: int | None = None,
-                 top_logprobs: int | None = None) -> Request:
+                 top_logprobs: int | None = None, prompt_logprobs: int | None = None) -> Request:
         """A Request for the engine, as llama.cpp's server makes one. Without context shift (its default) the
         answer is capped at the context left (n_predict -1 or more than fits: until the context is full) and a
         prompt that leaves no room is refused. With it, a long prompt keeps its first n_keep tokens and loses
@@ -304,7 +304,7 @@ class Handlers:
         params = sampling_from(body, openai, self.state.temperature)
         params.logit_bias = self._logit_bias(body)
         return Request(ids, params, room if n == -1 else min(n, room), on_event=lambda e: None,
-                       stop_words=stop, seed=seed, top_logprobs=top_logprobs,
+                       stop_words=stop, seed=seed, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs,
                        ignore_eos=_field(body, "ignore_eos", bool, False), constraint=self._constraint(body),
                        n_keep=min(n_keep, len(ids)) if shift else None, prompt_truncated=truncated,
                        cache_prompt=_field(body, "cache_prompt", bool, True),

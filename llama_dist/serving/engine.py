@@ -89,6 +89,8 @@ class Request:
     stop_words: list[str] = field(default_factory=list)
     seed: int | None = None
     top_logprobs: int | None = None  # report each chosen token's log-probability and this many alternatives
+    prompt_logprobs: int | None = None  # and each prompt token's given those before it, with this many
+    # alternatives (OpenAI's echo with logprobs, vLLM's prompt_logprobs): the prompt is read whole, not cached
     post_sampling: bool = False  # ... as probabilities after the sampler's settings (llama.cpp's post_sampling_probs)
     ignore_eos: bool = False  # never choose an end token (llama.cpp's ignore_eos)
     constraint: Constraint | None = None  # a schema or grammar the output must follow
@@ -117,6 +119,8 @@ class Request:
     generator: torch.Generator | None = None
     stream: TextStream | None = None
     logprobs: list[dict] = field(default_factory=list)  # per generated token, when top_logprobs is set
+    prompt_token_logprobs: list[dict] = field(default_factory=list)  # per prompt token, when prompt_logprobs is
+    # set (the first, which nothing precedes, with logprob and top None)
     embedding: list[float] | None = None
     dropped: int = 0  # tokens after the first n_keep that context shifts have dropped
 
@@ -143,12 +147,14 @@ class Request:
 @dataclass
 class Chunk:
     """Prompt (or shifted context) tokens a step reads into a slot at start..; `last`: they end what was
-    pending, so their final logits choose the next token."""
+    pending, so their final logits choose the next token; `every`: every token's logits are wanted (prompt
+    log-probabilities), so the chunk is read in a pass of its own."""
 
     slot: int
     start: int
     ids: list[int]
     last: bool
+    every: bool = False
 
 
 @dataclass
@@ -241,7 +247,8 @@ class Engine:
                 if prefill_tokens and prefill_tokens + n > budget:
                     break  # the step has its share of prompt tokens: next step
                 ids = context[r.cached:r.cached + n]
-                plan.prefill.append(Chunk(slot, r.cached, ids, last=r.cached + n == len(context)))
+                plan.prefill.append(Chunk(slot, r.cached, ids, last=r.cached + n == len(context),
+                                          every=r.prompt_logprobs is not None and not r.generated))
                 self.kv.wrote(slot, r.cached, ids, prompt_chunk=True)
                 r.cached += n
                 prefill_tokens += n
@@ -280,13 +287,16 @@ class Engine:
                 r.on_event({"type": "error", "message": f"{len(context)} tokens do not fit the KV cache "
                                                         f"({self.kv.n_blocks * KV_BLOCK} tokens)"})
                 continue
-            reused = self.kv.place(free[0], context, reuse=r.cache_prompt and not r.embed)
+            reused = self.kv.place(free[0], context, reuse=r.cache_prompt and not r.embed
+                                   and r.prompt_logprobs is None)
             if reused is None:  # too few free blocks: it goes first once running requests give some back
                 self.next_up.appendleft(r)
                 return
             r.slot, r.cached = free.pop(0), reused
             if not r.preempted:
                 r.reused = reused
+                r.prompt_token_logprobs = ([{"id": r.prompt_ids[0], "logprob": None, "top": None}]
+                                           if r.prompt_logprobs is not None else [])
                 r.stream = TextStream(self.llama.tokenizer)
                 if r.seed is not None:
                     r.generator = torch.Generator(device=self.ctx.device).manual_seed(r.seed)
@@ -404,14 +414,24 @@ class Engine:
                 self.metrics.prompt_tokens.inc(len(ids))
                 r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
                 self._finish(r, "embedding")
-        chunks = [(c.slot, c.start, c.ids) for c in plan.prefill]
+        chunks = [(c.slot, c.start, c.ids) for c in plan.prefill if not c.every]
         fold = self._folds(chunks, len(plan.decode))
         folded = [(slot, position, [token]) for slot, token, position in plan.decode] if fold else []
-        if chunks:
+        if plan.prefill:
             start = time.perf_counter()
-            logits = self.runner.prefill(chunks + folded)
+            logits = self.runner.prefill(chunks + folded) if chunks else []
+            packed, last_rows = iter(logits[:len(chunks)]), []
+            for c in plan.prefill:  # chunks wanting every token's logits: a pass each
+                if not c.every:
+                    last_rows.append(next(packed))
+                    continue
+                every = self.runner.forward(torch.tensor([c.ids], device=device), c.start,
+                                            slots=torch.tensor([c.slot], device=device))[0]
+                if driver:
+                    self._prompt_logprobs(c, every)
+                last_rows.append(every[-1])
             if driver:
-                self._prompts_read(plan.prefill, logits[:len(chunks)], start)
+                self._prompts_read(plan.prefill, last_rows, start)
         if plan.decode:
             slots = [slot for slot, _, _ in plan.decode]
             if folded:
@@ -455,6 +475,17 @@ class Engine:
             likeliest = self._likeliest(torch.stack([row for _, row in ended]), [r for r, _ in ended])
             for (r, row), token in zip(ended, likeliest):
                 self._safely(r, row, token)
+
+    def _prompt_logprobs(self, chunk: Chunk, logits: torch.Tensor) -> None:
+        """Rank 0: the log-probabilities of the prompt tokens this chunk's logits [tokens, vocab] predict (each
+        row the next position's; one past the prompt is the answer's first token, chosen as usual)."""
+        r = self.running.get(chunk.slot)
+        if r is None:
+            return
+        for i, row in enumerate(logits):
+            position = chunk.start + i + 1
+            if position < len(r.prompt_ids) and position == len(r.prompt_token_logprobs):  # (once, if read again)
+                r.prompt_token_logprobs.append(token_logprobs(row, r.prompt_ids[position], r.prompt_logprobs))
 
     def _likeliest(self, rows: torch.Tensor, requests: list[Request | None]) -> list[int]:
         """Each row's likeliest token (of the allowed ones, for a request with ignore_eos), in one transfer for

@@ -29,11 +29,14 @@ class OpenAIRoutes(Handlers):
                                                          "tags": list(state.tags)}]})
 
     async def completions(self, request: HTTPRequest) -> Response:
+        """echo: the answer's text (and log-probabilities) start with the prompt's (with max_tokens 0, a prompt's
+        log-probabilities alone: scoring)."""
         body = await self._body(request)
         logprobs = _field(body, "logprobs", int, None, lambda v: 0 <= v <= 20)
+        echo = _field(body, "echo", bool, False)
         reqs = [req for ids in self._prompts(body.get("prompt")) for req in self._choices(
             body, lambda: self._request(ids, body, openai=True, max_name="max_tokens", default_max=16,
-                                        top_logprobs=logprobs))]
+                                        top_logprobs=logprobs, prompt_logprobs=logprobs if echo else None))]
         return await self._answer(reqs, body, chat=False, client=request)
 
     async def chat_completions(self, request: HTTPRequest) -> Response:
@@ -105,9 +108,12 @@ class OpenAIRoutes(Handlers):
             return StreamingResponse(self._openai_stream(reqs[0], events, body, head, chat),
                                      media_type="text/event-stream")
         choices = []
+        echo = not chat and _field(body, "echo", bool, False)
         for i, (req, (text, done)) in enumerate(zip(reqs, await self._collect_all(reqs, client))):
+            entries = req.prompt_token_logprobs + req.logprobs if echo else req.logprobs
+            text = self._echo(req) + text if echo else text
             choice = {"index": i, "finish_reason": _finish_reason(done["stop_type"]),
-                      "logprobs": self._logprobs(req.logprobs, chat, text) if req.top_logprobs is not None else None}
+                      "logprobs": self._logprobs(entries, chat, text) if req.top_logprobs is not None else None}
             choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
             choices.append(choice)
         usage = {key: sum(_usage(r)[key] for r in reqs) for key in ("prompt_tokens", "completion_tokens",
@@ -125,6 +131,7 @@ class OpenAIRoutes(Handlers):
         if chat:
             yield sse({**head, "object": obj, "choices": [{"index": 0, "delta": {"role": "assistant", "content": None},
                                                            "finish_reason": None}]})
+        echo = not chat and _field(body, "echo", bool, False)
         async for e in events:
             if e["type"] == "error":
                 yield sse({"error": {"message": e["message"], "type": "server_error"}})
@@ -132,6 +139,12 @@ class OpenAIRoutes(Handlers):
             if e["type"] == "progress":
                 yield sse({**head, "object": obj, "choices": [], "prompt_progress": e["prompt_progress"]})
                 continue
+            if echo:  # the prompt first, once it is read (its log-probabilities are known then)
+                echo, text = False, self._echo(req)
+                logprobs = (self._logprobs(req.prompt_token_logprobs, chat, text) if req.top_logprobs is not None
+                            else None)
+                yield sse({**head, "object": obj,
+                           "choices": [{"index": 0, "text": text, "finish_reason": None, "logprobs": logprobs}]})
             finish = None if e["type"] == "token" else _finish_reason(e["stop_type"])
             text = e.get("text", "")
             logprobs = (self._logprobs(e["logprobs"], chat, text)
@@ -145,8 +158,14 @@ class OpenAIRoutes(Handlers):
                 yield sse({**head, "object": obj, "choices": [], "usage": _usage(req), "timings": e["timings"]})
         yield "data: [DONE]\n\n"
 
+    def _echo(self, req: Request) -> str:
+        """The prompt's text, as its tokens decode (without a beginning-of-sequence token)."""
+        ids = req.prompt_ids
+        return self.tokenizer.decode(ids[1:] if ids[0] == self.tokenizer.bos_id else ids)
+
     def _logprobs(self, logprobs: list[dict], chat: bool, text: str) -> dict:
-        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy parallel lists."""
+        """Chat: {"content": [{token, logprob, bytes, top_logprobs}]}; completions: the legacy parallel lists (an
+        echoed prompt's first token with logprob and top_logprobs null: nothing precedes it)."""
         def entry(token: int, logprob: float) -> dict:
             piece = self._piece(token)
             return {"token": piece["token"], "logprob": logprob, "bytes": piece["bytes"]}
@@ -157,7 +176,8 @@ class OpenAIRoutes(Handlers):
         tokens = [self._piece(lp["id"])["token"] for lp in logprobs]
         offsets = [sum(len(t) for t in tokens[:k]) for k in range(len(tokens))]
         return {"tokens": tokens, "token_logprobs": [lp["logprob"] for lp in logprobs],
-                "top_logprobs": [{self._piece(i)["token"]: v for i, v in lp["top"]} for lp in logprobs],
+                "top_logprobs": [None if lp["top"] is None else {self._piece(i)["token"]: v for i, v in lp["top"]}
+                                 for lp in logprobs],
                 "text_offset": offsets}
 
 
