@@ -414,28 +414,14 @@ class Engine:
                 self.metrics.prompt_tokens.inc(len(ids))
                 r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
                 self._finish(r, "embedding")
-        chunks = [(c.slot, c.start, c.ids) for c in plan.prefill if not c.every]
-        fold = self._folds(chunks, len(plan.decode))
-        folded = [(slot, position, [token]) for slot, token, position in plan.decode] if fold else []
-        if plan.prefill:
-            start = time.perf_counter()
-            logits = self.runner.prefill(chunks + folded) if chunks else []
-            packed, last_rows = iter(logits[:len(chunks)]), []
-            for c in plan.prefill:  # chunks wanting every token's logits: a pass each
-                if not c.every:
-                    last_rows.append(next(packed))
-                    continue
-                every = self.runner.forward(torch.tensor([c.ids], device=device), c.start,
-                                            slots=torch.tensor([c.slot], device=device))[0]
-                if driver:
-                    self._prompt_logprobs(c, every)
-                last_rows.append(every[-1])
-            if driver:
-                self._prompts_read(plan.prefill, last_rows, start)
+        packed = [(c.slot, c.start, c.ids) for c in plan.prefill if not c.every]
+        folded = ([(slot, position, [token]) for slot, token, position in plan.decode]
+                  if self._folds(packed, len(plan.decode)) else [])
+        folded_rows = self._read_prompts(plan.prefill, packed, folded) if plan.prefill else []
         if plan.decode:
             slots = [slot for slot, _, _ in plan.decode]
             if folded:
-                rows = torch.stack(logits[len(chunks):])
+                rows = torch.stack(folded_rows)
             else:
                 tokens, positions = zip(*[(token, position) for _, token, position in plan.decode])
                 rows = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
@@ -445,6 +431,27 @@ class Engine:
                 for i, slot in enumerate(slots):
                     if slot in self.running:
                         self._safely(self.running[slot], rows[i], likeliest[i])
+
+    def _read_prompts(self, chunks: list[Chunk], packed: list[tuple[int, int, list[int]]],
+                      folded: list[tuple[int, int, list[int]]]) -> list[torch.Tensor | None]:
+        """Read a step's prompt chunks: those packed (with the decode rows folded in) in one pass, those wanting
+        every token's logits in a pass each; rank 0 then takes what the chunks end. Returns the folded rows'
+        logits."""
+        device, start = self.ctx.device, time.perf_counter()
+        logits = self.runner.prefill(packed + folded) if packed else []
+        in_pack, last_rows = iter(logits[:len(packed)]), []
+        for c in chunks:
+            if not c.every:
+                last_rows.append(next(in_pack))
+                continue
+            every = self.runner.forward(torch.tensor([c.ids], device=device), c.start,
+                                        slots=torch.tensor([c.slot], device=device))[0]
+            if self.ctx.is_driver:
+                self._prompt_logprobs(c, every)
+            last_rows.append(every[-1])
+        if self.ctx.is_driver:
+            self._prompts_read(chunks, last_rows, start)
+        return logits[len(packed):]
 
     def _folds(self, chunks: list[tuple[int, int, list[int]]], n_decode: int) -> bool:
         """Whether this step's decode rows join its prompt pass (the same answer on every rank: the plan and the
