@@ -28,9 +28,11 @@ class Metrics:
                                              buckets=LATENCY_BUCKETS, registry=registry)
         self.inter_token = Histogram("llamadist_inter_token_seconds", "Between a request's consecutive tokens",
                                      buckets=LATENCY_BUCKETS, registry=registry)
-        Gauge("llamadist_requests_deferred", "Requests waiting for a slot", registry=registry).set_function(queued)
+        Gauge("llamadist_requests_deferred", "Requests waiting for a slot or KV cache blocks (preempted ones too)",
+              registry=registry).set_function(queued)
         Gauge("llamadist_requests_processing", "Requests in a slot", registry=registry).set_function(running)
-        Gauge("llamadist_kv_cache_tokens", "KV-cache positions in use", registry=registry).set_function(cache_tokens)
+        Gauge("llamadist_kv_cache_tokens", "KV-cache positions in blocks that sequences hold",
+              registry=registry).set_function(cache_tokens)
         Gauge("llamadist_kv_cache_usage_ratio", "KV-cache positions in use / all positions",
               registry=registry).set_function(lambda: cache_tokens() / cache_capacity)
 
