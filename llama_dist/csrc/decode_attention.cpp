@@ -73,7 +73,7 @@ inline __m256 transpose_sums(const __m256* t) {
 template <>
 void attend_head<float>(const float* q, const Paged<float>& keys, const Paged<float>& values, int64_t last,
                         int64_t hd, float scale, float* scores, float* out) {
-  const int64_t n = last + 1, nv = hd / 8;
+  const int64_t n = last + 1, nv = hd / 8, block = keys.mask + 1;
   __m256 top = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   int64_t p = 0;
   for (; p + 8 <= n; p += 8) {
@@ -112,14 +112,17 @@ void attend_head<float>(const float* q, const Paged<float>& keys, const Paged<fl
     total = _mm256_add_ps(total, _mm256_setr_ps(scores[p], 0, 0, 0, 0, 0, 0, 0));
   }
   const __m256 inv = _mm256_set1_ps(1.f / llama_dist_cpu::hsum(total));
-  for (int64_t v = 0; v < nv; ++v) {
+  for (int64_t v = 0; v < nv; ++v) {  // a block at a time: its positions are one stretch of memory
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    for (p = 0; p + 4 <= n; p += 4) {
-      const float* column = values.at(p) + 8 * v;
-      for (int j = 0; j < 4; ++j)
-        acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(scores[p + j]), _mm256_loadu_ps(column + j * hd), acc[j]);
+    for (int64_t start = 0; start < n; start += block) {
+      const float *column = values.at(start) + 8 * v, *w = scores + start;
+      const int64_t m = std::min(block, n - start);
+      int64_t j = 0;
+      for (; j + 4 <= m; j += 4)
+        for (int i = 0; i < 4; ++i)
+          acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(w[j + i]), _mm256_loadu_ps(column + (j + i) * hd), acc[i]);
+      for (; j < m; ++j) acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(w[j]), _mm256_loadu_ps(column + j * hd), acc[0]);
     }
-    for (; p < n; ++p) acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(scores[p]), _mm256_loadu_ps(values.at(p) + 8 * v), acc[0]);
     const __m256 sum = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
     _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(sum, inv));
   }
