@@ -1,7 +1,13 @@
 """The paged KV cache's record (serving/kv_blocks.py): which blocks a sequence holds, which prompt prefixes are
 shared and kept, and the engine over a cache too small for every sequence at once (preemption)."""
+import queue
+import threading
+
+import pytest
+
 from llama_dist import Llama
-from llama_dist.serving.engine import Engine
+from llama_dist.generation.sampling import SamplingParams
+from llama_dist.serving.engine import Engine, Request
 from llama_dist.serving.kv_blocks import KVBlocks
 
 from .helpers import engine_answers
@@ -106,6 +112,25 @@ def test_the_engine_preempts_when_the_cache_is_full_and_answers_as_with_room(tin
     got, _ = engine_answers(engine, prompts, lengths)
     assert got == expected and sum(map(len, got)) >= 100
     assert engine.metrics.registry.get_sample_value("llamadist_requests_preempted_total") > 0
+    with pytest.raises(ValueError, match="load without kv_tokens"):  # Meta-style rows need a context each
+        tight.generate(prompts[:2], max_gen_len=4)
+
+
+def test_a_prompt_larger_than_the_whole_cache_gets_a_clear_error(tiny_checkpoints, sp_tokenizer):
+    """An engine used directly (no API in front to refuse it) answers a prompt that no number of free blocks could
+    hold with an error event, and goes on serving."""
+    llama = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=2, kv_tokens=64)
+    engine = Engine(llama, prefill_chunk=16)
+    events = queue.Queue()
+    engine.submit(Request([5] * 70, SamplingParams(temperature=0.0), 4, on_event=events.put))
+    loop = threading.Thread(target=engine.run, daemon=True)
+    loop.start()
+    error = events.get(timeout=60)
+    assert error["type"] == "error" and "70 tokens do not fit the KV cache (64 tokens)" in error["message"]
+    engine.stopping.set()
+    loop.join(timeout=60)
+    answers, _ = engine_answers(engine, [[5, 9, 13]], [4])  # the engine serves on (run again)
+    assert len(answers[0]) > 0
 
 
 def test_shared_prompt_prefixes_are_read_once_and_answer_as_read_whole(tiny_checkpoints, sp_tokenizer):

@@ -318,8 +318,9 @@ class Transformer(nn.Module):
         benchmarks address: rows 0..B-1, each up to n_ctx), after a server's sharing."""
         rows, per_row = self.block_table.shape
         if self.n_blocks < rows * per_row:
-            raise ValueError(f"The KV cache holds {self.n_blocks * KV_BLOCK} tokens, fewer than {rows} rows of "
-                             f"{self.n_ctx}; only the serving engine shares it out (kv_tokens).")
+            raise ValueError(f"The KV cache holds {self.n_blocks * KV_BLOCK} tokens (kv_tokens), fewer than {rows} "
+                             f"rows of {self.n_ctx}: only the serving engine shares such a cache out; load without "
+                             "kv_tokens to generate here.")
         self.block_table.copy_(torch.arange(rows * per_row, device=self.block_table.device).view(rows, per_row))
 
     def assign_blocks(self, entries: list[tuple[int, int, int]]) -> None:

@@ -285,7 +285,8 @@ class Engine:
             context = r.context()
             if self.kv.blocks_for(len(context)) > self.kv.n_blocks:
                 r.on_event({"type": "error", "message": f"{len(context)} tokens do not fit the KV cache "
-                                                        f"({self.kv.n_blocks * KV_BLOCK} tokens)"})
+                                                        f"({self.kv.n_blocks * KV_BLOCK} tokens): shorten the "
+                                                        "prompt or raise kv_tokens"})
                 continue
             reused = self.kv.place(free[0], context, reuse=r.cache_prompt and not r.embed
                                    and r.prompt_logprobs is None)
