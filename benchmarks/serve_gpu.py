@@ -181,10 +181,12 @@ async def long_prompts_arriving(url: str, streams: int, tokens: int, long_words:
 def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = None, max_batch: int = 128,
         n_ctx: int = 1024, levels: tuple[int, ...] = (1, 8, 32, 128), tokens: int = 64, words: int = 40,
         bench_batches: tuple[int, ...] = (1, 32), extra: str = "", switch_interval: float | None = None,
-        tp: int = 1) -> dict:
+        tp: int = 1, waves: int = 2, checks: bool = True) -> dict:
     """extra: more `serve` flags (e.g. "--cuda_graphs False" for the eager step); switch_interval: the server
     process's sys.setswitchinterval (how long a thread holds the GIL while another waits; Python's is 5 ms);
-    tp: tensor-parallel ranks, started by torchrun (bench's figures are then left out: they are one GPU's)."""
+    tp: tensor-parallel ranks, started by torchrun (bench's figures are then left out: they are one GPU's);
+    waves: each level sends this many times its concurrency of requests; checks: the shared prefix, long prompts
+    and nothing-lost runs after the levels (False: the levels alone, for an A/B)."""
     path = Path(checkpoint)
     result: dict = {"checkpoint": checkpoint, "max_batch": max_batch, "n_ctx": n_ctx, "extra": extra,
                     "switch_interval": switch_interval, "tp": tp}
@@ -213,11 +215,13 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
             time.sleep(0.25)
         result["ready_s"] = time.perf_counter() - start
         for i, c in enumerate(levels):
-            result[f"concurrency_{c}"] = asyncio.run(load_level(url, c, max(2 * c, 8), tokens, words, 1000 * i))
+            result[f"concurrency_{c}"] = asyncio.run(load_level(url, c, max(waves * c, 8), tokens, words, 1000 * i))
             print(json.dumps({f"concurrency_{c}": result[f"concurrency_{c}"]}), flush=True)
-        result["shared_prefix"] = asyncio.run(shared_prefix(url, min(900, n_ctx - 64)))
-        result["long_prompts_arriving"] = asyncio.run(long_prompts_arriving(url, 16, 256, min(900, n_ctx - 64), 8))
-        result["nothing_lost"] = asyncio.run(nothing_lost(url))
+        if checks:
+            result["shared_prefix"] = asyncio.run(shared_prefix(url, min(900, n_ctx - 64)))
+            result["long_prompts_arriving"] = asyncio.run(long_prompts_arriving(url, 16, 256, min(900, n_ctx - 64),
+                                                                                8))
+            result["nothing_lost"] = asyncio.run(nothing_lost(url))
     finally:
         server.terminate()
         result["server_exit"] = server.wait(timeout=120)

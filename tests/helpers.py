@@ -58,10 +58,11 @@ def unpaged(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tens
     return cache[table].transpose(1, 2).flatten(2, 3)[:, :, :length]
 
 
-def engine_answers(engine: Engine, prompts: list[list[int]], lengths: list[int],
-                   cache_prompt: bool = True) -> tuple[list[list[int]], list[dict]]:
+def engine_answers(engine: Engine, prompts: list[list[int]], lengths: list[int], cache_prompt: bool = True,
+                   options: list[dict] | None = None) -> tuple[list[list[int]], list[dict]]:
     """Greedy answers of a serving engine to prompts submitted together (continuous batching), and each one's
-    "done" event. The engine runs until they are answered (and may run again)."""
+    "done" event. options: more Request fields per prompt (sampling params, stop words, ...). The engine runs
+    until they are answered (and may run again)."""
     engine.stopping.clear()
     loop = threading.Thread(target=engine.run, daemon=True)
     loop.start()
@@ -76,7 +77,9 @@ def engine_answers(engine: Engine, prompts: list[list[int]], lengths: list[int],
         return on_event
 
     for i, (ids, n) in enumerate(zip(prompts, lengths)):
-        engine.submit(Request(ids, SamplingParams(temperature=0.0), n, on_event=listen(i), cache_prompt=cache_prompt))
+        fields = {"params": SamplingParams(temperature=0.0), "cache_prompt": cache_prompt,
+                  **(options[i] if options else {})}
+        engine.submit(Request(ids, max_new_tokens=n, on_event=listen(i), **fields))
     events = [d.get(timeout=600) for d in done]
     assert all(e["type"] == "done" for e in events), events
     engine.stopping.set()

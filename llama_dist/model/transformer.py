@@ -60,7 +60,7 @@ class Packed:
     def of(cls, slots: tuple[int, ...], starts: tuple[int, ...], lengths: tuple[int, ...],
            device: torch.device) -> "Packed":
         positions, rows, runs, finals = packed_index(slots, starts, lengths)
-        index = torch.tensor(positions + rows + runs + finals, device=device)
+        index = to_device(positions + rows + runs + finals, device)
         return cls(slots, starts, lengths, *index.split([len(positions), len(rows), len(runs), len(finals)]))
 
 
@@ -137,6 +137,15 @@ def visible(pos: torch.Tensor, length: int) -> torch.Tensor:
     """The attention mask of tokens at positions pos [B, S] over a cache of `length`: each sees up to its own
     position. [B, 1, S, length]."""
     return (torch.arange(length, device=pos.device) <= pos[..., None]).unsqueeze(1)
+
+
+def to_device(values: list, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on `device`, copied without waiting for the device: from pinned memory on a GPU (a
+    copy from pageable memory waits until the GPU has finished the work queued before it, so the host could not
+    prepare a step while the one before runs)."""
+    if device.type != "cuda":
+        return torch.tensor(values, device=device)
+    return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 
 
 def cache_rows(slots: Slots, bsz: int, device: torch.device) -> torch.Tensor:
@@ -327,7 +336,7 @@ class Transformer(nn.Module):
         """Set block table entries (cache row, index in its row, block), in one copy to the device that does not
         wait for it."""
         if entries:
-            rows, index, blocks = torch.tensor(entries).to(self.block_table.device, non_blocking=True).unbind(1)
+            rows, index, blocks = to_device(entries, self.block_table.device).unbind(1)
             self.block_table.view(-1)[rows * self.block_table.shape[1] + index] = blocks
 
     @torch.no_grad()  # not inference_mode: its tensors cannot enter a compiled graph

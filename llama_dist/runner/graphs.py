@@ -21,7 +21,7 @@ import torch
 
 from ..distributed.context import free_at_shutdown
 from ..kernels.fused import FusedTransformerBlock, TritonPromptAttention
-from ..model.transformer import Packed, Slots, Transformer, cache_rows, check_packed, packed_index
+from ..model.transformer import Packed, Slots, Transformer, cache_rows, check_packed, packed_index, to_device
 from .step import MIN_ATTENTION_WINDOW, attention_window
 
 Recorder = Callable[[Callable[[], torch.Tensor]], tuple[Callable[[], None], torch.Tensor]]
@@ -115,8 +115,7 @@ class GraphedStep:
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
             raise ValueError(f"{n} rows exceed the largest captured batch, {self.buckets[-1]}.")
-        positions = (torch.full((n,), pos, device=device) if isinstance(pos, int)
-                     else torch.tensor(pos, device=device))
+        positions = torch.full((n,), pos, device=device) if isinstance(pos, int) else to_device(pos, device)
         last = max(pos) if isinstance(pos, list) else pos
         window = self.model.n_ctx if self.windowless else attention_window(last, self.model.n_ctx)
         graph = self.graphs[bucket, window]
@@ -131,6 +130,7 @@ class GraphedStep:
 class _PromptGraph:
     index: torch.Tensor  # tokens, positions, rows, run lengths, run ends: filled by one copy before each replay
     tokens: torch.Tensor  # [1, bucket], a view of index
+    rows: torch.Tensor  # [bucket], each token's cache row: a view of index
     runs: int  # the most runs a replay holds
     out: torch.Tensor | None = None  # logits [1, runs, vocab], once recorded
     replay: Callable[[], None] | None = None
@@ -168,7 +168,7 @@ class GraphedPrompts:
         lengths = [min(model.n_ctx, bucket - at) for at in range(0, bucket, model.n_ctx)]
         layout = (tuple(range(len(lengths))), (0,) * len(lengths), tuple(lengths))
         packed = Packed(*layout, positions, rows, run_lengths, finals)
-        graph = _PromptGraph(index, tokens.view(1, bucket), runs)
+        graph = _PromptGraph(index, tokens.view(1, bucket), rows, runs)
         self._fill(graph, *layout, [[0] * n for n in lengths])
         graph.replay, graph.out = record(lambda: model(graph.tokens, 0, packed, last_only=True))
         return graph
@@ -182,15 +182,19 @@ class GraphedPrompts:
         runs[-1] += pad
         host = ([t for part in ids for t in part] + [ids[-1][-1]] * pad + positions + [positions[-1]] * pad
                 + rows + [rows[-1]] * pad + runs + [0] * spare + finals + [finals[-1]] * spare)
-        graph.index.copy_(torch.tensor(host))
+        graph.index.copy_(to_device(host, graph.index.device))
         return len(finals)
 
-    def __call__(self, slots: tuple[int, ...], starts: tuple[int, ...], ids: list[list[int]]) -> torch.Tensor:
-        """The logits [runs, vocab] of each run's last token (as the model's pass of Packed.of(...) gives)."""
+    def __call__(self, slots: tuple[int, ...], starts: tuple[int, ...], ids: list[list[int]],
+                 chosen: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits [runs, vocab] of each run's last token (as the model's pass of Packed.of(...) gives).
+        chosen: each cache row's token chosen on the device, which a token id of -1 stands for (Runner.chosen)."""
         lengths = tuple(map(len, ids))
         n = sum(lengths)
         check_packed(slots, starts, lengths, n, self.model.max_batch_size, self.model.n_ctx)
         graph = self.graphs[next(b for b in self.buckets if b >= n)]
         n_runs = self._fill(graph, slots, starts, lengths, ids)
+        if chosen is not None:
+            graph.tokens.copy_(torch.where(graph.tokens < 0, chosen[graph.rows], graph.tokens))
         graph.replay()
         return graph.out[0, :n_runs].clone()

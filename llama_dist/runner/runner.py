@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from ..model.transformer import Packed, Transformer, run_ends
+from ..model.transformer import Packed, Transformer, run_ends, to_device
 from .graphs import GraphedPrompts, GraphedStep, cuda_graph_recorder
 from .pipeline import PipelineStage
 from .step import Step, make_step
@@ -32,6 +32,10 @@ class Runner:
         record = cuda_graph_recorder() if graphed else None  # one memory pool: the graphs never run at once
         self.step: Step = GraphedStep(model, record) if graphed else make_step(model, compile, fast_all_reduce)
         self.prompt_graphs = GraphedPrompts(model, record) if graphed and GraphedPrompts.supported(model) else None
+        # Each cache row's next token where the device chose it (the serving engine writes it): a token id of -1
+        # given to prefill() or resolve() stands for it, so a step can be launched before the host has read the
+        # tokens the step before chose.
+        self.chosen = torch.zeros(model.max_batch_size, dtype=torch.long, device=model.device)
 
     @property
     def device(self) -> torch.device:
@@ -47,24 +51,34 @@ class Runner:
             return self.model(tokens, start_pos, slots, length, last_only, hidden)
         return self._micro_batched(tokens, start_pos, last_only, slots, length, hidden)
 
-    def prefill(self, chunks: list[tuple[int, int, list[int]]]) -> list[torch.Tensor | None]:
+    def resolve(self, tokens: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """tokens with each -1 replaced by the token the device chose for its cache row (rows: one per token)."""
+        return torch.where(tokens < 0, self.chosen[rows], tokens)
+
+    def prefill(self, chunks: list[tuple[int, int, list[int]]], chosen: bool = False) -> list[torch.Tensor | None]:
         """Read chunks of prompts, each (cache row, start position, token ids), into their cache rows; returns the
         logits [vocab] of each chunk's last token, or None for a chunk the next one continues (the same row's
         next positions: a long prompt read in several chunks at once). One pass for all of them where one stage
         holds every layer (packed side by side: each chunk's arithmetic is what a pass of its own would do;
-        replayed from a graph where one holds it), one pass per chunk through a pipeline's stages."""
+        replayed from a graph where one holds it), one pass per chunk through a pipeline's stages.
+        chosen: some token ids are -1, each its row's token in `self.chosen` (one stage only)."""
         device = self.device
         if self.stage.pipelined:
+            if chosen:
+                raise ValueError("A pipeline reads prompts of known tokens only.")
             return [self.forward(torch.tensor([ids], device=device), start, last_only=True,
                                  slots=torch.tensor([slot], device=device))[0, -1] for slot, start, ids in chunks]
         slots, starts, ids = zip(*chunks)
         lengths = tuple(map(len, ids))
         ends = run_ends(slots, starts, lengths)
         if self.prompt_pass_graphed(sum(lengths), len(ends)):
-            logits = self.prompt_graphs(slots, starts, list(ids))
+            logits = self.prompt_graphs(slots, starts, list(ids), self.chosen if chosen else None)
         else:
-            tokens = torch.tensor([[t for part in ids for t in part]], device=device)
-            logits = self.model(tokens, 0, Packed.of(slots, starts, lengths, device), last_only=True)[0]
+            packed = Packed.of(slots, starts, lengths, device)
+            tokens = to_device([[t for part in ids for t in part]], device)
+            if chosen:
+                tokens = self.resolve(tokens, packed.rows)
+            logits = self.model(tokens, 0, packed, last_only=True)[0]
         out: list[torch.Tensor | None] = [None] * len(chunks)
         for end, row in zip(ends, logits):
             out[end] = row

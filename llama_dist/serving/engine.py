@@ -31,7 +31,7 @@ import torch
 from ..generation.constraints import Constraint
 from ..generation.llama import Llama
 from ..generation.sampling import SamplingParams, final_probs, sample
-from ..model.transformer import KV_BLOCK
+from ..model.transformer import KV_BLOCK, to_device
 from ..tokenizer.stream import TextStream
 from .kv_blocks import KVBlocks
 from .metrics import Metrics
@@ -106,6 +106,8 @@ class Request:
     slot: int = -1
     reused: int = 0  # prompt tokens found in the cache, not read again
     cached: int = 0  # tokens of context() whose keys and values are in the slot
+    pending: int = 0  # tokens a pass has chosen on the device that the host has not read yet
+    finished: bool = False  # its last event was sent
     preempted: int = 0  # times its blocks were given back for others' (then its context was read again)
     generated: list[int] = field(default_factory=list)
     text: str = ""
@@ -134,6 +136,10 @@ class Request:
         """len(context()), without building it (asked every step)."""
         return len(self.prompt_ids) + len(self.generated) - self.dropped
 
+    def planned_length(self) -> int:
+        """context_length() with the tokens chosen on the device that the host has not read yet."""
+        return self.context_length() + self.pending
+
     def cancel(self) -> None:
         self.cancelled.set()
 
@@ -142,6 +148,11 @@ class Request:
         the batch's one argmax answers it."""
         p = self.params
         return p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and self.constraint is None
+
+    def argmax_only(self) -> bool:
+        """Its token is the batch's argmax and nothing else of its logits is wanted: a step may feed it to the
+        model on the device before the host has read it."""
+        return self.plain_greedy() and self.top_logprobs is None
 
 
 @dataclass
@@ -164,16 +175,43 @@ class StepPlan:
     blocks: list[tuple[int, int, int]] = field(default_factory=list)  # block table entries: (slot, index, block)
     embed: list[tuple[int, list[int]]] = field(default_factory=list)  # (slot, prompt): pooled hidden state
     prefill: list[Chunk] = field(default_factory=list)
-    decode: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, token, position)
+    decode: list[tuple[int, int, int]] = field(default_factory=list)  # (slot, token, position): token -1 is the
+    # one the device chose for the slot last (Runner.chosen)
+    endless: list[int] = field(default_factory=list)  # slots whose requests never choose an end token (ignore_eos)
     shutdown: bool = False
+
+
+@dataclass
+class Choices:
+    """The requests a pass chose a token for (rank 0), their logits rows, and the batch's likeliest tokens on
+    their way to the host: read them once `ready` has passed (a copy that does not hold up the device)."""
+
+    requests: list[Request | None]
+    logits: torch.Tensor  # [rows, vocab]
+    likeliest: torch.Tensor  # [rows], on the host
+    ready: torch.cuda.Event | None
+
+    def tokens(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.likeliest.tolist()
 
 
 class Engine:
     def __init__(self, llama: Llama, max_batch: int | None = None, max_queue: int = 64,
-                 prefill_chunk: int = PREFILL_CHUNK, fold_decode: bool | None = None):
-        """fold_decode: decode rows join a step's prompt pass (None: where that pass replays a CUDA graph)."""
+                 prefill_chunk: int = PREFILL_CHUNK, fold_decode: bool | None = None, overlap: bool | None = None):
+        """fold_decode: decode rows join a step's prompt pass (None: where that pass replays a CUDA graph).
+        overlap: launch each step before the host reads the tokens the step before chose, where every one of
+        them is an argmax (None: on GPUs, where the host's work then runs while the device computes; one stage
+        only)."""
         self.llama, self.runner, self.model, self.ctx = llama, llama.runner, llama.model, llama.ctx
         self.fold_decode = fold_decode
+        if overlap and self.runner.stage.pipelined:
+            raise ValueError("overlap needs one pipeline stage: a pipeline's first stage has no logits to choose "
+                             "from.")
+        self.overlap = overlap if overlap is not None else (self.ctx.device.type == "cuda"
+                                                             and not self.runner.stage.pipelined)
+        self.inflight: Choices | None = None  # a step's choices the host has not read yet (with overlap)
         self.max_batch = min(max_batch or self.model.max_batch_size, self.model.max_batch_size)
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk={prefill_chunk}: a step must read at least one prompt token.")
@@ -185,6 +223,8 @@ class Engine:
         self.kv = KVBlocks(self.model.n_blocks, KV_BLOCK, self.max_batch, prefill_chunk)
         self.stopping = threading.Event()
         self.stop_ids = torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)
+        self.end_tokens = torch.zeros(self.model.args.vocab_size, dtype=torch.bool, device=self.ctx.device)
+        self.end_tokens[self.stop_ids] = True
         self.metrics = Metrics(queued=self.queued,
                                running=lambda: len(self.running), cache_tokens=lambda: self.kv.in_use() * KV_BLOCK,
                                cache_capacity=self.model.n_blocks * KV_BLOCK)
@@ -228,17 +268,19 @@ class Engine:
         plan = StepPlan()
         self._grow()
         self._admit(plan)
-        streaming = any(r.generated for r in self.running.values())
+        streaming = any(r.generated or r.pending for r in self.running.values())
         budget = self.prefill_chunk if streaming else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
         prefill_tokens = 0
         for slot, r in self.running.items():
             if r.embed:
                 continue
-            pending = r.context_length() - r.cached
-            if r.generated and pending == 1:
-                plan.decode.append((slot, r.generated[-1], r.cached))
-                self.kv.wrote(slot, r.cached, r.generated[-1:])
-                r.cached += 1
+            length = r.planned_length()
+            if (r.generated or r.pending) and r.cached == length - 1:  # answering: one token to write
+                if length < self.model.n_ctx and len(r.generated) + r.pending < r.max_new_tokens:
+                    token = -1 if r.pending else r.generated[-1]  # (else the token in flight ends the answer)
+                    plan.decode.append((slot, token, r.cached))
+                    self.kv.wrote(slot, r.cached, [token])
+                    r.cached += 1
                 continue
             # chunks end at fixed positions: the same whatever else runs, or was cached before
             context = r.context()
@@ -253,6 +295,7 @@ class Engine:
                 r.cached += n
                 prefill_tokens += n
         plan.blocks = self.kv.take_changes()
+        plan.endless = [slot for slot, r in self.running.items() if r.ignore_eos]
         return plan
 
     def _grow(self) -> None:
@@ -260,7 +303,10 @@ class Engine:
         free, the latest admitted (perhaps the request itself) is preempted: its blocks go back, and it waits at
         the front of the queue to read its context again (from the prefix still cached)."""
         for r in list(self.running.values()):
-            while self.running.get(r.slot) is r and not self.kv.grow(r.slot, r.context_length()):
+            while self.running.get(r.slot) is r and not self.kv.grow(r.slot, r.planned_length()):
+                if self.inflight is not None:  # the tokens in flight may end requests: read them first
+                    self._settle()
+                    continue
                 victim = next(reversed(self.running.values()))
                 self._leave(victim)
                 victim.cached, victim.preempted = 0, victim.preempted + 1
@@ -333,6 +379,7 @@ class Engine:
                                                            "processed": processed, "time_ms": elapsed}})
 
     def _finish(self, r: Request, stop_type: str, stopping_word: str = "") -> None:
+        r.finished = True
         if stop_type != "cancelled":
             self._emit_text(r, final=True)
         self.metrics.requests.labels(stop_type).inc()
@@ -393,15 +440,24 @@ class Engine:
 
     # ---- every rank ----------------------------------------------------------------------------
     def run(self) -> None:
-        """The SPMD loop: rank 0 plans and broadcasts; all ranks execute. Returns on shutdown."""
+        """The SPMD loop: rank 0 plans and broadcasts; all ranks execute. Returns on shutdown. With overlap, rank
+        0 reads a step's tokens after launching the next one (which takes them on the device), so its host work
+        (choosing, detokenizing, events, the next plan) runs while the device computes."""
         while True:
             plan = self._plan() if self.ctx.is_driver else None
             plan = self.ctx.comm.broadcast_object(plan)
             if plan.shutdown:
+                self.inflight = None
                 return
-            self._execute(plan)
+            choices = self._execute(plan)
+            self._settle()
+            if choices is not None:
+                if self.overlap and all(r is None or r.argmax_only() for r in choices.requests):
+                    self.inflight = choices
+                else:
+                    self._complete(choices)
 
-    def _execute(self, plan: StepPlan) -> None:
+    def _execute(self, plan: StepPlan) -> Choices | None:
         device, driver = self.ctx.device, self.ctx.is_driver
         self.model.assign_blocks(plan.blocks)
         for slot, ids in plan.embed:
@@ -415,44 +471,45 @@ class Engine:
                 self.metrics.prompt_tokens.inc(len(ids))
                 r.embedding = pool(hidden[0], self.model.args.pooling).tolist()
                 self._finish(r, "embedding")
+        chosen = any(token < 0 for _, token, _ in plan.decode)  # tokens the device holds
         packed = [(c.slot, c.start, c.ids) for c in plan.prefill if not c.every]
         folded = ([(slot, position, [token]) for slot, token, position in plan.decode]
                   if self._folds(packed, len(plan.decode)) else [])
-        folded_rows = self._read_prompts(plan.prefill, packed, folded) if plan.prefill else []
-        if plan.decode:
-            slots = [slot for slot, _, _ in plan.decode]
-            if folded:
-                rows = torch.stack(folded_rows)
-            else:
-                tokens, positions = zip(*[(token, position) for _, token, position in plan.decode])
-                rows = self.runner.decode(torch.tensor(tokens, device=device)[:, None], list(positions),
-                                          torch.tensor(slots, device=device))[:, -1]
-            if driver:
-                likeliest = self._likeliest(rows, [self.running.get(slot) for slot in slots])
-                for i, slot in enumerate(slots):
-                    if slot in self.running:
-                        self._safely(self.running[slot], rows[i], likeliest[i])
+        ended, folded_rows = self._read_prompts(plan.prefill, packed, folded, chosen) if plan.prefill else ([], [])
+        slots, rows = [slot for slot, _ in ended], [row for _, row in ended] + folded_rows
+        logits = [torch.stack(rows)] if rows else []
+        if plan.decode and not folded:
+            slots_in = to_device([slot for slot, _, _ in plan.decode], device)
+            tokens = to_device([token for _, token, _ in plan.decode], device)
+            tokens = self.runner.resolve(tokens, slots_in) if chosen else tokens
+            logits.append(self.runner.decode(tokens[:, None], [position for _, _, position in plan.decode],
+                                             slots_in)[:, -1])
+        slots += [slot for slot, _, _ in plan.decode]
+        return self._choose(slots, torch.cat(logits), plan.endless) if slots else None
 
     def _read_prompts(self, chunks: list[Chunk], packed: list[tuple[int, int, list[int]]],
-                      folded: list[tuple[int, int, list[int]]]) -> list[torch.Tensor | None]:
-        """Read a step's prompt chunks: those packed (with the decode rows folded in) in one pass, those wanting
-        every token's logits in a pass each; rank 0 then takes what the chunks end. Returns the folded rows'
-        logits."""
+                      folded: list[tuple[int, int, list[int]]], chosen: bool
+                      ) -> tuple[list[tuple[int, torch.Tensor]], list[torch.Tensor]]:
+        """Read a step's prompt chunks: those packed (with the decode rows folded in; chosen: some of their tokens
+        are on the device) in one pass, those wanting every token's logits in a pass each. Returns the slot and
+        last logits of each chunk that ends what its request had to read, and the folded rows' logits."""
         device, start = self.ctx.device, time.perf_counter()
-        logits = self.runner.prefill(packed + folded) if packed else []
-        in_pack, last_rows = iter(logits[:len(packed)]), []
+        logits = self.runner.prefill(packed + folded, chosen) if packed else []
+        in_pack, ended = iter(logits[:len(packed)]), []
         for c in chunks:
-            if not c.every:
-                last_rows.append(next(in_pack))
-                continue
-            every = self.runner.forward(torch.tensor([c.ids], device=device), c.start,
-                                        slots=torch.tensor([c.slot], device=device))[0]
-            if self.ctx.is_driver:
-                self._prompt_logprobs(c, every)
-            last_rows.append(every[-1])
+            if c.every:
+                every = self.runner.forward(torch.tensor([c.ids], device=device), c.start,
+                                            slots=torch.tensor([c.slot], device=device))[0]
+                if self.ctx.is_driver:
+                    self._prompt_logprobs(c, every)
+                row = every[-1]
+            else:
+                row = next(in_pack)
+            if c.last:
+                ended.append((c.slot, row))
         if self.ctx.is_driver:
-            self._prompts_read(chunks, last_rows, start)
-        return logits[len(packed):]
+            self._prompts_read(chunks, start)
+        return ended, logits[len(packed):]
 
     def _folds(self, chunks: list[tuple[int, int, list[int]]], n_decode: int) -> bool:
         """Whether this step's decode rows join its prompt pass (the same answer on every rank: the plan and the
@@ -464,10 +521,9 @@ class Engine:
                                                    len(chunks) + n_decode)
         return self.fold_decode
 
-    def _prompts_read(self, chunks: list[Chunk], logits: list[torch.Tensor | None], start: float) -> None:
-        """Rank 0 after a prefill pass: the prompts read to their end choose their first token."""
-        ended = []
-        for chunk, row in zip(chunks, logits):
+    def _prompts_read(self, chunks: list[Chunk], start: float) -> None:
+        """Rank 0 after a prefill pass: what the requests record of reading their prompts."""
+        for chunk in chunks:
             r = self.running.get(chunk.slot)
             if r is None:
                 continue
@@ -477,12 +533,43 @@ class Engine:
                 self._progress(r, chunk.start + len(chunk.ids))
             if chunk.last and not r.generated:  # (not a context read again after a shift)
                 r.prompt_ms, r.t_first = (time.perf_counter() - r.t_prompt) * 1e3, time.perf_counter()
-            if chunk.last:
-                ended.append((r, row))
-        if ended:
-            likeliest = self._likeliest(torch.stack([row for _, row in ended]), [r for r, _ in ended])
-            for (r, row), token in zip(ended, likeliest):
-                self._safely(r, row, token)
+
+    def _choose(self, slots: list[int], logits: torch.Tensor, endless: list[int]) -> Choices | None:
+        """Every rank: each row's likeliest token (of the allowed ones: no end token for slots in `endless`), in
+        one pass over the batch, kept on the device as its slot's chosen token where the next step may read it
+        there. Rank 0 returns the choices to make, their tokens on their way to the host."""
+        endless = set(endless)
+        banned = [slot in endless for slot in slots]
+        if any(banned):  # (elementwise: an indexed write would wait for the pass to finish)
+            logits = torch.where(to_device(banned, logits.device)[:, None] & self.end_tokens, float("-inf"), logits)
+        likeliest = logits.argmax(-1)
+        if self.overlap:
+            self.runner.chosen[to_device(slots, logits.device)] = likeliest
+        if not self.ctx.is_driver:
+            return None
+        requests = [self.running.get(slot) for slot in slots]
+        for r in requests:
+            if r is not None:
+                r.pending += 1
+        if likeliest.device.type != "cuda":
+            return Choices(requests, logits, likeliest, None)
+        ready = torch.cuda.Event()
+        host = likeliest.to("cpu", non_blocking=True)
+        ready.record()
+        return Choices(requests, logits, host, ready)
+
+    def _settle(self) -> None:
+        """Read the tokens in flight, if any (rank 0)."""
+        if self.inflight is not None:
+            choices, self.inflight = self.inflight, None
+            self._complete(choices)
+
+    def _complete(self, choices: Choices) -> None:
+        """Rank 0: each request's token, chosen (the likeliest, or sampled from its logits) and taken in."""
+        for r, logits, token in zip(choices.requests, choices.logits, choices.tokens()):
+            if r is not None and not r.finished:
+                r.pending -= 1
+                self._safely(r, logits, token)
 
     def _prompt_logprobs(self, chunk: Chunk, logits: torch.Tensor) -> None:
         """Rank 0: the log-probabilities of the prompt tokens this chunk's logits [tokens, vocab] predict (each
@@ -495,19 +582,11 @@ class Engine:
             if position < len(r.prompt_ids) and position == len(r.prompt_token_logprobs):  # (once, if read again)
                 r.prompt_token_logprobs.append(token_logprobs(row, r.prompt_ids[position], r.prompt_logprobs))
 
-    def _likeliest(self, rows: torch.Tensor, requests: list[Request | None]) -> list[int]:
-        """Each row's likeliest token (of the allowed ones, for a request with ignore_eos), in one transfer for
-        the batch: what greedy requests choose without a pass of their own."""
-        banned = [i for i, r in enumerate(requests) if r is not None and r.ignore_eos]
-        if banned:
-            rows = rows.clone()
-            rows[torch.tensor(banned, device=rows.device)[:, None], self.stop_ids] = float("-inf")
-        return rows.argmax(-1).tolist()
-
     def _safely(self, r: Request, logits: torch.Tensor, likeliest: int | None = None) -> None:
         """An exception in one request's sampling or decoding fails that request only."""
         try:
             self._accept(r, logits, likeliest)
         except Exception as e:  # noqa: BLE001
             self._leave(r)
+            r.finished = True
             r.on_event({"type": "error", "message": f"{type(e).__name__}: {e}"})
