@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from llama_dist import Llama
+from llama_dist.serving.server import listen
 
 from .helpers import ROOT, free_port, start_ranks, streamed_tokens
 
@@ -339,3 +341,27 @@ def test_api_key_and_two_ranks(pp, tiny_checkpoints, sp_tokenizer):
             assert TWO_RANK_ANSWERS[1] == TWO_RANK_ANSWERS[2]
     finally:
         assert s.stop() == [0, 0]
+
+
+def test_the_server_sends_without_waiting_for_acknowledgements():
+    """Nagle's algorithm is off on the server's connections (asyncio turns it off where a listening socket says it is
+    TCP): with it on, a kept-alive client's every request after the first waited up to 40 ms for its response's
+    body (the client acknowledges the headers late, by design)."""
+    sock = listen("127.0.0.1", free_port())[0]
+
+    async def nodelay_of_a_connection() -> int:
+        loop = asyncio.get_running_loop()
+        seen = loop.create_future()
+
+        class Protocol(asyncio.Protocol):
+            def connection_made(self, transport):
+                seen.set_result(transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+        server = await loop.create_server(Protocol, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        value = await asyncio.wait_for(seen, 10)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(nodelay_of_a_connection()) != 0
