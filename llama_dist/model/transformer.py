@@ -139,11 +139,11 @@ def visible(pos: torch.Tensor, length: int) -> torch.Tensor:
     return (torch.arange(length, device=pos.device) <= pos[..., None]).unsqueeze(1)
 
 
-def to_device(values: list, device: torch.device) -> torch.Tensor:
+def to_device(values: list, device: torch.device | str) -> torch.Tensor:
     """Host values as a tensor on `device`, copied without waiting for the device: from pinned memory on a GPU (a
     copy from pageable memory waits until the GPU has finished the work queued before it, so the host could not
     prepare a step while the one before runs)."""
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return torch.tensor(values, device=device)
     return torch.tensor(values, pin_memory=True).to(device, non_blocking=True)
 

@@ -16,6 +16,12 @@ Where the prompt pass replays a CUDA graph (GPUs), a step's decode rows join its
 pass, as runs of one token: a separate decode step would read every weight a second time, and with requests
 arriving continually about every other step reads a prompt. (GPUs make no promise that a row's bits do not
 depend on its batch: cuBLAS picks kernels by shape. CPUs keep the two passes, whose per-row arithmetic is.)
+
+Overlap (GPUs): every rank keeps each row's argmax on the device (Runner.chosen), and where all of a step's
+requests want only that, rank 0 plans and launches the next step before reading the tokens (the plan's decode
+token -1 stands for the device's), then reads them while the device computes: the host's choosing, detokenizing
+and streaming cost no device time. A step holding a sampled, log-probability or constrained request is read at
+once; a request whose token in flight ends it has computed one token more, which is dropped.
 """
 from __future__ import annotations
 
@@ -538,6 +544,8 @@ class Engine:
         """Every rank: each row's likeliest token (of the allowed ones: no end token for slots in `endless`), in
         one pass over the batch, kept on the device as its slot's chosen token where the next step may read it
         there. Rank 0 returns the choices to make, their tokens on their way to the host."""
+        if not (self.overlap or self.ctx.is_driver):
+            return None
         endless = set(endless)
         banned = [slot in endless for slot in slots]
         if any(banned):  # (elementwise: an indexed write would wait for the pass to finish)
