@@ -41,14 +41,26 @@ def test_steps_launched_ahead_answer_as_steps_that_wait(tiny_checkpoints, sp_tok
     assert got == expected and ahead > 20
 
 
-def test_requests_that_need_their_logits_on_the_host_wait_for_them(tiny_checkpoints, sp_tokenizer):
-    """Sampled and log-probability requests beside greedy ones: steps holding them are read before the next is
-    planned, the others run ahead, and every answer is the one the waiting engine gives."""
+def test_sampled_requests_run_ahead_with_their_own_draws(tiny_checkpoints, sp_tokenizer):
+    """Sampled requests (each its own seed, some with a logit bias) are drawn on the device and run ahead as greedy
+    ones do; each draws what it draws when the engine waits (the same generator, the same draws)."""
     llama = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=4, dtype="float32")
-    options = [{"params": SamplingParams(temperature=0.9, top_k=20), "seed": i} if i % 4 == 1 else
+    options = [{"params": SamplingParams(temperature=0.9, top_k=20, top_p=0.9 if i % 2 else 1.0,
+                                         logit_bias={7: 2.0} if i % 3 == 0 else {}), "seed": i}
+               for i in range(len(PROMPTS))]
+    expected, _, _ = _answers(llama, options, overlap=False)
+    got, ahead, _ = _answers(llama, options, overlap=True)
+    assert got == expected and ahead > 20
+
+
+def test_requests_that_need_their_logits_on_the_host_wait_for_them(tiny_checkpoints, sp_tokenizer):
+    """Log-probability and repeat-penalty requests beside greedy ones: steps holding them are read before the next
+    is planned, the others run ahead, and every answer is the one the waiting engine gives."""
+    llama = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=4, dtype="float32")
+    options = [{"params": SamplingParams(temperature=0.9, repeat_penalty=1.3), "seed": i} if i % 4 == 1 else
                {"top_logprobs": 2} if i % 4 == 2 else {} for i in range(len(PROMPTS))]
     expected, _, _ = _answers(llama, options, overlap=False)
-    got, ahead, preempted = _answers(llama, options, overlap=True)
+    got, ahead, _ = _answers(llama, options, overlap=True)
     assert got == expected and ahead > 0
 
 
@@ -63,3 +75,18 @@ def test_preemption_with_tokens_in_flight(tiny_checkpoints, sp_tokenizer):
     expected, _, _ = _answers(roomy, options, lengths, overlap=False)
     got, ahead, preempted = _answers(tight, options, lengths, overlap=True)
     assert got == expected and ahead > 20 and preempted > 0
+
+
+def test_a_repeat_penalty_is_applied_to_each_token(tiny_checkpoints, sp_tokenizer):
+    """A greedy request with a huge repeat penalty never picks a token of its recent history (the penalty reads the
+    history on the host, so its steps are not run ahead), while without it this random model's greedy answers
+    repeat themselves."""
+    llama = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=4, dtype="float32")
+    engine = Engine(llama, prefill_chunk=4, overlap=True)
+    prompts, lengths = PROMPTS[:4], [24] * 4
+    plain, _ = engine_answers(engine, prompts, lengths, options=[{"ignore_eos": True}] * 4)
+    assert any(len(set(a)) < len(a) for a in plain)
+    penalised, _ = engine_answers(engine, prompts, lengths, options=[
+        {"ignore_eos": True, "params": SamplingParams(temperature=0.0, repeat_penalty=1e4)}] * 4)
+    for prompt, answer in zip(prompts, penalised):
+        assert len(answer) == 24 and not set(answer) & set(prompt) and len(set(answer)) == len(answer)

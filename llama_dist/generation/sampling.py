@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..model.transformer import to_device
+
 
 @dataclass
 class SamplingParams:
@@ -36,15 +38,23 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     probs = probs / probs.sum(dim=-1, keepdim=True)
     if params.top_p < 1.0:
         return sample_top_p(probs, params.top_p, generator)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return draw(probs, generator)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One token per row of probs [batch, vocab] (each summing to 1), the one torch.multinomial(probs, 1) draws from
+    the same generator (its own method for one draw: an exponential race), without its check of the values, which
+    reads one back to the host and so waits for the device."""
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
 
 
 def sample_top_p(probs: torch.Tensor, top_p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Nucleus sampling: draw from the smallest set of tokens whose probability mass exceeds top_p."""
     probs_sorted, idx = probs.sort(dim=-1, descending=True)
     probs_sorted = probs_sorted.masked_fill(_outside_nucleus(probs_sorted, top_p), 0.0)
-    choice = torch.multinomial(probs_sorted / probs_sorted.sum(-1, keepdim=True), 1, generator=generator)
-    return idx.gather(-1, choice).squeeze(-1)
+    choice = draw(probs_sorted / probs_sorted.sum(-1, keepdim=True), generator)
+    return idx.gather(-1, choice[:, None]).squeeze(-1)
 
 
 def _outside_nucleus(probs_sorted: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -70,8 +80,8 @@ def _biased(logits: torch.Tensor, params: SamplingParams, histories: list[list[i
     """The logits [batch, vocab] after the logit bias and each row's repeat penalty (a float copy)."""
     logits = logits.float().clone()
     if params.logit_bias:
-        ids = torch.tensor(list(params.logit_bias), device=logits.device)
-        logits[:, ids] += torch.tensor(list(params.logit_bias.values()), device=logits.device)
+        ids = to_device(list(params.logit_bias), logits.device)
+        logits[:, ids] += to_device(list(params.logit_bias.values()), logits.device)
     if params.repeat_penalty != 1.0 and histories:
         for row, history in zip(logits, histories):
             if history:

@@ -17,11 +17,12 @@ pass, as runs of one token: a separate decode step would read every weight a sec
 arriving continually about every other step reads a prompt. (GPUs make no promise that a row's bits do not
 depend on its batch: cuBLAS picks kernels by shape. CPUs keep the two passes, whose per-row arithmetic is.)
 
-Overlap (GPUs): every rank keeps each row's argmax on the device (Runner.chosen), and where all of a step's
-requests want only that, rank 0 plans and launches the next step before reading the tokens (the plan's decode
-token -1 stands for the device's), then reads them while the device computes: the host's choosing, detokenizing
-and streaming cost no device time. A step holding a sampled, log-probability or constrained request is read at
-once; a request whose token in flight ends it has computed one token more, which is dropped.
+Overlap (GPUs): every rank keeps each row's argmax on the device (Runner.chosen), rank 0 draws there the tokens
+of sampled requests too (one rank), and where every token of a step is decided so, rank 0 plans and launches
+the next step before reading them (the plan's decode token -1 stands for the device's), then reads them while the
+device computes: the host's detokenizing and streaming cost no device time. A step holding a constrained,
+repeat-penalty or log-probability request is read at once; a request whose token in flight ends it has computed
+one token more, which is dropped.
 """
 from __future__ import annotations
 
@@ -155,10 +156,11 @@ class Request:
         p = self.params
         return p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and self.constraint is None
 
-    def argmax_only(self) -> bool:
-        """Its token is the batch's argmax and nothing else of its logits is wanted: a step may feed it to the
-        model on the device before the host has read it."""
-        return self.plain_greedy() and self.top_logprobs is None
+    def decided_on_device(self, one_rank: bool) -> bool:
+        """Its token depends on its logits alone (no grammar, no penalty over its history): the batch's argmax
+        where it is plain greedy, else drawn on the device with its own generator where one rank chooses (other
+        ranks could not draw the same to feed it to their next step)."""
+        return self.constraint is None and self.params.repeat_penalty == 1.0 and (self.plain_greedy() or one_rank)
 
 
 @dataclass
@@ -189,18 +191,24 @@ class StepPlan:
 
 @dataclass
 class Choices:
-    """The requests a pass chose a token for (rank 0), their logits rows, and the batch's likeliest tokens on
+    """The requests a pass chose a token for (rank 0), their logits rows, and the tokens chosen on the device on
     their way to the host: read them once `ready` has passed (a copy that does not hold up the device)."""
 
     requests: list[Request | None]
     logits: torch.Tensor  # [rows, vocab]
-    likeliest: torch.Tensor  # [rows], on the host
+    chosen: torch.Tensor  # [rows], on the host
+    decided: list[bool]  # whether each row's token is its request's (else the host chooses from its logits)
     ready: torch.cuda.Event | None
 
-    def tokens(self) -> list[int]:
+    def tokens(self) -> list[int | None]:
         if self.ready is not None:
             self.ready.synchronize()
-        return self.likeliest.tolist()
+        return [token if decided else None for token, decided in zip(self.chosen.tolist(), self.decided)]
+
+    def may_run_ahead(self) -> bool:
+        """Every token is decided and nothing else of the logits is wanted: the next step may take them on the
+        device before the host has read them."""
+        return all(d and (r is None or r.top_logprobs is None) for r, d in zip(self.requests, self.decided))
 
 
 class Engine:
@@ -228,9 +236,8 @@ class Engine:
         self.running: dict[int, Request] = {}  # by slot, in the order they were admitted
         self.kv = KVBlocks(self.model.n_blocks, KV_BLOCK, self.max_batch, prefill_chunk)
         self.stopping = threading.Event()
-        self.stop_ids = torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)
         self.end_tokens = torch.zeros(self.model.args.vocab_size, dtype=torch.bool, device=self.ctx.device)
-        self.end_tokens[self.stop_ids] = True
+        self.end_tokens[torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)] = True
         self.metrics = Metrics(queued=self.queued,
                                running=lambda: len(self.running), cache_tokens=lambda: self.kv.in_use() * KV_BLOCK,
                                cache_capacity=self.model.n_blocks * KV_BLOCK)
@@ -392,21 +399,16 @@ class Engine:
         r.on_event({"type": "done", "stop_type": stop_type, "stopping_word": stopping_word,
                     "embedding": r.embedding, "timings": timings(r)})
 
-    def _accept(self, r: Request, logits: torch.Tensor, likeliest: int | None = None) -> None:
-        """Choose this request's next token and decide whether it is done. likeliest: the argmax of these
-        logits where the caller has it (a decode step takes the whole batch's at once)."""
+    def _accept(self, r: Request, logits: torch.Tensor, token: int | None) -> None:
+        """Take this request's next token and decide whether it is done. logits: its row, end tokens masked where
+        it ignores them; token: chosen on the device (Engine._choose), or None: chosen here (a grammar's mask, a
+        repeat penalty over its history)."""
         if r.max_new_tokens == 0:  # the prompt was only to be read
             return self._done(r, "limit")
-        fast = likeliest is not None and r.plain_greedy()
-        history = r.prompt_ids + r.generated
-        if r.ignore_eos and (not fast or r.top_logprobs is not None):
-            logits = logits.index_fill(0, self.stop_ids, float("-inf"))
-        if fast:
-            token = likeliest
-        else:
+        if token is None:
             if r.constraint is not None:
                 logits = r.constraint.mask(logits)
-            token = int(sample(logits[None], r.params, r.generator, [history])[0])
+            token = int(sample(logits[None], r.params, r.generator, [r.prompt_ids + r.generated])[0])
         now = time.perf_counter()
         if r.generated:
             self.metrics.inter_token.observe(now - r.t_last)
@@ -417,7 +419,8 @@ class Engine:
         if token in self.llama.tokenizer.stop_ids:
             return self._done(r, "eos")
         if r.top_logprobs is not None:
-            r.logprobs.append(token_probs(final_probs(logits, r.params, history), token, r.top_logprobs)
+            r.logprobs.append(token_probs(final_probs(logits, r.params, r.prompt_ids + r.generated), token,
+                                          r.top_logprobs)
                               if r.post_sampling else token_logprobs(logits, token, r.top_logprobs))
         r.generated.append(token)
         r.text += r.stream.push(token)
@@ -458,7 +461,7 @@ class Engine:
             choices = self._execute(plan)
             self._settle()
             if choices is not None:
-                if self.overlap and all(r is None or r.argmax_only() for r in choices.requests):
+                if self.overlap and choices.may_run_ahead():
                     self.inflight = choices
                 else:
                     self._complete(choices)
@@ -542,29 +545,44 @@ class Engine:
 
     def _choose(self, slots: list[int], logits: torch.Tensor, endless: list[int]) -> Choices | None:
         """Every rank: each row's likeliest token (of the allowed ones: no end token for slots in `endless`), in
-        one pass over the batch, kept on the device as its slot's chosen token where the next step may read it
-        there. Rank 0 returns the choices to make, their tokens on their way to the host."""
+        one pass over the batch; rank 0 draws the sampled requests' tokens there too, where they depend on their
+        logits alone. The tokens stay on the device as their slots' chosen ones, where the next step may read them
+        there. Rank 0 returns the choices, their tokens on their way to the host."""
         if not (self.overlap or self.ctx.is_driver):
             return None
         endless = set(endless)
         banned = [slot in endless for slot in slots]
-        if any(banned):  # (elementwise: an indexed write would wait for the pass to finish)
+        if any(banned):  # (elementwise: an indexed write of -inf would copy it from the host, waiting for the pass)
             logits = torch.where(to_device(banned, logits.device)[:, None] & self.end_tokens, float("-inf"), logits)
-        likeliest = logits.argmax(-1)
+        chosen = logits.argmax(-1)
+        requests = [self.running.get(slot) for slot in slots] if self.ctx.is_driver else []
+        decided = [r is None or r.decided_on_device(self.ctx.world_size == 1) for r in requests]
+        self._draw(chosen, logits, requests, decided)
         if self.overlap:
-            self.runner.chosen[to_device(slots, logits.device)] = likeliest
+            self.runner.chosen[to_device(slots, logits.device)] = chosen
         if not self.ctx.is_driver:
             return None
-        requests = [self.running.get(slot) for slot in slots]
         for r in requests:
             if r is not None:
                 r.pending += 1
-        if likeliest.device.type != "cuda":
-            return Choices(requests, logits, likeliest, None)
+        if chosen.device.type != "cuda":
+            return Choices(requests, logits, chosen, decided, None)
         ready = torch.cuda.Event()
-        host = likeliest.to("cpu", non_blocking=True)
+        host = chosen.to("cpu", non_blocking=True)
         ready.record()
-        return Choices(requests, logits, host, ready)
+        return Choices(requests, logits, host, decided, ready)
+
+    @staticmethod
+    def _draw(chosen: torch.Tensor, logits: torch.Tensor, requests: list[Request | None], decided: list[bool]) -> None:
+        """Rank 0: in `chosen`, the tokens of the decided requests that are not plain greedy, drawn by the sampler
+        on the device: a request with its own generator (a seed) alone, the others in one call per settings."""
+        groups: dict[tuple[int, str], list[int]] = {}
+        for i, (r, d) in enumerate(zip(requests, decided)):
+            if r is not None and d and not r.plain_greedy():
+                groups.setdefault((id(r.generator), repr(r.params)), []).append(i)
+        for rows in groups.values():
+            r, index = requests[rows[0]], to_device(rows, chosen.device)
+            chosen[index] = sample(logits[index], r.params, r.generator)
 
     def _settle(self) -> None:
         """Read the tokens in flight, if any (rank 0)."""
@@ -573,7 +591,7 @@ class Engine:
             self._complete(choices)
 
     def _complete(self, choices: Choices) -> None:
-        """Rank 0: each request's token, chosen (the likeliest, or sampled from its logits) and taken in."""
+        """Rank 0: each request's token, as chosen on the device or (undecided there) chosen now, taken in."""
         for r, logits, token in zip(choices.requests, choices.logits, choices.tokens()):
             if r is not None and not r.finished:
                 r.pending -= 1
@@ -590,10 +608,10 @@ class Engine:
             if position < len(r.prompt_ids) and position == len(r.prompt_token_logprobs):  # (once, if read again)
                 r.prompt_token_logprobs.append(token_logprobs(row, r.prompt_ids[position], r.prompt_logprobs))
 
-    def _safely(self, r: Request, logits: torch.Tensor, likeliest: int | None = None) -> None:
+    def _safely(self, r: Request, logits: torch.Tensor, token: int | None) -> None:
         """An exception in one request's sampling or decoding fails that request only."""
         try:
-            self._accept(r, logits, likeliest)
+            self._accept(r, logits, token)
         except Exception as e:  # noqa: BLE001
             self._leave(r)
             r.finished = True
