@@ -15,7 +15,9 @@ many of the rest got their prompt's answer alone; then `bench` batch 1 and 32 on
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import statistics
 import subprocess
@@ -105,18 +107,36 @@ def summary(results: list[dict], elapsed: float) -> dict:
             "itl_p99_ms": 1e3 * percentile(gaps, 0.99), "requests": len(results)}
 
 
-async def load_level(url: str, concurrency: int, requests: int, tokens: int, words: int, offset: int) -> dict:
+async def level_part(url: str, concurrency: int, prompts: list[int], tokens: int, words: int,
+                     temperature: float) -> list[dict]:
+    """One client process's share of a level: streams for these prompt numbers, `concurrency` at a time."""
     async with httpx.AsyncClient(timeout=600, limits=limits(concurrency + 4)) as client:
         gate = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> dict:
             async with gate:
-                return await stream(client, url, {"prompt": prompt(offset + i, words), "n_predict": tokens,
-                                                  "temperature": 0, "ignore_eos": True, "cache_prompt": False})
+                return await stream(client, url, {"prompt": prompt(i, words), "n_predict": tokens,
+                                                  "temperature": temperature, "ignore_eos": True,
+                                                  "cache_prompt": False})
 
-        start = time.perf_counter()
-        results = await asyncio.gather(*(one(i) for i in range(requests)))
-        return summary(results, time.perf_counter() - start)
+        return list(await asyncio.gather(*(one(i) for i in prompts)))
+
+
+def run_part(*args) -> list[dict]:
+    return asyncio.run(level_part(*args))
+
+
+def load_level(clients: concurrent.futures.ProcessPoolExecutor, processes: int, url: str, concurrency: int,
+               requests: int, tokens: int, words: int, offset: int, temperature: float = 0.0) -> dict:
+    """A level's streams, shared out over the client processes (one Python process streaming to 128 clients reads
+    their events later than they arrive); times are the machine's monotonic clock, the same in every process."""
+    parts = min(processes, concurrency)
+    shares = [concurrency // parts + (p < concurrency % parts) for p in range(parts)]
+    futures = [clients.submit(run_part, url, share, list(range(offset + p, offset + requests, parts)), tokens, words,
+                              temperature) for p, share in enumerate(shares)]
+    results = [r for f in futures for r in f.result()]
+    elapsed = max(r["times"][-1] for r in results if r["times"]) - min(r["start"] for r in results)
+    return summary(results, elapsed)
 
 
 async def shared_prefix(url: str, words: int) -> dict:
@@ -181,15 +201,18 @@ async def long_prompts_arriving(url: str, streams: int, tokens: int, long_words:
 def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = None, max_batch: int = 128,
         n_ctx: int = 1024, levels: tuple[int, ...] = (1, 8, 32, 128), tokens: int = 64, words: int = 40,
         bench_batches: tuple[int, ...] = (1, 32), extra: str = "", switch_interval: float | None = None,
-        tp: int = 1, waves: int = 2, checks: bool = True) -> dict:
+        tp: int = 1, waves: int = 2, checks: bool = True, temperature: float = 0.0, client_procs: int = 4) -> dict:
     """extra: more `serve` flags (e.g. "--cuda_graphs False" for the eager step); switch_interval: the server
     process's sys.setswitchinterval (how long a thread holds the GIL while another waits; Python's is 5 ms);
     tp: tensor-parallel ranks, started by torchrun (bench's figures are then left out: they are one GPU's);
     waves: each level sends this many times its concurrency of requests; checks: the shared prefix, long prompts
-    and nothing-lost runs after the levels (False: the levels alone, for an A/B)."""
+    and nothing-lost runs after the levels (False: the levels alone, for an A/B); temperature: the levels'
+    sampling (llama.cpp's other defaults: top-k 40, top-p 0.95, min-p 0.05; 0 is greedy); client_procs: the
+    processes the levels' clients are shared out over (each level's concurrency split between at most that many)."""
     path = Path(checkpoint)
     result: dict = {"checkpoint": checkpoint, "max_batch": max_batch, "n_ctx": n_ctx, "extra": extra,
-                    "switch_interval": switch_interval, "tp": tp}
+                    "switch_interval": switch_interval, "tp": tp, "temperature": temperature,
+                    "client_procs": client_procs}
     if checkpoint != "smollm2" and not path.exists():  # (smollm2: a quick run of the script on a CPU)
         result["checkpoint_write_s"] = write_checkpoint(path)
     port = free_port()
@@ -214,9 +237,13 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
                 pass
             time.sleep(0.25)
         result["ready_s"] = time.perf_counter() - start
-        for i, c in enumerate(levels):
-            result[f"concurrency_{c}"] = asyncio.run(load_level(url, c, max(waves * c, 8), tokens, words, 1000 * i))
-            print(json.dumps({f"concurrency_{c}": result[f"concurrency_{c}"]}), flush=True)
+        with concurrent.futures.ProcessPoolExecutor(client_procs, multiprocessing.get_context("spawn")) as clients:
+            for started in [clients.submit(time.sleep, 1.0) for _ in range(client_procs)]:  # all started now
+                started.result()
+            for i, c in enumerate(levels):
+                result[f"concurrency_{c}"] = load_level(clients, client_procs, url, c, max(waves * c, 8), tokens,
+                                                        words, 1000 * i, temperature)
+                print(json.dumps({f"concurrency_{c}": result[f"concurrency_{c}"]}), flush=True)
         if checks:
             result["shared_prefix"] = asyncio.run(shared_prefix(url, min(900, n_ctx - 64)))
             result["long_prompts_arriving"] = asyncio.run(long_prompts_arriving(url, 16, 256, min(900, n_ctx - 64),
