@@ -141,7 +141,7 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
           alias: str | None = None, n_predict: int = -1, seed: int | None = None, temperature: float | None = None,
           prefill_chunk: int = 256, tags: str | None = None, cors_origins: str = "*", ui: bool = True,
-          **options: Any) -> None:
+          overlap: bool | None = None, **options: Any) -> None:
     """HTTP server: llama.cpp's endpoints (/completion, /tokenize, /props, /slots, /metrics, ...) and OpenAI's
     (/v1/completions, /v1/chat/completions, /v1/models, also without /v1), continuous batching across ranks
     (--max_batch sequences of --n_ctx tokens each, --max_queue waiting). One model is served, so any model name
@@ -160,12 +160,14 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
     --cors_origins "*" (any), "localhost" (pages on this machine) or a comma-separated list. --noui: no chat page
     at /. The API key may come as Authorization: Bearer <key> or x-api-key: <key>. On GPUs the decode step's
     CUDA graphs (and the prompt pass's) are captured before /health answers 200, so no request waits for one
-    (with --compile, steps are compiled on first use instead)."""
+    (with --compile, steps are compiled on first use instead). --overlap: each step is launched before the host
+    reads the tokens the step before chose, which the device feeds to it (default: on GPUs; one pipeline stage
+    only; requests with a grammar, a repeat penalty or log-probabilities are read at once)."""
     from .serving.server import serve as run
 
     run(*make_configs(model, n_ctx, max_batch, **options), _listed(host), port, max_queue, api_key, slots,
         context_shift, _listed(alias), n_predict, seed, temperature, prefill_chunk, _listed(tags),
-        _listed(cors_origins), ui)
+        _listed(cors_origins), ui, overlap)
 
 
 COMMANDS = {"generate": generate, "chat": chat, "convert": convert, "quantize": quantize,

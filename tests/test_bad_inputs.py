@@ -71,3 +71,13 @@ def test_three_ranks_refused_before_loading(tiny_checkpoints, sp_tokenizer, tmp_
         assert r.returncode != 0
         assert "cannot be split across 3 ranks" in r.stderr and "n_heads=4" in r.stderr, r.stderr
     assert not list(tmp_path.glob("r.rank*"))
+
+
+def test_overlap_on_a_pipeline_is_refused_before_loading():
+    """The engine's overlap feeds each step the tokens the device chose; a pipeline's first stage has no logits."""
+    from llama_dist.checkpoint.config import LoadConfig
+    from llama_dist.distributed.layout import ParallelConfig
+    from llama_dist.serving.server import serve
+
+    with pytest.raises(ValueError, match="--overlap needs one pipeline stage"):
+        serve(LoadConfig(), ParallelConfig(pp=2), port=0, overlap=True)

@@ -316,12 +316,13 @@ TWO_RANK_ANSWERS: dict[int, list] = {}
 
 @pytest.mark.parametrize("pp", [1, 2])
 def test_api_key_and_two_ranks(pp, tiny_checkpoints, sp_tokenizer):
-    """A tiny model over 2 Gloo ranks (tensor parallel, or --pp 2: a layer per stage) with --api_key: 401
-    without it; batching still equals alone, in a KV cache of one context for 8 sequences (requests preempted, and
-    every rank following rank 0's block tables), and both layouts answer alike; SIGTERM exits all."""
+    """A tiny model over 2 Gloo ranks (tensor parallel with the engine's overlap, every rank feeding the tokens it
+    chose on its device to the next step; or --pp 2: a layer per stage) with --api_key: 401 without it; batching
+    still equals alone, in a KV cache of one context for 8 sequences (requests preempted, and every rank following
+    rank 0's block tables), and both layouts answer alike; SIGTERM exits all."""
     s = Server("--model", str(tiny_checkpoints["mp2"]), "--tokenizer", str(sp_tokenizer), "--api_key", "sekrit",
                "--max_batch", "8", "--n_ctx", "128", "--kv_tokens", "128", "--backend", "gloo", "--pp", str(pp),
-               world=2)
+               "--overlap", str(pp == 1), world=2)
     try:
         assert s.post("/completion", {"prompt": "hi"}).status_code == 401
         auth = {"Authorization": "Bearer sekrit"}

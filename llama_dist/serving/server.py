@@ -67,12 +67,16 @@ def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", p
           max_queue: int = 64, api_key: str | None = None, slots: bool = True, context_shift: bool = False,
           alias: str | None = None, n_predict: int = -1, seed: int | None = None,
           temperature: float | None = None, prefill_chunk: int = 256, tags: str | None = None,
-          cors_origins: str = "*", ui: bool = True) -> None:
+          cors_origins: str = "*", ui: bool = True, overlap: bool | None = None) -> None:
     """Serve the model over HTTP (llama.cpp and OpenAI APIs) with continuous batching across all ranks
     (every pipeline stage follows the driver's step plan like a tensor-parallel rank does): up to
     load.max_batch_size sequences of load.n_ctx tokens at once, max_queue more waiting. host: addresses,
     comma-separated; alias and tags: comma-separated names (the model's id is the first alias in sorted order,
-    as llama.cpp's); cors_origins: "*", "localhost" or origins, comma-separated (serving/cors.py)."""
+    as llama.cpp's); cors_origins: "*", "localhost" or origins, comma-separated (serving/cors.py); overlap: the
+    engine's (serving/engine.py; None: on GPUs)."""
+    if overlap and parallel.pp > 1:
+        raise ValueError("--overlap needs one pipeline stage (--pp 1): a pipeline's first stage has no logits to "
+                         "choose the next token from.")
     pctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
     aliases = tuple(sorted({a.strip() for a in (alias or "").split(",") if a.strip()}))
     state = State(aliases[0] if aliases else model_name(load.model), api_key, model_path=resolve_model(load.model),
@@ -84,7 +88,7 @@ def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", p
     if pctx.is_driver:  # answer /health with 503 while the model loads
         http, thread = start_http(state, host, port)
     llama = Llama.from_config(load, parallel, ctx=pctx)
-    engine = Engine(llama, load.max_batch_size, max_queue, prefill_chunk)
+    engine = Engine(llama, load.max_batch_size, max_queue, prefill_chunk, overlap=overlap)
 
     def stop(signum, frame):  # SIGTERM/SIGINT: cancel in-flight work, then every rank leaves the loop
         engine.stopping.set()
