@@ -400,6 +400,8 @@ def test_logit_bias_n_choices_and_server_seed():
             again = s.post("/completion", {**body, "logit_bias": bias}).json()
             assert again["tokens"][0] != banned, bias
         assert s.post("/completion", {**body, "logit_bias": "no"}).status_code == 400
+        everything = s.post("/completion", {**body, "logit_bias": [[t, False] for t in range(49152)]})
+        assert everything.status_code == 400 and "bans every token" in everything.json()["error"]["message"]
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused")
         many = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}], n=3,
                                          max_tokens=6, temperature=1.0, seed=5)

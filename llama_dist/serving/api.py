@@ -337,6 +337,8 @@ class Handlers:
             if not all(0 <= i < n for i in ids):
                 raise APIError(400, f"'logit_bias' token ids must be in 0..{n - 1}.")
             bias.update((i, float(value)) for i in ids)
+        if sum(b == float("-inf") for b in bias.values()) >= n:
+            raise APIError(400, "'logit_bias' bans every token: nothing is left to choose from.")
         return bias
 
     def _constraint(self, body: dict) -> Constraint | None:
