@@ -35,7 +35,7 @@ def test_token_buckets():
 
 def test_graphed_step_equals_the_eager_step():
     args = ModelArgs(**TINY_GQA)
-    ctx = init_distributed(backend="gloo")
+    ctx = init_distributed(backend="gloo", device="cpu")
     config = LoadConfig(dtype="float32", quantize="none", n_ctx=300, max_batch_size=5)
     state = random_state_dict(args)
     eager, graphed = (load_model(StateDictSource(args, state), ctx, config, progress=False) for _ in range(2))
