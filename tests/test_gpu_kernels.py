@@ -378,6 +378,12 @@ for chunks in ([(0, 0, list(range(1, 13))), (2, 0, list(range(20, 31)))],  # (sl
             row, end = torch.tensor([slot]), start + len(part)
             assert torch.allclose(a.attention.cached(row, end)[0][..., start:, :],
                                   b.attention.cached(row, end)[0][..., start:, :], atol=1e-5)
+# tokens given as -1 are each their row's token chosen on the device (the engine's overlap), resolved after the copy
+chosen = torch.tensor([44, 0, 55])
+slots, starts, ids = (0, 1, 2), (14, 25, 40), [[-1], [6, 6], [-1]]
+want = plain(torch.tensor([[44, 6, 6, 55]]), 0, Packed.of(slots, starts, (1, 2, 1), "cpu"), last_only=True)[0]
+got = prompts(slots, starts, ids, lambda tokens, rows: torch.where(tokens < 0, chosen[rows], tokens))
+assert (got - want).abs().max() < 1e-4 * want.abs().max()
 assert not prompts.holds(4, len(run_ends((0, 1, 0, 1), (0, 0, 1, 1), (1, 1, 1, 1))))  # 4 runs > the cache's rows
 assert not prompts.holds(193, 1)  # more tokens than the largest bucket
 print("ok")

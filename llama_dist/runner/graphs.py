@@ -186,15 +186,15 @@ class GraphedPrompts:
         return len(finals)
 
     def __call__(self, slots: tuple[int, ...], starts: tuple[int, ...], ids: list[list[int]],
-                 chosen: torch.Tensor | None = None) -> torch.Tensor:
+                 resolve: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """The logits [runs, vocab] of each run's last token (as the model's pass of Packed.of(...) gives).
-        chosen: each cache row's token chosen on the device, which a token id of -1 stands for (Runner.chosen)."""
+        resolve: (tokens, their cache rows) -> the tokens with each -1 replaced (Runner.resolve)."""
         lengths = tuple(map(len, ids))
         n = sum(lengths)
         check_packed(slots, starts, lengths, n, self.model.max_batch_size, self.model.n_ctx)
         graph = self.graphs[next(b for b in self.buckets if b >= n)]
         n_runs = self._fill(graph, slots, starts, lengths, ids)
-        if chosen is not None:
-            graph.tokens.copy_(torch.where(graph.tokens < 0, chosen[graph.rows], graph.tokens))
+        if resolve is not None:
+            graph.tokens.copy_(resolve(graph.tokens, graph.rows))
         graph.replay()
         return graph.out[0, :n_runs].clone()

@@ -72,7 +72,7 @@ class Runner:
         lengths = tuple(map(len, ids))
         ends = run_ends(slots, starts, lengths)
         if self.prompt_pass_graphed(sum(lengths), len(ends)):
-            logits = self.prompt_graphs(slots, starts, list(ids), self.chosen if chosen else None)
+            logits = self.prompt_graphs(slots, starts, list(ids), self.resolve if chosen else None)
         else:
             packed = Packed.of(slots, starts, lengths, device)
             tokens = to_device([[t for part in ids for t in part]], device)
