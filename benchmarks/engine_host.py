@@ -7,7 +7,8 @@ GPU's passes (planning, choosing and detokenizing each request's token, its even
 Drives the Engine in-process with greedy requests (ignore_eos, ~40-token prompts, `clients` at a time), and
 subtracts the time spent inside the runner's passes (the model's arithmetic, here on the CPU) from the
 engine loop's wall time (on GPUs each pass is synchronised, so its GPU time counts as the pass's). Prints host
-ms per pass and us per generated token.
+ms per pass and us per generated token, and tokens/s. With --timed False the passes are not timed (nor
+synchronised), so on GPUs the engine runs ahead of the host as the server does: tokens/s without HTTP.
 """
 from __future__ import annotations
 
@@ -28,13 +29,13 @@ from serve_gpu import prompt  # noqa: E402  (this folder is the script's: on sys
 
 
 def main(model: str = "smollm2", tokenizer: str | None = None, clients: int = 32, requests: int = 96,
-         tokens: int = 64, words: int = 40, max_seq_len: int = 512) -> None:
+         tokens: int = 64, words: int = 40, max_seq_len: int = 512, timed: bool = True) -> None:
     """model and tokenizer as `serve` takes them (a GPU: serve_gpu.py's checkpoint and tokenizer file)."""
     llama = Llama.build(model, tokenizer, max_seq_len=max_seq_len, max_batch_size=clients)
     engine = Engine(llama, max_batch=clients, max_queue=requests)
     runner, inside = engine.runner, [0.0, 0]
 
-    def timed(method):
+    def timed_pass(method):
         def run(*args, **kwargs):
             start = time.perf_counter()
             try:
@@ -47,7 +48,8 @@ def main(model: str = "smollm2", tokenizer: str | None = None, clients: int = 32
                 inside[1] += 1
         return run
 
-    runner.prefill, runner.decode = timed(runner.prefill), timed(runner.decode)
+    if timed:
+        runner.prefill, runner.decode = timed_pass(runner.prefill), timed_pass(runner.decode)
     prompts = [llama.tokenizer.encode(prompt(i, words), bos=True, eos=False) for i in range(requests)]
     finished, generated = threading.Semaphore(0), [0]
 
@@ -71,11 +73,12 @@ def main(model: str = "smollm2", tokenizer: str | None = None, clients: int = 32
     wall = time.perf_counter() - start
     engine.stopping.set()
     loop.join(timeout=60)
-    host = wall - inside[0]
-    result = {"model": model, "clients": clients, "requests": requests, "tokens": tokens, "passes": inside[1],
-              "generated": generated[0], "wall_s": round(wall, 3), "runner_s": round(inside[0], 3),
-              "host_ms_per_pass": round(1e3 * host / inside[1], 3),
-              "host_us_per_token": round(1e6 * host / max(generated[0], 1), 1)}
+    result = {"model": model, "clients": clients, "requests": requests, "tokens": tokens, "timed": timed,
+              "generated": generated[0], "wall_s": round(wall, 3), "tok_s": round(generated[0] / wall, 1)}
+    if timed:
+        host = wall - inside[0]
+        result.update(passes=inside[1], runner_s=round(inside[0], 3), host_ms_per_pass=round(1e3 * host / inside[1], 3),
+                      host_us_per_token=round(1e6 * host / max(generated[0], 1), 1))
     print(json.dumps(result))
 
 
