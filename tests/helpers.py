@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -18,6 +16,7 @@ from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.generation.sampling import SamplingParams
 from llama_dist.model.args import ModelArgs
 from llama_dist.serving.engine import Engine, Request
+from llama_dist.serving.interactive import run_requests
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = Path(__file__).resolve().parent / "workers"
@@ -63,28 +62,14 @@ def engine_answers(engine: Engine, prompts: list[list[int]], lengths: list[int],
     """Greedy answers of a serving engine to prompts submitted together (continuous batching), and each one's
     "done" event. options: more Request fields per prompt (sampling params, stop words, ...). The engine runs
     until they are answered (and may run again)."""
-    engine.stopping.clear()
-    loop = threading.Thread(target=engine.run, daemon=True)
-    loop.start()
-    answers, done = [[] for _ in prompts], [queue.Queue() for _ in prompts]
-
-    def listen(i: int):
-        def on_event(event: dict) -> None:
-            if event["type"] == "token":
-                answers[i].extend(event["tokens"])
-            else:  # "done" or "error"
-                done[i].put(event)
-        return on_event
-
-    for i, (ids, n) in enumerate(zip(prompts, lengths)):
-        fields = {"params": SamplingParams(temperature=0.0), "cache_prompt": cache_prompt,
-                  **(options[i] if options else {})}
-        engine.submit(Request(ids, max_new_tokens=n, on_event=listen(i), **fields))
-    events = [d.get(timeout=600) for d in done]
-    assert all(e["type"] == "done" for e in events), events
-    engine.stopping.set()
-    loop.join(timeout=60)
-    return answers, events
+    requests = [Request(ids, max_new_tokens=n, on_event=lambda e: None,
+                        **{"params": SamplingParams(temperature=0.0), "cache_prompt": cache_prompt,
+                           **(options[i] if options else {})})
+                for i, (ids, n) in enumerate(zip(prompts, lengths))]
+    events = run_requests(engine, requests)
+    finals = [e[-1] for e in events]
+    assert all(f["type"] == "done" for f in finals), finals
+    return [[t for e in request if e["type"] == "token" for t in e["tokens"]] for request in events], finals
 
 
 def write_meta_checkpoint(path: Path, args: ModelArgs, state_dict: dict[str, torch.Tensor], mp: int = 1) -> Path:

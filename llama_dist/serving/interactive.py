@@ -59,6 +59,32 @@ def ask(engine: Engine, ids: list[int], params: SamplingParams, max_new: int) ->
         return "".join(text)
 
 
+def run_requests(engine: Engine, requests: list[Request]) -> list[list[dict]]:
+    """Rank 0: submit requests to an engine that is not running, run it until each has had its final event ("done"
+    or "error"), then stop it (it may run again). Returns each request's events, in order."""
+    engine.stopping.clear()
+    loop = threading.Thread(target=engine.run, name="engine", daemon=True)
+    loop.start()
+    events: list[list[dict]] = [[] for _ in requests]
+    ended: queue.Queue = queue.Queue()
+
+    def listen(i: int):
+        def on_event(event: dict) -> None:
+            events[i].append(event)
+            if event["type"] in ("done", "error"):
+                ended.put(i)
+        return on_event
+
+    for i, r in enumerate(requests):
+        r.on_event = listen(i)
+        engine.submit(r)
+    for _ in requests:
+        ended.get()
+    engine.stopping.set()
+    loop.join()
+    return events
+
+
 def answers(llama: Llama, prompts: list[list[int]], params: SamplingParams, max_gen_len: int,
             seed: int | None = None) -> list[str] | None:
     """Each prompt's answer, all of them batched by the engine as the server batches requests (each sampled with
@@ -67,26 +93,12 @@ def answers(llama: Llama, prompts: list[list[int]], params: SamplingParams, max_
     if not llama.is_driver:
         engine.run()
         return None
-    loop = threading.Thread(target=engine.run, name="engine", daemon=True)
-    loop.start()
-    texts, done = [[] for _ in prompts], queue.Queue()
-
-    def listen(i: int):
-        def on_event(event: dict) -> None:
-            if event["type"] == "token":
-                texts[i].append(event["text"])
-            elif event["type"] in ("done", "error"):
-                done.put(event)
-        return on_event
-
-    for i, ids in enumerate(prompts):
-        engine.submit(Request(ids, params, max_gen_len, on_event=listen(i), seed=seed))
-    errors = [e["message"] for e in (done.get() for _ in prompts) if e["type"] == "error"]
-    engine.stopping.set()
-    loop.join()
+    events = run_requests(engine, [Request(ids, params, max_gen_len, on_event=lambda e: None, seed=seed)
+                                   for ids in prompts])
+    errors = [e[-1]["message"] for e in events if e[-1]["type"] == "error"]
     if errors:
         raise RuntimeError(f"{len(errors)} answer(s) failed: {errors[0]}")
-    return ["".join(t) for t in texts]
+    return ["".join(e["text"] for e in request if e["type"] == "token") for request in events]
 
 
 def repl(llama: Llama, system: str | None, raw: bool, params: SamplingParams, max_gen_len: int) -> None:
