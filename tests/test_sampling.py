@@ -39,3 +39,21 @@ def test_a_batch_row_is_penalised_by_its_own_history_and_kept_to_its_own_top_k()
         top3 = set(logits[row].topk(3).indices.tolist())
         assert set(drawn[:, row].tolist()) == top3  # all of them drawn, nothing else
         assert set(final_probs(logits[row], params, []).nonzero().flatten().tolist()) == top3
+
+
+def test_penalties_are_llama_cpps():
+    """Over the last repeat_last_n tokens of the history: a seen token's logit divided by repeat_penalty (multiplied
+    where it is not positive), then frequency_penalty subtracted per occurrence and presence_penalty once; -1 counts
+    the whole history, 0 none."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0])
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repeat_penalty=2.0,
+                            frequency_penalty=0.25, presence_penalty=0.5, repeat_last_n=3)
+    history = [3, 0, 1, 1]  # the window: 0 once, 1 twice (3 is outside it)
+    want = torch.tensor([2.0 / 2 - 0.25 - 0.5, -1.0 * 2 - 2 * 0.25 - 0.5, 0.5, 3.0, 1.0])
+    torch.testing.assert_close(final_probs(logits, params, history), torch.softmax(want, -1))
+    whole = SamplingParams(**{**params.__dict__, "repeat_last_n": -1})
+    want[3] = 3.0 / 2 - 0.25 - 0.5
+    torch.testing.assert_close(final_probs(logits, whole, history), torch.softmax(want, -1))
+    none = SamplingParams(**{**params.__dict__, "repeat_last_n": 0})
+    assert not none.penalises()
+    torch.testing.assert_close(final_probs(logits, none, history), torch.softmax(logits, -1))

@@ -402,6 +402,15 @@ def test_logit_bias_n_choices_and_server_seed():
         assert s.post("/completion", {**body, "logit_bias": "no"}).status_code == 400
         everything = s.post("/completion", {**body, "logit_bias": [[t, False] for t in range(49152)]})
         assert everything.status_code == 400 and "bans every token" in everything.json()["error"]["message"]
+        # OpenAI's penalties, llama.cpp's way (over repeat_last_n tokens), shown in generation_settings
+        long = {**body, "n_predict": 24}
+        plain = s.post("/completion", long).json()
+        present = s.post("/completion", {**long, "presence_penalty": 2, "frequency_penalty": 1.5,
+                                         "repeat_last_n": -1}).json()
+        assert present["tokens"] != plain["tokens"]
+        assert present["generation_settings"]["presence_penalty"] == 2 and present["generation_settings"][
+            "repeat_last_n"] == -1
+        assert s.post("/completion", {**body, "frequency_penalty": 3}).status_code == 400
         c = openai.OpenAI(base_url=f"{s.url}/v1", api_key="unused")
         many = c.chat.completions.create(model="x", messages=[{"role": "user", "content": "Name a colour."}], n=3,
                                          max_tokens=6, temperature=1.0, seed=5)

@@ -18,8 +18,15 @@ class SamplingParams:
     top_p: float = 0.95
     min_p: float = 0.05
     repeat_penalty: float = 1.0
-    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0  # subtracted from a token's logit per time it occurs in the window
+    presence_penalty: float = 0.0  # subtracted once from the logit of a token that occurs in the window
+    repeat_last_n: int = 64  # the window: the history's last tokens the penalties count (-1: all, 0: none)
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (-inf: never)
+
+    def penalises(self) -> bool:
+        """Whether the history changes the logits (some penalty over a window that is not empty)."""
+        return self.repeat_last_n != 0 and (self.repeat_penalty != 1.0 or self.frequency_penalty != 0.0
+                                            or self.presence_penalty != 0.0)
 
     @classmethod
     def meta(cls, temperature: float = 0.6, top_p: float = 0.9) -> "SamplingParams":
@@ -29,8 +36,8 @@ class SamplingParams:
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None,
            histories: list[list[int]] | None = None) -> torch.Tensor:
-    """[batch, vocab] logits -> [batch] token ids, in llama.cpp's order: logit bias, repeat penalty (over each
-    row's history), top-k, temperature, min-p, top-p; temperature 0 is greedy."""
+    """[batch, vocab] logits -> [batch] token ids, in llama.cpp's order: logit bias, penalties (over each row's
+    history), top-k, temperature, min-p, top-p; temperature 0 is greedy."""
     logits = _biased(logits, params, histories)
     if params.temperature <= 0:
         return logits.argmax(dim=-1)
@@ -77,17 +84,22 @@ def final_probs(logits: torch.Tensor, params: SamplingParams, history: list[int]
 
 
 def _biased(logits: torch.Tensor, params: SamplingParams, histories: list[list[int]] | None) -> torch.Tensor:
-    """The logits [batch, vocab] after the logit bias and each row's repeat penalty (a float copy)."""
+    """The logits [batch, vocab] after the logit bias and each row's penalties over the last repeat_last_n tokens of
+    its history, as llama.cpp applies them: a token seen there has its logit divided by repeat_penalty (multiplied,
+    where it is not positive), then frequency_penalty subtracted per occurrence and presence_penalty once (a
+    float copy)."""
     logits = logits.float().clone()
     if params.logit_bias:
         ids = to_device(list(params.logit_bias), logits.device)
         logits[:, ids] += to_device(list(params.logit_bias.values()), logits.device)
-    if params.repeat_penalty != 1.0 and histories:
+    if params.penalises() and histories:
         for row, history in zip(logits, histories):
-            if history:
-                recent = torch.tensor(history[-params.repeat_last_n:], device=logits.device).unique()
-                picked = row[recent]
-                row[recent] = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
+            window = history if params.repeat_last_n < 0 else history[-params.repeat_last_n:]
+            if window:
+                seen, counts = torch.tensor(window, device=logits.device).unique(return_counts=True)
+                picked = row[seen]
+                picked = torch.where(picked > 0, picked / params.repeat_penalty, picked * params.repeat_penalty)
+                row[seen] = picked - counts * params.frequency_penalty - params.presence_penalty
     return logits
 
 

@@ -117,7 +117,10 @@ def sampling_from(body: dict, openai: bool, temperature: float | None = None) ->
         top_k=_field(body, "top_k", int, 0 if openai else 40, lambda v: v >= 0),
         top_p=float(_field(body, "top_p", number, 1.0 if openai else 0.95, lambda v: 0 < v <= 1)),
         min_p=float(_field(body, "min_p", number, 0.0 if openai else 0.05, lambda v: 0 <= v <= 1)),
-        repeat_penalty=float(_field(body, "repeat_penalty", number, 1.0, lambda v: 0 < v <= 10)))
+        repeat_penalty=float(_field(body, "repeat_penalty", number, 1.0, lambda v: 0 < v <= 10)),
+        frequency_penalty=float(_field(body, "frequency_penalty", number, 0.0, lambda v: -2 <= v <= 2)),
+        presence_penalty=float(_field(body, "presence_penalty", number, 0.0, lambda v: -2 <= v <= 2)),
+        repeat_last_n=_field(body, "repeat_last_n", int, 64, lambda v: v >= -1, "use -1 (all), 0 (none) or more"))
 
 
 def _prompt_string(prompt: Any) -> Any:

@@ -154,13 +154,13 @@ class Request:
         """The likeliest token (of the allowed ones, with ignore_eos), nothing else changing the logits first:
         the batch's one argmax answers it."""
         p = self.params
-        return p.temperature <= 0 and not p.logit_bias and p.repeat_penalty == 1.0 and self.constraint is None
+        return p.temperature <= 0 and not p.logit_bias and not p.penalises() and self.constraint is None
 
     def decided_on_device(self, one_rank: bool) -> bool:
         """Its token depends on its logits alone (no grammar, no penalty over its history): the batch's argmax
         where it is plain greedy, else drawn on the device with its own generator where one rank chooses (other
         ranks could not draw the same to feed it to their next step)."""
-        return self.constraint is None and self.params.repeat_penalty == 1.0 and (self.plain_greedy() or one_rank)
+        return self.constraint is None and not self.params.penalises() and (self.plain_greedy() or one_rank)
 
 
 @dataclass

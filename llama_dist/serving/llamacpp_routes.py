@@ -69,7 +69,8 @@ class LlamaCppRoutes(Handlers):
         p = req.params
         return {"n_ctx": self.engine.model.n_ctx, "n_predict": req.max_new_tokens, "seed": req.seed,
                 "temperature": p.temperature, "top_k": p.top_k, "top_p": p.top_p, "min_p": p.min_p,
-                "repeat_penalty": p.repeat_penalty, "repeat_last_n": p.repeat_last_n, "stop": req.stop_words,
+                "repeat_penalty": p.repeat_penalty, "repeat_last_n": p.repeat_last_n,
+                "frequency_penalty": p.frequency_penalty, "presence_penalty": p.presence_penalty, "stop": req.stop_words,
                 "n_probs": req.top_logprobs or 0, "model": self.state.model_name}
 
     def _probabilities(self, logprobs: list[dict]) -> list[dict]:
@@ -115,7 +116,8 @@ class LlamaCppRoutes(Handlers):
             "default_generation_settings": {"n_ctx": engine.model.n_ctx, "n_predict": -1, "params": {
                 "seed": self.state.seed, "temperature": defaults.temperature, "top_k": defaults.top_k, "top_p": defaults.top_p,
                 "min_p": defaults.min_p, "repeat_penalty": defaults.repeat_penalty,
-                "repeat_last_n": defaults.repeat_last_n, "n_predict": -1}},
+                "repeat_last_n": defaults.repeat_last_n, "frequency_penalty": defaults.frequency_penalty,
+                "presence_penalty": defaults.presence_penalty, "n_predict": -1}},
             "total_slots": engine.max_batch, "model_path": self.state.model_path, "model_alias": self.state.model_name,
             "chat_template": default_template(self.tokenizer),
             "bos_token": self.tokenizer.token_text(self.tokenizer.bos_id),
