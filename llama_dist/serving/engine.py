@@ -52,6 +52,13 @@ class QueueFull(Exception):
     pass
 
 
+def check_overlap(overlap: bool | None, pipelined: bool) -> None:
+    """Refuse overlap on a pipeline: its first stage has no logits to choose the next token from."""
+    if overlap and pipelined:
+        raise ValueError("--overlap needs one pipeline stage (--pp 1): a pipeline's first stage has no logits to "
+                         "choose the next token from.")
+
+
 def pool(hidden: torch.Tensor, how: str) -> torch.Tensor:
     """One vector for a sequence's final hidden states [S, dim] (mean, the first token's, or the last's),
     scaled to unit length as OpenAI's and llama.cpp's embeddings are."""
@@ -216,13 +223,11 @@ class Engine:
                  prefill_chunk: int = PREFILL_CHUNK, fold_decode: bool | None = None, overlap: bool | None = None):
         """fold_decode: decode rows join a step's prompt pass (None: where that pass replays a CUDA graph).
         overlap: launch each step before the host reads the tokens the step before chose, where every one of
-        them is an argmax (None: on GPUs, where the host's work then runs while the device computes; one stage
-        only)."""
+        them was decided on the device (None: on GPUs, where the host's work then runs while the device computes;
+        one stage only)."""
         self.llama, self.runner, self.model, self.ctx = llama, llama.runner, llama.model, llama.ctx
         self.fold_decode = fold_decode
-        if overlap and self.runner.stage.pipelined:
-            raise ValueError("overlap needs one pipeline stage: a pipeline's first stage has no logits to choose "
-                             "from.")
+        check_overlap(overlap, self.runner.stage.pipelined)
         self.overlap = overlap if overlap is not None else (self.ctx.device.type == "cuda"
                                                              and not self.runner.stage.pipelined)
         self.inflight: Choices | None = None  # a step's choices the host has not read yet (with overlap)
@@ -401,8 +406,8 @@ class Engine:
 
     def _accept(self, r: Request, logits: torch.Tensor, token: int | None) -> None:
         """Take this request's next token and decide whether it is done. logits: its row, end tokens masked where
-        it ignores them; token: chosen on the device (Engine._choose), or None: chosen here (a grammar's mask, a
-        repeat penalty over its history)."""
+        it ignores them; token: chosen on the device (Engine._choose), or None: chosen here (a grammar's mask,
+        penalties over its history)."""
         if r.max_new_tokens == 0:  # the prompt was only to be read
             return self._done(r, "limit")
         if token is None:

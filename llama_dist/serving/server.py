@@ -14,7 +14,7 @@ from ..distributed.context import init_distributed
 from ..distributed.layout import ParallelConfig
 from ..generation.llama import Llama
 from .api import State, build_app
-from .engine import Engine
+from .engine import Engine, check_overlap
 
 
 def model_name(model: str) -> str:
@@ -74,9 +74,7 @@ def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", p
     comma-separated; alias and tags: comma-separated names (the model's id is the first alias in sorted order,
     as llama.cpp's); cors_origins: "*", "localhost" or origins, comma-separated (serving/cors.py); overlap: the
     engine's (serving/engine.py; None: on GPUs)."""
-    if overlap and parallel.pp > 1:
-        raise ValueError("--overlap needs one pipeline stage (--pp 1): a pipeline's first stage has no logits to "
-                         "choose the next token from.")
+    check_overlap(overlap, parallel.pp > 1)  # before loading
     pctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
     aliases = tuple(sorted({a.strip() for a in (alias or "").split(",") if a.strip()}))
     state = State(aliases[0] if aliases else model_name(load.model), api_key, model_path=resolve_model(load.model),
