@@ -186,6 +186,25 @@ for step in range(1, 4):  # counters keep growing; each step's sums are its own
         assert got.shape == (1, 1, dim) and (got - want).abs().max() < 1e-4 * want.abs().max(), step
     assert all(c.tolist() == [step * world] * 2 for c in counters)
     assert all(p.arrivals.tolist() == [0, 0] for p in ranks)
+# int4 (its inputs split over two programs per block of rows: the last of them finishes the rows and writes the
+# slots), against the same arithmetic with the input in int8 per group of 32
+from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words
+x = torch.randn(1, 1, dim, generator=g)
+attended = [torch.randn(1, 1, 128, generator=g) for _ in range(world)]
+quantized = [int4_quantize(torch.randn(dim, 128, generator=g), 32) for _ in range(world)]
+for peer in ranks:
+    peer.next_step()
+for r, (peer, (q, scales, zeros)) in enumerate(zip(ranks, quantized)):
+    sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    gemv(attended[r], int4_words(q), sz, residual=x if r == 0 else None, into=PeerSum(peer, 0))
+groups = [a.reshape(-1, 32) for a in attended]
+rounded = [(torch.floor(a / (a.abs().amax(-1, keepdim=True) / 127) + 0.5) * a.abs().amax(-1, keepdim=True) / 127)
+           for a in groups]
+want = x + sum(a.reshape(1, 1, -1) @ int4_dequantize(*qsz).t() for a, qsz in zip(rounded, quantized))
+for peer in ranks:
+    got = peer_sum(PeerSum(peer, 0))
+    assert (got - want).abs().max() < 1e-4 * want.abs().max(), (got - want).abs().max()
+assert all(p.arrivals.tolist() == [0, 0] for p in ranks)
 print("ok")
 """
 

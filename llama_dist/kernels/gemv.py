@@ -8,7 +8,9 @@ pipelined loads and sum in fp32. W is dense, int8 (one scale per row), or int4 i
 zero each: 8 weights per 32-bit word, multiplied against x rounded to int8 per group (in the kernel, per tile) with
 dp4a, four products per instruction, each group's scale applied to its integer sum, as llama.cpp's CUDA kernels
 do (float conversions took ~4 instructions per weight: RESULTS.md, "Quantized GPU kernels"). Tile sizes are
-autotuned per shape.
+autotuned per shape; int4's may also share a row's inputs out over several programs (the last adds their parts
+in a fixed order), so that matrices of few rows fill the GPU with tiles tall enough to round x to int8 for many
+rows at once.
 
 int8 is converted in registers without the GPU's int-to-float instruction, which runs at a quarter of the
 others' rate: a small integer v added to the bits of 2^23 + 2^22 is that float plus v, so one integer add and

@@ -9,10 +9,18 @@ import triton.language as tl
 from ..distributed.peer_memory import PeerSlots
 from .gemv import INTERPRETED
 
-_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                               (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))
             for s in (2, 4)]
+# int4: x is rounded to int8 per tile by every program, work as large as a few rows' weights, so tall tiles, and
+# the inputs split over several programs where that leaves too few of them (4096-row matrices)
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+                 for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
+                                       (16, 512, 2, 4), (32, 256, 2, 8), (32, 512, 2, 8), (64, 256, 2, 8),
+                                       (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
+                                       (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8))
+                 for s in (2, 3)]
 
 
 @triton.jit
@@ -148,36 +156,70 @@ def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, row
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, tickets_ptr,
                  slots_ptr, counters_ptr, arrivals_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
                  SCALED: tl.constexpr, INT4: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
                  RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr,
-                 Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED, or when INT4 int4 words [N, K / 8] with
     (scale, zero) per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
     RMS-normalised with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r.
 
     Peer slots (WORLD ranks; peer_memory.py): X_SLOTS: x is site x_site's sum (waited for); R_SLOTS: r is site
     r_site's sum (an earlier kernel of this rank waited for it); Y_SLOTS: y goes to slot `rank` of site y_site on
-    every rank, and the last program to finish signals every rank."""
-    rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    every rank, and the last program to finish signals every rank.
+
+    SPLIT_K > 1: the inputs are shared out over SPLIT_K programs per block of rows (grid axis 1); each writes its
+    partial sums (and sum of squares) to its part of sums [SPLIT_K, N + row blocks] and takes a ticket in tickets
+    [row blocks], and the last of a block adds the parts in order, finishes the rows as above and leaves the
+    tickets zeroed for the next launch."""
+    block = tl.program_id(0)
+    rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
     acc = tl.zeros((BLOCK_N, BLOCK_K // 32 if INT4 else BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    k_next = 0
+    k_step = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_next = tl.program_id(1) * k_step
+    k_end = tl.minimum(k_next + k_step, K)
     if X_SLOTS:  # the first tile of weights streams in while the peers' parts arrive
-        w = _weights(w_ptr, rows, row_ok, 0, K, INT4, BLOCK_K)
+        w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, BLOCK_K)
         _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
-        acc, squares = _accumulate(acc, squares, w, 0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
-                                   SCALED, INT4, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
-        k_next = BLOCK_K
-    for k0 in range(k_next, K, BLOCK_K):
+        acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
+                                   N, K, SCALED, INT4, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
+        k_next += BLOCK_K
+    for k0 in range(k_next, k_end, BLOCK_K):
         w = _weights(w_ptr, rows, row_ok, k0, K, INT4, BLOCK_K)
         acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
                                    SCALED, INT4, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
     y = tl.sum(acc, axis=1)
+    square_sum = tl.sum(squares, axis=0)
+    if SPLIT_K > 1:  # each part to its own place, summed in a fixed order: the same result every run
+        part = sums_ptr + tl.program_id(1) * (N + tl.num_programs(0))
+        tl.store(part + rows, y, mask=row_ok)
+        tl.store(part + N + block, square_sum)
+        tl.debug_barrier()  # every thread's part before the ticket
+        if tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            tl.atomic_xchg(tickets_ptr + block, 0, sem="relaxed")  # for the next launch
+            y = tl.zeros_like(y)
+            square_sum = 0.0
+            for i in tl.static_range(SPLIT_K):  # (read from L2, where the other programs' parts land)
+                part = sums_ptr + i * (N + tl.num_programs(0))
+                y += tl.load(part + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+                square_sum += tl.load(part + N + block, cache_modifier=".cg")
+            _finish(y, square_sum, rows, row_ok, s_ptr, r_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
+                    r_site, y_site, rank, SCALED, NORM, RESIDUAL, WORLD, R_SLOTS, Y_SLOTS)
+    else:
+        _finish(y, square_sum, rows, row_ok, s_ptr, r_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
+                r_site, y_site, rank, SCALED, NORM, RESIDUAL, WORLD, R_SLOTS, Y_SLOTS)
+
+
+@triton.jit
+def _finish(y, square_sum, rows, row_ok, s_ptr, r_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
+            r_site, y_site, rank, SCALED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+            WORLD: tl.constexpr, R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr):
+    """The rows' sums y to outputs: the norm's 1/rms, int8's row scales, the residual, then y or the peer slots."""
     if NORM:
-        y = y * tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
+        y = y * tl.rsqrt(square_sum / K + eps)
     if SCALED:
         y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     if R_SLOTS:
@@ -204,12 +246,29 @@ def _peer_sum_kernel(slots_ptr, counters_ptr, epoch_ptr, y_ptr, site, DIM, WORLD
     tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=cols < DIM)
 
 
-if INTERPRETED:  # the interpreter cannot time configs: one tile
-    _gemv, _FIXED = _gemv_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
+_KEY = ["N", "K", "SCALED", "INT4", "NORM", "GATED", "RESIDUAL"]
+if INTERPRETED:  # the interpreter cannot time configs: one tile (int4's inputs split in two, as on GPUs' 4096 rows)
+    _gemv = _gemv_int4 = _gemv_kernel
+    _FIXED, _INT4_FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 2}
 else:
-    _gemv = triton.autotune(configs=_CONFIGS,
-                            key=["N", "K", "SCALED", "INT4", "NORM", "GATED", "RESIDUAL"])(_gemv_kernel)
-    _FIXED = {}
+    _gemv = triton.autotune(configs=_CONFIGS, key=_KEY)(_gemv_kernel)
+    _gemv_int4 = triton.autotune(configs=_INT4_CONFIGS, key=_KEY)(_gemv_kernel)
+    _FIXED = _INT4_FIXED = {}
+
+_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter's 2 among them)
+_SPLIT_SUMS: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+
+def _split_sums(device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial sums [>= _MAX_SPLIT x 2n] fp32, zeroed tickets [>= n] int32) for split-K launches, which leave the
+    tickets zeroed; one pair per device, as launches on it run one after another. A larger pair is added when
+    needed, the old ones kept: CUDA graphs captured earlier still point at them."""
+    buffers = _SPLIT_SUMS.setdefault(device, [])
+    if not buffers or buffers[-1][1].numel() < n:
+        size = max(n, 1 << 16)
+        buffers.append((torch.empty(_MAX_SPLIT * 2 * size, dtype=torch.float32, device=device),
+                        torch.zeros(size, dtype=torch.int32, device=device)))
+    return buffers[-1]
 
 
 def _shape(w: torch.Tensor) -> tuple[int, int]:
@@ -231,10 +290,13 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     says its format: int8 with per-row scales, int32 int4 words with group scales (both `scaled`), or dense."""
     n, k = _shape(w)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    torch.library.wrap_triton(_gemv)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)](
-        x, w, scales, norm_weight, residual, y, n, k, eps, x, x, x, x, x, 0, 0, 0, 0,
+    sums, tickets = _split_sums(x.device, n)
+    int4 = w.dtype == torch.int32
+    torch.library.wrap_triton(_gemv_int4 if int4 else _gemv)[
+        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+        x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
         **_format(w, scaled), NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
-        Y_SLOTS=False, **_FIXED)
+        Y_SLOTS=False, **(_INT4_FIXED if int4 else _FIXED))
     return y
 
 
@@ -246,14 +308,14 @@ def _tile(w: torch.Tensor, k_in: int, dtype: torch.dtype, scaled: bool, norm: bo
     """The tile the autotuner picks for the plain kernel of this shape. A kernel that writes peers' slots must
     run exactly once per step, so it cannot be timed itself; the plain one is tuned here on scratch data."""
     if INTERPRETED:
-        return dict(_FIXED)
+        return dict(_INT4_FIXED if w.dtype == torch.int32 else _FIXED)
     n, k = _shape(w)
     key = (n, k, w.dtype, dtype, scaled, norm, gated, add)
     if key not in _TILES:
         scratch = torch.zeros(max(n + k_in, 2 * n * k // 32), dtype=dtype, device=w.device)
         scales = scratch[:2 * n * k // 32 if w.dtype == torch.int32 else n]
         gemv_op(scratch[None, :k_in], w, scales, scratch[:k], scratch[None, :n], 1e-5, scaled, norm, gated, add)
-        config = _gemv.best_config
+        config = (_gemv_int4 if w.dtype == torch.int32 else _gemv).best_config
         _TILES[key] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     return _TILES[key]
 
@@ -270,10 +332,12 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
     add = residual is not None or r_site is not None
     tile = _tile(w, 2 * k if gated else k, dtype, scales is not None, norm_weight is not None, gated, add)
     y = torch.empty((1, n), dtype=dtype, device=w.device) if y_site is None else None
-    _gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]),)](
+    sums, tickets = _split_sums(w.device, n)
+    _gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]), tile["SPLIT_K"])](
         stand_in if x is None else x, w, stand_in if scales is None else scales,
         stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,
-        stand_in if y is None else y, n, k, eps, peer.slots, peer.counters, peer.arrivals, peer.peers, peer.epoch,
+        stand_in if y is None else y, n, k, eps, sums, tickets, peer.slots, peer.counters, peer.arrivals, peer.peers,
+        peer.epoch,
         x_site or 0, r_site or 0, y_site or 0, peer.rank,
         **_format(w, scales is not None), NORM=norm_weight is not None, GATED=gated,
         RESIDUAL=residual is not None,
