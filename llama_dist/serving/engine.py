@@ -410,10 +410,12 @@ class Engine:
         penalties over its history)."""
         if r.max_new_tokens == 0:  # the prompt was only to be read
             return self._done(r, "limit")
+        wants_probs = r.top_logprobs is not None
+        history = r.prompt_ids + r.generated if token is None or (wants_probs and r.post_sampling) else None
         if token is None:
             if r.constraint is not None:
                 logits = r.constraint.mask(logits)
-            token = int(sample(logits[None], r.params, r.generator, [r.prompt_ids + r.generated])[0])
+            token = int(sample(logits[None], r.params, r.generator, [history])[0])
         now = time.perf_counter()
         if r.generated:
             self.metrics.inter_token.observe(now - r.t_last)
@@ -423,9 +425,8 @@ class Engine:
         self.metrics.generated_tokens.inc()
         if token in self.llama.tokenizer.stop_ids:
             return self._done(r, "eos")
-        if r.top_logprobs is not None:
-            r.logprobs.append(token_probs(final_probs(logits, r.params, r.prompt_ids + r.generated), token,
-                                          r.top_logprobs)
+        if wants_probs:
+            r.logprobs.append(token_probs(final_probs(logits, r.params, history), token, r.top_logprobs)
                               if r.post_sampling else token_logprobs(logits, token, r.top_logprobs))
         r.generated.append(token)
         r.text += r.stream.push(token)
