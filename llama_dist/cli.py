@@ -23,6 +23,8 @@ OPTIONS = """Shared options (generate, chat, serve, perplexity, bench):
                           steps pay for compilation
   --cuda_graphs False     GPUs without --compile: run the decode step eagerly instead of replaying CUDA graphs
                           captured at load (one per batch bucket; seconds to capture)
+  --batch_invariant       GPUs: kernels whose rows compute the same whatever shares their batch, so a greedy
+                          answer does not depend on what else runs (slower; dense weights)
   --backend auto|nccl|gloo|mpi       collectives between ranks (auto: NCCL on GPUs, else Gloo)
   --device cuda:0|cpu     where this rank runs (default: its GPU, else the CPU)
   --pp N                  pipeline stages (ranks = TP x N); --pp_split 10,20 layers per stage;
@@ -38,12 +40,12 @@ def _prompts(prompt: str | list[str] | tuple[str, ...]) -> list[str]:
     return [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
 
 
-@_with_options
 def _listed(value: Any) -> str | None:
     """A comma-separated flag as one string (Fire reads "a,b" as a tuple)."""
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else None if value is None else str(value)
 
 
+@_with_options
 def generate(prompt: str | list[str] = "I believe the meaning of life is", model: str = "smollm2",
              max_gen_len: int = 64, temperature: float = 0.6, top_p: float = 0.9, n_ctx: int = 512, seed: int = 1,
              **options: Any) -> None:

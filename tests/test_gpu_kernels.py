@@ -245,6 +245,74 @@ def test_packed_attention_kernel_in_the_interpreter():
     run_interpreted(PACKED_SCRIPT)
 
 
+INVARIANT_SCRIPT = """
+import torch
+from llama_dist.checkpoint.config import LoadConfig
+from llama_dist.checkpoint.loader import load_model
+from llama_dist.checkpoint.source import StateDictSource
+from llama_dist.distributed.context import init_distributed
+from llama_dist.kernels import Kernels, install, invariant
+from llama_dist.model.args import ModelArgs
+from llama_dist.model.transformer import Packed
+from llama_dist.quant.weights import Int8Weight
+from tests.helpers import TINY_GQA, random_state_dict
+args = ModelArgs(**TINY_GQA)
+ctx = init_distributed(backend="gloo")
+tokens = torch.tensor([[5, 17, 99, 3, 250], [1, 2, 3, 4, 5], [300, 8, 8, 8, 41]])
+state = random_state_dict(args)
+config = LoadConfig(dtype="float32", quantize="none", n_ctx=16, max_batch_size=3)
+kernels = Kernels("triton", row_kernels=True, batch_invariant=True)
+
+
+def model(kernels=kernels):
+    return install(load_model(StateDictSource(args, state), ctx, config, progress=False), kernels)
+
+
+plain, batched = model(Kernels("sdpa")), model()
+assert type(batched.norm) is invariant.RowKernelRMSNorm
+assert {type(m).__name__ for m in batched.modules() if "Linear" in type(m).__name__} == {
+    "InvariantColumnParallelLinear", "InvariantRowParallelLinear"}
+steps = [batched(tokens[:, i:i + 1], i) for i in range(tokens.shape[1])]  # three rows decoding together
+want = torch.cat([plain(tokens[:, i:i + 1], i) for i in range(tokens.shape[1])], dim=1)
+assert (torch.cat(steps, dim=1) - want).abs().max() < 1e-5 * want.abs().max()
+for j in range(3):  # each row alone, in a model of its own (cache row 0): the very same logits
+    alone = model()
+    for i in range(tokens.shape[1]):
+        assert torch.equal(alone(tokens[j:j + 1, i:i + 1], i), steps[i][j:j + 1]), (j, i)
+# prompts packed side by side against each alone: each run's last logits, bit for bit
+both = model()(tokens.reshape(1, -1), 0, Packed.of((0, 1, 2), (0, 0, 0), (5, 5, 5), "cpu"), last_only=True)
+for j in range(3):
+    alone = model()(tokens[j:j + 1], 0, Packed.of((0,), (0,), (5,), "cpu"), last_only=True)
+    assert torch.equal(alone[0, -1], both[0, j]), j
+# quantized weights sum by batch size in their kernels: refused
+quantized = load_model(StateDictSource(args, state), ctx, config, progress=False)
+quantized.output.set_quantized(Int8Weight.quantize(quantized.output.weight.data, torch.float32))
+try:
+    install(quantized, kernels)
+    raise AssertionError("installed over int8 weights")
+except ValueError as e:
+    assert "dense weights" in str(e)
+# the product alone: rows past a tile, rows anywhere in a tile, against the same rows in any other batch
+g = torch.Generator().manual_seed(0)
+for n, k in ((40, 288), (130, 64), (7, 100)):
+    w = torch.randn(n, k, generator=g)
+    x = torch.randn(70, k, generator=g)  # more rows than a tile
+    full = invariant.linear(x, w)
+    assert full.shape == (70, n)
+    assert (full - x @ w.t()).abs().max() < 1e-5 * (x @ w.t()).abs().max(), (n, k)
+    for rows in (slice(0, 1), slice(3, 4), slice(5, 9), slice(60, 70), slice(1, 66)):
+        assert torch.equal(invariant.linear(x[rows], w), full[rows]), (n, k, rows)
+print("ok")
+"""
+
+
+def test_batch_invariant_kernels_in_the_interpreter():
+    """With the batch-invariant kernels a row's logits are the same bits whether it decodes alone or beside
+    others, and a prompt's whether it is packed alone or with others (plain F.linear fails this on CPUs too),
+    and close to the plain model's; the fixed-tile product of any rows equals the same rows' in any batch."""
+    run_interpreted(INVARIANT_SCRIPT)
+
+
 MODEL_SCRIPT = """
 import torch
 from llama_dist.checkpoint.config import LoadConfig

@@ -33,6 +33,19 @@ def test_cpus_get_the_cpu_attention_and_nothing_from_cuda():
         Kernels("flash")
 
 
+def test_batch_invariance_takes_kernels_that_are_and_refuses_what_is_not(tiny_checkpoints, sp_tokenizer):
+    """CUDA's batch-invariant set has the per-row kernels and none of those that sum by batch size; on CPUs the
+    block kernels of quantized weights are invariant already, dense weights (BLAS) are refused, not run."""
+    Kernels("triton", row_kernels=True, batch_invariant=True)
+    for bad in ({"attention": "sdpa"}, {"gemv": True}, {"quantized": True}, {"symm_mem": True}):
+        with pytest.raises(ValueError, match="batch-invariant kernels"):
+            Kernels(**{"attention": "triton", "row_kernels": True, "batch_invariant": True, **bad})
+    with pytest.raises(ValueError, match="dense weights multiply through BLAS"):
+        Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=32, quantize="none", batch_invariant=True)
+    Llama.build(str(bundled_model_path()), max_seq_len=32, max_batch_size=2, batch_invariant=True)
+    assert choose_kernels(torch.device("cpu"), batch_invariant=True) == choose_kernels(torch.device("cpu"))
+
+
 @pytest.mark.parametrize("kernels", [Kernels("cpu"), Kernels("cpp", gemv=True)])
 def test_cpu_kernels_compute_what_the_plain_model_computes(kernels):
     """Installed once: every block's attention takes the fp32 decode path (with "cpp", decode steps attend in one

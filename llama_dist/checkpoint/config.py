@@ -20,7 +20,9 @@ class LoadConfig:
     longest contexts would fit, sharing the cache out in blocks as they grow);
     compile: the one-token decode step compiled (CUDA graphs on GPUs); cuda_graphs: without compile, the decode
     step on GPUs replays CUDA graphs captured at load, one per batch bucket, and so does a server's packed prompt
-    pass, one per token bucket, where its kernels allow (runner/graphs.py)."""
+    pass, one per token bucket, where its kernels allow (runner/graphs.py); batch_invariant: on GPUs, kernels
+    whose every row computes the same whatever shares its batch, so a greedy answer does not depend on what else
+    runs (kernels/invariant.py; slower, dense weights only; CPUs' kernels already are)."""
 
     model: str = "smollm2"
     tokenizer: str | None = None
@@ -32,6 +34,7 @@ class LoadConfig:
     kv_tokens: int | None = None
     compile: bool = False
     cuda_graphs: bool = True
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:

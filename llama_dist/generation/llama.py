@@ -21,7 +21,7 @@ from ..distributed.context import ParallelContext, init_distributed
 from ..distributed.env import detect_launch
 from ..distributed.fingerprint import check_same_on_all_ranks, checkpoint_fingerprint, code_fingerprint
 from ..distributed.layout import ParallelConfig, check_layout, split_layers
-from ..kernels import Kernels, choose_kernels, install
+from ..kernels import Kernels, choose_kernels, install, invariant
 from ..runner import Runner, pipeline_stage, row_groups
 from ..tokenizer import Tokenizer, open_tokenizer
 from ..tokenizer.chat import Dialog, encode_dialog
@@ -52,7 +52,9 @@ def load_runner(source: CheckpointSource, ctx: ParallelContext, load: LoadConfig
     kernels.choose_kernels) and wrapped in the runner that moves it."""
     stage = pipeline_stage(ctx, source.args.n_layers, parallel)
     model = load_model(source, ctx, load, stage.layers, progress=progress)
-    kernels = kernels or choose_kernels(ctx.device)
+    kernels = kernels or choose_kernels(ctx.device, batch_invariant=load.batch_invariant)
+    if load.batch_invariant and not kernels.batch_invariant:
+        invariant.check_cpu_model(model, ctx.device)
     install(model, kernels)
     return Runner(model, stage, load.compile, fast_all_reduce=kernels.symm_mem, cuda_graphs=load.cuda_graphs)
 

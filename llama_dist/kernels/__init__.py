@@ -21,6 +21,9 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
 - symm_mem: tensor-parallel ranks decoding one row through the one-row kernels sum their partial products in
   those kernels, through peer slots in symmetric memory (PeerReducedTransformer), not by all-reduces between
   them; compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the communicator).
+- batch_invariant: on CUDA, a row's results the same whatever shares its batch (invariant.py): dense products
+  through one fixed-tile matmul, norms through the row kernel, no one-row kernel; a server then does not fold
+  decode rows into prompt passes. On CPUs the default kernels already are; the choice changes nothing there.
 - quantized: int8 and int4 weights multiply through our Triton kernels (quant_matmul.py: one row; int8's few
   rows on tensor cores, converting the weights in registers; a prompt's rows through the matrix dequantized by
   one kernel, then cuBLAS) instead of a converted copy made by several PyTorch operations or PyTorch's int4
@@ -37,7 +40,9 @@ from ..distributed.settings import Settings, read_settings
 from ..model.transformer import Transformer
 from ..parallel.layers import ShardedWeight
 from ..quant.weights import Int4Weight, Int8Weight
-from . import decode_attention, gemv, packed_attention, quant_matmul, rows
+from ..model.transformer import RMSNorm
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
+from . import decode_attention, gemv, invariant, packed_attention, quant_matmul, rows
 from .fused import (CppDecodeTransformer, CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear,
                     PeerReducedTransformer, TritonPromptAttention)
 
@@ -51,15 +56,25 @@ class Kernels:
     symm_mem: bool = False
     row_kernels: bool = False
     quantized: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self):
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(f"attention kernels {self.attention!r}: choose one of {', '.join(ATTENTION_CHOICES)}.")
+        if self.batch_invariant and (self.attention != "triton" or self.gemv or self.symm_mem
+                                     or not self.row_kernels or self.quantized):
+            raise ValueError("batch-invariant kernels: the Triton attention and row kernels, and neither the "
+                             "one-row nor the quantized kernels nor peer slots.")
 
 
-def choose_kernels(device: torch.device, settings: Settings | None = None) -> Kernels:
-    """The fastest kernels this device and this installation have, less what the settings switch off."""
+def choose_kernels(device: torch.device, settings: Settings | None = None, batch_invariant: bool = False) -> Kernels:
+    """The fastest kernels this device and this installation have, less what the settings switch off;
+    batch_invariant: on CUDA, those whose rows do not depend on their batch (invariant.py)."""
     settings = settings or read_settings()
+    if device.type == "cuda" and batch_invariant:
+        if not (decode_attention.load() and invariant.load()):
+            raise RuntimeError("Batch-invariant kernels need Triton (and a GPU of compute capability 8.0+).")
+        return Kernels("triton", row_kernels=True, batch_invariant=True)
     if device.type == "cuda":
         triton_attention = settings.attention and decode_attention.load()
         use_gemv = settings.gemv and gemv.load()
@@ -79,12 +94,17 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
     if (kernels.attention == "cpp" or (kernels.gemv and on_cpu)) and not csrc.available():
         raise RuntimeError("The C++ CPU kernels could not be built (they need a C++ compiler and ninja).")
     if ((kernels.gemv and not on_cpu and not gemv.load()) or (kernels.row_kernels and not rows.load())
-            or (kernels.quantized and not quant_matmul.load())):
+            or (kernels.quantized and not quant_matmul.load()) or (kernels.batch_invariant and not invariant.load())):
         raise RuntimeError("The Triton matmul and row kernels need Triton.")
+    if kernels.batch_invariant and any(getattr(m, "qweight", None) is not None for m in model.modules()):
+        raise ValueError("Batch-invariant products are for dense weights: load with --quantize none.")
     if model.device.type == "cuda" and hasattr(torch.backends.cuda, "enable_cudnn_sdp"):
         torch.backends.cuda.enable_cudnn_sdp(False)
     for block in model.layers.values():
         head_dim = block.attention.head_dim
+        if kernels.batch_invariant and not decode_attention.supports(head_dim):
+            raise ValueError(f"Batch-invariant decoding needs the decode-attention kernel, which does not take "
+                             f"heads of {head_dim}.")
         if kernels.attention in ("cpu", "cpp"):
             _specialise(block.attention, CpuDecodeAttention)
         elif kernels.row_kernels and packed_attention.load() and decode_attention.supports(head_dim):
@@ -95,6 +115,14 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
             _specialise(block, FusedTransformerBlock).configure(kernels.gemv, attention_kernel, kernels.row_kernels)
     if kernels.gemv and model.is_last:
         _specialise(model.output, OneRowColumnParallelLinear)
+    if kernels.batch_invariant:
+        for layer in model.modules():
+            if type(layer) is ColumnParallelLinear:
+                _specialise(layer, invariant.InvariantColumnParallelLinear)
+            elif type(layer) is RowParallelLinear:
+                _specialise(layer, invariant.InvariantRowParallelLinear)
+        if model.is_last and type(model.norm) is RMSNorm:
+            _specialise(model.norm, invariant.RowKernelRMSNorm)
     if on_cpu and CppDecodeTransformer.runs(model):
         _specialise(model, CppDecodeTransformer).configure()
     if kernels.quantized:

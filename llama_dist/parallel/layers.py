@@ -23,6 +23,7 @@ class ShardedWeight(nn.Module):
     that computes the same product, x W^T, from its packed form."""
 
     weight: nn.Parameter | None
+    dense_product = staticmethod(F.linear)  # x W^T of a dense shard (kernels/invariant.py gives another)
 
     def __init__(self):
         super().__init__()
@@ -34,7 +35,7 @@ class ShardedWeight(nn.Module):
 
     def local_linear(self, x: torch.Tensor) -> torch.Tensor:
         """x times this rank's shard: x W^T, before any communication."""
-        return self.qweight(x) if self.qweight is not None else F.linear(x, self.weight)
+        return self.qweight(x) if self.qweight is not None else self.dense_product(x, self.weight)
 
     def local_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight.rows(ids) if self.qweight is not None else F.embedding(ids, self.weight)
