@@ -331,9 +331,11 @@ def test_api_key_and_two_ranks(pp, tiny_checkpoints, sp_tokenizer):
             return s.post("/completion", {"prompt": prompt, "n_predict": n, "temperature": 0},
                           headers=auth).json()["tokens"]
 
-        alone = [greedy(p, 6 + i) for i, p in enumerate(PROMPTS[:8])]
+        # answers long enough (2-3 blocks each, 8 blocks in all) that the 8 overlap and some are preempted however
+        # the requests' arrivals spread
+        alone = [greedy(p, 20 + i) for i, p in enumerate(PROMPTS[:8])]
         with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            together = list(pool.map(lambda a: greedy(*a), [(p, 6 + i) for i, p in enumerate(PROMPTS[:8])]))
+            together = list(pool.map(lambda a: greedy(*a), [(p, 20 + i) for i, p in enumerate(PROMPTS[:8])]))
         assert together == alone and all(len(t) > 0 for t in alone)
         metrics = httpx.get(f"{s.url}/metrics", headers=auth).text
         assert float(re.search(r"^llamadist_requests_preempted_total (\S+)$", metrics, re.M)[1]) > 0
