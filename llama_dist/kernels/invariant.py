@@ -6,11 +6,13 @@ last bits with its batch, and greedy choices at near-ties follow. A server's ans
 was running. Installed as a transform (kernels.install, with Kernels.batch_invariant), this model's products
 take one Triton matmul with one fixed tile for every shape (invariant_triton.py), its norms the row kernel
 (rows.py), its decode attention the per-row kernel (decode_attention.py); the one-row kernel is not used, and a
-server does not fold decode rows into prompt passes (serving/engine.py), whose attention is another kernel. Costs:
-the fixed tile is slower than cuBLAS's choice, most for prompts, and batch 1 loses the one-row kernel
-(benchmarks/RESULTS.md). Dense weights only. On CPUs the block kernels of quantized weights already sum each row
-alone (tests/test_server.py), but dense weights multiply through BLAS, whose sums depend on the batch: there the
-mode only checks that no weight is dense.
+server does not fold decode rows into prompt passes (serving/engine.py), whose attention is another kernel.
+Costs, not yet measured: the fixed tile is slower than cuBLAS's choice, most for prompts, and batch 1 loses the
+one-row kernel. Dense weights only. Across tensor-parallel ranks the all-reduces' sums hold for two ranks (a + b
+in either order); with more, NCCL's algorithm, which it picks by message size, orders them.
+
+On CPUs the block kernels of quantized weights already sum each row alone (tests/test_server.py), but dense
+weights multiply through BLAS, whose sums depend on the batch: there the mode only checks that no weight is dense.
 """
 from __future__ import annotations
 
