@@ -260,7 +260,7 @@ args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
 tokens = torch.tensor([[5, 17, 99, 3, 250], [1, 2, 3, 4, 5], [300, 8, 8, 8, 41]])
 state = random_state_dict(args)
-config = LoadConfig(dtype="float32", quantize="none", n_ctx=16, max_batch_size=3)
+config = LoadConfig(dtype="float32", quantize="none", n_ctx=32, max_batch_size=3)
 kernels = Kernels("triton", row_kernels=True, batch_invariant=True)
 
 
@@ -284,6 +284,13 @@ both = model()(tokens.reshape(1, -1), 0, Packed.of((0, 1, 2), (0, 0, 0), (5, 5, 
 for j in range(3):
     alone = model()(tokens[j:j + 1], 0, Packed.of((0,), (0,), (5,), "cpu"), last_only=True)
     assert torch.equal(alone[0, -1], both[0, j]), j
+# a prompt read in one pass, or its first block's 16 tokens first (a prefix from the cache) and the rest after:
+# the same last logits, so GPUs may reuse cached prefixes block by block (serving/kv_blocks.py)
+prompt = torch.randint(0, args.vocab_size, (1, 21), generator=torch.Generator().manual_seed(1))
+whole = model()(prompt, 0, Packed.of((0,), (0,), (21,), "cpu"), last_only=True)
+parts = model()
+parts(prompt[:, :16], 0, Packed.of((0,), (0,), (16,), "cpu"), last_only=True)
+assert torch.equal(parts(prompt[:, 16:], 0, Packed.of((0,), (16,), (5,), "cpu"), last_only=True), whole)
 # quantized weights sum by batch size in their kernels: refused
 quantized = load_model(StateDictSource(args, state), ctx, config, progress=False)
 quantized.output.set_quantized(Int8Weight.quantize(quantized.output.weight.data, torch.float32))
@@ -308,8 +315,9 @@ print("ok")
 
 def test_batch_invariant_kernels_in_the_interpreter():
     """With the batch-invariant kernels a row's logits are the same bits whether it decodes alone or beside
-    others, and a prompt's whether it is packed alone or with others (plain F.linear fails this on CPUs too),
-    and close to the plain model's; the fixed-tile product of any rows equals the same rows' in any batch."""
+    others, and a prompt's whether it is packed alone or with others (plain F.linear fails this on CPUs too) or
+    read in two passes, and close to the plain model's; the fixed-tile product of any rows equals the same rows'
+    in any batch."""
     run_interpreted(INVARIANT_SCRIPT)
 
 

@@ -62,6 +62,23 @@ def test_reuse_is_in_whole_chunks_of_whole_blocks():
     assert kv.place(1, prompt[:7] + [99]) == 4  # 7 tokens match: one whole block
 
 
+def test_by_block_any_prompt_pass_is_reused_block_by_block_but_never_decode_steps():
+    kv = KVBlocks(n_blocks=16, block=4, n_rows=3, chunk=8, by_block=True)
+    prompt = list(range(1, 15))  # 14 tokens: chunks [0, 8) and [8, 14), the second cut short by the end
+    kv.place(0, prompt)
+    read_prompt(kv, 0, prompt, 0)
+    assert kv.grow(0, 16)
+    kv.wrote(0, 14, [15])  # decode steps fill the fourth block
+    kv.wrote(0, 15, [16])
+    assert kv.place(1, prompt[:13] + [99]) == 12  # three blocks, the third from the cut chunk; not a chunk's 8
+    assert kv.tables[1][:3] == kv.tables[0][:3]
+    assert kv.place(2, prompt + [15, 16, 17]) == 12  # not the block the decode steps completed
+    kv = KVBlocks(n_blocks=16, block=4, n_rows=2, chunk=8)  # the same without by_block: whole chunks only
+    kv.place(0, prompt)
+    read_prompt(kv, 0, prompt, 0)
+    assert kv.place(1, prompt[:13] + [99]) == 8
+
+
 def test_freed_prefixes_stay_until_their_blocks_are_needed_least_recently_freed_first():
     kv = KVBlocks(n_blocks=4, block=2, n_rows=2, chunk=2)
     a, b = [1, 2, 3], [7, 8, 9]

@@ -239,7 +239,9 @@ class Engine:
         self.next_up: collections.deque[Request] = collections.deque()  # before the queue: preempted, or waiting
         # for blocks
         self.running: dict[int, Request] = {}  # by slot, in the order they were admitted
-        self.kv = KVBlocks(self.model.n_blocks, KV_BLOCK, self.max_batch, prefill_chunk)
+        # GPUs reuse cached prefixes block by block (kv_blocks.py says why that loses no exactness there)
+        self.kv = KVBlocks(self.model.n_blocks, KV_BLOCK, self.max_batch, prefill_chunk,
+                           by_block=self.ctx.device.type == "cuda")
         self.stopping = threading.Event()
         self.end_tokens = torch.zeros(self.model.args.vocab_size, dtype=torch.bool, device=self.ctx.device)
         self.end_tokens[torch.tensor(sorted(llama.tokenizer.stop_ids), device=self.ctx.device)] = True

@@ -15,7 +15,11 @@ Reuse is exact: prompts are read in chunks whose bounds are fixed positions (mul
 blocks written by whole chunks read that way are registered, and reused in whole chunks, so a reused prefix
 holds the very numbers reading the prompt would have produced. (A token's keys and values from a decode step,
 or from a chunk cut short by the prompt's end, come from other arithmetic; reusing them could change a greedy
-answer.)
+answer.) With `by_block`, for GPUs, blocks of any prompt pass are registered and reused block by block: a
+prompt then reads only what follows its last shared block (16 tokens, not up to a chunk). There a token's keys
+and values do not depend on the pass that read it where a row's arithmetic does not depend on its batch
+(kernels/invariant.py), and nothing is exact otherwise: cuBLAS already sums a chunk by the pass's size. Blocks
+that decode steps wrote are never registered (another attention kernel computed them).
 """
 from __future__ import annotations
 
@@ -24,16 +28,17 @@ from collections import OrderedDict
 
 
 class KVBlocks:
-    def __init__(self, n_blocks: int, block: int, n_rows: int, chunk: int):
-        self.block, self.chunk, self.n_blocks = block, chunk, n_blocks
-        self.reuse_unit = math.lcm(block, chunk)  # prefixes are reused in whole blocks of whole chunks
+    def __init__(self, n_blocks: int, block: int, n_rows: int, chunk: int, by_block: bool = False):
+        self.block, self.chunk, self.n_blocks, self.by_block = block, chunk, n_blocks, by_block
+        # prefixes are reused in whole blocks of whole chunks, or by_block in whole blocks
+        self.reuse_unit = block if by_block else math.lcm(block, chunk)
         self.refs = [0] * n_blocks
         # free blocks, taken from the front: unregistered ones first, then registered ones least recently freed
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(n_blocks))
         self.registered: dict[int, int] = {}  # key -> block
         self.content: dict[int, tuple[int, int, tuple[int, ...]]] = {}  # registered block -> (key, parent, tokens)
         self.tables: list[list[int]] = [[] for _ in range(n_rows)]
-        self.exact = [0] * n_rows  # leading positions written by whole aligned prompt chunks
+        self.exact = [0] * n_rows  # leading positions written by whole aligned prompt chunks (by_block: by prompts)
         self.tokens: list[list[int]] = [[] for _ in range(n_rows)]  # each row's tokens at those positions
         self.keys: list[list[int]] = [[] for _ in range(n_rows)]  # keys of the row's leading reusable blocks
         self.changes: list[tuple[int, int, int]] = []  # (row, index in its table, block) since take_changes
@@ -93,17 +98,18 @@ class KVBlocks:
 
     def wrote(self, row: int, start: int, tokens: list[int], prompt_chunk: bool = False) -> None:
         """A step writes these tokens' keys and values at start.. in this row; prompt_chunk: as a chunk of a
-        prompt (or of a context read again), whose bounds chunk_end gave. Blocks that whole aligned chunks have
-        now filled are registered."""
+        prompt (or of a context read again), whose bounds chunk_end gave. Blocks that whole aligned chunks (or
+        by_block, prompt chunks) have now filled are registered."""
         assert self.blocks_for(start + len(tokens)) <= len(self.tables[row]), (row, start)
         if start < self.exact[row]:
             self.exact[row] = start
             del self.tokens[row][start:], self.keys[row][start // self.block:]
-        if not (prompt_chunk and start == self.exact[row] and start % self.chunk == 0 and len(tokens) == self.chunk):
+        whole = start % self.chunk == 0 and len(tokens) == self.chunk
+        if not (prompt_chunk and start == self.exact[row] and (whole or self.by_block)):
             return
         held, keys = self.tokens[row], self.keys[row]
         held.extend(tokens)
-        self.exact[row] += self.chunk
+        self.exact[row] += len(tokens)
         while (len(keys) + 1) * self.block <= self.exact[row]:
             i = len(keys)
             parent, block = keys[-1] if keys else 0, self.tables[row][i]
