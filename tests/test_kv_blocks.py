@@ -163,3 +163,20 @@ def test_shared_prompt_prefixes_are_read_once_and_answer_as_read_whole(tiny_chec
     assert first == whole[:1] and events[0]["timings"]["cache_n"] == 32  # (the first call's blocks are kept)
     shared, events = engine_answers(engine, prompts, [8] * 4)
     assert shared == whole and [e["timings"]["cache_n"] for e in events] == [32] * 4
+
+
+def test_an_engine_reusing_by_block_takes_blocks_of_a_prompt_its_chunk_cut_short(tiny_checkpoints, sp_tokenizer):
+    """As GPUs run it: 42-token prompts read in one chunk of 64, cut short by their end; a later prompt sharing
+    the first 40 tokens takes the two whole blocks they filled (whole chunks only: none). CPUs' prompt attention
+    depends on the pass, so the answers are not compared here (tests/test_gpu_kernels.py shows they agree with
+    the batch-invariant kernels)."""
+    system = [(7 * i) % 300 + 3 for i in range(40)]
+    prompts = [system + [5 + i, 9 + i] for i in range(3)]
+    llama = Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=64, max_batch_size=3)
+    for by_block, cached in ((False, 0), (True, 32)):
+        engine = Engine(llama, prefill_chunk=64)
+        engine.kv = KVBlocks(engine.kv.n_blocks, engine.kv.block, engine.max_batch, 64, by_block=by_block)
+        engine_answers(engine, prompts[:1], [4])
+        answers, events = engine_answers(engine, prompts[1:], [4] * 2)
+        assert [e["timings"]["cache_n"] for e in events] == [cached] * 2 and all(answers)
+
