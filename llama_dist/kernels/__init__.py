@@ -23,7 +23,8 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
   them; compiled CUDA graphs all-reduce through a symmetric-memory one-shot (the runner asks the communicator).
 - batch_invariant: on CUDA, a row's results the same whatever shares its batch (invariant.py): dense products
   through one fixed-tile matmul, norms through the row kernel, no one-row kernel; a server then does not fold
-  decode rows into prompt passes. On CPUs the default kernels already are; the choice changes nothing there.
+  decode rows into prompt passes. On CPUs the block kernels of quantized weights already are; dense weights are
+  refused there (generation/llama.py's load_runner asks invariant.check_cpu_model).
 - quantized: int8 and int4 weights multiply through our Triton kernels (quant_matmul.py: one row; int8's few
   rows on tensor cores, converting the weights in registers; a prompt's rows through the matrix dequantized by
   one kernel, then cuBLAS) instead of a converted copy made by several PyTorch operations or PyTorch's int4
@@ -37,11 +38,9 @@ import torch
 
 from .. import csrc
 from ..distributed.settings import Settings, read_settings
-from ..model.transformer import Transformer
-from ..parallel.layers import ShardedWeight
+from ..model.transformer import RMSNorm, Transformer
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
 from ..quant.weights import Int4Weight, Int8Weight
-from ..model.transformer import RMSNorm
-from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from . import decode_attention, gemv, invariant, packed_attention, quant_matmul, rows
 from .fused import (CppDecodeTransformer, CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear,
                     PeerReducedTransformer, TritonPromptAttention)
