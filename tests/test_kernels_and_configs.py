@@ -13,6 +13,7 @@ from llama_dist.kernels import choose_kernels, install
 from llama_dist.kernels.fused import CpuDecodeAttention
 from llama_dist.model.args import ModelArgs
 from llama_dist.model.transformer import Attention
+from llama_dist.serving.engine import Engine
 
 from .helpers import TINY_GQA, random_state_dict
 
@@ -42,8 +43,11 @@ def test_batch_invariance_takes_kernels_that_are_and_refuses_what_is_not(tiny_ch
             Kernels(**{"attention": "triton", "row_kernels": True, "batch_invariant": True, **bad})
     with pytest.raises(ValueError, match="dense weights multiply through BLAS"):
         Llama.build(tiny_checkpoints["mp1"], sp_tokenizer, max_seq_len=32, quantize="none", batch_invariant=True)
-    Llama.build(str(bundled_model_path()), max_seq_len=32, max_batch_size=2, batch_invariant=True)
+    llama = Llama.build(str(bundled_model_path()), max_seq_len=32, max_batch_size=2, batch_invariant=True)
     assert choose_kernels(torch.device("cpu"), batch_invariant=True) == choose_kernels(torch.device("cpu"))
+    assert not llama.runner.batch_invariant  # (no kernels changed)
+    llama.runner.batch_invariant = True  # as where the CUDA kernels are installed: no decode rows in prompt passes
+    assert Engine(llama, fold_decode=True).fold_decode is False
 
 
 @pytest.mark.parametrize("kernels", [Kernels("cpu"), Kernels("cpp", gemv=True)])

@@ -22,7 +22,8 @@ class LoadConfig:
     step on GPUs replays CUDA graphs captured at load, one per batch bucket, and so does a server's packed prompt
     pass, one per token bucket, where its kernels allow (runner/graphs.py); batch_invariant: on GPUs, kernels
     whose every row computes the same whatever shares its batch, so a greedy answer does not depend on what else
-    runs (kernels/invariant.py; slower, dense weights only; CPUs' kernels already are)."""
+    runs (kernels/invariant.py; slower, dense weights only; on CPUs quantized weights' block kernels already
+    are, and dense weights are refused)."""
 
     model: str = "smollm2"
     tokenizer: str | None = None

@@ -56,7 +56,8 @@ def load_runner(source: CheckpointSource, ctx: ParallelContext, load: LoadConfig
     if load.batch_invariant and not kernels.batch_invariant:
         invariant.check_cpu_model(model, ctx.device)
     install(model, kernels)
-    return Runner(model, stage, load.compile, fast_all_reduce=kernels.symm_mem, cuda_graphs=load.cuda_graphs)
+    return Runner(model, stage, load.compile, fast_all_reduce=kernels.symm_mem, cuda_graphs=load.cuda_graphs,
+                  batch_invariant=kernels.batch_invariant)
 
 
 @dataclass

@@ -23,11 +23,13 @@ StepDone = Callable[[int, int, "torch.Tensor | None"], bool]
 
 class Runner:
     def __init__(self, model: Transformer, stage: PipelineStage, compile: bool = False,
-                 fast_all_reduce: bool = False, cuda_graphs: bool = False):
+                 fast_all_reduce: bool = False, cuda_graphs: bool = False, batch_invariant: bool = False):
         """compile: the one-token step compiled (CUDA graphs on GPUs); fast_all_reduce: its all-reduces by
         the communicator's faster route where it has one; cuda_graphs: on GPUs without compile, the step (and,
-        where the kernels allow, the packed prompt pass) replayed from CUDA graphs captured now."""
-        self.model, self.stage = model, stage
+        where the kernels allow, the packed prompt pass) replayed from CUDA graphs captured now; batch_invariant:
+        the model has kernels whose rows do not depend on their batch (kernels/invariant.py), which its callers
+        keep by not mixing decode rows into prompt passes."""
+        self.model, self.stage, self.batch_invariant = model, stage, batch_invariant
         graphed = cuda_graphs and not compile and model.device.type == "cuda"
         record = cuda_graph_recorder() if graphed else None  # one memory pool: the graphs never run at once
         self.step: Step = GraphedStep(model, record) if graphed else make_step(model, compile, fast_all_reduce)

@@ -221,12 +221,13 @@ class Choices:
 class Engine:
     def __init__(self, llama: Llama, max_batch: int | None = None, max_queue: int = 64,
                  prefill_chunk: int = PREFILL_CHUNK, fold_decode: bool | None = None, overlap: bool | None = None):
-        """fold_decode: decode rows join a step's prompt pass (None: where that pass replays a CUDA graph).
+        """fold_decode: decode rows join a step's prompt pass (None: where that pass replays a CUDA graph; never
+        with batch-invariant kernels, as a decode row there would take the prompts' attention kernel).
         overlap: launch each step before the host reads the tokens the step before chose, where every one of
         them was decided on the device (None: on GPUs, where the host's work then runs while the device computes;
         one stage only)."""
         self.llama, self.runner, self.model, self.ctx = llama, llama.runner, llama.model, llama.ctx
-        self.fold_decode = fold_decode
+        self.fold_decode = False if self.runner.batch_invariant else fold_decode
         check_overlap(overlap, self.runner.stage.pipelined)
         self.overlap = overlap if overlap is not None else (self.ctx.device.type == "cuda"
                                                              and not self.runner.stage.pipelined)

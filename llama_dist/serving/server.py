@@ -86,8 +86,7 @@ def serve(load: LoadConfig, parallel: ParallelConfig, host: str = "127.0.0.1", p
     if pctx.is_driver:  # answer /health with 503 while the model loads
         http, thread = start_http(state, host, port)
     llama = Llama.from_config(load, parallel, ctx=pctx)
-    engine = Engine(llama, load.max_batch_size, max_queue, prefill_chunk, overlap=overlap,
-                    fold_decode=False if load.batch_invariant else None)  # (folded rows take prompt attention)
+    engine = Engine(llama, load.max_batch_size, max_queue, prefill_chunk, overlap=overlap)
 
     def stop(signum, frame):  # SIGTERM/SIGINT: cancel in-flight work, then every rank leaves the loop
         engine.stopping.set()
