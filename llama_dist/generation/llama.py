@@ -54,7 +54,7 @@ def load_runner(source: CheckpointSource, ctx: ParallelContext, load: LoadConfig
     model = load_model(source, ctx, load, stage.layers, progress=progress)
     kernels = kernels or choose_kernels(ctx.device, batch_invariant=load.batch_invariant)
     if load.batch_invariant and not kernels.batch_invariant:
-        invariant.check_cpu_model(model, ctx.device)
+        invariant.check_without_kernels(model, ctx.device)
     install(model, kernels)
     return Runner(model, stage, load.compile, fast_all_reduce=kernels.symm_mem, cuda_graphs=load.cuda_graphs,
                   batch_invariant=kernels.batch_invariant)

@@ -24,7 +24,7 @@ faster kernels. What to install is a Kernels value, chosen once per run; nothing
 - batch_invariant: on CUDA, a row's results the same whatever shares its batch (invariant.py): dense products
   through one fixed-tile matmul, norms through the row kernel, no one-row kernel; a server then does not fold
   decode rows into prompt passes. On CPUs the block kernels of quantized weights already are; dense weights are
-  refused there (generation/llama.py's load_runner asks invariant.check_cpu_model).
+  refused there (generation/llama.py's load_runner asks invariant.check_without_kernels).
 - quantized: int8 and int4 weights multiply through our Triton kernels (quant_matmul.py: one row; int8's few
   rows on tensor cores, converting the weights in registers; a prompt's rows through the matrix dequantized by
   one kernel, then cuBLAS) instead of a converted copy made by several PyTorch operations or PyTorch's int4

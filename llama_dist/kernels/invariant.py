@@ -35,8 +35,11 @@ def load() -> bool:
     return rows.load()
 
 
-def check_cpu_model(model: torch.nn.Module, device: torch.device) -> None:
-    """Where the CUDA kernels do not run: refuse what cannot be batch-invariant."""
+def check_without_kernels(model: torch.nn.Module, device: torch.device) -> None:
+    """Batch invariance asked of a model not given these kernels: refuse what cannot be batch-invariant."""
+    if device.type == "cuda":
+        raise ValueError("Batch invariance on CUDA needs the batch-invariant kernels (Kernels(batch_invariant=True)), "
+                         "and other kernels were given.")
     if device.type != "cpu":
         raise ValueError(f"Batch-invariant kernels exist for CUDA and CPUs, not {device.type}.")
     if any(isinstance(m, (ColumnParallelLinear, RowParallelLinear)) and m.qweight is None for m in model.modules()):
