@@ -202,13 +202,16 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
         n_ctx: int = 1024, levels: tuple[int, ...] = (1, 8, 32, 128), tokens: int = 64, words: int = 40,
         bench_batches: tuple[int, ...] = (1, 32), extra: str = "", switch_interval: float | None = None,
         tp: int = 1, waves: int = 2, checks: bool = True, temperature: float = 0.0, client_procs: int = 4) -> dict:
-    """extra: more `serve` flags (e.g. "--cuda_graphs False" for the eager step); switch_interval: the server
+    """extra: more `serve` flags, given with `=` (`--extra="--cuda_graphs False"`: fire reads a separate value
+    that starts with `--` as a flag of its own); switch_interval: the server
     process's sys.setswitchinterval (how long a thread holds the GIL while another waits; Python's is 5 ms);
     tp: tensor-parallel ranks, started by torchrun (bench's figures are then left out: they are one GPU's);
     waves: each level sends this many times its concurrency of requests; checks: the shared prefix, long prompts
     and nothing-lost runs after the levels (False: the levels alone, for an A/B); temperature: the levels'
     sampling (llama.cpp's other defaults: top-k 40, top-p 0.95, min-p 0.05; 0 is greedy); client_procs: the
     processes the levels' clients are shared out over (each level's concurrency split between at most that many)."""
+    if not isinstance(extra, str):
+        raise SystemExit(f'--extra is a string of serve flags, given with "=" (--extra="--flag value"); got {extra!r}')
     path = Path(checkpoint)
     result: dict = {"checkpoint": checkpoint, "max_batch": max_batch, "n_ctx": n_ctx, "extra": extra,
                     "switch_interval": switch_interval, "tp": tp, "temperature": temperature,
