@@ -1,0 +1,79 @@
+"""Our one-row decode kernel (llama_dist/kernels/gemv_triton.py) compiled for a GPU on any machine, GPU or not,
+and what its main loop costs per weight: instructions and the widths of its global loads.
+
+    python benchmarks/kernel_ptx.py --format int4 --block_n 64 --block_k 256 --split_k 8 --warps 8 [--norm]
+
+Triton compiles for a named target without a device (its wheel carries ptxas), so a tile's code can be read where
+no GPU is lent: a load that is 8 bytes wide where 16 would do, or a layout that sends every group's sum through
+shuffles, shows here before a device call measures it. Counts are of PTX (before ptxas's own optimisation), per
+thread, for the loop that streams the weights; the argument attributes are those Triton's launcher gives
+16-byte-aligned tensors and dimensions that are multiples of 16.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from llama_dist.kernels import gemv_triton  # noqa: E402
+
+WEIGHT = {"bf16": "*bf16", "int8": "*i8", "int4": "*i32"}
+POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16",
+            "sums_ptr": "*fp32", "tickets_ptr": "*i32", "slots_ptr": "*bf16", "counters_ptr": "*i32",
+            "arrivals_ptr": "*i32", "peers_ptr": "*i64", "epoch_ptr": "*i32"}
+
+
+def loop_body(ptx: str) -> list[str]:
+    """The longest run of instructions between a label and a branch back to it: the weights' loop."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+    best: list[str] = []
+    for i, line in enumerate(lines):
+        back = re.match(r"^(?:@%p\d+\s+)?bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
+        if back and labels.get(back.group(1), i) < i and i - labels[back.group(1)] > len(best):
+            best = lines[labels[back.group(1)]:i]
+    return [line for line in best if line and not line.startswith(("$", "//", "{", "}", ".loc"))]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--format", choices=sorted(WEIGHT), default="int4")
+    p.add_argument("--block_n", type=int, default=64)
+    p.add_argument("--block_k", type=int, default=256)
+    p.add_argument("--split_k", type=int, default=1)
+    p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--norm", action="store_true", help="the RMSNorm folded in (the fused q/k/v and w1/w3 products)")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
+    a = p.parse_args()
+    fn = gemv_triton._gemv_kernel
+    constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "NORM": a.norm, "GATED": False,
+                 "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
+                 "BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "SPLIT_K": a.split_k}
+    pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "eps" else "i32")
+                 for name in fn.arg_names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if name in pointers or name in ("N", "K")}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
+                            target=GPUTarget("cuda", a.arch, 32), options={"num_warps": a.warps,
+                                                                           "num_stages": a.stages})
+    body = loop_body(kernel.asm["ptx"])
+    ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
+    weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration
+    print(f"{a.format} tile {a.block_n}x{a.block_k} split {a.split_k}, {a.warps} warps, sm_{a.arch}: "
+          f"{sum(ops.values())} instructions per iteration for {weights:g} weights per thread "
+          f"({sum(ops.values()) / weights:.2f} per weight)")
+    print("global loads:", {op: n for op, n in ops.items() if op.startswith("ld.global")})
+    print("most frequent:", ops.most_common(12))
+
+
+if __name__ == "__main__":
+    main()
