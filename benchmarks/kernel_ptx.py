@@ -3,6 +3,8 @@ and what its main loop costs per weight: instructions and the widths of its glob
 
     python benchmarks/kernel_ptx.py --format int4 --block_n 64 --block_k 256 --split_k 8 --warps 8 [--norm]
 
+Prints one JSON line: instructions per iteration and per weight, the global loads by width, every instruction's
+count (commonest first).
 Triton compiles for a named target without a device (its wheel carries ptxas), so a tile's code can be read where
 no GPU is lent: a load that is 8 bytes wide where 16 would do, or a layout that sends every group's sum through
 shuffles, shows here before a device call measures it. Counts are of PTX (before ptxas's own optimisation), per
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import re
 import sys
 from pathlib import Path
@@ -68,11 +71,11 @@ def main() -> None:
     body = loop_body(kernel.asm["ptx"])
     ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration
-    print(f"{a.format} tile {a.block_n}x{a.block_k} split {a.split_k}, {a.warps} warps, sm_{a.arch}: "
-          f"{sum(ops.values())} instructions per iteration for {weights:g} weights per thread "
-          f"({sum(ops.values()) / weights:.2f} per weight)")
-    print("global loads:", {op: n for op, n in ops.items() if op.startswith("ld.global")})
-    print("most frequent:", ops.most_common(12))
+    print(json.dumps({"format": a.format, "tile": [a.block_n, a.block_k], "split_k": a.split_k, "warps": a.warps,
+                      "norm": a.norm, "arch": a.arch, "instructions": sum(ops.values()), "weights": weights,
+                      "per_weight": round(sum(ops.values()) / weights, 2),
+                      "global_loads": {op: n for op, n in ops.items() if op.startswith("ld.global")},
+                      "counts": dict(ops.most_common())}))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .helpers import ROOT
 
 
@@ -31,3 +33,21 @@ def test_load_speed_benchmark_reports_read_and_load(tmp_path):
     assert result["checkpoint_shards"] == 2 and result["file_bytes"] > 100_000
     assert result["read_gbs"] > 0 and result["load_to_device_gbs"] > 0
     assert result["load_fraction_of_read_speed"] == result["read_s"] / result["load_s"]
+
+
+def test_kernel_ptx_reads_the_one_row_kernels_loop():
+    """benchmarks/kernel_ptx.py compiles the one-row kernel for sm_90 without a GPU: bf16 rows stream in 16-byte
+    loads, int4 words through dp4a, and the counts are per weight of the tile."""
+    pytest.importorskip("triton")
+    results = {}
+    for fmt in ("bf16", "int4"):
+        out = subprocess.run([sys.executable, "benchmarks/kernel_ptx.py", "--format", fmt, "--block_n", "16",
+                              "--block_k", "256", "--warps", "4"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        results[fmt] = json.loads(out.stdout.strip().splitlines()[-1])
+    bf16, int4 = results["bf16"], results["int4"]
+    assert bf16["global_loads"].get("ld.global.v4.b32", 0) > 0 and bf16["weights"] == 16 * 256 / 128
+    assert int4["counts"].get("dp4a.u32.s32", 0) > 0
+    for r in (bf16, int4):
+        assert r["per_weight"] == round(r["instructions"] / r["weights"], 2) > 0
