@@ -5,6 +5,7 @@ and what its main loop costs per weight: instructions and the widths of its glob
 
 Prints one JSON line: instructions per iteration and per weight, the global loads by width, every instruction's
 count (commonest first).
+
 Triton compiles for a named target without a device (its wheel carries ptxas), so a tile's code can be read where
 no GPU is lent: a load that is 8 bytes wide where 16 would do, or a layout that sends every group's sum through
 shuffles, shows here before a device call measures it. Counts are of PTX (before ptxas's own optimisation), per
