@@ -276,6 +276,12 @@ def _split_sums(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return buffers[-1]
 
 
+def _tuned(w: torch.Tensor):
+    """The autotuned kernel for this weight's format (int4 words have configs of their own) and the tile the
+    interpreter takes instead of tuning."""
+    return (_gemv_int4, _INT4_FIXED) if w.dtype == torch.int32 else (_gemv, _FIXED)
+
+
 def _shape(w: torch.Tensor) -> tuple[int, int]:
     """(outputs, inputs) of a weight: int4 words hold 8 inputs each."""
     n, k = w.shape
@@ -296,12 +302,11 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     n, k = _shape(w)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
     sums, tickets = _split_sums(x, n)
-    int4 = w.dtype == torch.int32
-    torch.library.wrap_triton(_gemv_int4 if int4 else _gemv)[
-        lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+    kernel, fixed = _tuned(w)
+    torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
         **_format(w, scaled), NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
-        Y_SLOTS=False, **(_INT4_FIXED if int4 else _FIXED))
+        Y_SLOTS=False, **fixed)
     return y
 
 
@@ -313,14 +318,14 @@ def _tile(w: torch.Tensor, k_in: int, dtype: torch.dtype, scaled: bool, norm: bo
     """The tile the autotuner picks for the plain kernel of this shape. A kernel that writes peers' slots must
     run exactly once per step, so it cannot be timed itself; the plain one is tuned here on scratch data."""
     if INTERPRETED:
-        return dict(_INT4_FIXED if w.dtype == torch.int32 else _FIXED)
+        return dict(_tuned(w)[1])
     n, k = _shape(w)
     key = (n, k, w.dtype, dtype, scaled, norm, gated, add)
     if key not in _TILES:
         scratch = torch.zeros(max(n + k_in, 2 * n * k // 32), dtype=dtype, device=w.device)
         scales = scratch[:2 * n * k // 32 if w.dtype == torch.int32 else n]
         gemv_op(scratch[None, :k_in], w, scales, scratch[:k], scratch[None, :n], 1e-5, scaled, norm, gated, add)
-        config = (_gemv_int4 if w.dtype == torch.int32 else _gemv).best_config
+        config = _tuned(w)[0].best_config
         _TILES[key] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
     return _TILES[key]
 

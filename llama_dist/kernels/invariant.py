@@ -7,8 +7,8 @@ was running. Installed as a transform (kernels.install, with Kernels.batch_invar
 take one Triton matmul with one fixed tile for every shape (invariant_triton.py), its norms the row kernel
 (rows.py), its decode attention the per-row kernel (decode_attention.py); the one-row kernel is not used, and a
 server does not fold decode rows into prompt passes (serving/engine.py), whose attention is another kernel.
-Costs, not yet measured: the fixed tile is slower than cuBLAS's choice, most for prompts, and batch 1 loses the
-one-row kernel. Dense weights only. Across tensor-parallel ranks the all-reduces' sums hold for two ranks (a + b
+Costs (benchmarks/RESULTS.md): the fixed tile is slower than cuBLAS's choice, most for prompts, and batch 1
+loses the one-row kernel. Dense weights only. Across tensor-parallel ranks the all-reduces' sums hold for two ranks (a + b
 in either order); with more, NCCL's algorithm, which it picks by message size, orders them.
 
 On CPUs the block kernels of quantized weights already sum each row alone (tests/test_server.py), but dense
