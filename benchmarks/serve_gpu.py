@@ -126,17 +126,34 @@ def run_part(*args) -> list[dict]:
     return asyncio.run(level_part(*args))
 
 
+STEP_SERIES = {"steps": "llamadist_step_decode_rows_count", "decode_rows": "llamadist_step_decode_rows_sum",
+               "steps_without_prompt": 'llamadist_step_prompt_tokens_bucket{le="0.0"}'}
+
+
+def step_counts(url: str) -> dict[str, float]:
+    """The server's engine-step series so far (/metrics)."""
+    lines = httpx.get(f"{url}/metrics").text.splitlines()
+    values = dict(line.rsplit(" ", 1) for line in lines if line and not line.startswith("#"))
+    return {key: float(values[name]) for key, name in STEP_SERIES.items()}
+
+
 def load_level(clients: concurrent.futures.ProcessPoolExecutor, processes: int, url: str, concurrency: int,
                requests: int, tokens: int, words: int, offset: int, temperature: float = 0.0) -> dict:
     """A level's streams, shared out over the client processes (one Python process streaming to 128 clients reads
-    their events later than they arrive); times are the machine's monotonic clock, the same in every process."""
+    their events later than they arrive); times are the machine's monotonic clock, the same in every process.
+    Beside the clients' figures, the server's steps in the level: tokens/s is about rows_per_step x 1000 / step_ms,
+    so a level below the engine's batch figure shows whether its steps were slower or emptier."""
+    before = step_counts(url)
     parts = min(processes, concurrency)
     shares = [concurrency // parts + (p < concurrency % parts) for p in range(parts)]
     futures = [clients.submit(run_part, url, share, list(range(offset + p, offset + requests, parts)), tokens, words,
                               temperature) for p, share in enumerate(shares)]
     results = [r for f in futures for r in f.result()]
     elapsed = max(r["times"][-1] for r in results if r["times"]) - min(r["start"] for r in results)
-    return summary(results, elapsed)
+    steps = {key: value - before[key] for key, value in step_counts(url).items()}
+    n = max(steps["steps"], 1)
+    return {**summary(results, elapsed), "steps": int(steps["steps"]), "step_ms": 1e3 * elapsed / n,
+            "rows_per_step": steps["decode_rows"] / n, "steps_with_prompt": int(n - steps["steps_without_prompt"])}
 
 
 async def shared_prefix(url: str, words: int) -> dict:

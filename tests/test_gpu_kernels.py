@@ -70,6 +70,9 @@ for n, k in ((40, 288), (3, 64), (70, 1024)):
     act = torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]
     want = int8_groups(act) @ dense.t()
     assert (gemv(gate_up, words, sz, gated=True) - want).abs().max() < 1e-4 * want.abs().max(), (n, k)
+    # bf16 pairs (a GPU's): each read as one 4-byte word and widened by shifts, the same values as fp32 ones
+    sz16 = sz.to(torch.bfloat16)
+    assert torch.equal(gemv(x, words, sz16), gemv(x, words, sz16.float())), (n, k)
 # several rows of int8 through the tensor-core kernel (fewer than a tile, more than one tile, ragged edges)
 from llama_dist.kernels.quant_matmul import load as load_quantized
 assert load_quantized()

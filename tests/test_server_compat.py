@@ -345,6 +345,13 @@ def test_metrics_count_what_clients_sent(server):
     assert value(after, "llamadist_time_to_first_token_seconds_count") - \
         value(before, "llamadist_time_to_first_token_seconds_count") == 4
     assert "llamadist_kv_cache_usage_ratio" in after and "llamadist_requests_deferred" in after
+    # per step: each request's first token comes from its prompt's last chunk, every later one from a decode row
+    assert value(after, "llamadist_step_prompt_tokens_sum") - value(before, "llamadist_step_prompt_tokens_sum") == \
+        prompt_tokens
+    assert value(after, "llamadist_step_decode_rows_sum") - value(before, "llamadist_step_decode_rows_sum") == \
+        generated - len(prompts)
+    steps = value(after, "llamadist_step_decode_rows_count") - value(before, "llamadist_step_decode_rows_count")
+    assert max(a["tokens_predicted"] for a in answers) <= steps <= generated + prompt_tokens
     assert httpx.get(f"{server.url}/metrics").status_code == 401  # the key guards it like the rest
 
 

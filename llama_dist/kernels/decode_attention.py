@@ -28,6 +28,8 @@ def load() -> bool:
     try:
         import triton
         import triton.language as tl
+
+        from .tuning import autotune
     except ImportError:
         return False
 
@@ -88,7 +90,7 @@ def load() -> bool:
     if INTERPRETED:
         kernel, fixed = _attention_kernel, {"BLOCK_L": 16}
     else:
-        kernel, fixed = triton.autotune(configs=configs, key=["N_REP", "HEAD_DIM"])(_attention_kernel), {}
+        kernel, fixed = autotune(configs, ["N_REP", "HEAD_DIM"])(_attention_kernel), {}
 
     @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
     def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

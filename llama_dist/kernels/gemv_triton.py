@@ -9,6 +9,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..distributed.peer_memory import PeerSlots
 from .gemv import INTERPRETED
+from .tuning import autotune
 
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
@@ -20,7 +21,8 @@ _INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, nu
                  for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
                                        (16, 512, 2, 4), (32, 256, 2, 8), (32, 512, 2, 8), (64, 256, 2, 8),
                                        (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
-                                       (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8))
+                                       (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8), (256, 256, 4, 8),
+                                       (256, 256, 8, 8))
                  for s in (2, 3)]
 
 
@@ -112,10 +114,15 @@ def _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, K, BLOCK_K: tl.conste
                  _dp4a(low, tl.broadcast_to(x_low[None, :], low.shape), tl.zeros_like(low)))
     sums = tl.sum(tl.reshape(dots, (w.shape[0], BLOCK_K // 32, 4)), axis=2)
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
-    at = s_ptr + (groups[None, :] * N + rows[:, None]) * 2
     ok = row_ok[:, None] & (groups < K // 32)[None, :]  # (a masked scale read past the end could be a NaN)
-    scale = tl.load(at, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)
+    if s_ptr.dtype.element_ty == tl.bfloat16:  # each (scale, zero) in one 4-byte load, widened by shifts
+        pair = tl.load(s_ptr.to(tl.pointer_type(tl.int32)) + groups[None, :] * N + rows[:, None], mask=ok, other=0)
+        scale = (pair << 16).to(tl.float32, bitcast=True)
+        zero = (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        at = s_ptr + (groups[None, :] * N + rows[:, None]) * 2
+        scale = tl.load(at, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)
     x_sums = x_sums[None, :]
     return x_scale[None, :] * (scale * (sums - 8 * x_sums).to(tl.float32) + zero * x_sums.to(tl.float32))
 
@@ -125,7 +132,8 @@ def _weights(w_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, BLOCK_K: tl.constex
     """This tile of W: [BLOCK_N, BLOCK_K] values, or for INT4 [BLOCK_N, BLOCK_K / 8] words of 8 inputs."""
     if INT4:
         cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        w = tl.load(w_ptr + rows[:, None] * (K // 8) + cols[None, :], mask=row_ok[:, None] & (cols < K // 8)[None, :],
+        words = tl.multiple_of(K // 8, 4)  # (K is whole groups of 32: rows start 16-byte aligned, loads take 16 bytes)
+        w = tl.load(w_ptr + rows[:, None] * words + cols[None, :], mask=row_ok[:, None] & (cols < words)[None, :],
                     other=0)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
@@ -252,8 +260,8 @@ if INTERPRETED:  # the interpreter cannot time configs: one tile (int4's inputs 
     _gemv = _gemv_int4 = _gemv_kernel
     _FIXED, _INT4_FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 2}
 else:
-    _gemv = triton.autotune(configs=_CONFIGS, key=_KEY)(_gemv_kernel)
-    _gemv_int4 = triton.autotune(configs=_INT4_CONFIGS, key=_KEY)(_gemv_kernel)
+    _gemv = autotune(_CONFIGS, _KEY)(_gemv_kernel)
+    _gemv_int4 = autotune(_INT4_CONFIGS, _KEY)(_gemv_kernel)
     _FIXED = _INT4_FIXED = {}
 
 _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter's 2 among them)

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from .gemv import INTERPRETED
 from .gemv_triton import _exact_float
+from .tuning import autotune
 
 MAX_ROWS_BUCKET = 128  # autotuning keys on rows rounded up to a power of 2 up to this, so new batch sizes reuse a tuning
 
@@ -37,7 +38,8 @@ def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLO
     [K / 32, N, 2]: value = (q - 8) * scale + zero. Whole words and one pair per group are loaded (an
     element-wise kernel that loads a word per value ran at half the speed)."""
     j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    words = tl.load(w_ptr + rows[:, None] * (K // 8) + j[None, :], mask=row_ok[:, None] & (j < K // 8)[None, :],
+    per_row = tl.multiple_of(K // 8, 4)  # (whole groups of 32: 16-byte loads)
+    words = tl.load(w_ptr + rows[:, None] * per_row + j[None, :], mask=row_ok[:, None] & (j < per_row)[None, :],
                     other=0)
     i = tl.arange(0, 8)  # input 8j + i sits at bit 8 (i % 4) + 4 (i // 4) of word j
     q = (words[:, :, None] >> (8 * (i % 4) + 4 * (i // 4))[None, None, :]) & 0xF
@@ -82,9 +84,9 @@ if INTERPRETED:  # the interpreter cannot time configs: one tile
     _int8_matmul, _FIXED = _int8_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
     _dequantize, _DEQUANTIZE_FIXED = _dequantize_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
-    _int8_matmul = triton.autotune(configs=_CONFIGS, key=["ROWS_BUCKET", "N", "K"],
-                                   prune_configs_by={"early_config_prune": _fits})(_int8_matmul_kernel)
-    _dequantize = triton.autotune(configs=_DEQUANTIZE_CONFIGS, key=["N", "K", "INT4"])(_dequantize_kernel)
+    _int8_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K"],
+                            prune_configs_by={"early_config_prune": _fits})(_int8_matmul_kernel)
+    _dequantize = autotune(_DEQUANTIZE_CONFIGS, ["N", "K", "INT4"])(_dequantize_kernel)
     _FIXED, _DEQUANTIZE_FIXED = {}, {}
 
 

@@ -317,6 +317,8 @@ class Engine:
                 prefill_tokens += n
         plan.blocks = self.kv.take_changes()
         plan.endless = [slot for slot, r in self.running.items() if r.ignore_eos]
+        if plan.decode or plan.prefill:
+            self.metrics.step(len(plan.decode), prefill_tokens)
         return plan
 
     def _grow(self) -> None:
