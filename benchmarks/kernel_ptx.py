@@ -4,7 +4,8 @@ and what its main loop costs per weight: instructions and the widths of its glob
     python benchmarks/kernel_ptx.py --format int4 --block_n 64 --block_k 256 --split_k 8 --warps 8 [--norm]
 
 Prints one JSON line: instructions per iteration and per weight, the global loads by width, every instruction's
-count (commonest first).
+count (commonest first); then the same loop in the machine code ptxas made of it (SASS, read by the nvdisasm in
+Triton's wheel), which is what the GPU issues.
 
 Triton compiles for a named target without a device (its wheel carries ptxas), so a tile's code can be read where
 no GPU is lent: a load that is 8 bytes wide where 16 would do, or a layout that sends every group's sum through
@@ -18,7 +19,9 @@ import argparse
 import collections
 import json
 import re
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import triton
@@ -44,6 +47,32 @@ def loop_body(ptx: str) -> list[str]:
         if back and labels.get(back.group(1), i) < i and i - labels[back.group(1)] > len(best):
             best = lines[labels[back.group(1)]:i]
     return [line for line in best if line and not line.startswith(("$", "//", "{", "}", ".loc"))]
+
+
+def sass_loop(cubin: bytes) -> list[str] | None:
+    """The longest loop of the machine code (a label to the branch back to it), or None without nvdisasm."""
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    if not nvdisasm.exists():
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    labels: dict[str, int] = {}
+    instructions: list[str] = []
+    best: list[str] = []
+    for line in lines.splitlines():
+        label = re.match(r"^\s*(\.L_x_\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        instruction = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
+        if instruction:
+            instructions.append(instruction.group(1))
+            back = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", instruction.group(1))
+            if back and back.group(1) in labels and len(instructions) - labels[back.group(1)] > len(best):
+                best = instructions[labels[back.group(1)]:]
+    return best
 
 
 def main() -> None:
@@ -72,11 +101,15 @@ def main() -> None:
     body = loop_body(kernel.asm["ptx"])
     ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration
+    sass = sass_loop(kernel.asm["cubin"])
+    sass_ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in sass or [])
     print(json.dumps({"format": a.format, "tile": [a.block_n, a.block_k], "split_k": a.split_k, "warps": a.warps,
                       "norm": a.norm, "arch": a.arch, "instructions": sum(ops.values()), "weights": weights,
                       "per_weight": round(sum(ops.values()) / weights, 2),
                       "global_loads": {op: n for op, n in ops.items() if op.startswith("ld.global")},
-                      "counts": dict(ops.most_common())}))
+                      "counts": dict(ops.most_common()),
+                      "sass_per_weight": round(len(sass) / weights, 2) if sass is not None else None,
+                      "sass_counts": dict(sass_ops.most_common())}))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,6 @@ def test_kernel_ptx_reads_the_one_row_kernels_loop():
     assert int4["counts"].get("dp4a.u32.s32", 0) > 0
     for r in (bf16, int4):
         assert r["per_weight"] == round(r["instructions"] / r["weights"], 2) > 0
+    if int4["sass_per_weight"] is not None:  # (nvdisasm ships in Triton's wheel)
+        assert int4["sass_counts"].get("IDP", 0) > 0 and bf16["sass_counts"].get("HFMA2", 0) + \
+            bf16["sass_counts"].get("FFMA", 0) > 0 and int4["sass_per_weight"] > 0
