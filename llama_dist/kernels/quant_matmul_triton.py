@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .gemv import INTERPRETED
-from .gemv_triton import _exact_float
+from .gemv_triton import _exact_float, _weights
 from .tuning import autotune
 
 MAX_ROWS_BUCKET = 128  # autotuning keys on rows rounded up to a power of 2 up to this, so new batch sizes reuse a tuning
@@ -37,10 +37,7 @@ def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLO
     [N, K / 8] (byte b of word j: input 8j + b in its low nibble, 8j + 4 + b in its high one) and (scale, zero)
     [K / 32, N, 2]: value = (q - 8) * scale + zero. Whole words and one pair per group are loaded (an
     element-wise kernel that loads a word per value ran at half the speed)."""
-    j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    per_row = tl.multiple_of(K // 8, 4)  # (whole groups of 32: 16-byte loads)
-    words = tl.load(w_ptr + rows[:, None] * per_row + j[None, :], mask=row_ok[:, None] & (j < per_row)[None, :],
-                    other=0)
+    words = _weights(w_ptr, rows, row_ok, k0, K, True, BLOCK_K)
     i = tl.arange(0, 8)  # input 8j + i sits at bit 8 (i % 4) + 4 (i // 4) of word j
     q = (words[:, :, None] >> (8 * (i % 4) + 4 * (i // 4))[None, None, :]) & 0xF
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
