@@ -37,42 +37,45 @@ POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf1
             "arrivals_ptr": "*i32", "peers_ptr": "*i64", "epoch_ptr": "*i32"}
 
 
-def loop_body(ptx: str) -> list[str]:
-    """The longest run of instructions between a label and a branch back to it: the weights' loop."""
-    lines = [line.strip() for line in ptx.splitlines()]
-    labels = {line.split(":")[0]: i for i, line in enumerate(lines) if re.match(r"^\$L__BB\d+_\d+:", line)}
+def longest_loop(lines: list[str], label: str, branch: str) -> list[str]:
+    """The longest run of lines from a label to a branch back to it (the weights' loop), branch included, labels
+    left out; `label` and `branch` are patterns whose first group is the label's name."""
+    starts: dict[str, int] = {}
+    body: list[str] = []
     best: list[str] = []
-    for i, line in enumerate(lines):
-        back = re.match(r"^(?:@%p\d+\s+)?bra(?:\.uni)?\s+(\$L__BB\d+_\d+);", line)
-        if back and labels.get(back.group(1), i) < i and i - labels[back.group(1)] > len(best):
-            best = lines[labels[back.group(1)]:i]
-    return [line for line in best if line and not line.startswith(("$", "//", "{", "}", ".loc"))]
+    for line in lines:
+        named = re.match(label, line)
+        if named:
+            starts[named.group(1)] = len(body)
+            continue
+        body.append(line)
+        back = re.search(branch, line)
+        if back and back.group(1) in starts and len(body) - starts[back.group(1)] > len(best):
+            best = body[starts[back.group(1)]:]
+    return best
+
+
+def loop_body(ptx: str) -> list[str]:
+    """The weights' loop in PTX, its instructions alone (no branch back, comments, braces, debug labels or line
+    records)."""
+    lines = [line.strip() for line in ptx.splitlines()]
+    lines = [line for line in lines if line and (line.startswith("$L__BB") or not line.startswith(
+        ("$", "//", "{", "}", ".loc")))]
+    return longest_loop(lines, r"^(\$L__BB\d+_\d+):", r"^(?:@%p\d+\s+)?bra(?:\.uni)?\s+(\$L__BB\d+_\d+);")[:-1]
 
 
 def sass_loop(cubin: bytes) -> list[str] | None:
-    """The longest loop of the machine code (a label to the branch back to it), or None without nvdisasm."""
+    """The weights' loop in the machine code (branch back included), or None without nvdisasm."""
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     if not nvdisasm.exists():
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        lines = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    labels: dict[str, int] = {}
-    instructions: list[str] = []
-    best: list[str] = []
-    for line in lines.splitlines():
-        label = re.match(r"^\s*(\.L_x_\d+):", line)
-        if label:
-            labels[label.group(1)] = len(instructions)
-            continue
-        instruction = re.match(r"^\s*/\*[0-9a-f]+\*/\s+(.*?)\s*;", line)
-        if instruction:
-            instructions.append(instruction.group(1))
-            back = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", instruction.group(1))
-            if back and back.group(1) in labels and len(instructions) - labels[back.group(1)] > len(best):
-                best = instructions[labels[back.group(1)]:]
-    return best
+        text = subprocess.run([str(nvdisasm), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    lines = [m.group(1) or m.group(2) for m in (re.match(r"^\s*(?:(\.L_x_\d+:)|/\*[0-9a-f]+\*/\s+(.*?)\s*;)", line)
+                                              for line in text.splitlines()) if m]
+    return longest_loop(lines, r"^(\.L_x_\d+):$", r"BRA\s+(?:`\()?(\.L_x_\d+)")
 
 
 def main() -> None:
