@@ -107,10 +107,7 @@ def _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr
     word, or'ed into 0x4300 halves, are the bf16 pair 128 + q; one bf16x2 fused multiply-add takes 136 off
     (exact), another gives (q - 8) * scale + zero rounded once. Per weight a shift, a mask and an or per two, and
     two multiply-adds per two: no conversion instruction. (scale, zero) pairs [K / 32, N, 2] must be bf16."""
-    j = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    per_row = tl.multiple_of(K // 8, 4)  # (whole groups of 32: 16-byte loads)
-    words = tl.load(w_ptr + rows[:, None] * per_row + j[None, :], mask=row_ok[:, None] & (j < per_row)[None, :],
-                    other=0)
+    words = _weights(w_ptr, rows, row_ok, k0, K, True, BLOCK_K)
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     ok = row_ok[:, None] & (groups < K // 32)[None, :]  # (a masked pair read past the end could be a NaN)
     pair = tl.load(sz_ptr.to(tl.pointer_type(tl.int32)) + groups[None, :] * N + rows[:, None], mask=ok, other=0)
