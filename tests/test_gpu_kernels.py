@@ -82,6 +82,21 @@ for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 1000)):
     ref = x @ (q.float() * s[:, None]).t()
     got = torch.ops.llama_dist.int8_matmul(x, q, s)
     assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5 * ref.abs().max(), (rows, n, k)
+# several rows of int4 through the same kernel: bf16 rows take the values two at a time (the interpreter computes
+# them by hand, in the asm's order), others the fp32 tile; both are the dequantized matrix's values
+for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 320)):
+    q, scales, zeros = int4_quantize(torch.randn(n, k, generator=g), 32)
+    scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+    sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    dense = int4_dequantize(q, scales.float(), zeros.float())
+    x = torch.randn(rows, k, generator=g)
+    got = torch.ops.llama_dist.int4_matmul(x, int4_words(q), sz.float())
+    ref = x @ dense.t()
+    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5 * ref.abs().max(), (rows, n, k)
+    xb = x.to(torch.bfloat16)
+    got = torch.ops.llama_dist.int4_matmul(xb, int4_words(q), sz)
+    ref = xb.float() @ dense.to(torch.bfloat16).float().t()
+    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 1e-2 * ref.abs().max(), (rows, n, k)
 # whole matrices dequantized for a prompt's product: int8 values as they are, int4 words to the very values of
 # the reference dequantization (ragged tiles in both dimensions)
 for n, k in ((40, 288), (9, 1024)):
@@ -142,8 +157,8 @@ def test_decode_attention_kernel_in_the_interpreter():
 
 def test_gemv_kernel_in_the_interpreter():
     """Dense, int8 and int4 one-row products with the norm, SwiGLU and residual folded in (int4 against the same
-    arithmetic with 8-bit activations, exactly, and against the dequantized product, closely); int8 products of
-    several rows on tensor cores."""
+    arithmetic with 8-bit activations, exactly, and against the dequantized product, closely); int8 and int4
+    products of several rows on tensor cores."""
     run_interpreted(SCRIPT)
 
 

@@ -3,10 +3,9 @@ Int4Weight. One row goes through the one-row kernel (gemv.py, which the fused de
 norms and residuals folded in). A prompt's rows (many) go through the matrix dequantized by one Triton kernel
 into a scratch copy, then cuBLAS: there the product's arithmetic outweighs the conversion, and cuBLAS's
 bf16 GEMM is far faster than a tensor-core kernel converting tiles in registers (ours reached a quarter of it)
-or PyTorch's int4 kernel (benchmarks/RESULTS.md, "Quantized prompts"). A decode step's few rows: int8 through
-our tensor-core kernel, which converts weight tiles in registers, so a batch reads the int8 weights once, as
-one row does; int4 through PyTorch's packed kernel up to INT4_PACKED_ROWS rows, beyond that the dequantized
-matrix (same section).
+or PyTorch's int4 kernel (benchmarks/RESULTS.md, "Quantized prompts"). A decode step's few rows (up to DOT_ROWS): our
+tensor-core kernel, which converts weight tiles in registers, so a batch reads the quantized weights once, as one
+row does (int4 in bf16 two values at a time, without a conversion instruction: quant_matmul_triton.py).
 """
 from __future__ import annotations
 
@@ -18,8 +17,7 @@ import torch.nn.functional as F
 from ..quant.weights import Int4Weight, Int8Weight
 from . import gemv
 
-DOT_ROWS = 64  # int8: up to this many rows the tensor-core kernel; more: the dequantized matrix and cuBLAS
-INT4_PACKED_ROWS = 16  # int4: up to this many rows PyTorch's packed kernel; more: the dequantized matrix and cuBLAS
+DOT_ROWS = 64  # up to this many rows the tensor-core kernel; more: the dequantized matrix and cuBLAS
 
 
 @functools.cache
@@ -27,7 +25,7 @@ def load() -> bool:
     """Define the kernels and their ops (Triton imported only now). False where Triton is missing."""
     if not gemv.load():
         return False
-    from . import quant_matmul_triton  # noqa: F401  (registers llama_dist::int8_matmul, ::dequantize)
+    from . import quant_matmul_triton  # noqa: F401  (registers llama_dist::int8_matmul, ::int4_matmul, ::dequantize)
     return True
 
 
@@ -50,8 +48,8 @@ class TritonInt4Weight(Int4Weight):
         flat = x.reshape(-1, x.shape[-1]).to(self.act_dtype)
         if flat.shape[0] == 1:
             y = gemv.gemv(flat, self.words, self.scales_zeros)
-        elif flat.shape[0] > INT4_PACKED_ROWS:
-            y = F.linear(flat, torch.ops.llama_dist.dequantize(self.words, self.scales_zeros, flat.dtype))
+        elif flat.shape[0] <= DOT_ROWS:
+            y = torch.ops.llama_dist.int4_matmul(flat.contiguous(), self.words, self.scales_zeros)
         else:
-            return super().forward(x)
+            y = F.linear(flat, torch.ops.llama_dist.dequantize(self.words, self.scales_zeros, flat.dtype))
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -7,28 +7,10 @@ import triton
 import triton.language as tl
 
 from .gemv import INTERPRETED
-from .gemv_triton import _exact_float, _weights
+from .gemv_triton import _PTX, _exact_float, _weights
 from .tuning import autotune
 
 MAX_ROWS_BUCKET = 128  # autotuning keys on rows rounded up to a power of 2 up to this, so new batch sizes reuse a tuning
-
-
-@triton.jit
-def _int8_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, ROWS_BUCKET,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """y [M, N] = x [M, K] W^T for int8 W [N, K] with one scale per row: integer tiles into a tensor-core product
-    (in x's dtype; int8 values are exact in bf16), the scales applied to the finished sums."""
-    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
-        w = tl.load(w_ptr + cols[:, None] * K + ks[None, :], mask=(cols < N)[:, None] & (ks < K)[None, :], other=0)
-        acc += tl.dot(x, tl.trans(_exact_float(w.to(tl.int32)).to(x.dtype)))
-    acc = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -47,6 +29,107 @@ def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLO
     zero = tl.load(at + 1, mask=ok, other=0.0).to(tl.float32)[:, :, None]
     q = tl.reshape(_exact_float(q), (BLOCK_N, BLOCK_K // 32, 32))
     return tl.reshape((q - 8.0) * scale + zero, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, ROWS_BUCKET, INT4: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y [M, N] = x [M, K] W^T, W's tiles converted in registers into a tensor-core product in x's dtype: int8 W
+    [N, K] with one scale per row (int8 values are exact in bf16; the scales multiply the finished sums), or int4
+    words [N, K / 8] with (scale, zero) per group of 32 (_int4_tile's values, rounded to x's dtype as the
+    dequantized matrix is)."""
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
+        if INT4 and x_ptr.dtype.element_ty == tl.bfloat16 and s_ptr.dtype.element_ty == tl.bfloat16:
+            w = _int4_tile_bf16(w_ptr, s_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
+        elif INT4:
+            w = _int4_tile(w_ptr, s_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
+        else:
+            w = _exact_float(tl.load(w_ptr + cols[:, None] * K + ks[None, :],
+                                     mask=(cols < N)[:, None] & (ks < K)[None, :], other=0).to(tl.int32))
+        if _PTX:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+        else:  # the interpreter multiplies bf16 tiles as their bit patterns
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)))
+    if not INT4:
+        acc = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+_BF16_PAIRS = tl.constexpr("""{
+.reg .b32 one, off, p;
+mov.b32 one, 0x3F803F80;
+mov.b32 off, 0xC308C308;
+and.b32 p, $8, 0x000F000F;
+or.b32 p, p, 0x43004300;
+fma.rn.bf16x2 p, p, one, off;
+fma.rn.bf16x2 p, p, $9, $10;
+mov.b32 {$0, $2}, p;
+shr.u32 p, $8, 4;
+and.b32 p, p, 0x000F000F;
+or.b32 p, p, 0x43004300;
+fma.rn.bf16x2 p, p, one, off;
+fma.rn.bf16x2 p, p, $9, $10;
+mov.b32 {$4, $6}, p;
+shr.u32 p, $8, 8;
+and.b32 p, p, 0x000F000F;
+or.b32 p, p, 0x43004300;
+fma.rn.bf16x2 p, p, one, off;
+fma.rn.bf16x2 p, p, $9, $10;
+mov.b32 {$1, $3}, p;
+shr.u32 p, $8, 12;
+and.b32 p, p, 0x000F000F;
+or.b32 p, p, 0x43004300;
+fma.rn.bf16x2 p, p, one, off;
+fma.rn.bf16x2 p, p, $9, $10;
+mov.b32 {$5, $7}, p;
+}""")
+
+
+@triton.jit
+def _nibble_pair(words, scales, zeros, shift: tl.constexpr):
+    """What _BF16_PAIRS makes of the nibbles at bits shift and 16 + shift, for the interpreter."""
+    scale = (scales << 16).to(tl.float32, bitcast=True)
+    zero = (zeros & -65536).to(tl.float32, bitcast=True)
+    low = ((words >> shift) & 0xF).to(tl.float32)
+    high = ((words >> (shift + 16)) & 0xF).to(tl.float32)
+    return ((low - 8.0) * scale + zero).to(tl.bfloat16), ((high - 8.0) * scale + zero).to(tl.bfloat16)
+
+
+@triton.jit
+def _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """_int4_tile's values in bf16 [BLOCK_N, BLOCK_K], two at a time: the two nibbles at bits s and 16 + s of a
+    word, or'ed into 0x4300 halves, are the bf16 pair 128 + q; one bf16x2 fused multiply-add takes 136 off
+    (exact), another gives (q - 8) * scale + zero rounded once. Per weight a shift, a mask and an or per two, and
+    two multiply-adds per two: no conversion instruction. (scale, zero) pairs [K / 32, N, 2] must be bf16."""
+    words = _weights(w_ptr, rows, row_ok, k0, K, True, BLOCK_K)
+    groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    ok = row_ok[:, None] & (groups < K // 32)[None, :]  # (a masked pair read past the end could be a NaN)
+    pair = tl.load(sz_ptr.to(tl.pointer_type(tl.int32)) + groups[None, :] * N + rows[:, None], mask=ok, other=0)
+    scales = (pair & 0xFFFF) | (pair << 16)  # (scale, scale)
+    zeros = ((pair >> 16) & 0xFFFF) | (pair & -65536)  # (zero, zero)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_K // 32, 4)
+    words = tl.reshape(words, shape)
+    scales = tl.broadcast_to(scales[:, :, None], shape)
+    zeros = tl.broadcast_to(zeros[:, :, None], shape)
+    if _PTX:
+        bf16 = tl.bfloat16
+        v0, v1, v2, v3, v4, v5, v6, v7 = tl.inline_asm_elementwise(
+            _BF16_PAIRS, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, scales, zeros],
+            dtype=(bf16, bf16, bf16, bf16, bf16, bf16, bf16, bf16), is_pure=True, pack=1)
+    else:  # the interpreter runs no PTX: the same values by hand, in the same order
+        v0, v2 = _nibble_pair(words, scales, zeros, 0)
+        v4, v6 = _nibble_pair(words, scales, zeros, 4)
+        v1, v3 = _nibble_pair(words, scales, zeros, 8)
+        v5, v7 = _nibble_pair(words, scales, zeros, 12)
+    # inputs 8c + i in order: joins add a last dimension each, the first standing for i's bit 2, the last bit 0
+    v = tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+    return tl.reshape(v, (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
@@ -78,11 +161,11 @@ _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_war
 _DEQUANTIZE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                        for bn, bk, w in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (32, 256, 8))]
 if INTERPRETED:  # the interpreter cannot time configs: one tile
-    _int8_matmul, _FIXED = _int8_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
+    _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
     _dequantize, _DEQUANTIZE_FIXED = _dequantize_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
-    _int8_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K"],
-                            prune_configs_by={"early_config_prune": _fits})(_int8_matmul_kernel)
+    _quant_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K", "INT4"],
+                             prune_configs_by={"early_config_prune": _fits})(_quant_matmul_kernel)
     _dequantize = autotune(_DEQUANTIZE_CONFIGS, ["N", "K", "INT4"])(_dequantize_kernel)
     _FIXED, _DEQUANTIZE_FIXED = {}, {}
 
@@ -94,7 +177,18 @@ def int8_matmul_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> to
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     bucket = min(MAX_ROWS_BUCKET, triton.next_power_of_2(m))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    torch.library.wrap_triton(_int8_matmul)[grid](x, q, scales, y, m, n, k, bucket, **_FIXED)
+    torch.library.wrap_triton(_quant_matmul)[grid](x, q, scales, y, m, n, k, bucket, INT4=False, **_FIXED)
+    return y
+
+
+@torch.library.triton_op("llama_dist::int4_matmul", mutates_args={})
+def int4_matmul_op(x: torch.Tensor, words: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> [M, N] through int4 words [N, K / 8] with (scale, zero) per group of 32 [K / 32, N, 2]."""
+    (m, k), n = x.shape, words.shape[0]
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    bucket = min(MAX_ROWS_BUCKET, triton.next_power_of_2(m))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
+    torch.library.wrap_triton(_quant_matmul)[grid](x, words, scales_zeros, y, m, n, k, bucket, INT4=True, **_FIXED)
     return y
 
 
