@@ -90,8 +90,8 @@ def main() -> None:
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
     a = p.parse_args()
     fn = gemv_triton._gemv_kernel
-    constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "NORM": a.norm, "GATED": False,
-                 "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
+    constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "DP4A": a.format == "int8", "NORM": a.norm,
+                 "GATED": False, "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
                  "BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "SPLIT_K": a.split_k}
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "eps" else "i32")

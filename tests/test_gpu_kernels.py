@@ -23,26 +23,6 @@ assert load()
 from llama_dist.quant.weights import int8_quantize
 from llama_dist.model.transformer import RMSNorm
 g = torch.Generator().manual_seed(0)
-for n, k in ((40, 288), (3, 64), (17, 1000)):  # one row: the kernel's case
-    x, w = torch.randn(1, 1, k, generator=g), torch.randn(n, k, generator=g)
-    y = gemv(x, w)
-    assert y.shape == (1, 1, n), y.shape
-    assert (y - x @ w.t()).abs().max() < 1e-4 * (x @ w.t()).abs().max(), (n, k)
-    q, s = int8_quantize(w)
-    ref = x @ (q.float() * s[:, None]).t()
-    assert (gemv(x, q, s) - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-    norm = RMSNorm(k, 1e-5)
-    norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
-    ref = norm(x * 3) @ w.t()
-    y = gemv(x * 3, w, norm_weight=norm.weight, eps=norm.eps)
-    assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-    gate_up, r = torch.randn(1, 1, 2 * k, generator=g), torch.randn(1, 1, n, generator=g)
-    ref = r + (torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]) @ (q.float() * s[:, None]).t()
-    y = gemv(gate_up, q, s, gated=True, residual=r)
-    assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-# int4 groups of 32 (words for dp4a, x in int8 per group): exactly the int8-activation arithmetic, and close to
-# the dequantized matrix's product
-from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words
 
 
 def int8_groups(x):  # the kernel's activation rounding, step by step: int8 per group of 32, round half up
@@ -51,6 +31,32 @@ def int8_groups(x):  # the kernel's activation rounding, step by step: int8 per 
     inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
     return (torch.floor(g * inverse + 0.5) * scale).reshape(x.shape)
 
+
+for n, k in ((40, 288), (3, 64), (17, 1000)):  # one row: the kernel's case
+    x, w = torch.randn(1, 1, k, generator=g), torch.randn(n, k, generator=g)
+    y = gemv(x, w)
+    assert y.shape == (1, 1, n), y.shape
+    assert (y - x @ w.t()).abs().max() < 1e-4 * (x @ w.t()).abs().max(), (n, k)
+    q, s = int8_quantize(w)
+    dense8 = q.float() * s[:, None]
+    # int8 rows of whole groups of 32 meet x rounded to int8 per group (dp4a), exactly so and close to x as it
+    # is; other lengths take x as it is
+    act = int8_groups if k % 32 == 0 else (lambda v: v)
+    ref, exact = act(x) @ dense8.t(), x @ dense8.t()
+    assert (gemv(x, q, s) - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
+    assert (gemv(x, q, s) - exact).abs().max() < 2e-2 * exact.abs().max(), (n, k)
+    norm = RMSNorm(k, 1e-5)
+    norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+    ref = norm(x * 3) @ w.t()
+    y = gemv(x * 3, w, norm_weight=norm.weight, eps=norm.eps)
+    assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
+    gate_up, r = torch.randn(1, 1, 2 * k, generator=g), torch.randn(1, 1, n, generator=g)
+    ref = r + act(torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]) @ dense8.t()
+    y = gemv(gate_up, q, s, gated=True, residual=r)
+    assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
+# int4 groups of 32 (words for dp4a, x in int8 per group): exactly the int8-activation arithmetic, and close to
+# the dequantized matrix's product
+from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words
 
 for n, k in ((40, 288), (3, 64), (70, 1024)):
     w = torch.randn(n, k, generator=g)
@@ -356,8 +362,9 @@ args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
 tokens = torch.tensor([[5, 17, 99, 3, 250, 7], [1, 2, 3, 4, 5, 6], [300, 8, 8, 8, 41, 0]])
 state = random_state_dict(args)
-# int8: the plain path rounds activations to the scales' dtype (bf16) first, the kernel sums in fp32
-for quantize, tolerance in (("none", 1e-5), ("int8", 1e-2)):
+# int8: the plain path rounds activations to the scales' dtype (bf16) first, the kernel sums in fp32, and for one
+# row takes x rounded to int8 per group of 32 (that arithmetic exactly: the gemv test)
+for quantize, tolerance in (("none", 1e-5), ("int8", 3e-2)):
     config = LoadConfig(dtype="float32", quantize=quantize, n_ctx=16, max_batch_size=3)
     plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
     for kernels in (Kernels("triton", gemv=True, row_kernels=True), Kernels("triton"), Kernels("sdpa", gemv=True),
@@ -428,7 +435,8 @@ for kernels in (Kernels("triton", gemv=True, row_kernels=True, quantized=True), 
         for name, model in (("fused", fused), ("plain", plain)):
             logits[name] = torch.cat([model(rows[:, i:i + 1], i) for i in range(rows.shape[1])], dim=1)
         err = (logits["fused"] - logits["plain"]).abs().max() / logits["plain"].abs().max()
-        assert err < 1e-5, (kernels, len(rows), err)
+        # one row meets x rounded to int8 per group of 32 in the kernel (exactly so: the gemv test), several do not
+        assert err < (2e-2 if len(rows) == 1 else 1e-5), (kernels, len(rows), err)
     want = plain(prompt, 0)  # more rows than the tensor-core kernel takes: the dequantized matrix's product
     assert (fused(prompt, 0) - want).abs().max() < 1e-5 * want.abs().max(), kernels
 print("ok")

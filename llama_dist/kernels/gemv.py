@@ -12,9 +12,12 @@ autotuned per shape; int4's may also share a row's inputs out over several progr
 in a fixed order), so that matrices of few rows fill the GPU with tiles tall enough to round x to int8 for many
 rows at once.
 
-int8 is converted in registers without the GPU's int-to-float instruction, which runs at a quarter of the
-others' rate: a small integer v added to the bits of 2^23 + 2^22 is that float plus v, so one integer add and
-one float subtraction give v exactly (`_exact_float`).
+int8 rows whose length is whole groups of 32 are read four weights to a word and multiplied the same way, against
+x rounded to int8 per group of 32 (llama.cpp's Q8_0 x Q8_1), the row scale applied to the finished sum: about a
+third of the instructions per weight of converting each weight to float (benchmarks/kernel_ptx.py). Other
+lengths keep x as it is and convert int8 in registers without the GPU's int-to-float instruction, which runs at a
+quarter of the others' rate: a small integer v added to the bits of 2^23 + 2^22 is that float plus v, so one
+integer add and one float subtraction give v exactly (`_exact_float`).
 
 A decode step's other kernels (RMSNorm, SwiGLU, residual adds) each cost a launch and a few
 microseconds for a few kilobytes; here they cost nothing:

@@ -15,7 +15,7 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warp
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                               (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))
             for s in (2, 4)]
-# int4: x is rounded to int8 per tile by every program, work as large as a few rows' weights, so tall tiles, and
+# int4 (and int8 against 8-bit inputs): x is rounded to int8 per tile by every program, work as large as a few rows' weights, so tall tiles, and
 # the inputs split over several programs where that leaves too few of them (4096-row matrices)
 _INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
                  for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
@@ -79,28 +79,48 @@ def _publish(peers_ptr, arrivals_ptr, site, WORLD: tl.constexpr):
 
 
 @triton.jit
-def _dp4a(a, b, c):
-    """c + the dot product of a's four unsigned bytes with b's four signed bytes, in one instruction (dp4a)."""
+def _dp4a(a, b, c, SIGNED: tl.constexpr = False):
+    """c + the dot product of a's four unsigned (SIGNED: signed) bytes with b's four signed bytes, in one
+    instruction (dp4a)."""
     if _PTX:
-        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
-                                         is_pure=True, pack=1)
+        op: tl.constexpr = "dp4a.s32.s32 $0, $1, $2, $3;" if SIGNED else "dp4a.u32.s32 $0, $1, $2, $3;"
+        return tl.inline_asm_elementwise(op, "=r,r,r,r", [a, b, c], dtype=tl.int32, is_pure=True, pack=1)
     total = c
     for i in tl.static_range(4):
-        total += ((a >> (8 * i)) & 0xFF) * ((b << (24 - 8 * i)) >> 24)
+        byte = ((a << (24 - 8 * i)) >> 24) if SIGNED else ((a >> (8 * i)) & 0xFF)
+        total += byte * ((b << (24 - 8 * i)) >> 24)
     return total
 
 
 @triton.jit
-def _quantize_groups(x, BLOCK_K: tl.constexpr):
-    """A tile of x [BLOCK_K] to int8 in groups of 32 (the weights' groups), packed for dp4a against int4 words:
-    (the words of inputs 8j..8j+3, of 8j+4..8j+7, each group's scale, each group's sum of the int8 values)."""
+def _int8_words(x, BLOCK_K: tl.constexpr):
+    """A tile of x [BLOCK_K] to int8 in groups of 32, four to a word: (the words of inputs 4j..4j+3 [BLOCK_K / 4],
+    each group's scale, each group's sum of its int8 values)."""
     groups = tl.reshape(x, (BLOCK_K // 32, 32))
     scale = tl.max(tl.abs(groups), axis=1) / 127.0
     q = tl.floor(groups * tl.where(scale > 0, 1.0 / scale, 0.0)[:, None] + 0.5).to(tl.int32)
     # four bytes to a word: disjoint bits, so the sum is the bitwise or
     words = tl.sum(tl.reshape(q & 0xFF, (BLOCK_K // 4, 4)) << (8 * tl.arange(0, 4))[None, :], axis=1)
+    return words, scale, tl.sum(q, axis=1)
+
+
+@triton.jit
+def _quantize_groups(x, BLOCK_K: tl.constexpr):
+    """_int8_words packed for dp4a against int4 words: (the words of inputs 8j..8j+3, of 8j+4..8j+7, each group's
+    scale, each group's sum of the int8 values)."""
+    words, scale, sums = _int8_words(x, BLOCK_K)
     low, high = tl.split(tl.reshape(words, (BLOCK_K // 8, 2)))
-    return low, high, scale, tl.sum(q, axis=1)
+    return low, high, scale, sums
+
+
+@triton.jit
+def _int8_groups_product(w, x, BLOCK_K: tl.constexpr):
+    """Each row's product with x over this tile's groups of 32 [BLOCK_N, BLOCK_K / 32], before the row scales:
+    int8 words w (inputs 4j..4j+3 in word j) against x in int8 per group (dp4a, signed), times x's group scales."""
+    x_words, x_scale, _ = _int8_words(x, BLOCK_K)
+    dots = _dp4a(w, tl.broadcast_to(x_words[None, :], w.shape), tl.zeros_like(w), SIGNED=True)
+    sums = tl.sum(tl.reshape(dots, (w.shape[0], BLOCK_K // 32, 8)), axis=2)
+    return x_scale[None, :] * sums.to(tl.float32)
 
 
 @triton.jit
@@ -128,9 +148,15 @@ def _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, K, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _weights(w_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, BLOCK_K: tl.constexpr):
-    """This tile of W: [BLOCK_N, BLOCK_K] values, or for INT4 [BLOCK_N, BLOCK_K / 8] words of 8 inputs."""
-    if INT4:
+def _weights(w_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, DP4A: tl.constexpr, BLOCK_K: tl.constexpr):
+    """This tile of W: [BLOCK_N, BLOCK_K] values, or for INT4 [BLOCK_N, BLOCK_K / 8] words of 8 inputs, or for
+    DP4A (int8) [BLOCK_N, BLOCK_K / 4] words of 4."""
+    if DP4A:
+        cols = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        words = tl.multiple_of(K // 4, 4)  # (K is whole groups of 32: 16-byte loads)
+        w = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * words + cols[None, :],
+                    mask=row_ok[:, None] & (cols < words)[None, :], other=0)
+    elif INT4:
         cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         words = tl.multiple_of(K // 8, 4)  # (K is whole groups of 32: rows start 16-byte aligned, loads take 16 bytes)
         w = tl.load(w_ptr + rows[:, None] * words + cols[None, :], mask=row_ok[:, None] & (cols < words)[None, :],
@@ -143,8 +169,8 @@ def _weights(w_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, BLOCK_K: tl.constex
 
 @triton.jit
 def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
-                SCALED: tl.constexpr, INT4: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-                WORLD: tl.constexpr, X_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
+                SCALED: tl.constexpr, INT4: tl.constexpr, DP4A: tl.constexpr, NORM: tl.constexpr,
+                GATED: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, BLOCK_K: tl.constexpr):
     """One tile of the product: acc += w times the tile of x (normed, gated), squares += its squares for NORM."""
     cols = k0 + tl.arange(0, BLOCK_K)
     if X_SLOTS:
@@ -159,6 +185,8 @@ def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, row
         x = x * tl.load(g_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     if INT4:
         acc += _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, K, BLOCK_K)
+    elif DP4A:
+        acc += _int8_groups_product(w, x, BLOCK_K)
     else:
         acc += (_exact_float(w.to(tl.int32)) if SCALED else w.to(tl.float32)) * x[None, :]
     return acc, squares
@@ -167,11 +195,12 @@ def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, row
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, tickets_ptr,
                  slots_ptr, counters_ptr, arrivals_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
-                 SCALED: tl.constexpr, INT4: tl.constexpr, NORM: tl.constexpr, GATED: tl.constexpr,
-                 RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr,
+                 SCALED: tl.constexpr, INT4: tl.constexpr, DP4A: tl.constexpr, NORM: tl.constexpr,
+                 GATED: tl.constexpr, RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr,
                  Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """W [N, K] dense, or int8 times one scale per row s[N] when SCALED, or when INT4 int4 words [N, K / 8] with
-    (scale, zero) per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
+    """W [N, K] dense, or int8 times one scale per row s[N] when SCALED (DP4A: against x in int8 per group of 32,
+    four products per instruction: _int8_groups_product), or when INT4 int4 words [N, K / 8] with (scale, zero)
+    per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
     RMS-normalised with weight g[K]; GATED: x is [gate, up] of 2K and the input is silu(gate) * up; RESIDUAL: y += r.
 
     Peer slots (WORLD ranks; peer_memory.py): X_SLOTS: x is site x_site's sum (waited for); R_SLOTS: r is site
@@ -185,21 +214,21 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     block = tl.program_id(0)
     rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 32 if INT4 else BLOCK_K), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K // 32 if INT4 or DP4A else BLOCK_K), dtype=tl.float32)
     squares = tl.zeros((BLOCK_K,), dtype=tl.float32)
     k_step = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_next = tl.program_id(1) * k_step
     k_end = tl.minimum(k_next + k_step, K)
     if X_SLOTS:  # the first tile of weights streams in while the peers' parts arrive
-        w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, BLOCK_K)
+        w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, DP4A, BLOCK_K)
         _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
         acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
-                                   N, K, SCALED, INT4, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
+                                   N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
         k_next += BLOCK_K
     for k0 in range(k_next, k_end, BLOCK_K):
-        w = _weights(w_ptr, rows, row_ok, k0, K, INT4, BLOCK_K)
+        w = _weights(w_ptr, rows, row_ok, k0, K, INT4, DP4A, BLOCK_K)
         acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
-                                   SCALED, INT4, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
+                                   SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
     y = tl.sum(acc, axis=1)
     square_sum = tl.sum(squares, axis=0)
     if SPLIT_K > 1:  # each part to its own place, summed in a fixed order: the same result every run
@@ -285,9 +314,14 @@ def _split_sums(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _tuned(w: torch.Tensor):
-    """The autotuned kernel for this weight's format (int4 words have configs of their own) and the tile the
-    interpreter takes instead of tuning."""
-    return (_gemv_int4, _INT4_FIXED) if w.dtype == torch.int32 else (_gemv, _FIXED)
+    """The autotuned kernel for this weight's format (int4 words and int8 against 8-bit inputs have configs of
+    their own) and the tile the interpreter takes instead of tuning."""
+    return (_gemv_int4, _INT4_FIXED) if w.dtype == torch.int32 or _dp4a_rows(w) else (_gemv, _FIXED)
+
+
+def _dp4a_rows(w: torch.Tensor) -> bool:
+    """int8 rows whose inputs are whole groups of 32: read four to a word against x rounded to int8 per group."""
+    return w.dtype == torch.int8 and w.shape[1] % 32 == 0
 
 
 def _shape(w: torch.Tensor) -> tuple[int, int]:
@@ -298,7 +332,8 @@ def _shape(w: torch.Tensor) -> tuple[int, int]:
 
 def _format(w: torch.Tensor, scaled: bool) -> dict:
     """The kernel's format flags, from the weight's dtype: int8 rows with scales, int32 int4 words, or dense."""
-    return {"SCALED": scaled and w.dtype == torch.int8, "INT4": w.dtype == torch.int32}
+    int8 = scaled and w.dtype == torch.int8
+    return {"SCALED": int8, "INT4": w.dtype == torch.int32, "DP4A": int8 and _dp4a_rows(w)}
 
 
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
