@@ -23,12 +23,14 @@ from .gemv import INTERPRETED, bf16_tensor_cores, on_cpp_kernels
 def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
+    global _await_inputs, _release_dependents  # (the kernel's helpers: the interpreter looks names up there)
     if not bf16_tensor_cores():
         return False
     try:
         import triton
         import triton.language as tl
 
+        from .gemv_triton import _await_inputs, _release_dependents, pdl_launch
         from .tuning import autotune
     except ImportError:
         return False
@@ -43,6 +45,7 @@ def load() -> bool:
         slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]."""
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         n_kv = tl.num_programs(1)
+        _await_inputs()  # (a programmatic dependent of the q/k/v product: nothing read before it)
         last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
         reps, dims, pairs = tl.arange(0, BLOCK_R), tl.arange(0, HEAD_DIM), tl.arange(0, HEAD_DIM // 2)
         row = qkv_ptr + b * (n_kv * (N_REP + 2) * HEAD_DIM)
@@ -82,6 +85,7 @@ def load() -> bool:
             total = total * shrink + tl.sum(weights, axis=1)
             acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values)
             top = new_top
+        _release_dependents()
         out = acc / total[:, None]
         o_at = b * (n_kv * N_REP * HEAD_DIM) + q_at
         tl.store(o_ptr + o_at, out.to(o_ptr.dtype.element_ty), mask=(reps < N_REP)[:, None])
@@ -102,7 +106,7 @@ def load() -> bool:
         torch.library.wrap_triton(kernel)[(bsz, n_kv)](
             qkv, rope, cache_k, cache_v, block_table, slots, pos, out, cache_k.stride(0), cache_k.stride(1),
             cache_k.stride(2), block_table.stride(0), head_dim ** -0.5, N_REP=n_rep, HEAD_DIM=head_dim,
-            KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)), **fixed)
+            KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)), **fixed, **pdl_launch())
         return out
 
     return True

@@ -19,6 +19,10 @@ lengths keep x as it is and convert int8 in registers without the GPU's int-to-f
 quarter of the others' rate: a small integer v added to the bits of 2^23 + 2^22 is that float plus v, so one
 integer add and one float subtraction give v exactly (`_exact_float`).
 
+On Hopper and later GPUs the products and the decode attention are launched as programmatic dependents: each
+starts while the kernel before it ends, streams its first tile of weights, and waits (griddepcontrol) only
+before reading what that kernel wrote, so a step's ~190 launches do not each leave the GPU idle between them.
+
 A decode step's other kernels (RMSNorm, SwiGLU, residual adds) each cost a launch and a few
 microseconds for a few kilobytes; here they cost nothing:
 - RMSNorm before the product: x * g per column as x streams in, its sum of squares in the same loop,

@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..distributed.peer_memory import PeerSlots
 from .gemv import INTERPRETED
@@ -43,6 +44,32 @@ def _peer_sum(peer_slots_ptr, site, offsets, mask, DIM, WORLD: tl.constexpr):
 
 
 _PTX = tl.constexpr(not INTERPRETED)  # the interpreter runs no inline PTX: it takes the same arithmetic by hand
+# programmatic dependent launch (griddepcontrol): Hopper (sm_90) and later, every GPU here
+_PDL = not INTERPRETED and torch.cuda.is_available() and min(
+    torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())) >= (9, 0)
+_GDC = tl.constexpr(_PDL)
+
+
+@triton.jit
+def _await_inputs():
+    """Wait until the kernel before this one has finished and its writes are visible. Launched as a programmatic
+    dependent (PDL), a kernel may start while the one before it ends; everything before this wait must read only
+    what no kernel of the step writes (the weights). Without PDL it returns at once."""
+    if _GDC:
+        gdc_wait()
+
+
+@triton.jit
+def _release_dependents():
+    """Let the kernel after this one start (its weights streaming in) while this one finishes."""
+    if _GDC:
+        gdc_launch_dependents()
+
+
+def pdl_launch() -> dict:
+    """Launch options for kernels that call _await_inputs first: PDL on Hopper and later GPUs, outside
+    torch.compile (whose launcher takes no such option)."""
+    return {"launch_pdl": True} if _PDL and not torch.compiler.is_compiling() else {}
 
 
 @triton.jit
@@ -219,16 +246,18 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     k_step = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_next = tl.program_id(1) * k_step
     k_end = tl.minimum(k_next + k_step, K)
-    if X_SLOTS:  # the first tile of weights streams in while the peers' parts arrive
-        w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, DP4A, BLOCK_K)
+    # the first tile of weights streams in while the kernel before this one ends (PDL) and the peers' parts arrive
+    w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, DP4A, BLOCK_K)
+    _await_inputs()
+    if X_SLOTS:
         _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
-        acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
-                                   N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
-        k_next += BLOCK_K
-    for k0 in range(k_next, k_end, BLOCK_K):
+    acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
+                               N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
+    for k0 in range(k_next + BLOCK_K, k_end, BLOCK_K):
         w = _weights(w_ptr, rows, row_ok, k0, K, INT4, DP4A, BLOCK_K)
         acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
                                    SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
+    _release_dependents()
     y = tl.sum(acc, axis=1)
     square_sum = tl.sum(squares, axis=0)
     if SPLIT_K > 1:  # each part to its own place, summed in a fixed order: the same result every run
@@ -349,7 +378,7 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
         **_format(w, scaled), NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
-        Y_SLOTS=False, **fixed)
+        Y_SLOTS=False, **fixed, **pdl_launch())
     return y
 
 
@@ -395,7 +424,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
         **_format(w, scales is not None), NORM=norm_weight is not None, GATED=gated,
         RESIDUAL=residual is not None,
         WORLD=peer.world_size, X_SLOTS=x_site is not None, R_SLOTS=r_site is not None,
-        Y_SLOTS=y_site is not None, **tile)
+        Y_SLOTS=y_site is not None, **tile, **pdl_launch())
     return y
 
 
