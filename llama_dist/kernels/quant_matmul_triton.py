@@ -19,7 +19,7 @@ def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLO
     [N, K / 8] (byte b of word j: input 8j + b in its low nibble, 8j + 4 + b in its high one) and (scale, zero)
     [K / 32, N, 2]: value = (q - 8) * scale + zero. Whole words and one pair per group are loaded (an
     element-wise kernel that loads a word per value ran at half the speed)."""
-    words = _weights(w_ptr, rows, row_ok, k0, K, True, BLOCK_K)
+    words = _weights(w_ptr, rows, row_ok, k0, K, True, False, BLOCK_K)
     i = tl.arange(0, 8)  # input 8j + i sits at bit 8 (i % 4) + 4 (i // 4) of word j
     q = (words[:, :, None] >> (8 * (i % 4) + 4 * (i // 4))[None, None, :]) & 0xF
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -107,7 +107,7 @@ def _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr
     word, or'ed into 0x4300 halves, are the bf16 pair 128 + q; one bf16x2 fused multiply-add takes 136 off
     (exact), another gives (q - 8) * scale + zero rounded once. Per weight a shift, a mask and an or per two, and
     two multiply-adds per two: no conversion instruction. (scale, zero) pairs [K / 32, N, 2] must be bf16."""
-    words = _weights(w_ptr, rows, row_ok, k0, K, True, BLOCK_K)
+    words = _weights(w_ptr, rows, row_ok, k0, K, True, False, BLOCK_K)
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     ok = row_ok[:, None] & (groups < K // 32)[None, :]  # (a masked pair read past the end could be a NaN)
     pair = tl.load(sz_ptr.to(tl.pointer_type(tl.int32)) + groups[None, :] * N + rows[:, None], mask=ok, other=0)
