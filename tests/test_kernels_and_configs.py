@@ -21,8 +21,9 @@ from .helpers import TINY_GQA, random_state_dict
 def test_switches_are_read_from_the_environment_given():
     assert read_settings({}) == read_settings({"LLAMA_DIST_GEMV": "1"})
     s = read_settings({"LLAMA_DIST_GEMV": "0", "LLAMA_DIST_ATTENTION": "0", "LLAMA_DIST_SYMM_MEM": "0",
-                       "LLAMA_DIST_CPU_KERNELS": "scalar", "LLAMA_DIST_TIMEOUT": "7"})
-    assert (s.gemv, s.attention, s.symm_mem, s.cpu_kernels, s.timeout_s) == (False, False, False, "scalar", 7.0)
+                       "LLAMA_DIST_PDL": "0", "LLAMA_DIST_CPU_KERNELS": "scalar", "LLAMA_DIST_TIMEOUT": "7"})
+    assert (s.gemv, s.attention, s.symm_mem, s.pdl, s.cpu_kernels, s.timeout_s) == (False, False, False, False,
+                                                                                    "scalar", 7.0)
     assert read_settings({"LLAMA_DIST_CPU_KERNELS": "0"}).cpu_kernels == "off"
 
 

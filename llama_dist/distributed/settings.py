@@ -4,6 +4,8 @@
     LLAMA_DIST_HEARTBEAT_TIMEOUT  seconds a rank on another machine may stay silent before it is dead (10)
     LLAMA_DIST_GEMV=0             CUDA: no Triton one-row matmul kernel (norm/SwiGLU/residual folded in)
     LLAMA_DIST_ATTENTION=0        CUDA: no Triton decode-attention kernel (SDPA instead)
+    LLAMA_DIST_PDL=0              CUDA sm_90+: our decode kernels launched plainly, not as programmatic dependents
+                                  (each starting while the one before it ends)
     LLAMA_DIST_SYMM_MEM=0         CUDA, tensor-parallel: all-reduces through NCCL, not in-kernel sums through peer
                                   slots (one row) or a symmetric-memory one-shot (compiled graphs)
     LLAMA_DIST_CPU_KERNELS=0|avx2|scalar  CPUs: no C++ kernels, or their AVX2 build (not AVX-512 VNNI), or their
@@ -24,6 +26,7 @@ class Settings:
     heartbeat_timeout_s: float = 10.0
     gemv: bool = True
     attention: bool = True
+    pdl: bool = True
     symm_mem: bool = True
     cpu_kernels: str = "auto"  # "auto" (the CPU's best: AVX-512 VNNI, AVX2), "avx2", "scalar" or "off"
 
@@ -38,5 +41,6 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     cpu = env.get("LLAMA_DIST_CPU_KERNELS", "")
     return Settings(timeout_s=float(env.get("LLAMA_DIST_TIMEOUT", 300)),
                     heartbeat_timeout_s=float(env.get("LLAMA_DIST_HEARTBEAT_TIMEOUT", 10)),
-                    gemv=on("LLAMA_DIST_GEMV"), attention=on("LLAMA_DIST_ATTENTION"), symm_mem=on("LLAMA_DIST_SYMM_MEM"),
+                    gemv=on("LLAMA_DIST_GEMV"), attention=on("LLAMA_DIST_ATTENTION"), pdl=on("LLAMA_DIST_PDL"),
+                    symm_mem=on("LLAMA_DIST_SYMM_MEM"),
                     cpu_kernels={"0": "off", "avx2": "avx2", "scalar": "scalar"}.get(cpu, "auto"))

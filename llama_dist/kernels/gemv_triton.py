@@ -9,6 +9,7 @@ from torch._subclasses.fake_tensor import is_fake
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..distributed.peer_memory import PeerSlots
+from ..distributed.settings import read_settings
 from .gemv import INTERPRETED
 from .tuning import autotune
 
@@ -44,8 +45,8 @@ def _peer_sum(peer_slots_ptr, site, offsets, mask, DIM, WORLD: tl.constexpr):
 
 
 _PTX = tl.constexpr(not INTERPRETED)  # the interpreter runs no inline PTX: it takes the same arithmetic by hand
-# programmatic dependent launch (griddepcontrol): Hopper (sm_90) and later, every GPU here
-_PDL = not INTERPRETED and torch.cuda.is_available() and min(
+# programmatic dependent launch (griddepcontrol): Hopper (sm_90) and later, every GPU here, unless LLAMA_DIST_PDL=0
+_PDL = not INTERPRETED and read_settings().pdl and torch.cuda.is_available() and min(
     torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())) >= (9, 0)
 _GDC = tl.constexpr(_PDL)
 
