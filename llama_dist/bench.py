@@ -164,6 +164,8 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     result = {"config": str(config if not model else model), "world_size": ctx.world_size, "pp": ctx.pp_size,
               "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
               "load_s": time.perf_counter() - start, "quantize": load.quantize, "compile": load.compile}
+    if ctx.device.type == "cuda":  # what the model holds on the GPU: weights in every form its kernels keep
+        result["gpu_memory_gb"] = torch.cuda.memory_allocated(ctx.device) / 1e9
     weight_bytes = sum(t.nbytes for t in {t.data_ptr(): t for t in m.state_dict().values()}.values())
     bw = read_bandwidth(ctx.device, 2.0 if ctx.device.type == "cuda" else 0.5)
     result.update(weight_bytes_per_rank=weight_bytes, read_bandwidth_gbs=bw / 1e9, ceiling_tok_s=bw / weight_bytes)
