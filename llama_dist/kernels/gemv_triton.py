@@ -17,8 +17,8 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warp
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                               (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))
             for s in (2, 4)]
-# int4 (and int8 against 8-bit inputs): x is rounded to int8 per tile by every program, work as large as a few rows' weights, so tall tiles, and
-# the inputs split over several programs where that leaves too few of them (4096-row matrices)
+# int4 (and int8 against 8-bit inputs): every program rounds x to int8 per tile, work as large as a few rows'
+# weights, so tall tiles, and the inputs split over several programs where that leaves too few (4096 rows)
 _INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
                  for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
                                        (16, 512, 2, 4), (32, 256, 2, 8), (32, 512, 2, 8), (64, 256, 2, 8),
@@ -224,8 +224,9 @@ def _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, row
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, tickets_ptr,
                  slots_ptr, counters_ptr, arrivals_ptr, peers_ptr, epoch_ptr, x_site, r_site, y_site, rank,
                  SCALED: tl.constexpr, INT4: tl.constexpr, DP4A: tl.constexpr, NORM: tl.constexpr,
-                 GATED: tl.constexpr, RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr, R_SLOTS: tl.constexpr,
-                 Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+                 GATED: tl.constexpr, RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr,
+                 R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED (DP4A: against x in int8 per group of 32,
     four products per instruction: _int8_groups_product), or when INT4 int4 words [N, K / 8] with (scale, zero)
     per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
