@@ -4,12 +4,11 @@ on one GPU.
     python benchmarks/gemv_kernels.py [--dim 4096 --hidden 11008 --vocab 32000 --rows "(8,32,512)"]
 
 One row, for each weight shape of a decoded token (fused q/k/v, wo, fused w1/w3, w2, output): bf16 with our kernel
-vs F.linear (cuBLAS) vs inductor's compiled F.linear; int8 with our kernel vs inductor's fused
-dequantize-and-matmul; int4 (groups of 32) with our kernel (8-bit activations, dp4a) vs PyTorch's
-`_weight_int4pack_mm`. Then several
-rows: bf16 cuBLAS beside int8 through our tensor-core kernel and through its converted matrix with cuBLAS (the
-plain module's way) or through our element-wise dequantizing kernel, and int4 through PyTorch's kernel and
-through its matrix dequantized from the words by ours, with cuBLAS. Each in GB/s of weights read and as a fraction of the
+vs F.linear (cuBLAS) vs inductor's compiled F.linear; int8 with our kernel (8-bit activations, dp4a) vs
+inductor's fused dequantize-and-matmul; int4 (groups of 32) with our kernel (8-bit activations, dp4a) vs
+PyTorch's `_weight_int4pack_mm`. Then several rows: bf16 cuBLAS beside int8 and int4 through our tensor-core
+kernel, through their matrix dequantized by our kernel with cuBLAS, int8 through its converted matrix with cuBLAS
+(the plain module's way) and int4 through PyTorch's kernel. Each in GB/s of weights read and as a fraction of the
 measured read bandwidth, timed with CUDA
 graphs over rotating copies (so the weights come from memory, not L2), with each result's error against an fp32
 reference (GPU-only check).
