@@ -49,8 +49,7 @@ def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, ROWS_BUCKET, INT4:
         elif INT4:
             w = _int4_tile(w_ptr, s_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
         else:
-            w = _exact_float(tl.load(w_ptr + cols[:, None] * K + ks[None, :],
-                                     mask=(cols < N)[:, None] & (ks < K)[None, :], other=0).to(tl.int32))
+            w = _exact_float(_weights(w_ptr, cols, cols < N, k0, K, False, False, BLOCK_K).to(tl.int32))
         if _PTX:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         else:  # the interpreter multiplies bf16 tiles as their bit patterns
@@ -61,34 +60,19 @@ def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, ROWS_BUCKET, INT4:
              mask=(rows < M)[:, None] & (cols < N)[None, :])
 
 
-_BF16_PAIRS = tl.constexpr("""{
-.reg .b32 one, off, p;
-mov.b32 one, 0x3F803F80;
-mov.b32 off, 0xC308C308;
-and.b32 p, $8, 0x000F000F;
-or.b32 p, p, 0x43004300;
-fma.rn.bf16x2 p, p, one, off;
-fma.rn.bf16x2 p, p, $9, $10;
-mov.b32 {$0, $2}, p;
-shr.u32 p, $8, 4;
-and.b32 p, p, 0x000F000F;
-or.b32 p, p, 0x43004300;
-fma.rn.bf16x2 p, p, one, off;
-fma.rn.bf16x2 p, p, $9, $10;
-mov.b32 {$4, $6}, p;
-shr.u32 p, $8, 8;
-and.b32 p, p, 0x000F000F;
-or.b32 p, p, 0x43004300;
-fma.rn.bf16x2 p, p, one, off;
-fma.rn.bf16x2 p, p, $9, $10;
-mov.b32 {$1, $3}, p;
-shr.u32 p, $8, 12;
-and.b32 p, p, 0x000F000F;
-or.b32 p, p, 0x43004300;
-fma.rn.bf16x2 p, p, one, off;
-fma.rn.bf16x2 p, p, $9, $10;
-mov.b32 {$5, $7}, p;
-}""")
+def _bf16_pairs_asm() -> str:
+    """The PTX behind _int4_tile_bf16, for one word $8 with (scale, scale) $9 and (zero, zero) $10: for each shift
+    s, the nibbles at bits s and 16 + s (inputs i and i + 2 of the word's 8) become the bf16 pair 128 + q by bit
+    patterns, less 136 exactly, then times the scale plus the zero, rounded once, into outputs $i and $(i + 2)."""
+    lines = [".reg .b32 one, off, p;", "mov.b32 one, 0x3F803F80;", "mov.b32 off, 0xC308C308;"]
+    for shift, low in ((0, 0), (4, 4), (8, 1), (12, 5)):
+        lines += [f"shr.u32 p, $8, {shift};", "and.b32 p, p, 0x000F000F;"] if shift else ["and.b32 p, $8, 0x000F000F;"]
+        lines += ["or.b32 p, p, 0x43004300;", "fma.rn.bf16x2 p, p, one, off;", "fma.rn.bf16x2 p, p, $9, $10;",
+                  f"mov.b32 {{${low}, ${low + 2}}}, p;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_BF16_PAIRS = tl.constexpr(_bf16_pairs_asm())
 
 
 @triton.jit
@@ -144,7 +128,7 @@ def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: 
     if INT4:
         y = _int4_tile(w_ptr, sz_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
     else:
-        y = _exact_float(tl.load(w_ptr + rows[:, None] * K + ks[None, :], mask=ok, other=0).to(tl.int32))
+        y = _exact_float(_weights(w_ptr, rows, rows < N, k0, K, False, False, BLOCK_K).to(tl.int32))
     tl.store(y_ptr + rows[:, None] * K + ks[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
