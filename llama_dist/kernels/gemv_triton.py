@@ -328,19 +328,20 @@ _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter
 _SPLIT_SUMS: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
-def _split_sums(x: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(partial sums [>= _MAX_SPLIT x 2n] fp32, zeroed tickets [>= n] int32) for split-K launches on x's device,
-    which leave the tickets zeroed; one pair per device, as launches on it run one after another. A larger pair is
-    added when needed, the old ones kept: CUDA graphs captured earlier still point at them. Traced by
-    torch.compile (fake tensors), a pair of the compiled graph's own (a kept one would be a fake tensor)."""
+def split_sums(x: torch.Tensor, sums: int, tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial sums [>= sums] fp32, zeroed tickets [>= tickets] int32) for split-K launches on x's device, which
+    leave the tickets zeroed; one pair per device, as launches on it run one after another. A larger pair is added
+    when needed, the old ones kept: CUDA graphs captured earlier still point at them. Traced by torch.compile
+    (fake tensors), a pair of the compiled graph's own (a kept one would be a fake tensor)."""
     if is_fake(x):
-        return (torch.empty(_MAX_SPLIT * 2 * n, dtype=torch.float32, device=x.device),
-                torch.zeros(n, dtype=torch.int32, device=x.device))
+        return (torch.empty(sums, dtype=torch.float32, device=x.device),
+                torch.zeros(tickets, dtype=torch.int32, device=x.device))
     buffers = _SPLIT_SUMS.setdefault(x.device, [])
-    if not buffers or buffers[-1][1].numel() < n:
-        size = max(n, 1 << 16)
-        buffers.append((torch.empty(_MAX_SPLIT * 2 * size, dtype=torch.float32, device=x.device),
-                        torch.zeros(size, dtype=torch.int32, device=x.device)))
+    if not buffers or buffers[-1][0].numel() < sums or buffers[-1][1].numel() < tickets:
+        last = (buffers[-1][0].numel(), buffers[-1][1].numel()) if buffers else (0, 0)
+        sums, tickets = max(sums, last[0], _MAX_SPLIT * 2 << 16), max(tickets, last[1], 1 << 16)
+        buffers.append((torch.empty(sums, dtype=torch.float32, device=x.device),
+                        torch.zeros(tickets, dtype=torch.int32, device=x.device)))
     return buffers[-1]
 
 
@@ -375,7 +376,7 @@ def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight:
     says its format: int8 with per-row scales, int32 int4 words with group scales (both `scaled`), or dense."""
     n, k = _shape(w)
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    sums, tickets = _split_sums(x, n)
+    sums, tickets = split_sums(x, _MAX_SPLIT * 2 * n, n)
     kernel, fixed = _tuned(w)
     torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
@@ -416,7 +417,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
     add = residual is not None or r_site is not None
     tile = _tile(w, 2 * k if gated else k, dtype, scales is not None, norm_weight is not None, gated, add)
     y = torch.empty((1, n), dtype=dtype, device=w.device) if y_site is None else None
-    sums, tickets = _split_sums(w, n)
+    sums, tickets = split_sums(w, _MAX_SPLIT * 2 * n, n)
     _gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]), tile["SPLIT_K"])](
         stand_in if x is None else x, w, stand_in if scales is None else scales,
         stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,

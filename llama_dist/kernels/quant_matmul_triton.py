@@ -2,12 +2,14 @@
 when a model is given these kernels)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .gemv import INTERPRETED
-from .gemv_triton import _PTX, _exact_float, _weights
+from .gemv_triton import _PTX, _exact_float, _weights, split_sums
 from .tuning import autotune
 
 MAX_ROWS_BUCKET = 128  # autotuning keys on rows rounded up to a power of 2 up to this, so new batch sizes reuse a tuning
@@ -32,16 +34,21 @@ def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLO
 
 
 @triton.jit
-def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, ROWS_BUCKET, INT4: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sums_ptr, tickets_ptr, M, N, K, ROWS_BUCKET,
+                         INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         SPLIT_K: tl.constexpr):
     """y [M, N] = x [M, K] W^T, W's tiles converted in registers into a tensor-core product in x's dtype: int8 W
     [N, K] with one scale per row (int8 values are exact in bf16; the scales multiply the finished sums), or int4
     words [N, K / 8] with (scale, zero) per group of 32 (_int4_tile's values, rounded to x's dtype as the
-    dequantized matrix is)."""
+    dequantized matrix is). With SPLIT_K > 1 each program takes a part of K (so that matrices of few outputs
+    fill the GPU), writes its partial tile to sums [SPLIT_K, M, N] and takes a ticket in tickets[tile]; the last
+    of a tile's parts adds them in a fixed order (the same result every run) and leaves the ticket zeroed."""
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    k_step = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
+    k_first = tl.program_id(2) * k_step
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_first, tl.minimum(k_first + k_step, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
         if INT4 and x_ptr.dtype.element_ty == tl.bfloat16 and s_ptr.dtype.element_ty == tl.bfloat16:
@@ -54,10 +61,28 @@ def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, ROWS_BUCKET, INT4:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
         else:  # the interpreter multiplies bf16 tiles as their bit patterns
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)))
+    at = rows[:, None] * N + cols[None, :]
+    ok = (rows < M)[:, None] & (cols < N)[None, :]
+    if SPLIT_K > 1:
+        tl.store(sums_ptr + tl.program_id(2) * M * N + at, acc, mask=ok)
+        tl.debug_barrier()  # every thread's part before the ticket
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        if tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
+            tl.atomic_xchg(tickets_ptr + tile, 0, sem="relaxed")  # for the next launch
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for i in tl.static_range(SPLIT_K):  # (read from L2, where the other programs' parts land)
+                acc += tl.load(sums_ptr + i * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
+            _store_tile(acc, s_ptr, y_ptr, at, ok, cols, N, INT4)
+    else:
+        _store_tile(acc, s_ptr, y_ptr, at, ok, cols, N, INT4)
+
+
+@triton.jit
+def _store_tile(acc, s_ptr, y_ptr, at, ok, cols, N, INT4: tl.constexpr):
+    """The finished sums to y, times int8's row scales."""
     if not INT4:
         acc = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (cols < N)[None, :])
+    tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _bf16_pairs_asm() -> str:
@@ -133,19 +158,30 @@ def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: 
 
 
 def _fits(configs, named_args, **kwargs):
-    """No more rows to a tile than the bucket needs."""
-    rows = {**named_args, **kwargs}["ROWS_BUCKET"]
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, rows)] or configs[:1]
+    """No more rows to a tile than the bucket needs; parts of K only where the output tiles are too few to fill
+    the GPU."""
+    args = {**named_args, **kwargs}
+    rows, n = args["ROWS_BUCKET"], args["N"]
+    fit = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, rows)
+           and (c.kwargs["SPLIT_K"] == 1 or triton.cdiv(n, c.kwargs["BLOCK_N"]) < _sm_count())]
+    return fit or configs[:1]
 
 
-_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w in ((16, 64, 128, 4), (16, 128, 128, 4), (16, 64, 256, 4), (32, 64, 128, 4),
-                                  (32, 128, 128, 4), (64, 64, 128, 4), (64, 128, 128, 8))
-            for s in (3, 4)]
+@functools.cache
+def _sm_count() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, splits in ((16, 64, 128, 4, (1, 2, 4)), (16, 128, 128, 4, (1, 2, 4)),
+                                          (16, 64, 256, 4, (1, 2, 4)), (32, 64, 128, 4, (1, 2)),
+                                          (32, 128, 128, 4, (1,)), (64, 64, 128, 4, (1, 2)), (64, 128, 128, 8, (1,)))
+            for sk in splits for s in (3, 4)]
+_MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
 _DEQUANTIZE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                        for bn, bk, w in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (32, 256, 8))]
-if INTERPRETED:  # the interpreter cannot time configs: one tile
-    _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32}
+if INTERPRETED:  # the interpreter cannot time configs: one tile, K in two parts
+    _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}
     _dequantize, _DEQUANTIZE_FIXED = _dequantize_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
     _quant_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K", "INT4"],
@@ -154,26 +190,28 @@ else:
     _FIXED, _DEQUANTIZE_FIXED = {}, {}
 
 
+def _tiles_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int, int4: bool) -> torch.Tensor:
+    """The launch behind int8_matmul and int4_matmul."""
+    m, k = x.shape
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    sums, tickets = split_sums(x, _MAX_SPLIT * m * n, m * n)
+    bucket = min(MAX_ROWS_BUCKET, triton.next_power_of_2(m))
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])  # noqa
+    torch.library.wrap_triton(_quant_matmul)[grid](x, w, scales, y, sums, tickets, m, n, k, bucket, INT4=int4,
+                                                   **_FIXED)
+    return y
+
+
 @torch.library.triton_op("llama_dist::int8_matmul", mutates_args={})
 def int8_matmul_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [M, K] -> [M, N] through int8 q [N, K] with one scale per row [N]."""
-    (m, k), n = x.shape, q.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bucket = min(MAX_ROWS_BUCKET, triton.next_power_of_2(m))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    torch.library.wrap_triton(_quant_matmul)[grid](x, q, scales, y, m, n, k, bucket, INT4=False, **_FIXED)
-    return y
+    return _tiles_matmul(x, q, scales, q.shape[0], int4=False)
 
 
 @torch.library.triton_op("llama_dist::int4_matmul", mutates_args={})
 def int4_matmul_op(x: torch.Tensor, words: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] -> [M, N] through int4 words [N, K / 8] with (scale, zero) per group of 32 [K / 32, N, 2]."""
-    (m, k), n = x.shape, words.shape[0]
-    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    bucket = min(MAX_ROWS_BUCKET, triton.next_power_of_2(m))
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]))  # noqa: E731
-    torch.library.wrap_triton(_quant_matmul)[grid](x, words, scales_zeros, y, m, n, k, bucket, INT4=True, **_FIXED)
-    return y
+    return _tiles_matmul(x, words, scales_zeros, words.shape[0], int4=True)
 
 
 @torch.library.triton_op("llama_dist::dequantize", mutates_args={})
