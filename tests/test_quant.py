@@ -14,7 +14,8 @@ from llama_dist.distributed.context import init_distributed
 from llama_dist.checkpoint.bundled import bundled_model_path
 from llama_dist import csrc
 from llama_dist.parallel.layers import ShardedWeight
-from llama_dist.quant.weights import Int4Weight, Int8Weight, int4_dequantize, int4_quantize
+from llama_dist.quant.weights import (Int4Weight, Int8Weight, int4_dequantize, int4_from_words, int4_quantize,
+                                      int4_words)
 
 from .helpers import ROOT, WORKERS, check_all_ok, launch_ranks
 
@@ -52,6 +53,15 @@ def test_int4_roundtrip_error_is_half_a_step(weight, group):
     assert (err <= scales.repeat_interleave(group, dim=1) / 2 + 1e-5).all()
     # coarser groups, larger steps
     assert scales.mean() > 0
+
+
+def test_int4_words_give_back_their_values(weight):
+    """CUDA keeps int4 groups of 32 as our kernels' words only; PyTorch's packed copy, where it is needed, is
+    made from them."""
+    q, _, _ = int4_quantize(weight, 32)
+    words = int4_words(q)
+    assert words.dtype == torch.int32 and words.shape == (96, 256 // 8)
+    assert torch.equal(int4_from_words(words), q)
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "int4-torch-kernel"])

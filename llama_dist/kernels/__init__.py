@@ -124,13 +124,14 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
             _specialise(model.norm, invariant.RowKernelRMSNorm)
     if on_cpu and CppDecodeTransformer.runs(model):
         _specialise(model, CppDecodeTransformer).configure()
-    if kernels.quantized:
-        for layer in model.modules():
-            weight = layer.qweight if isinstance(layer, ShardedWeight) else None
-            if type(weight) is Int8Weight:  # (a tied one is seen twice)
-                _specialise(weight, quant_matmul.TritonInt8Weight)
-            elif type(weight) is Int4Weight and weight.gemv_operands() is not None:
-                _specialise(weight, quant_matmul.TritonInt4Weight)
+    for layer in model.modules():
+        weight = layer.qweight if isinstance(layer, ShardedWeight) else None
+        if kernels.quantized and type(weight) is Int8Weight:  # (a tied one is seen twice)
+            _specialise(weight, quant_matmul.TritonInt8Weight)
+        elif kernels.quantized and type(weight) is Int4Weight and weight.gemv_operands() is not None:
+            _specialise(weight, quant_matmul.TritonInt4Weight)
+        elif type(weight) is Int4Weight:
+            weight.pack_for_pytorch()
     if kernels.symm_mem and kernels.gemv and not on_cpu and PeerReducedTransformer.runs(model):
         peer = model.comm.peer_slots(2 * len(model.layers), model.args.dim, model.act_dtype, model.device)
         if peer is not None:

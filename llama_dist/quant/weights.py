@@ -7,9 +7,10 @@ GGUF's Q4_0, Q4_1 and Q4_K blocks, so those load without requantization.
 Kernels: on CPUs, int4 groups of 32 become Q4_1 blocks for our C++ block matmul with 8-bit activations
 (csrc/block_matmul.cpp), as GGUF's Q4_0 and Q8_0 tensors stay Q4_0 and Q8_0 blocks (each in row groups of 16
 rows interleaved); without that kernel, PyTorch's packed matmuls with bf16 activations (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`). On CUDA int4 takes `_weight_int4pack_mm`, with groups of 32 also kept as
-words for our kernels (one row, and prompts dequantized from them: kernels/quant_matmul.py, installed over
-Int4Weight and Int8Weight); elsewhere the matrix is dequantized on the fly.
+`_weight_int4pack_mm_for_cpu`). On CUDA int4 groups of 32 are kept as words for our kernels (one row, a few
+rows, and prompts dequantized from them: kernels/quant_matmul.py, installed over Int4Weight and Int8Weight), and
+in `_weight_int4pack_mm`'s layout too only where those kernels do not run (pack_for_pytorch); other groups take
+`_weight_int4pack_mm`; elsewhere the matrix is dequantized on the fly.
 Quantization happens after sharding, on each rank's own slice.
 """
 from __future__ import annotations
@@ -102,15 +103,13 @@ class Int4Weight(QuantizedWeight):
             self._use_blocks(q4_row_groups(q4_1_rows(q, scales, zeros), Q4_1_BYTES), "q4_1")
             return
         q = q.to(torch.int32)
-        if self.device_type == "cpu":
-            packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+        if self.device_type == "cuda" and group_size == BLOCK:  # our kernels' words; PyTorch's copy on demand
+            self.register_buffer("words", int4_words(q))
         elif self.device_type == "cuda":
-            packed = torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
-            if group_size == BLOCK:  # the one-row kernel's words (kernels/gemv.py), derived: not saved
-                self.register_buffer("words", int4_words(q), persistent=False)
+            self.register_buffer("packed", _cuda_int4pack(q))
         else:
-            packed = q.to(torch.uint8)
-        self.register_buffer("packed", packed)
+            self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(q, 2)
+                                 if self.device_type == "cpu" else q.to(torch.uint8))
         # The kernels want [groups, out, 2] of (scale, zero) in the activation dtype.
         self.register_buffer("scales_zeros", torch.stack([scales, zeros], dim=-1).transpose(0, 1)
                              .to(act_dtype).contiguous())
@@ -148,6 +147,12 @@ class Int4Weight(QuantizedWeight):
     @classmethod
     def quantize(cls, w: torch.Tensor, group_size: int, act_dtype: torch.dtype) -> "Int4Weight":
         return cls(*int4_quantize(w, group_size), group_size, act_dtype)
+
+    def pack_for_pytorch(self) -> None:
+        """PyTorch's packed copy of the words, for its int4 kernel where ours do not take this weight (CUDA
+        without Triton, LLAMA_DIST_GEMV=0): kept only there, as it doubles the weight's memory."""
+        if hasattr(self, "words") and not hasattr(self, "packed"):
+            self.register_buffer("packed", _cuda_int4pack(int4_from_words(self.words)), persistent=False)
 
     def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """On CUDA, groups of 32: the words and the (scale, zero) pairs [groups, out, 2]."""
@@ -300,6 +305,17 @@ def int4_words(q: torch.Tensor) -> torch.Tensor:
     halves = q.to(torch.int64).view(out_f, in_f // 8, 2, 4)
     words = ((halves[:, :, 0] | (halves[:, :, 1] << 4)) << torch.arange(0, 32, 8, device=q.device)).sum(-1)
     return (words - (words >= 2 ** 31) * 2 ** 32).to(torch.int32)
+
+
+def int4_from_words(words: torch.Tensor) -> torch.Tensor:
+    """int4_words reversed: int32 words [out, in / 8] -> q [out, in] (0..15), int32."""
+    data = (words.to(torch.int64)[..., None] >> torch.arange(0, 32, 8, device=words.device)) & 0xFF
+    return torch.cat([data & 0xF, data >> 4], -1).reshape(words.shape[0], -1).to(torch.int32)
+
+
+def _cuda_int4pack(q: torch.Tensor) -> torch.Tensor:
+    """q [out, in] (0..15) in the layout of PyTorch's CUDA int4 kernel (`_weight_int4pack_mm`)."""
+    return torch._convert_weight_to_int4pack(((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8), 8)
 
 
 def int4_dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
