@@ -154,8 +154,8 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
     --host: one address or several, comma-separated (e.g. 127.0.0.1,::1). --n_predict: tokens an answer may
     have when its request does not say (-1: until the context is full; OpenAI completions default to 16). --seed: the sampling seed of requests that give none (default: a fresh
     one each); --temperature: theirs when they give none (default: the API's, 0.8 llama.cpp, 1.0 OpenAI).
-    --prefill_chunk: prompt tokens read per step (longer prompts take several steps, so running answers keep
-    flowing while they are read). A new prompt starts from the longest prefix of it already cached, whose KV
+    --prefill_chunk: tokens a step reads while answers stream, prompt tokens and answers' rows together (longer
+    prompts take several steps, so running answers keep flowing while they are read). A new prompt starts from the longest prefix of it already cached, whose KV
     cache blocks requests share (a request's "cache_prompt": false reads it whole). --kv_tokens: tokens the KV
     cache holds for all sequences together (default max_batch x n_ctx); with fewer, sequences take blocks as
     they grow, and where none is free the latest admitted waits to be read again (preempted, never failed). Browser pages on other origins may call it (CORS):

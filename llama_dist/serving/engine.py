@@ -5,9 +5,9 @@ the paged KV cache (starting from the longest cached prefix of their prompt, sha
 prompt chunks are read, and which running requests decode one token; where a running request needs a block
 and none is free, the latest admitted gives its blocks back and waits to be read again (preempted, never
 failed). It broadcasts that plan (with the block tables that changed), and every rank runs the same step, so
-the model's collectives line up. While answers stream, a step reads at most `prefill_chunk`
-prompt tokens, so a long prompt does not stall the streams already running (with none streaming, up to
-IDLE_PREFILL_TOKENS: a burst of new requests is read at once). Chunks end at fixed positions (multiples
+the model's collectives line up. While answers stream, a step's prompt tokens and decode rows together are at
+most `prefill_chunk` (or one chunk), so a long prompt does not stall the streams already running (with none
+streaming, up to IDLE_PREFILL_TOKENS: a burst of new requests is read at once). Chunks end at fixed positions (multiples
 of prefill_chunk), decode attention takes each row alone, and rank 0 samples each request with its own
 generator, so an answer does not depend on what else is running or was cached. Rank 0 streams text to
 each request's listener and frees the row and its blocks when the request stops or its client goes away.
@@ -289,20 +289,25 @@ class Engine:
         plan = StepPlan()
         self._grow()
         self._admit(plan)
-        streaming = any(r.generated or r.pending for r in self.running.values())
-        budget = self.prefill_chunk if streaming else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
-        prefill_tokens = 0
+        reading = []
         for slot, r in self.running.items():
             if r.embed:
                 continue
             length = r.planned_length()
-            if (r.generated or r.pending) and r.cached == length - 1:  # answering: one token to write
-                if length < self.model.n_ctx and len(r.generated) + r.pending < r.max_new_tokens:
-                    token = -1 if r.pending else r.generated[-1]  # (else the token in flight ends the answer)
-                    plan.decode.append((slot, token, r.cached))
-                    self.kv.wrote(slot, r.cached, [token])
-                    r.cached += 1
-                continue
+            if not ((r.generated or r.pending) and r.cached == length - 1):
+                reading.append(r)
+            elif length < self.model.n_ctx and len(r.generated) + r.pending < r.max_new_tokens:  # one to write
+                token = -1 if r.pending else r.generated[-1]  # (else the token in flight ends the answer)
+                plan.decode.append((slot, token, r.cached))
+                self.kv.wrote(slot, r.cached, [token])
+                r.cached += 1
+        # while answers stream, prompt tokens and decode rows together: the rows join the prompt pass, whose graph
+        # is that of the next token bucket up (a full chunk's worth of prompts and the rows would double the pass)
+        streaming = any(r.generated or r.pending for r in self.running.values())
+        budget = self.prefill_chunk - len(plan.decode) if streaming else max(self.prefill_chunk, IDLE_PREFILL_TOKENS)
+        prefill_tokens = 0
+        for r in reading:
+            slot = r.slot
             # chunks end at fixed positions: the same whatever else runs, or was cached before
             context = r.context()
             while r.cached < len(context):
