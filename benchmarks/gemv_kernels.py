@@ -109,7 +109,7 @@ def main() -> None:
                     "int4 PyTorch": ("int4", lambda i: torch._weight_int4pack_mm(x, q4[i][0], 32, q4[i][1])),
                     "int4 ours tensor cores": ("int4", lambda i: torch.ops.llama_dist.int4_matmul(x, *words[i])),
                     "int8 dequantized (ours) + cuBLAS": ("int8", lambda i: torch.nn.functional.linear(
-                        x, torch.ops.llama_dist.dequantize(q8[i][0], q8[i][1], x.dtype)) * q8[i][1]),
+                        x, torch.ops.llama_dist.dequantize(q8[i][0], q8[i][1], x.dtype))),
                     "int4 dequantized (ours) + cuBLAS": ("int4", lambda i: torch.nn.functional.linear(
                         x, torch.ops.llama_dist.dequantize(*words[i], x.dtype))),
                 }

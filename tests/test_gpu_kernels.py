@@ -103,11 +103,11 @@ for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 320)):
     got = torch.ops.llama_dist.int4_matmul(xb, int4_words(q), sz)
     ref = xb.float() @ dense.to(torch.bfloat16).float().t()
     assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 1e-2 * ref.abs().max(), (rows, n, k)
-# whole matrices dequantized for a prompt's product: int8 values as they are, int4 words to the very values of
-# the reference dequantization (ragged tiles in both dimensions)
+# whole matrices dequantized for a prompt's product: int8 values times their row scales, int4 words, both to the
+# very values of the reference dequantization (ragged tiles in both dimensions)
 for n, k in ((40, 288), (9, 1024)):
     q, s = int8_quantize(torch.randn(n, k, generator=g))
-    assert torch.equal(torch.ops.llama_dist.dequantize(q, s, torch.float32), q.float())
+    assert torch.equal(torch.ops.llama_dist.dequantize(q, s, torch.float32), q.float() * s[:, None])
     q, scales, zeros = int4_quantize(torch.randn(n, k, generator=g), 32)
     sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
     got = torch.ops.llama_dist.dequantize(int4_words(q), sz, torch.float32)

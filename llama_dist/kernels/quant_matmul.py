@@ -36,8 +36,8 @@ class TritonInt8Weight(Int8Weight):
             y = gemv.gemv(flat, self.q, self.scales)
         elif flat.shape[0] <= DOT_ROWS:
             y = torch.ops.llama_dist.int8_matmul(flat.contiguous(), self.q, self.scales)
-        else:  # the plain module's arithmetic, with a faster conversion
-            y = F.linear(flat, torch.ops.llama_dist.dequantize(self.q, self.scales, flat.dtype)) * self.scales
+        else:  # the scales in the matrix (one rounding per weight) rather than a pass over the product
+            y = F.linear(flat, torch.ops.llama_dist.dequantize(self.q, self.scales, flat.dtype))
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 

@@ -144,8 +144,8 @@ def _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr
 @triton.jit
 def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
-    """y [N, K] = int8 W's values (exact; its row scales are left to multiply the product), or the int4 matrix's
-    from its words and group pairs (_int4_tile)."""
+    """y [N, K] = the matrix's values: int8 W times its row scales, or the int4 matrix's from its words and group
+    pairs (_int4_tile); rounded once to y's dtype."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
@@ -154,6 +154,7 @@ def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: 
         y = _int4_tile(w_ptr, sz_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
     else:
         y = _exact_float(_weights(w_ptr, rows, rows < N, k0, K, False, False, BLOCK_K).to(tl.int32))
+        y = y * tl.load(sz_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rows[:, None] * K + ks[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -216,8 +217,8 @@ def int4_matmul_op(x: torch.Tensor, words: torch.Tensor, scales_zeros: torch.Ten
 
 @torch.library.triton_op("llama_dist::dequantize", mutates_args={})
 def dequantize_op(w: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """The matrix [N, K] in `dtype`: int8 W [N, K]'s values as they are (scales_zeros unused), or int4 words
-    [N, K / 8] (int32) with (scale, zero) per group of 32 [K / 32, N, 2] dequantized."""
+    """The matrix [N, K] in `dtype`: int8 W [N, K] times its row scales [N], or int4 words [N, K / 8] (int32)
+    with (scale, zero) per group of 32 [K / 32, N, 2], dequantized."""
     int4 = w.dtype == torch.int32
     n, k = (w.shape[0], 8 * w.shape[1]) if int4 else w.shape
     y = torch.empty((n, k), dtype=dtype, device=w.device)
