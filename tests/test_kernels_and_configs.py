@@ -129,6 +129,24 @@ def test_one_call_decode_step_equals_the_per_layer_calls(model):
         assert torch.equal(a.attention.cache_k, b.attention.cache_k) and torch.equal(a.attention.cache_v, b.attention.cache_v)
 
 
+def test_tiles_picked_names_each_tuned_kernels_choice_per_key():
+    triton = pytest.importorskip("triton")
+    from llama_dist.kernels import tuning
+
+    @triton.jit
+    def kernel(x_ptr, n, BLOCK: triton.language.constexpr):
+        pass
+
+    tuner = tuning.autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], ["n"], "test_tiles")(kernel)
+    try:
+        assert "test_tiles" not in tuning.tiles_picked()  # not run yet: nothing picked
+        tuner.cache[(4096, "torch.bfloat16")] = tuner.configs[1]  # what a run's timing leaves there
+        assert tuning.tiles_picked()["test_tiles"] == {"4096, torch.bfloat16": str(tuner.configs[1])}
+        assert "BLOCK: 32" in str(tuner.configs[1])
+    finally:
+        tuning._TUNED.pop("test_tiles")
+
+
 def test_configs_refuse_bad_values_by_their_names():
     with pytest.raises(ValueError, match="quantize='int3': choose one of auto, none, int8, int4"):
         LoadConfig(quantize="int3")

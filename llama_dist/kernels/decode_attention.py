@@ -94,7 +94,7 @@ def load() -> bool:
     if INTERPRETED:
         kernel, fixed = _attention_kernel, {"BLOCK_L": 16}
     else:
-        kernel, fixed = autotune(configs, ["N_REP", "HEAD_DIM"])(_attention_kernel), {}
+        kernel, fixed = autotune(configs, ["N_REP", "HEAD_DIM"], "decode_attention")(_attention_kernel), {}
 
     @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
     def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

@@ -320,8 +320,8 @@ if INTERPRETED:  # the interpreter cannot time configs: one tile (int4's inputs 
     _gemv = _gemv_int4 = _gemv_kernel
     _FIXED, _INT4_FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 2}
 else:
-    _gemv = autotune(_CONFIGS, _KEY)(_gemv_kernel)
-    _gemv_int4 = autotune(_INT4_CONFIGS, _KEY)(_gemv_kernel)
+    _gemv = autotune(_CONFIGS, _KEY, "gemv")(_gemv_kernel)
+    _gemv_int4 = autotune(_INT4_CONFIGS, _KEY, "gemv_int4")(_gemv_kernel)
     _FIXED = _INT4_FIXED = {}
 
 _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter's 2 among them)

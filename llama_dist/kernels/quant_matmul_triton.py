@@ -185,9 +185,9 @@ if INTERPRETED:  # the interpreter cannot time configs: one tile, K in two parts
     _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}
     _dequantize, _DEQUANTIZE_FIXED = _dequantize_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
-    _quant_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K", "INT4"],
+    _quant_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K", "INT4"], "quant_matmul",
                              prune_configs_by={"early_config_prune": _fits})(_quant_matmul_kernel)
-    _dequantize = autotune(_DEQUANTIZE_CONFIGS, ["N", "K", "INT4"])(_dequantize_kernel)
+    _dequantize = autotune(_DEQUANTIZE_CONFIGS, ["N", "K", "INT4"], "dequantize")(_dequantize_kernel)
     _FIXED, _DEQUANTIZE_FIXED = {}, {}
 
 

@@ -14,8 +14,23 @@ from typing import Any, Callable
 import triton
 
 
-def autotune(configs: list[triton.Config], key: list[str], **options: Any) -> Callable:
-    """triton.autotune(configs, key, **options), with the results cached on disk where this Triton can (3.2 on)."""
+_TUNED: dict[str, Any] = {}  # this process's autotuned kernels by name, for tiles_picked
+
+
+def autotune(configs: list[triton.Config], key: list[str], name: str, **options: Any) -> Callable:
+    """triton.autotune(configs, key, **options), with the results cached on disk where this Triton can (3.2 on);
+    `name` is how tiles_picked reports it."""
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
-    return triton.autotune(configs=configs, key=key, **options)
+
+    def tune(fn: Callable) -> Any:
+        _TUNED[name] = triton.autotune(configs=configs, key=key, **options)(fn)
+        return _TUNED[name]
+    return tune
+
+
+def tiles_picked() -> dict[str, dict[str, str]]:
+    """Each autotuned kernel that has run: its key's values -> the config it picked (benchmarks print it, so a
+    device run says which tiles win where and which never do)."""
+    return {name: {", ".join(map(str, k)): str(c) for k, c in tuner.cache.items()}
+            for name, tuner in _TUNED.items() if tuner.cache}
