@@ -151,15 +151,16 @@ def serve(model: str = "smollm2", host: str = "127.0.0.1", port: int = 8080, max
     --context-shift): a prompt longer than the context keeps its first n_keep tokens and loses whole blocks after
     them, and a full context drops half of what follows them and goes on. --alias: the model's name in answers
     and /v1/models (several, comma-separated: the first in sorted order is its id, all are listed; --tags too).
-    --host: one address or several, comma-separated (e.g. 127.0.0.1,::1). --n_predict: tokens an answer may
-    have when its request does not say (-1: until the context is full; OpenAI completions default to 16). --seed: the sampling seed of requests that give none (default: a fresh
-    one each); --temperature: theirs when they give none (default: the API's, 0.8 llama.cpp, 1.0 OpenAI).
-    --prefill_chunk: tokens a step reads while answers stream, prompt tokens and answers' rows together (longer
-    prompts take several steps, so running answers keep flowing while they are read). A new prompt starts from the longest prefix of it already cached, whose KV
-    cache blocks requests share (a request's "cache_prompt": false reads it whole). --kv_tokens: tokens the KV
-    cache holds for all sequences together (default max_batch x n_ctx); with fewer, sequences take blocks as
-    they grow, and where none is free the latest admitted waits to be read again (preempted, never failed). Browser pages on other origins may call it (CORS):
-    --cors_origins "*" (any), "localhost" (pages on this machine) or a comma-separated list. --noui: no chat page
+    --host: one address or several, comma-separated (e.g. 127.0.0.1,::1). --n_predict: tokens an answer may have when
+    its request does not say (-1: until the context is full; OpenAI completions default to 16). --seed: the sampling
+    seed of requests that give none (default: a fresh one each); --temperature: theirs when they give none (default: the
+    API's, 0.8 llama.cpp, 1.0 OpenAI). --prefill_chunk: tokens a step reads while answers stream, prompt tokens and
+    answers' rows together (longer prompts take several steps, so running answers keep flowing while they are read). A
+    new prompt starts from the longest prefix of it already cached, whose KV cache blocks requests share (a request's
+    "cache_prompt": false reads it whole). --kv_tokens: tokens the KV cache holds for all sequences together (default
+    max_batch x n_ctx); with fewer, sequences take blocks as they grow, and where none is free the latest admitted waits
+    to be read again (preempted, never failed). Browser pages on other origins may call it (CORS): --cors_origins "*"
+    (any), "localhost" (pages on this machine) or a comma-separated list. --noui: no chat page
     at /. The API key may come as Authorization: Bearer <key> or x-api-key: <key>. On GPUs the decode step's
     CUDA graphs (and the prompt pass's) are captured before /health answers 200, so no request waits for one
     (with --compile, steps are compiled on first use instead). --overlap: each step is launched before the host
