@@ -85,7 +85,6 @@ def main() -> None:
     p.add_argument("--block_k", type=int, default=256)
     p.add_argument("--split_k", type=int, default=1)
     p.add_argument("--warps", type=int, default=8)
-    p.add_argument("--stages", type=int, default=3)
     p.add_argument("--norm", action="store_true", help="the RMSNorm folded in (the fused q/k/v and w1/w3 products)")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
     a = p.parse_args()
@@ -99,8 +98,7 @@ def main() -> None:
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if name in pointers or name in ("N", "K")}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
-                            target=GPUTarget("cuda", a.arch, 32), options={"num_warps": a.warps,
-                                                                           "num_stages": a.stages})
+                            target=GPUTarget("cuda", a.arch, 32), options={"num_warps": a.warps})
     body = loop_body(kernel.asm["ptx"])
     ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration

@@ -13,19 +13,19 @@ from ..distributed.settings import read_settings
 from .gemv import INTERPRETED
 from .tuning import autotune
 
-_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w, num_stages=s)
+# (no num_stages: it does not change this kernel's code, whose loop has no tl.dot for Triton's pipeliner to stage;
+# the machine code of num_stages 2, 3 and 4 is the same, so timing each only doubled the tuning)
+_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w)
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                              (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))
-            for s in (2, 4)]
+                              (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))]
 # int4 (and int8 against 8-bit inputs): every program rounds x to int8 per tile, work as large as a few rows'
 # weights, so tall tiles, and the inputs split over several programs where that leaves too few (4096 rows)
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
                  for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
                                        (16, 512, 2, 4), (32, 256, 2, 8), (32, 512, 2, 8), (64, 256, 2, 8),
                                        (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
                                        (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8), (256, 256, 4, 8),
-                                       (256, 256, 8, 8))
-                 for s in (2, 3)]
+                                       (256, 256, 8, 8))]
 
 
 @triton.jit
