@@ -39,7 +39,9 @@ def main(config: str = "llama-2-7b", quantize: str = "none", steps: int = 64) ->
             greedy, top2 = [], []
             run[f"b{batch}_tok_s"] = decode_tok_s(runner, ctx, batch, steps, greedy=greedy,
                                                   top2=top2 if batch == 1 else None)
-            run[f"b{batch}_greedy"], run["top2"] = greedy, top2 or run.get("top2")
+            run[f"b{batch}_greedy"] = greedy
+            if batch == 1:
+                run["top2"] = top2
         runs.append(run)
         del runner
         torch.cuda.empty_cache()
