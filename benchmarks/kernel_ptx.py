@@ -85,13 +85,15 @@ def main() -> None:
     p.add_argument("--block_k", type=int, default=256)
     p.add_argument("--split_k", type=int, default=1)
     p.add_argument("--warps", type=int, default=8)
+    p.add_argument("--prefetch", action="store_true", help="each tile of weights requested a tile ahead")
     p.add_argument("--norm", action="store_true", help="the RMSNorm folded in (the fused q/k/v and w1/w3 products)")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
     a = p.parse_args()
     fn = gemv_triton._gemv_kernel
     constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "DP4A": a.format == "int8", "NORM": a.norm,
                  "GATED": False, "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
-                 "BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "SPLIT_K": a.split_k}
+                 "BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "SPLIT_K": a.split_k,
+                 "PREFETCH": a.prefetch}
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "eps" else "i32")
                  for name in fn.arg_names}
@@ -105,6 +107,7 @@ def main() -> None:
     sass = sass_loop(kernel.asm["cubin"])
     sass_ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in sass or [])
     print(json.dumps({"format": a.format, "tile": [a.block_n, a.block_k], "split_k": a.split_k, "warps": a.warps,
+                      "prefetch": a.prefetch,
                       "norm": a.norm, "arch": a.arch, "instructions": sum(ops.values()), "weights": weights,
                       "per_weight": round(sum(ops.values()) / weights, 2),
                       "global_loads": {op: n for op, n in ops.items() if op.startswith("ld.global")},
