@@ -1,7 +1,9 @@
-"""Our one-row decode kernel (llama_dist/kernels/gemv_triton.py) compiled for a GPU on any machine, GPU or not,
-and what its main loop costs per weight: instructions and the widths of its global loads.
+"""Our one-row decode kernel (llama_dist/kernels/gemv_triton.py), or with --rows the quantized tensor-core kernel
+(quant_matmul_triton.py), compiled for a GPU on any machine, GPU or not, and what its main loop costs per weight:
+instructions and the widths of its global loads.
 
     python benchmarks/kernel_ptx.py --format int4 --block_n 64 --block_k 256 --split_k 8 --warps 8 [--norm]
+    python benchmarks/kernel_ptx.py --format int4 --rows 32 --block_n 128 --block_k 128 --warps 4 [--swap]
 
 Prints one JSON line: instructions per iteration and per weight, the global loads by width, every instruction's
 count (commonest first); then the same loop in the machine code ptxas made of it (SASS, read by the nvdisasm in
@@ -29,7 +31,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from llama_dist.kernels import gemv_triton  # noqa: E402
+from llama_dist.kernels import gemv_triton, quant_matmul_triton  # noqa: E402
 
 WEIGHT = {"bf16": "*bf16", "int8": "*i8", "int4": "*i32"}
 POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16",
@@ -87,27 +89,38 @@ def main() -> None:
     p.add_argument("--warps", type=int, default=8)
     p.add_argument("--prefetch", action="store_true", help="each tile of weights requested a tile ahead")
     p.add_argument("--norm", action="store_true", help="the RMSNorm folded in (the fused q/k/v and w1/w3 products)")
+    p.add_argument("--rows", type=int, default=0, help="the tensor-core kernel's tile rows (int8, int4); 0: one row")
+    p.add_argument("--swap", action="store_true", help="the tensor-core tile as (W x^T)^T")
+    p.add_argument("--stages", type=int, default=3, help="the tensor-core kernel's pipeline stages")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
     a = p.parse_args()
-    fn = gemv_triton._gemv_kernel
-    constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "DP4A": a.format == "int8", "NORM": a.norm,
-                 "GATED": False, "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
-                 "BLOCK_N": a.block_n, "BLOCK_K": a.block_k, "SPLIT_K": a.split_k,
-                 "PREFETCH": a.prefetch}
+    if a.rows:
+        if a.format == "bf16":
+            p.error("--rows takes int8 or int4 weights")
+        fn = quant_matmul_triton._quant_matmul_kernel
+        constants = {"INT4": a.format == "int4", "BLOCK_M": a.rows, "BLOCK_N": a.block_n, "BLOCK_K": a.block_k,
+                     "SPLIT_K": a.split_k, "SWAP": a.swap}
+    else:
+        fn = gemv_triton._gemv_kernel
+        constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "DP4A": a.format == "int8",
+                     "NORM": a.norm, "GATED": False, "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False,
+                     "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": a.block_n, "BLOCK_K": a.block_k,
+                     "SPLIT_K": a.split_k, "PREFETCH": a.prefetch}
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "eps" else "i32")
                  for name in fn.arg_names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
                if name in pointers or name in ("N", "K")}
+    options = {"num_warps": a.warps, **({"num_stages": a.stages} if a.rows else {})}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
-                            target=GPUTarget("cuda", a.arch, 32), options={"num_warps": a.warps})
+                            target=GPUTarget("cuda", a.arch, 32), options=options)
     body = loop_body(kernel.asm["ptx"])
     ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration
     sass = sass_loop(kernel.asm["cubin"])
     sass_ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in sass or [])
     print(json.dumps({"format": a.format, "tile": [a.block_n, a.block_k], "split_k": a.split_k, "warps": a.warps,
-                      "prefetch": a.prefetch,
+                      "rows": a.rows, "swap": a.swap, "prefetch": a.prefetch,
                       "norm": a.norm, "arch": a.arch, "instructions": sum(ops.values()), "weights": weights,
                       "per_weight": round(sum(ops.values()) / weights, 2),
                       "global_loads": {op: n for op, n in ops.items() if op.startswith("ld.global")},

@@ -85,27 +85,30 @@ for prefetch in (False, True):  # each tile of weights requested before the one 
 # several rows of int8 through the tensor-core kernel (fewer than a tile, more than one tile, ragged edges)
 from llama_dist.kernels.quant_matmul import load as load_quantized
 assert load_quantized()
-for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 1000)):
-    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
-    q, s = int8_quantize(w)
-    ref = x @ (q.float() * s[:, None]).t()
-    got = torch.ops.llama_dist.int8_matmul(x, q, s)
-    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5 * ref.abs().max(), (rows, n, k)
-# several rows of int4 through the same kernel: bf16 rows take the values two at a time (the interpreter computes
-# them by hand, in the asm's order), others the fp32 tile; both are the dequantized matrix's values
-for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 320)):
-    q, scales, zeros = int4_quantize(torch.randn(n, k, generator=g), 32)
-    scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
-    sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
-    dense = int4_dequantize(q, scales.float(), zeros.float())
-    x = torch.randn(rows, k, generator=g)
-    got = torch.ops.llama_dist.int4_matmul(x, int4_words(q), sz.float())
-    ref = x @ dense.t()
-    assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5 * ref.abs().max(), (rows, n, k)
-    xb = x.to(torch.bfloat16)
-    got = torch.ops.llama_dist.int4_matmul(xb, int4_words(q), sz)
-    ref = xb.float() @ dense.to(torch.bfloat16).float().t()
-    assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 1e-2 * ref.abs().max(), (rows, n, k)
+from llama_dist.kernels import quant_matmul_triton
+for swap in (False, True):  # x W^T, or (W x^T)^T: the weights' tile as the left operand
+    quant_matmul_triton._FIXED["SWAP"] = swap
+    for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 1000)):
+        x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
+        q, s = int8_quantize(w)
+        ref = x @ (q.float() * s[:, None]).t()
+        got = torch.ops.llama_dist.int8_matmul(x, q, s)
+        assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5 * ref.abs().max(), (rows, n, k)
+    # several rows of int4 through the same kernel: bf16 rows take the values two at a time (the interpreter computes
+    # them by hand, in the asm's order), others the fp32 tile; both are the dequantized matrix's values
+    for rows, n, k in ((3, 40, 256), (20, 17, 96), (33, 9, 320)):
+        q, scales, zeros = int4_quantize(torch.randn(n, k, generator=g), 32)
+        scales, zeros = scales.to(torch.bfloat16), zeros.to(torch.bfloat16)
+        sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+        dense = int4_dequantize(q, scales.float(), zeros.float())
+        x = torch.randn(rows, k, generator=g)
+        got = torch.ops.llama_dist.int4_matmul(x, int4_words(q), sz.float())
+        ref = x @ dense.t()
+        assert got.shape == ref.shape and (got - ref).abs().max() < 1e-5 * ref.abs().max(), (rows, n, k)
+        xb = x.to(torch.bfloat16)
+        got = torch.ops.llama_dist.int4_matmul(xb, int4_words(q), sz)
+        ref = xb.float() @ dense.to(torch.bfloat16).float().t()
+        assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 1e-2 * ref.abs().max(), (rows, n, k)
 # whole matrices dequantized for a prompt's product: int8 values times their row scales, int4 words, both to the
 # very values of the reference dequantization (ragged tiles in both dimensions)
 for n, k in ((40, 288), (9, 1024)):

@@ -36,18 +36,24 @@ def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLO
 @triton.jit
 def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sums_ptr, tickets_ptr, M, N, K, ROWS_BUCKET,
                          INT4: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         SPLIT_K: tl.constexpr):
+                         SPLIT_K: tl.constexpr, SWAP: tl.constexpr):
     """y [M, N] = x [M, K] W^T, W's tiles converted in registers into a tensor-core product in x's dtype: int8 W
     [N, K] with one scale per row (int8 values are exact in bf16; the scales multiply the finished sums), or int4
     words [N, K / 8] with (scale, zero) per group of 32 (_int4_tile's values, rounded to x's dtype as the
     dequantized matrix is). With SPLIT_K > 1 each program takes a part of K (so that matrices of few outputs
     fill the GPU), writes its partial tile to sums [SPLIT_K, M, N] and takes a ticket in tickets[tile]; the last
-    of a tile's parts adds them in a fixed order (the same result every run) and leaves the ticket zeroed."""
+    of a tile's parts adds them in a fixed order (the same result every run) and leaves the ticket zeroed.
+
+    SWAP: the tile is computed as (W x^T)^T [BLOCK_N, BLOCK_M]. Hopper's wgmma takes a left operand of 64 rows
+    from registers, where the converted weights are; x W^T leaves it 16 or 32 rows, and Triton then multiplies
+    with mma.sync, the weights' tile staged through shared memory first."""
     rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k_step = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K
     k_first = tl.program_id(2) * k_step
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # the output's rows and columns, laid out as the accumulator is
+    out_rows, out_cols = (rows[None, :], cols[:, None]) if SWAP else (rows[:, None], cols[None, :])
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_first, tl.minimum(k_first + k_step, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
@@ -57,31 +63,38 @@ def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sums_ptr, tickets_ptr, M, N
             w = _int4_tile(w_ptr, s_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
         else:
             w = _exact_float(_weights(w_ptr, cols, cols < N, k0, K, False, False, BLOCK_K).to(tl.int32))
-        if _PTX:
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        else:  # the interpreter multiplies bf16 tiles as their bit patterns
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(x.dtype).to(tl.float32)))
-    at = rows[:, None] * N + cols[None, :]
-    ok = (rows < M)[:, None] & (cols < N)[None, :]
+        w = w.to(x.dtype)
+        acc += _dot(w, tl.trans(x)) if SWAP else _dot(x, tl.trans(w))
+    at = out_rows * N + out_cols
+    ok = (out_rows < M) & (out_cols < N)
     if SPLIT_K > 1:
         tl.store(sums_ptr + tl.program_id(2) * M * N + at, acc, mask=ok)
         tl.debug_barrier()  # every thread's part before the ticket
         tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
         if tl.atomic_add(tickets_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1:
             tl.atomic_xchg(tickets_ptr + tile, 0, sem="relaxed")  # for the next launch
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            acc = tl.zeros_like(acc)
             for i in tl.static_range(SPLIT_K):  # (read from L2, where the other programs' parts land)
                 acc += tl.load(sums_ptr + i * M * N + at, mask=ok, other=0.0, cache_modifier=".cg")
-            _store_tile(acc, s_ptr, y_ptr, at, ok, cols, N, INT4)
+            _store_tile(acc, s_ptr, y_ptr, at, ok, out_cols, N, INT4)
     else:
-        _store_tile(acc, s_ptr, y_ptr, at, ok, cols, N, INT4)
+        _store_tile(acc, s_ptr, y_ptr, at, ok, out_cols, N, INT4)
 
 
 @triton.jit
-def _store_tile(acc, s_ptr, y_ptr, at, ok, cols, N, INT4: tl.constexpr):
-    """The finished sums to y, times int8's row scales."""
+def _dot(a, b):
+    """a b on tensor cores, in fp32; the interpreter multiplies bf16 tiles as their bit patterns, so it takes
+    them as fp32 (the same values)."""
+    if _PTX:
+        return tl.dot(a, b)
+    return tl.dot(a.to(tl.float32), b.to(tl.float32))
+
+
+@triton.jit
+def _store_tile(acc, s_ptr, y_ptr, at, ok, out_cols, N, INT4: tl.constexpr):
+    """The finished sums to y, times int8's row scales (out_cols: the output columns, shaped as acc's)."""
     if not INT4:
-        acc = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        acc = acc * tl.load(s_ptr + out_cols, mask=out_cols < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
@@ -91,8 +104,10 @@ def _bf16_pairs_asm() -> str:
     patterns, less 136 exactly, then times the scale plus the zero, rounded once, into outputs $i and $(i + 2)."""
     lines = [".reg .b32 one, off, p;", "mov.b32 one, 0x3F803F80;", "mov.b32 off, 0xC308C308;"]
     for shift, low in ((0, 0), (4, 4), (8, 1), (12, 5)):
-        lines += [f"shr.u32 p, $8, {shift};", "and.b32 p, p, 0x000F000F;"] if shift else ["and.b32 p, $8, 0x000F000F;"]
-        lines += ["or.b32 p, p, 0x43004300;", "fma.rn.bf16x2 p, p, one, off;", "fma.rn.bf16x2 p, p, $9, $10;",
+        lines += [f"shr.u32 p, $8, {shift};"] if shift else ["mov.b32 p, $8;"]
+        # (p & 0x000F000F) | 0x43004300 in one instruction: 0xEA is the truth table of (a & b) | c
+        lines += ["lop3.b32 p, p, 0x000F000F, 0x43004300, 0xEA;", "fma.rn.bf16x2 p, p, one, off;",
+                  "fma.rn.bf16x2 p, p, $9, $10;",
                   f"mov.b32 {{${low}, ${low + 2}}}, p;"]
     return "{\n" + "\n".join(lines) + "\n}"
 
@@ -173,16 +188,19 @@ def _sm_count() -> int:
     return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
 
-_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+# (SWAP only for tiles of 16 and 32 rows: 64 already give wgmma its left operand plainly)
+_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "SWAP": swap}, num_warps=w,
+                          num_stages=s)
             for bm, bn, bk, w, splits in ((16, 64, 128, 4, (1, 2, 4)), (16, 128, 128, 4, (1, 2, 4)),
                                           (16, 64, 256, 4, (1, 2, 4)), (32, 64, 128, 4, (1, 2)),
                                           (32, 128, 128, 4, (1,)), (64, 64, 128, 4, (1, 2)), (64, 128, 128, 8, (1,)))
-            for sk in splits for s in (3, 4)]
+            for sk in splits for s in (3, 4) for swap in ((False, True) if bm < 64 else (False,))]
 _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
 _DEQUANTIZE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                        for bn, bk, w in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (32, 256, 8))]
 if INTERPRETED:  # the interpreter cannot time configs: one tile, K in two parts
-    _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2}
+    _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2,
+                                                        "SWAP": False}
     _dequantize, _DEQUANTIZE_FIXED = _dequantize_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
 else:
     _quant_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K", "INT4"], "quant_matmul",
