@@ -87,7 +87,6 @@ def main() -> None:
     p.add_argument("--block_k", type=int, default=256)
     p.add_argument("--split_k", type=int, default=1)
     p.add_argument("--warps", type=int, default=8)
-    p.add_argument("--prefetch", action="store_true", help="each tile of weights requested a tile ahead")
     p.add_argument("--norm", action="store_true", help="the RMSNorm folded in (the fused q/k/v and w1/w3 products)")
     p.add_argument("--rows", type=int, default=0, help="the tensor-core kernel's tile rows (int8, int4); 0: one row")
     p.add_argument("--swap", action="store_true", help="the tensor-core tile as (W x^T)^T")
@@ -105,7 +104,7 @@ def main() -> None:
         constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "DP4A": a.format == "int8",
                      "NORM": a.norm, "GATED": False, "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False,
                      "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": a.block_n, "BLOCK_K": a.block_k,
-                     "SPLIT_K": a.split_k, "PREFETCH": a.prefetch}
+                     "SPLIT_K": a.split_k}
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "eps" else "i32")
                  for name in fn.arg_names}
@@ -120,7 +119,7 @@ def main() -> None:
     sass = sass_loop(kernel.asm["cubin"])
     sass_ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in sass or [])
     print(json.dumps({"format": a.format, "tile": [a.block_n, a.block_k], "split_k": a.split_k, "warps": a.warps,
-                      "rows": a.rows, "swap": a.swap, "prefetch": a.prefetch,
+                      "rows": a.rows, "swap": a.swap,
                       "norm": a.norm, "arch": a.arch, "instructions": sum(ops.values()), "weights": weights,
                       "per_weight": round(sum(ops.values()) / weights, 2),
                       "global_loads": {op: n for op, n in ops.items() if op.startswith("ld.global")},

@@ -32,56 +32,53 @@ def int8_groups(x):  # the kernel's activation rounding, step by step: int8 per 
     return (torch.floor(g * inverse + 0.5) * scale).reshape(x.shape)
 
 
-from llama_dist.kernels import gemv_triton
-for prefetch in (False, True):  # each tile of weights requested before the one before it is multiplied, or not
-    gemv_triton._FIXED["PREFETCH"] = gemv_triton._INT4_FIXED["PREFETCH"] = prefetch
-    for n, k in ((40, 288), (3, 64), (17, 1000)):  # one row: the kernel's case
-        x, w = torch.randn(1, 1, k, generator=g), torch.randn(n, k, generator=g)
-        y = gemv(x, w)
-        assert y.shape == (1, 1, n), y.shape
-        assert (y - x @ w.t()).abs().max() < 1e-4 * (x @ w.t()).abs().max(), (n, k)
-        q, s = int8_quantize(w)
-        dense8 = q.float() * s[:, None]
-        # int8 rows of whole groups of 32 meet x rounded to int8 per group (dp4a), exactly so and close to x as it
-        # is; other lengths take x as it is
-        act = int8_groups if k % 32 == 0 else (lambda v: v)
-        ref, exact = act(x) @ dense8.t(), x @ dense8.t()
-        assert (gemv(x, q, s) - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-        assert (gemv(x, q, s) - exact).abs().max() < 2e-2 * exact.abs().max(), (n, k)
-        norm = RMSNorm(k, 1e-5)
-        norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
-        ref = norm(x * 3) @ w.t()
-        y = gemv(x * 3, w, norm_weight=norm.weight, eps=norm.eps)
-        assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-        gate_up, r = torch.randn(1, 1, 2 * k, generator=g), torch.randn(1, 1, n, generator=g)
-        ref = r + act(torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]) @ dense8.t()
-        y = gemv(gate_up, q, s, gated=True, residual=r)
-        assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
-    # int4 groups of 32 (words for dp4a, x in int8 per group): exactly the int8-activation arithmetic, and close to
-    # the dequantized matrix's product
-    from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words
+for n, k in ((40, 288), (3, 64), (17, 1000)):  # one row: the kernel's case
+    x, w = torch.randn(1, 1, k, generator=g), torch.randn(n, k, generator=g)
+    y = gemv(x, w)
+    assert y.shape == (1, 1, n), y.shape
+    assert (y - x @ w.t()).abs().max() < 1e-4 * (x @ w.t()).abs().max(), (n, k)
+    q, s = int8_quantize(w)
+    dense8 = q.float() * s[:, None]
+    # int8 rows of whole groups of 32 meet x rounded to int8 per group (dp4a), exactly so and close to x as it
+    # is; other lengths take x as it is
+    act = int8_groups if k % 32 == 0 else (lambda v: v)
+    ref, exact = act(x) @ dense8.t(), x @ dense8.t()
+    assert (gemv(x, q, s) - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
+    assert (gemv(x, q, s) - exact).abs().max() < 2e-2 * exact.abs().max(), (n, k)
+    norm = RMSNorm(k, 1e-5)
+    norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+    ref = norm(x * 3) @ w.t()
+    y = gemv(x * 3, w, norm_weight=norm.weight, eps=norm.eps)
+    assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
+    gate_up, r = torch.randn(1, 1, 2 * k, generator=g), torch.randn(1, 1, n, generator=g)
+    ref = r + act(torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]) @ dense8.t()
+    y = gemv(gate_up, q, s, gated=True, residual=r)
+    assert (y - ref).abs().max() < 1e-4 * ref.abs().max(), (n, k)
+# int4 groups of 32 (words for dp4a, x in int8 per group): exactly the int8-activation arithmetic, and close to
+# the dequantized matrix's product
+from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words
 
-    for n, k in ((40, 288), (3, 64), (70, 1024)):
-        w = torch.randn(n, k, generator=g)
-        q, scales, zeros = int4_quantize(w, 32)
-        words, sz = int4_words(q), torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
-        dense = int4_dequantize(q, scales, zeros)
-        x, r = torch.randn(1, 1, k, generator=g) * 3, torch.randn(1, 1, n, generator=g)
-        norm = RMSNorm(k, 1e-5)
-        norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
-        normed = x * norm.weight
-        want = int8_groups(normed) @ dense.t() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) + r
-        got = gemv(x, words, sz, norm_weight=norm.weight, eps=norm.eps, residual=r)
-        assert got.shape == (1, 1, n) and (got - want).abs().max() < 1e-4 * want.abs().max(), (n, k)
-        exact = norm(x) @ dense.t() + r
-        assert (got - exact).abs().max() < 3e-2 * exact.abs().max(), (n, k, (got - exact).abs().max())
-        gate_up = torch.randn(1, 1, 2 * k, generator=g)
-        act = torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]
-        want = int8_groups(act) @ dense.t()
-        assert (gemv(gate_up, words, sz, gated=True) - want).abs().max() < 1e-4 * want.abs().max(), (n, k)
-        # bf16 pairs (a GPU's): each read as one 4-byte word and widened by shifts, the same values as fp32 ones
-        sz16 = sz.to(torch.bfloat16)
-        assert torch.equal(gemv(x, words, sz16), gemv(x, words, sz16.float())), (n, k)
+for n, k in ((40, 288), (3, 64), (70, 1024)):
+    w = torch.randn(n, k, generator=g)
+    q, scales, zeros = int4_quantize(w, 32)
+    words, sz = int4_words(q), torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
+    dense = int4_dequantize(q, scales, zeros)
+    x, r = torch.randn(1, 1, k, generator=g) * 3, torch.randn(1, 1, n, generator=g)
+    norm = RMSNorm(k, 1e-5)
+    norm.weight.copy_(torch.rand(k, generator=g) + 0.5)
+    normed = x * norm.weight
+    want = int8_groups(normed) @ dense.t() * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) + r
+    got = gemv(x, words, sz, norm_weight=norm.weight, eps=norm.eps, residual=r)
+    assert got.shape == (1, 1, n) and (got - want).abs().max() < 1e-4 * want.abs().max(), (n, k)
+    exact = norm(x) @ dense.t() + r
+    assert (got - exact).abs().max() < 3e-2 * exact.abs().max(), (n, k, (got - exact).abs().max())
+    gate_up = torch.randn(1, 1, 2 * k, generator=g)
+    act = torch.nn.functional.silu(gate_up[..., :k]) * gate_up[..., k:]
+    want = int8_groups(act) @ dense.t()
+    assert (gemv(gate_up, words, sz, gated=True) - want).abs().max() < 1e-4 * want.abs().max(), (n, k)
+    # bf16 pairs (a GPU's): each read as one 4-byte word and widened by shifts, the same values as fp32 ones
+    sz16 = sz.to(torch.bfloat16)
+    assert torch.equal(gemv(x, words, sz16), gemv(x, words, sz16.float())), (n, k)
 # several rows of int8 through the tensor-core kernel (fewer than a tile, more than one tile, ragged edges)
 from llama_dist.kernels.quant_matmul import load as load_quantized
 assert load_quantized()
@@ -168,9 +165,8 @@ def test_decode_attention_kernel_in_the_interpreter():
 
 
 def test_gemv_kernel_in_the_interpreter():
-    """Dense, int8 and int4 one-row products with the norm, SwiGLU and residual folded in, with and without the
-    next tile's prefetch (int4 against the same arithmetic with 8-bit activations, exactly, and against the
-    dequantized product, closely); int8 and int4
+    """Dense, int8 and int4 one-row products with the norm, SwiGLU and residual folded in (int4 against the same
+    arithmetic with 8-bit activations, exactly, and against the dequantized product, closely); int8 and int4
     products of several rows on tensor cores."""
     run_interpreted(SCRIPT)
 

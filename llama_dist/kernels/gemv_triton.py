@@ -14,21 +14,18 @@ from .gemv import INTERPRETED
 from .tuning import autotune
 
 # (no num_stages: it does not change this kernel's code, whose loop has no tl.dot for Triton's pipeliner to stage;
-# the machine code of num_stages 2, 3 and 4 is the same, so timing each only doubled the tuning. PREFETCH, each
-# tile of weights requested before the one before it is multiplied, is the staging done by hand: both are timed)
-_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1, "PREFETCH": p}, num_warps=w)
+# the machine code of num_stages 2, 3 and 4 is the same, so timing each only doubled the tuning)
+_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w)
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
-                              (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))
-            for p in (False, True)]
+                              (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))]
 # int4 (and int8 against 8-bit inputs): every program rounds x to int8 per tile, work as large as a few rows'
 # weights, so tall tiles, and the inputs split over several programs where that leaves too few (4096 rows)
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk, "PREFETCH": p}, num_warps=w)
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
                  for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
                                        (16, 512, 2, 4), (32, 256, 2, 8), (32, 512, 2, 8), (64, 256, 2, 8),
                                        (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
                                        (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8), (256, 256, 4, 8),
-                                       (256, 256, 8, 8))
-                 for p in (False, True)]
+                                       (256, 256, 8, 8))]
 
 
 @triton.jit
@@ -229,7 +226,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
                  SCALED: tl.constexpr, INT4: tl.constexpr, DP4A: tl.constexpr, NORM: tl.constexpr,
                  GATED: tl.constexpr, RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr,
                  R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, PREFETCH: tl.constexpr):
+                 SPLIT_K: tl.constexpr):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED (DP4A: against x in int8 per group of 32,
     four products per instruction: _int8_groups_product), or when INT4 int4 words [N, K / 8] with (scale, zero)
     per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
@@ -242,10 +239,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     SPLIT_K > 1: the inputs are shared out over SPLIT_K programs per block of rows (grid axis 1); each writes its
     partial sums (and sum of squares) to its part of sums [SPLIT_K, N + row blocks] and takes a ticket in tickets
     [row blocks], and the last of a block adds the parts in order, finishes the rows as above and leaves the
-    tickets zeroed for the next launch.
-
-    PREFETCH: each tile of weights is requested before the one before it is multiplied. Without it the loop asks
-    for a tile, waits, then spends its arithmetic with nothing in flight; with it, twice the registers."""
+    tickets zeroed for the next launch."""
     block = tl.program_id(0)
     rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
@@ -259,20 +253,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     _await_inputs()
     if X_SLOTS:
         _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
-    if PREFETCH:  # the next tile in flight while this one is multiplied (after the last, the last again, from L2)
-        k_last = k_next + (tl.cdiv(k_end - k_next, BLOCK_K) - 1) * BLOCK_K
-        for k0 in range(k_next, k_end, BLOCK_K):
-            ahead = _weights(w_ptr, rows, row_ok, tl.minimum(k0 + BLOCK_K, k_last), K, INT4, DP4A, BLOCK_K)
-            acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
-                                       N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
-            w = ahead
-    else:
-        acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
-                                   N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
-        for k0 in range(k_next + BLOCK_K, k_end, BLOCK_K):
-            w = _weights(w_ptr, rows, row_ok, k0, K, INT4, DP4A, BLOCK_K)
-            acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
-                                       N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
+    acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
+                               N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
+    for k0 in range(k_next + BLOCK_K, k_end, BLOCK_K):
+        w = _weights(w_ptr, rows, row_ok, k0, K, INT4, DP4A, BLOCK_K)
+        acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
+                                   SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
     _release_dependents()
     y = tl.sum(acc, axis=1)
     square_sum = tl.sum(squares, axis=0)
@@ -332,8 +318,7 @@ def _peer_sum_kernel(slots_ptr, counters_ptr, epoch_ptr, y_ptr, site, DIM, WORLD
 _KEY = ["N", "K", "SCALED", "INT4", "NORM", "GATED", "RESIDUAL"]
 if INTERPRETED:  # the interpreter cannot time configs: one tile (int4's inputs split in two, as on GPUs' 4096 rows)
     _gemv = _gemv_int4 = _gemv_kernel
-    _FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1, "PREFETCH": False}
-    _INT4_FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 2, "PREFETCH": False}
+    _FIXED, _INT4_FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 2}
 else:
     _gemv = autotune(_CONFIGS, _KEY, "gemv")(_gemv_kernel)
     _gemv_int4 = autotune(_INT4_CONFIGS, _KEY, "gemv_int4")(_gemv_kernel)
