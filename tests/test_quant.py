@@ -64,6 +64,18 @@ def test_int4_words_give_back_their_values(weight):
     assert torch.equal(int4_from_words(words), q)
 
 
+def test_int4_words_without_the_kernels_installed_say_so(weight):
+    """On CUDA a weight holds only the words until kernels.install: run without it, a clear error (the weight as
+    CUDA keeps it, built here without a GPU)."""
+    q, scales, zeros = int4_quantize(weight, 32)
+    layer = Int4Weight.__new__(Int4Weight)
+    layer._setup(q.shape, 32, torch.bfloat16, "cuda")
+    layer.register_buffer("words", int4_words(q))
+    layer.register_buffer("scales_zeros", torch.stack([scales, zeros], -1).transpose(0, 1).contiguous())
+    with pytest.raises(RuntimeError, match=r"kernels\.install\(model, choose_kernels\(device\)\)"):
+        layer(torch.randn(1, 256))
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4", "int4-torch-kernel"])
 def test_quantized_linear_equals_dequantized_fp32_math(weight, kind, monkeypatch):
     """int4 runs our CPU block kernel where it builds; "int4-torch-kernel" is PyTorch's packed fallback."""

@@ -172,6 +172,10 @@ class Int4Weight(QuantizedWeight):
         if self.device_type == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scales_zeros)
         elif self.device_type == "cuda":
+            if not hasattr(self, "packed"):
+                raise RuntimeError("This int4 weight holds only the words our CUDA kernels read: after load_model, "
+                                   "call llama_dist.kernels.install(model, choose_kernels(device)), as load_runner "
+                                   "and Llama.build do (it keeps PyTorch's packed copy where ours do not run).")
             y = torch._weight_int4pack_mm(x2, self.packed, self.group_size, self.scales_zeros)
         else:
             y = x2 @ self._dense().to(x2.dtype).t()
