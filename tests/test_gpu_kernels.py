@@ -105,7 +105,9 @@ for swap in (False, True):  # x W^T, or (W x^T)^T: the weights' tile as the left
         xb = x.to(torch.bfloat16)
         got = torch.ops.llama_dist.int4_matmul(xb, int4_words(q), sz)
         ref = xb.float() @ dense.to(torch.bfloat16).float().t()
-        assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 1e-2 * ref.abs().max(), (rows, n, k)
+        # (Triton's interpreter converts fp32 to bf16 by truncation, not to nearest: up to a bf16 step in each
+        # weight and in the output, ~1e-2 of the largest output; on GPUs, benchmarks/gemv_kernels.py: ~3e-3)
+        assert got.dtype == torch.bfloat16 and (got.float() - ref).abs().max() < 2e-2 * ref.abs().max(), (rows, n, k)
 # whole matrices dequantized for a prompt's product: int8 values times their row scales, int4 words, both to the
 # very values of the reference dequantization (ragged tiles in both dimensions)
 for n, k in ((40, 288), (9, 1024)):
