@@ -1,0 +1,110 @@
+"""Every tile config of our one-row kernel (llama_dist/kernels/gemv_triton.py), timed alone on each Llama-2-7B
+matrix, on one GPU: which tiles reach the read bandwidth and which fall short, with each one's registers.
+
+    python benchmarks/gemv_tiles.py [--formats int4,int8,bf16 --dim 4096 --hidden 11008 --vocab 32000]
+
+The autotuner keeps one winner per shape and process, and winners differ from run to run by a few percent
+(RESULTS.md, "Tiles kept on disk"); this prints the whole field per matrix, so a run shows whether the winners
+stand out or tie, and how tile height, width and input splits (rows per program, bytes of each row read per
+iteration, programs per SM, waves) relate to the fraction of the bandwidth reached. Plain products (no norm,
+SwiGLU or residual folded in), timed as benchmarks/gemv_kernels.py times them (CUDA graphs over rotating copies,
+so the weights come from memory); each config's largest error against the fp32 product is printed beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gemv_kernels import graph_time_us  # noqa: E402  (benchmarks/ is the script's folder)
+
+from llama_dist.bench import read_bandwidth  # noqa: E402
+from llama_dist.kernels import gemv_triton  # noqa: E402
+from llama_dist.kernels.gemv import load  # noqa: E402
+from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words, int8_quantize  # noqa: E402
+
+
+def launch(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None, y: torch.Tensor,
+           config: triton.Config):
+    """y = x W^T through the one-row kernel with this tile (no tuning); returns the compiled kernel."""
+    n, k = gemv_triton._shape(w)
+    sums, tickets = gemv_triton.split_sums(x, gemv_triton._MAX_SPLIT * 2 * n, n)
+    meta = config.kwargs
+    return gemv_triton._gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
+        x, w, x if scales is None else scales, x, x, y, n, k, 0.0, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
+        **gemv_triton._format(w, scales is not None), NORM=False, GATED=False, RESIDUAL=False, WORLD=0,
+        X_SLOTS=False, R_SLOTS=False, Y_SLOTS=False, **meta, num_warps=config.num_warps)
+
+
+def operands(fmt: str, ws: list[torch.Tensor]) -> tuple[list[tuple], torch.Tensor, int]:
+    """(the copies' (weight, scales) as the kernel takes them, the first's dequantized fp32 matrix, bytes each)."""
+    n, k = ws[0].shape
+    if fmt == "bf16":
+        return [(w, None) for w in ws], ws[0].float(), n * k * 2
+    if fmt == "int8":
+        q8 = [(q, s.to(torch.bfloat16)) for q, s in map(int8_quantize, ws)]
+        return q8, q8[0][0].float() * q8[0][1].float()[:, None], n * k + n * 2
+    copies = []
+    for w in ws:
+        q, scales, zeros = int4_quantize(w, 32)
+        pairs = torch.stack([scales, zeros], -1).transpose(0, 1).to(torch.bfloat16).contiguous()
+        copies.append((int4_words(q), pairs))
+    return copies, int4_dequantize(*int4_quantize(ws[0], 32)), n * k // 2 + n * k // 32 * 4
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--formats", default="int4,int8,bf16")
+    p.add_argument("--dim", type=int, default=4096)
+    p.add_argument("--hidden", type=int, default=11008)
+    p.add_argument("--vocab", type=int, default=32000)
+    a = p.parse_args()
+    dev = torch.device("cuda")
+    assert load(), "needs Triton"
+    bw = read_bandwidth(dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count
+    shapes = {"wqkv": (3 * a.dim, a.dim), "wo": (a.dim, a.dim), "w13": (2 * a.hidden, a.dim),
+              "w2": (a.dim, a.hidden), "output": (a.vocab, a.dim)}
+    results = []
+    for name, (n, k) in shapes.items():
+        copies = max(2, int(400e6 // (n * k * 2)))  # > 50 MB L2 several times over
+        ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
+        y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
+        for fmt in a.formats.split(","):
+            weights, dense, nbytes = operands(fmt, ws)
+            configs = gemv_triton._CONFIGS if fmt == "bf16" else gemv_triton._INT4_CONFIGS
+            ref = x.float() @ dense.t()
+            tiles = []
+            for config in configs:
+                kernel = launch(x, *weights[0], y, config)
+                err = float((y.float() - ref).abs().max() / ref.abs().max())
+                us = graph_time_us(lambda i, c=config: launch(x, *weights[i], y, c), copies)
+                meta = config.kwargs
+                programs = triton.cdiv(n, meta["BLOCK_N"]) * meta["SPLIT_K"]
+                regs = getattr(kernel, "n_regs", None)
+                per_sm = min(65536 // (regs * 32 * config.num_warps), 64 // config.num_warps) if regs else None
+                tiles.append({"tile": [meta["BLOCK_N"], meta["BLOCK_K"]], "split_k": meta["SPLIT_K"],
+                              "warps": config.num_warps, "us": round(us, 2),
+                              "of_bandwidth": round(nbytes / us / 1e3 / (bw / 1e9), 3), "regs": regs,
+                              "programs": programs, "waves": round(programs / (sms * per_sm), 2) if per_sm else None,
+                              "max_rel_error": round(err, 5)})
+            tiles.sort(key=lambda t: -t["of_bandwidth"])
+            row = {"shape": name, "n": n, "k": k, "format": fmt, "tiles": tiles}
+            results.append(row)
+            print(json.dumps({**row, "tiles": tiles[:3] + tiles[-1:]}), flush=True)  # best three and the worst
+        del ws
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "gemv_tiles.json").write_text(json.dumps(
+            {"device": torch.cuda.get_device_name(dev), "read_bandwidth_gbs": bw / 1e9, "sms": sms,
+             "rows": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
