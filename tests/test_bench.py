@@ -54,3 +54,19 @@ def test_kernel_ptx_reads_the_one_row_kernels_loop():
     if int4["sass_per_weight"] is not None:  # (nvdisasm ships in Triton's wheel)
         assert int4["sass_counts"].get("IDP", 0) > 0 and bf16["sass_counts"].get("HFMA2", 0) + \
             bf16["sass_counts"].get("FFMA", 0) > 0 and int4["sass_per_weight"] > 0
+
+
+def test_kernel_ptx_reads_the_tensor_core_kernel_swapped_onto_wgmma():
+    """With --rows, kernel_ptx.py compiles the quantized tensor-core kernel: a 16-row tile multiplies with
+    mma.sync, and swapped ((W x^T)^T, the converted weights as the 64-row left operand) with Hopper's wgmma."""
+    pytest.importorskip("triton")
+    mma = {}
+    for swap in ([], ["--swap"]):
+        out = subprocess.run([sys.executable, "benchmarks/kernel_ptx.py", "--format", "int4", "--rows", "16",
+                              "--block_n", "64", "--block_k", "128", "--warps", "4", *swap], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        assert result["rows"] == 16 and result["swap"] == bool(swap) and result["weights"] == 64 * 128 / 128
+        mma[bool(swap)] = {op.split(".")[0] for op in result["counts"] if "mma" in op}
+    assert mma == {False: {"mma"}, True: {"wgmma"}}, mma
