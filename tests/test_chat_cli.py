@@ -1,4 +1,5 @@
 """The interactive chat, driven as a person would through a pseudo-terminal."""
+import signal
 import sys
 
 import pytest
@@ -9,9 +10,12 @@ pexpect = pytest.importorskip("pexpect")
 
 
 def test_two_turns_ctrl_c_and_exit():
+    # (Ctrl-C's default action restored in the child: a test run started in the background of a script inherits
+    # SIGINT ignored, and Python keeps an ignored SIGINT ignored, so the chat would never see the key)
     child = pexpect.spawn(sys.executable, ["-m", "llama_dist.cli", "chat", "--model", "smollm2", "--temperature", "0",
                                            "--max_gen_len", "200"], cwd=str(ROOT), encoding="utf-8", timeout=120,
-                          env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "TERM": "dumb"})
+                          env={"OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin", "TERM": "dumb"},
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         child.expect("Chat with the model")
         child.expect("> ")

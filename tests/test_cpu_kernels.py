@@ -124,6 +124,17 @@ def test_other_builds_equal_this_machines_build(tmp_path, build):
     assert (torch.tensor(other["attention"]) - attention_at_40()).abs().max() < 1e-5
 
 
+def test_a_killed_builds_lock_does_not_hold_up_the_next(tmp_path, monkeypatch):
+    """torch's extension builder waits forever on the lock file of a build that was killed; ours clears it while
+    holding an OS lock of its own (which a dead process cannot keep), then builds."""
+    from torch.utils import cpp_extension
+
+    (tmp_path / "lock").write_text("")  # what a killed build leaves
+    seen = []
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.append((tmp_path / "lock").exists()))
+    assert csrc._build("llama_dist_cpu_test", [], tmp_path) and seen == [False]
+
+
 def attention_at_40() -> torch.Tensor:
     """The decode attention of one row at position 40 (8 kv heads of 64, 4 query heads each)."""
     g = torch.Generator().manual_seed(4)

@@ -9,6 +9,7 @@ LLAMA_DIST_CPU_KERNELS=0, it says why and the int4/int8 weights use PyTorch's ow
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import os
@@ -77,12 +78,18 @@ def _build(name: str, flags: list[str], directory: Path) -> bool:
     if shutil.which("ninja") is None and (venv_bin / "ninja").exists():
         os.environ["PATH"] = f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"
     directory.mkdir(parents=True, exist_ok=True)
-    try:
-        cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
-                           build_directory=str(directory), extra_cflags=["-O3", "-fopenmp", *flags],
-                           extra_ldflags=["-fopenmp"])
-    except Exception as e:  # no compiler or ninja: the packed PyTorch kernels still work, only slower
-        warnings.warn(f"llama-dist: the C++ CPU kernels could not be built ({e}); using PyTorch's int4/int8 "
-                      "kernels instead (slower). Install a C++ compiler and `pip install ninja` to build them.")
-        return False
+    # torch's builder takes a lock file that a killed build leaves behind, and every later build then waits on it
+    # forever; builds of this directory take turns on an OS lock instead (released when its holder dies), and its
+    # holder clears torch's file: any left there is a dead build's
+    with open(directory / "build.lock", "w") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        (directory / "lock").unlink(missing_ok=True)
+        try:
+            cpp_extension.load(name=name, sources=[str(p) for p in SOURCES], is_python_module=False,
+                               build_directory=str(directory), extra_cflags=["-O3", "-fopenmp", *flags],
+                               extra_ldflags=["-fopenmp"])
+        except Exception as e:  # no compiler or ninja: the packed PyTorch kernels still work, only slower
+            warnings.warn(f"llama-dist: the C++ CPU kernels could not be built ({e}); using PyTorch's int4/int8 "
+                          "kernels instead (slower). Install a C++ compiler and `pip install ninja` to build them.")
+            return False
     return True
