@@ -1,14 +1,16 @@
 """Every tile config of our one-row kernel (llama_dist/kernels/gemv_triton.py), timed alone on each Llama-2-7B
 matrix, on one GPU: which tiles reach the read bandwidth and which fall short, with each one's registers.
 
-    python benchmarks/gemv_tiles.py [--formats int4,int8,bf16 --dim 4096 --hidden 11008 --vocab 32000]
+    python benchmarks/gemv_tiles.py [--formats int4,int8,bf16 --dim 4096 --hidden 11008 --vocab 32000] [--wide]
 
 The autotuner keeps one winner per shape and process, and winners differ from run to run by a few percent
 (RESULTS.md, "Tiles kept on disk"); this prints the whole field per matrix, so a run shows whether the winners
 stand out or tie, and how tile height, width and input splits (rows per program, bytes of each row read per
 iteration, programs per SM, waves) relate to the fraction of the bandwidth reached. Plain products (no norm,
 SwiGLU or residual folded in), timed as benchmarks/gemv_kernels.py times them (CUDA graphs over rotating copies,
-so the weights come from memory); each config's largest error against the fp32 product is printed beside it.
+so the weights come from memory, launched as the model launches them: programmatic dependent launches where the
+GPU has them); each config's largest error against the fp32 product is printed beside it. --wide times a wider
+field than the tuner's lists (1-8 warps, 4-1024 rows, 256-1024 inputs, 1-4 parts), to find tiles to add to them.
 """
 from __future__ import annotations
 
@@ -39,7 +41,16 @@ def launch(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None, y: tor
     return gemv_triton._gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
         x, w, x if scales is None else scales, x, x, y, n, k, 0.0, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
         **gemv_triton._format(w, scales is not None), NORM=False, GATED=False, RESIDUAL=False, WORLD=0,
-        X_SLOTS=False, R_SLOTS=False, Y_SLOTS=False, **meta, num_warps=config.num_warps)
+        X_SLOTS=False, R_SLOTS=False, Y_SLOTS=False, **meta, num_warps=config.num_warps, **gemv_triton.pdl_launch())
+
+
+def wide_configs(fmt: str) -> list[triton.Config]:
+    """Tiles of 1-8 warps, 4-256 rows, 256-1024 inputs and 1-4 parts of the inputs, with 4 to 32 words of weights
+    per thread (one to eight 16-byte loads)."""
+    inputs_per_word = {"int4": 8, "int8": 4, "bf16": 2}[fmt]
+    return [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
+            for w in (1, 2, 4, 8) for bn in (4, 8, 16, 32, 64, 128, 256) for bk in (256, 512, 1024)
+            for sk in (1, 2, 4) if 4 <= bn * bk // inputs_per_word // (32 * w) <= 32]
 
 
 def operands(fmt: str, ws: list[torch.Tensor]) -> tuple[list[tuple], torch.Tensor, int]:
@@ -64,6 +75,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--wide", action="store_true", help="a wider field of tiles than the tuner's (wide_configs)")
     a = p.parse_args()
     dev = torch.device("cuda")
     assert load(), "needs Triton"
@@ -79,7 +91,8 @@ def main() -> None:
         y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
         for fmt in a.formats.split(","):
             weights, dense, nbytes = operands(fmt, ws)
-            configs = gemv_triton._CONFIGS if fmt == "bf16" else gemv_triton._INT4_CONFIGS
+            configs = wide_configs(fmt) if a.wide else gemv_triton._CONFIGS if fmt == "bf16" else \
+                gemv_triton._INT4_CONFIGS
             ref = x.float() @ dense.t()
             tiles = []
             for config in configs:
