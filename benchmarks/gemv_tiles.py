@@ -35,13 +35,11 @@ from llama_dist.quant.weights import int4_dequantize, int4_quantize, int4_words,
 def launch(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor | None, y: torch.Tensor,
            config: triton.Config):
     """y = x W^T through the one-row kernel with this tile (no tuning); returns the compiled kernel."""
-    n, k = gemv_triton._shape(w)
-    sums, tickets = gemv_triton.split_sums(x, gemv_triton._MAX_SPLIT * 2 * n, n)
+    args, flags = gemv_triton.plain_arguments(x, w, x if scales is None else scales, x, x, y, 0.0,
+                                              scales is not None, norm=False, gated=False, add=False)
     meta = config.kwargs
-    return gemv_triton._gemv_kernel[(triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
-        x, w, x if scales is None else scales, x, x, y, n, k, 0.0, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
-        **gemv_triton._format(w, scales is not None), NORM=False, GATED=False, RESIDUAL=False, WORLD=0,
-        X_SLOTS=False, R_SLOTS=False, Y_SLOTS=False, **meta, num_warps=config.num_warps, **gemv_triton.pdl_launch())
+    return gemv_triton._gemv_kernel[(triton.cdiv(y.shape[1], meta["BLOCK_N"]), meta["SPLIT_K"])](
+        *args, **flags, **meta, num_warps=config.num_warps)
 
 
 def wide_configs(fmt: str) -> list[triton.Config]:

@@ -368,20 +368,29 @@ def _format(w: torch.Tensor, scaled: bool) -> dict:
     return {"SCALED": int8, "INT4": w.dtype == torch.int32, "DP4A": int8 and _dp4a_rows(w)}
 
 
+def plain_arguments(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
+                    residual: torch.Tensor, y: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
+                    add: bool) -> tuple[list, dict]:
+    """The one-row kernel's arguments for a launch without peer slots, all but the tile: (positional, keyword)."""
+    n, k = _shape(w)
+    sums, tickets = split_sums(x, _MAX_SPLIT * 2 * n, n)
+    return ([x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0],
+            {**_format(w, scaled), "NORM": norm, "GATED": gated, "RESIDUAL": add, "WORLD": 0, "X_SLOTS": False,
+             "R_SLOTS": False, "Y_SLOTS": False, **pdl_launch()})
+
+
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
 def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
             residual: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
             add: bool) -> torch.Tensor:
     """x [1, in] (or [1, 2 * in] when gated) -> [1, out]. Tensors whose flag is off are unused. The weight's dtype
     says its format: int8 with per-row scales, int32 int4 words with group scales (both `scaled`), or dense."""
-    n, k = _shape(w)
+    n = _shape(w)[0]
     y = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    sums, tickets = split_sums(x, _MAX_SPLIT * 2 * n, n)
+    args, flags = plain_arguments(x, w, scales, norm_weight, residual, y, eps, scaled, norm, gated, add)
     kernel, fixed = _tuned(w)
     torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](
-        x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0,
-        **_format(w, scaled), NORM=norm, GATED=gated, RESIDUAL=add, WORLD=0, X_SLOTS=False, R_SLOTS=False,
-        Y_SLOTS=False, **fixed, **pdl_launch())
+        *args, **flags, **fixed)
     return y
 
 
