@@ -12,7 +12,10 @@ from .gemv import INTERPRETED
 from .gemv_triton import _PTX, _exact_float, _weights, split_sums
 from .tuning import autotune
 
-MAX_ROWS_BUCKET = 128  # autotuning keys on rows rounded up to a power of 2 up to this, so new batch sizes reuse a tuning
+# autotuning keys on rows rounded up to a power of 2, from MIN_ROWS_BUCKET to MAX_ROWS_BUCKET, so that new batch
+# sizes reuse a tuning; up to 8 rows every tile has more rows than the product (16 at least), and 2, 4 and 8 rows
+# picked the same tiles (timing each was a third of a quantized model's first start)
+MIN_ROWS_BUCKET, MAX_ROWS_BUCKET = 8, 128
 
 
 @triton.jit
@@ -214,7 +217,7 @@ def _tiles_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int
     m, k = x.shape
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     sums, tickets = split_sums(x, _MAX_SPLIT * m * n, m * n)
-    bucket = min(MAX_ROWS_BUCKET, triton.next_power_of_2(m))
+    bucket = min(MAX_ROWS_BUCKET, max(MIN_ROWS_BUCKET, triton.next_power_of_2(m)))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])  # noqa
     torch.library.wrap_triton(_quant_matmul)[grid](x, w, scales, y, sums, tickets, m, n, k, bucket, INT4=int4,
                                                    **_FIXED)
