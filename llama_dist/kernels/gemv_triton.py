@@ -19,9 +19,12 @@ _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warp
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                               (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))]
 # int4 (and int8 against 8-bit inputs): every program rounds x to int8 per tile, work as large as a few rows'
-# weights, so tall tiles, and the inputs split over several programs where that leaves too few (4096 rows)
+# weights, so tall tiles, and the inputs split over several programs where that leaves too few (4096 rows); and
+# small programs (2-4 warps, 8-16 rows), many to an SM, whose rounding overlaps the others' loads
 _INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
-                 for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
+                 for bn, bk, sk, w in ((8, 512, 1, 2), (16, 256, 1, 2), (8, 1024, 1, 4), (16, 512, 1, 4),
+                                       (8, 512, 2, 4), (8, 1024, 2, 4),
+                                       (8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
                                        (16, 512, 2, 4), (32, 256, 2, 8), (32, 512, 2, 8), (64, 256, 2, 8),
                                        (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
                                        (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8), (256, 256, 4, 8),
