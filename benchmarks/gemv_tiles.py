@@ -89,8 +89,8 @@ def main() -> None:
         y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
         for fmt in a.formats.split(","):
             weights, dense, nbytes = operands(fmt, ws)
-            configs = wide_configs(fmt) if a.wide else gemv_triton._CONFIGS if fmt == "bf16" else \
-                gemv_triton._INT4_CONFIGS
+            configs = wide_configs(fmt) if a.wide else {"bf16": gemv_triton._CONFIGS, "int8": gemv_triton._DP4A_CONFIGS,
+                                                        "int4": gemv_triton._INT4_CONFIGS}[fmt]
             ref = x.float() @ dense.t()
             tiles = []
             for config in configs:

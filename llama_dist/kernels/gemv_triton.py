@@ -18,17 +18,19 @@ from .tuning import autotune
 _CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": 1}, num_warps=w)
             for bn, bk, w in ((2, 1024, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (8, 512, 4),
                               (16, 256, 8), (16, 512, 8), (32, 256, 8), (32, 512, 8), (64, 256, 8))]
-# int4 (and int8 against 8-bit inputs): every program rounds x to int8 per tile, work as large as a few rows'
-# weights, so tall tiles, and the inputs split over several programs where that leaves too few (4096 rows); and
-# small programs (2-4 warps, 8-16 rows), many to an SM, whose rounding overlaps the others' loads
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
-                 for bn, bk, sk, w in ((8, 512, 1, 2), (16, 256, 1, 2), (8, 1024, 1, 4), (16, 512, 1, 4),
-                                       (8, 512, 2, 4), (8, 1024, 2, 4),
-                                       (8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
+# int8 against 8-bit inputs (and int4): every program rounds x to int8 per tile, work as large as a few rows'
+# weights, so tall tiles, and the inputs split over several programs where that leaves too few (4096 rows)
+_DP4A_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
+                 for bn, bk, sk, w in ((8, 512, 1, 4), (16, 256, 1, 4), (16, 512, 1, 8), (32, 256, 1, 8),
                                        (16, 512, 2, 4), (32, 256, 2, 8), (32, 512, 2, 8), (64, 256, 2, 8),
                                        (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
                                        (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8), (256, 256, 4, 8),
                                        (256, 256, 8, 8))]
+# int4 also: small programs (2-4 warps, 8-16 rows, up to 1024 inputs), many to an SM, whose rounding of x overlaps
+# the others' loads (an int4 row holds half an int8 row's bytes per rounded input); not timed for int8 yet
+_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
+                 for bn, bk, sk, w in ((8, 512, 1, 2), (16, 256, 1, 2), (8, 1024, 1, 4), (16, 512, 1, 4),
+                                       (8, 512, 2, 4), (8, 1024, 2, 4))] + _DP4A_CONFIGS
 
 
 @triton.jit
@@ -320,11 +322,12 @@ def _peer_sum_kernel(slots_ptr, counters_ptr, epoch_ptr, y_ptr, site, DIM, WORLD
 
 _KEY = ["N", "K", "SCALED", "INT4", "NORM", "GATED", "RESIDUAL"]
 if INTERPRETED:  # the interpreter cannot time configs: one tile (int4's inputs split in two, as on GPUs' 4096 rows)
-    _gemv = _gemv_int4 = _gemv_kernel
+    _gemv = _gemv_int4 = _gemv_dp4a = _gemv_kernel
     _FIXED, _INT4_FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 2}
 else:
     _gemv = autotune(_CONFIGS, _KEY, "gemv")(_gemv_kernel)
     _gemv_int4 = autotune(_INT4_CONFIGS, _KEY, "gemv_int4")(_gemv_kernel)
+    _gemv_dp4a = autotune(_DP4A_CONFIGS, _KEY, "gemv_int8")(_gemv_kernel)
     _FIXED = _INT4_FIXED = {}
 
 _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter's 2 among them)
@@ -351,7 +354,9 @@ def split_sums(x: torch.Tensor, sums: int, tickets: int) -> tuple[torch.Tensor, 
 def _tuned(w: torch.Tensor):
     """The autotuned kernel for this weight's format (int4 words and int8 against 8-bit inputs have configs of
     their own) and the tile the interpreter takes instead of tuning."""
-    return (_gemv_int4, _INT4_FIXED) if w.dtype == torch.int32 or _dp4a_rows(w) else (_gemv, _FIXED)
+    if w.dtype == torch.int32:
+        return _gemv_int4, _INT4_FIXED
+    return (_gemv_dp4a, _INT4_FIXED) if _dp4a_rows(w) else (_gemv, _FIXED)
 
 
 def _dp4a_rows(w: torch.Tensor) -> bool:
