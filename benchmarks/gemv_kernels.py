@@ -60,18 +60,28 @@ def int4_peer(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> tup
     return packed, torch.stack([scales, zeros], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """--dim, --hidden and --vocab, Llama-2-7B's by default."""
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--hidden", type=int, default=11008)
     p.add_argument("--vocab", type=int, default=32000)
+
+
+def decode_matrices(a: argparse.Namespace) -> dict[str, tuple[int, int]]:
+    """(outputs, inputs) of each weight a decoded token reads: fused q/k/v, wo, fused w1/w3, w2, output."""
+    return {"wqkv": (3 * a.dim, a.dim), "wo": (a.dim, a.dim), "w13": (2 * a.hidden, a.dim),
+            "w2": (a.dim, a.hidden), "output": (a.vocab, a.dim)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    add_shape_arguments(p)
     p.add_argument("--rows", default="(8,32,512)", help="row counts for the several-row products")
     a = p.parse_args()
     dev = torch.device("cuda")
     assert load() and load_quantized(), "needs Triton"
     bw = read_bandwidth(dev)
-    shapes = {"wqkv": (3 * a.dim, a.dim), "wo": (a.dim, a.dim), "w13": (2 * a.hidden, a.dim),
-              "w2": (a.dim, a.hidden), "output": (a.vocab, a.dim)}
+    shapes = decode_matrices(a)
     compiled_linear = torch.compile(lambda x, w: torch.nn.functional.linear(x, w))
     compiled_int8 = torch.compile(lambda x, q, s: torch.nn.functional.linear(x, q.to(x.dtype)) * s)
     several = [int(r) for r in a.rows.strip("()[] ").split(",") if r.strip()]  # "()": one row only

@@ -10,7 +10,7 @@ iteration, programs per SM, waves) relate to the fraction of the bandwidth reach
 SwiGLU or residual folded in), timed as benchmarks/gemv_kernels.py times them (CUDA graphs over rotating copies,
 so the weights come from memory, launched as the model launches them: programmatic dependent launches where the
 GPU has them); each config's largest error against the fp32 product is printed beside it. --wide times a wider
-field than the tuner's lists (1-8 warps, 4-1024 rows, 256-1024 inputs, 1-4 parts), to find tiles to add to them.
+field than the tuner's lists (1-8 warps, 4-256 rows, 256-1024 inputs, 1-4 parts), to find tiles to add to them.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gemv_kernels import graph_time_us  # noqa: E402  (benchmarks/ is the script's folder)
+# (benchmarks/ is the script's folder)
+from gemv_kernels import add_shape_arguments, decode_matrices, graph_time_us  # noqa: E402
 
 from llama_dist.bench import read_bandwidth  # noqa: E402
 from llama_dist.kernels import gemv_triton  # noqa: E402
@@ -70,17 +71,14 @@ def operands(fmt: str, ws: list[torch.Tensor]) -> tuple[list[tuple], torch.Tenso
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--formats", default="int4,int8,bf16")
-    p.add_argument("--dim", type=int, default=4096)
-    p.add_argument("--hidden", type=int, default=11008)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_shape_arguments(p)
     p.add_argument("--wide", action="store_true", help="a wider field of tiles than the tuner's (wide_configs)")
     a = p.parse_args()
     dev = torch.device("cuda")
     assert load(), "needs Triton"
     bw = read_bandwidth(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
-    shapes = {"wqkv": (3 * a.dim, a.dim), "wo": (a.dim, a.dim), "w13": (2 * a.hidden, a.dim),
-              "w2": (a.dim, a.hidden), "output": (a.vocab, a.dim)}
+    shapes = decode_matrices(a)
     results = []
     for name, (n, k) in shapes.items():
         copies = max(2, int(400e6 // (n * k * 2)))  # > 50 MB L2 several times over

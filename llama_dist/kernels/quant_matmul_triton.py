@@ -14,7 +14,7 @@ from .tuning import autotune
 
 # autotuning keys on rows rounded up to a power of 2, from MIN_ROWS_BUCKET to MAX_ROWS_BUCKET, so that new batch
 # sizes reuse a tuning; up to 8 rows every tile has more rows than the product (16 at least), and 2, 4 and 8 rows
-# picked the same tiles (timing each was a third of a quantized model's first start)
+# picked the same tiles (timing them was a third of this kernel's tuning at a quantized model's first start)
 MIN_ROWS_BUCKET, MAX_ROWS_BUCKET = 8, 128
 
 
