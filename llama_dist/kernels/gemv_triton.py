@@ -11,7 +11,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..distributed.peer_memory import PeerSlots
 from ..distributed.settings import read_settings
 from .gemv import INTERPRETED
-from .tuning import autotune
+from .tuning import autotune, streamed_time
 
 # (no num_stages: it does not change this kernel's code, whose loop has no tl.dot for Triton's pipeliner to stage;
 # the machine code of num_stages 2, 3 and 4 is the same, so timing each only doubled the tuning)
@@ -26,11 +26,13 @@ _DP4A_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, nu
                                        (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
                                        (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8), (256, 256, 4, 8),
                                        (256, 256, 8, 8))]
-# int4 also: small programs (2-4 warps, 8-16 rows, up to 1024 inputs), many to an SM, whose rounding of x overlaps
-# the others' loads (an int4 row holds half an int8 row's bytes per rounded input); not timed for int8 yet
+# int4 also: small programs (2-4 warps, 8-32 rows, up to 1024 inputs), many to an SM, whose rounding of x overlaps
+# the others' loads (an int4 row holds half an int8 row's bytes per rounded input), and the best of
+# benchmarks/gemv_tiles.py --wide per 7B matrix; not timed for int8 yet
 _INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
-                 for bn, bk, sk, w in ((8, 512, 1, 2), (16, 256, 1, 2), (8, 1024, 1, 4), (16, 512, 1, 4),
-                                       (8, 512, 2, 4), (8, 1024, 2, 4))] + _DP4A_CONFIGS
+                 for bn, bk, sk, w in ((8, 512, 1, 2), (16, 256, 1, 2), (16, 512, 1, 2), (8, 1024, 1, 4),
+                                       (16, 512, 1, 4), (16, 1024, 1, 4), (32, 1024, 1, 4), (8, 512, 2, 4),
+                                       (8, 1024, 2, 4), (16, 1024, 4, 4), (64, 1024, 4, 8))] + _DP4A_CONFIGS
 
 
 @triton.jit
@@ -325,9 +327,9 @@ if INTERPRETED:  # the interpreter cannot time configs: one tile (int4's inputs 
     _gemv = _gemv_int4 = _gemv_dp4a = _gemv_kernel
     _FIXED, _INT4_FIXED = {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 1}, {"BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": 2}
 else:
-    _gemv = autotune(_CONFIGS, _KEY, "gemv")(_gemv_kernel)
-    _gemv_int4 = autotune(_INT4_CONFIGS, _KEY, "gemv_int4")(_gemv_kernel)
-    _gemv_dp4a = autotune(_DP4A_CONFIGS, _KEY, "gemv_int8")(_gemv_kernel)
+    _gemv = autotune(_CONFIGS, _KEY, "gemv", do_bench=streamed_time)(_gemv_kernel)
+    _gemv_int4 = autotune(_INT4_CONFIGS, _KEY, "gemv_int4", do_bench=streamed_time)(_gemv_kernel)
+    _gemv_dp4a = autotune(_DP4A_CONFIGS, _KEY, "gemv_int8", do_bench=streamed_time)(_gemv_kernel)
     _FIXED = _INT4_FIXED = {}
 
 _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter's 2 among them)
