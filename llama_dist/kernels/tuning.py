@@ -3,9 +3,9 @@
 Timing every tile of every matrix shape is most of a quantized 7B model's load on a GPU, and each process picked
 its own tiles, so two runs of the same model could differ in speed and in near-tied greedy tokens (RESULTS.md,
 "Tiles kept on disk"). Triton keeps the timings next to its compiled kernels (TRITON_CACHE_DIR, by default
-~/.triton/cache), keyed by the kernel's source (and the line it starts on), the GPU's target, Triton's version and the configs, so a change to
-any of them times afresh; deleting that folder does too. Kernels that stream a decode step's weights are timed
-with those weights coming from memory (streamed_time).
+~/.triton/cache), keyed by the kernel's source (and the line it starts on), the GPU's target, Triton's version and
+the configs, so a change to any of them times afresh; deleting that folder does too. Kernels that stream a decode
+step's weights are timed with those weights coming from memory (streamed_time).
 """
 from __future__ import annotations
 
