@@ -129,12 +129,14 @@ from llama_dist.model.transformer import apply_rotary, rope_table
 from tests.helpers import paged, unpaged
 assert load()
 g = torch.Generator().manual_seed(0)
-for bsz, n_kv, n_rep, length, d in ((1, 4, 1, 40, 32), (3, 2, 3, 70, 16), (2, 1, 8, 17, 64)):
+# random positions, and the first, a tile's last and the next tile's first (the interpreter's tiles hold 16)
+for bsz, n_kv, n_rep, length, d, at in ((1, 4, 1, 40, 32, None), (3, 2, 3, 70, 16, None), (2, 1, 8, 17, 64, None),
+                                        (3, 2, 1, 33, 16, [0, 15, 16])):
     table = rope_table(ModelArgs(dim=d, n_heads=1, rope_theta=1000.0), length)
     qkv = torch.randn(bsz, 1, (n_rep + 2) * n_kv * d, generator=g)
     cache_k, cache_v = (torch.randn(bsz + 2, n_kv, length, d, generator=g) for _ in range(2))
     slots = torch.randperm(bsz + 2, generator=g)[:bsz]  # any cache rows
-    pos = torch.randint(0, length, (bsz,), generator=g)
+    pos = torch.randint(0, length, (bsz,), generator=g) if at is None else torch.tensor(at)
     rope = table[pos].unsqueeze(1)
     # the model's step-by-step path
     q, k, v = qkv.split([n_rep * n_kv * d, n_kv * d, n_kv * d], dim=-1)

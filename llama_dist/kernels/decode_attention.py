@@ -5,9 +5,10 @@ A decode step's attention reads a few megabytes of cache per layer, a small job 
 kernels and the three small ones that rotate q and k and write the cache each pay a launch
 (benchmarks/RESULTS.md, "Fused decode kernels"). Here each (row, kv head) is one
 program: it rotates the new key and its n_rep query heads (Meta's interleaved pairs), writes the
-new key and value to the row's place in the paged cache, then streams the cached positions [0, pos] in
-tiles (each position found through the block table) with an online softmax (GQA without copying the
-cache; the window's masked tail is never read).
+new key and value to the row's place in the paged cache, then attends to the new position from registers
+and streams the cached positions [0, pos) in tiles (each position found through the block table) with an
+online softmax (GQA without copying the cache; the window's masked tail is never read). The first tile is
+read before the wait for the q/k/v product, so at short contexts its read overlaps that kernel's end.
 Prefill and other shapes keep the step-by-step path.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .gemv import INTERPRETED, bf16_tensor_cores, on_cpp_kernels
 def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
-    global _await_inputs, _release_dependents  # (the kernel's helpers: the interpreter looks names up there)
+    global _await_inputs, _release_dependents, _cached_tile  # (the kernel's helpers: looked up there)
     if not bf16_tensor_cores():
         return False
     try:
@@ -36,6 +37,18 @@ def load() -> bool:
         return False
 
     @triton.jit
+    def _cached_tile(cache_k_ptr, cache_v_ptr, blocks, start, last, h, stride_cb, stride_ch, stride_cl,
+                     HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Keys and values of the row's cached positions [start, start + BLOCK_L) before `last` (zeros after it),
+        each position found through the row's blocks."""
+        cols = start + tl.arange(0, BLOCK_L)
+        seen = cols < last
+        at = (tl.load(blocks + cols // KV_BLOCK, mask=seen, other=0) * stride_cb + h * stride_ch
+              + (cols % KV_BLOCK) * stride_cl)[:, None] + tl.arange(0, HEAD_DIM)[None, :]
+        return (tl.load(cache_k_ptr + at, mask=seen[:, None], other=0.0),
+                tl.load(cache_v_ptr + at, mask=seen[:, None], other=0.0))
+
+    @triton.jit
     def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
                           stride_cb, stride_ch, stride_cl, stride_t, scale, N_REP: tl.constexpr,
                           HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -45,8 +58,13 @@ def load() -> bool:
         slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]."""
         b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         n_kv = tl.num_programs(1)
-        _await_inputs()  # (a programmatic dependent of the q/k/v product: nothing read before it)
+        # before the wait, what the q/k/v product does not write: the step's positions and block table (set
+        # before its first kernel) and the first tile of earlier positions (written by earlier steps)
         last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
+        blocks = table_ptr + slot * stride_t  # this row's blocks
+        keys, values = _cached_tile(cache_k_ptr, cache_v_ptr, blocks, 0, last, h, stride_cb, stride_ch, stride_cl,
+                                    HEAD_DIM, KV_BLOCK, BLOCK_L)
+        _await_inputs()  # (a programmatic dependent of the q/k/v product)
         reps, dims, pairs = tl.arange(0, BLOCK_R), tl.arange(0, HEAD_DIM), tl.arange(0, HEAD_DIM // 2)
         row = qkv_ptr + b * (n_kv * (N_REP + 2) * HEAD_DIM)
         cos = tl.load(rope_ptr + b * HEAD_DIM + 2 * pairs)
@@ -59,24 +77,20 @@ def load() -> bool:
         q = q.to(qkv_ptr.dtype.element_ty)
         k = tl.load(row + (n_kv * N_REP + h) * HEAD_DIM + dims).to(tl.float32)
         k0, k1 = tl.split(tl.reshape(k, (HEAD_DIM // 2, 2)))
-        k = tl.reshape(tl.join(k0 * cos - k1 * sin, k0 * sin + k1 * cos), (HEAD_DIM,))
-        v = tl.load(row + (n_kv * (N_REP + 1) + h) * HEAD_DIM + dims)
-        blocks = table_ptr + slot * stride_t  # this row's blocks
+        k = tl.reshape(tl.join(k0 * cos - k1 * sin, k0 * sin + k1 * cos), (HEAD_DIM,)).to(cache_k_ptr.dtype.element_ty)
+        v = tl.load(row + (n_kv * (N_REP + 1) + h) * HEAD_DIM + dims).to(cache_v_ptr.dtype.element_ty)
         new = tl.load(blocks + last // KV_BLOCK) * stride_cb + h * stride_ch + (last % KV_BLOCK) * stride_cl
-        tl.store(cache_k_ptr + new + dims, k.to(cache_k_ptr.dtype.element_ty))
-        tl.store(cache_v_ptr + new + dims, v.to(cache_v_ptr.dtype.element_ty))
-        tl.debug_barrier()  # the block's stores are visible to its own loads below
+        tl.store(cache_k_ptr + new + dims, k)
+        tl.store(cache_v_ptr + new + dims, v)
 
-        top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
-        for start in range(0, last + 1, BLOCK_L):
-            cols = start + tl.arange(0, BLOCK_L)
-            seen = cols <= last
-            at = (tl.load(blocks + cols // KV_BLOCK, mask=seen, other=0) * stride_cb + h * stride_ch
-                  + (cols % KV_BLOCK) * stride_cl)[:, None] + dims[None, :]
-            keys = tl.load(cache_k_ptr + at, mask=seen[:, None], other=0.0)
-            values = tl.load(cache_v_ptr + at, mask=seen[:, None], other=0.0)
+        # the new position from registers, then the cached ones, each tile read while the one before is used
+        top = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale
+        total = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
+        acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32) + v.to(tl.float32)[None, :]
+        for start in range(0, last, BLOCK_L):
+            next_keys, next_values = _cached_tile(cache_k_ptr, cache_v_ptr, blocks, start + BLOCK_L, last, h,
+                                                  stride_cb, stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
+            seen = start + tl.arange(0, BLOCK_L) < last
             scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # inductor passes scale as fp64
             scores = tl.where(seen[None, :], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
@@ -85,6 +99,7 @@ def load() -> bool:
             total = total * shrink + tl.sum(weights, axis=1)
             acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values)
             top = new_top
+            keys, values = next_keys, next_values
         _release_dependents()
         out = acc / total[:, None]
         o_at = b * (n_kv * N_REP * HEAD_DIM) + q_at

@@ -61,8 +61,8 @@ _GDC = tl.constexpr(_PDL)
 @triton.jit
 def _await_inputs():
     """Wait until the kernel before this one has finished and its writes are visible. Launched as a programmatic
-    dependent (PDL), a kernel may start while the one before it ends; everything before this wait must read only
-    what no kernel of the step writes (the weights). Without PDL it returns at once."""
+    dependent (PDL), a kernel may start while that one ends: before this wait, read only what it does not write
+    (weights, earlier steps' cache; each kernel here releases after its wait, so all before it are done)."""
     if _GDC:
         gdc_wait()
 
