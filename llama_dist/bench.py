@@ -58,7 +58,7 @@ def prompt_tok_s(read_prompt: Callable[[], Any], n_tokens: int, device: torch.de
 
 def decode_tok_s(runner: Runner, ctx, batch: int, steps: int, prompt_len: int = 16,
                  greedy: list[int] | None = None, top2: list[tuple[float, float]] | None = None) -> float:
-    """Greedy decode tokens/s after a short prompt; `greedy`, if given, receives row 0's tokens and `top2`
+    """Greedy decode tokens/s after a prompt of prompt_len tokens; `greedy`, if given, receives row 0's tokens and `top2`
     its two largest logits at each step (to compare runs: the same weights at any tensor-parallel size should
     choose the same tokens, except where the top two nearly tie and rounding may pick either)."""
     # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
@@ -144,9 +144,12 @@ def hf_figures(args: ModelArgs, device: torch.device, steps: int, batches: tuple
 
 def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
           steps: int = 128, prefill: int = 512, hf: bool = True, n_ctx: int = 1024, out: str | None = None,
-          **options: Any) -> dict:
+          context: int = 16, **options: Any) -> dict:
     """options: LoadConfig / ParallelConfig fields (backend, pp, ...; here compile defaults to True and quantize
-    to "none"); out: a folder to write the JSON result into."""
+    to "none"); out: a folder to write the JSON result into; context: the prompt's tokens before the decode
+    steps (each step's attention reads that many cached positions and more)."""
+    if context < 1 or context + steps + 3 > n_ctx:
+        raise ValueError(f"--context {context} and --steps {steps} (+3 warm-up steps) must fit --n_ctx {n_ctx}")
     options = {"compile": True, "quantize": "none", **options}
     load, parallel = make_configs(model or str(config), n_ctx, max(batches), **options)
     ctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
@@ -163,7 +166,8 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     sync(ctx.device)
     result = {"config": str(config if not model else model), "world_size": ctx.world_size, "pp": ctx.pp_size,
               "device": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-              "load_s": time.perf_counter() - start, "quantize": load.quantize, "compile": load.compile}
+              "load_s": time.perf_counter() - start, "quantize": load.quantize, "compile": load.compile,
+              "decode_context": context}
     if ctx.device.type == "cuda":  # what the model holds on the GPU: weights in every form its kernels keep
         result["gpu_memory_gb"] = torch.cuda.memory_allocated(ctx.device) / 1e9
     weight_bytes = sum(t.nbytes for t in {t.data_ptr(): t for t in m.state_dict().values()}.values())
@@ -178,7 +182,7 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
     for b in batches:
         greedy: list[int] = []
         top2: list[tuple[float, float]] = []
-        result[f"decode_b{b}_tok_s"] = decode_tok_s(runner, ctx, b, steps, greedy=greedy,
+        result[f"decode_b{b}_tok_s"] = decode_tok_s(runner, ctx, b, steps, context, greedy=greedy,
                                                     top2=top2 if b == 1 else None)
         if b == 1:
             result["greedy_b1"], result["top2_b1"] = greedy, top2

@@ -122,13 +122,14 @@ def perplexity(model: str = "smollm2", file: str = "/usr/share/common-licenses/G
 
 @_with_options
 def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple = (1, 8, 32), steps: int = 128,
-          prefill: int = 512, hf: bool = True, n_ctx: int = 1024, **options: Any) -> None:
+          prefill: int = 512, hf: bool = True, n_ctx: int = 1024, context: int = 16, **options: Any) -> None:
     """Prefill and decode tokens/s beside the bandwidth ceiling and HF transformers (random weights of a
     configs/ shape, or --model); prints JSON on rank 0 (and writes it under --out, a folder, if given).
-    Defaults differ here: --compile True, --quantize none."""
+    --context: the prompt's tokens before the timed decode steps. Defaults differ here: --compile True,
+    --quantize none."""
     from .bench import bench as run
 
-    run(config, model, tuple(batches), steps, prefill, hf, n_ctx, **options)
+    run(config, model, tuple(batches), steps, prefill, hf, n_ctx, context=context, **options)
 
 
 def info(model: str = "smollm2") -> None:

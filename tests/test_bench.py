@@ -10,7 +10,8 @@ from .helpers import ROOT
 
 def test_bench_prints_decode_prefill_ceiling_and_hf_figures():
     out = subprocess.run([sys.executable, "-m", "llama_dist.cli", "bench", "--config", "configs/tiny-gqa.json",
-                          "--batches", "1,2", "--steps", "4", "--prefill", "32", "--compile", "False"],
+                          "--batches", "1,2", "--steps", "4", "--prefill", "32", "--compile", "False",
+                          "--context", "40"],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout[out.stdout.index("{"):])
@@ -21,6 +22,13 @@ def test_bench_prints_decode_prefill_ceiling_and_hf_figures():
     # 3 warm-up steps and 4 timed ones; each step's top two logits, the first no smaller than the second
     assert len(result["greedy_b1"]) == len(result["top2_b1"]) == 7
     assert all(top >= second for top, second in result["top2_b1"])
+    assert result["decode_context"] == 40  # decoded after a 40-token prompt
+
+
+def test_bench_refuses_a_context_its_cache_cannot_hold():
+    from llama_dist.bench import bench
+    with pytest.raises(ValueError, match="must fit --n_ctx 64"):
+        bench("configs/tiny-gqa.json", n_ctx=64, steps=8, context=60)
 
 
 def test_load_speed_benchmark_reports_read_and_load(tmp_path):
