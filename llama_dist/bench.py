@@ -58,9 +58,9 @@ def prompt_tok_s(read_prompt: Callable[[], Any], n_tokens: int, device: torch.de
 
 def decode_tok_s(runner: Runner, ctx, batch: int, steps: int, prompt_len: int = 16,
                  greedy: list[int] | None = None, top2: list[tuple[float, float]] | None = None) -> float:
-    """Greedy decode tokens/s after a prompt of prompt_len tokens; `greedy`, if given, receives row 0's tokens and `top2`
-    its two largest logits at each step (to compare runs: the same weights at any tensor-parallel size should
-    choose the same tokens, except where the top two nearly tie and rounding may pick either)."""
+    """Greedy decode tokens/s after a prompt of prompt_len tokens; `greedy`, if given, receives row 0's tokens and
+    `top2` its two largest logits at each step (to compare runs: the same weights at any tensor-parallel size
+    should choose the same tokens, except where the top two nearly tie and rounding may pick either)."""
     # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
     tokens = (torch.arange(batch * prompt_len, device=ctx.device) % runner.model.args.vocab_size).view(batch, prompt_len)
     runner.forward(tokens, 0, last_only=True)
