@@ -24,7 +24,7 @@ from .gemv import INTERPRETED, bf16_tensor_cores, on_cpp_kernels
 def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
-    global _await_inputs, _release_dependents, _cached_tile  # (the kernel's helpers: looked up there)
+    global _await_inputs, _release_dependents, cached_tile  # (the kernel's helpers: looked up there)
     if not bf16_tensor_cores():
         return False
     try:
@@ -32,21 +32,10 @@ def load() -> bool:
         import triton.language as tl
 
         from .gemv_triton import _await_inputs, _release_dependents, pdl_launch
+        from .paged_triton import cached_tile
         from .tuning import autotune
     except ImportError:
         return False
-
-    @triton.jit
-    def _cached_tile(cache_k_ptr, cache_v_ptr, blocks, start, last, h, stride_cb, stride_ch, stride_cl,
-                     HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr):
-        """Keys and values of the row's cached positions [start, start + BLOCK_L) before `last` (zeros after it),
-        each position found through the row's blocks."""
-        cols = start + tl.arange(0, BLOCK_L)
-        seen = cols < last
-        at = (tl.load(blocks + cols // KV_BLOCK, mask=seen, other=0) * stride_cb + h * stride_ch
-              + (cols % KV_BLOCK) * stride_cl)[:, None] + tl.arange(0, HEAD_DIM)[None, :]
-        return (tl.load(cache_k_ptr + at, mask=seen[:, None], other=0.0),
-                tl.load(cache_v_ptr + at, mask=seen[:, None], other=0.0))
 
     @triton.jit
     def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
@@ -62,8 +51,8 @@ def load() -> bool:
         # before its first kernel) and the first tile of earlier positions (written by earlier steps)
         last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
         blocks = table_ptr + slot * stride_t  # this row's blocks
-        keys, values = _cached_tile(cache_k_ptr, cache_v_ptr, blocks, 0, last, h, stride_cb, stride_ch, stride_cl,
-                                    HEAD_DIM, KV_BLOCK, BLOCK_L)
+        keys, values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, 0, last, h, stride_cb, stride_ch, stride_cl,
+                                   HEAD_DIM, KV_BLOCK, BLOCK_L)
         _await_inputs()  # (a programmatic dependent of the q/k/v product)
         reps, dims, pairs = tl.arange(0, BLOCK_R), tl.arange(0, HEAD_DIM), tl.arange(0, HEAD_DIM // 2)
         row = qkv_ptr + b * (n_kv * (N_REP + 2) * HEAD_DIM)
@@ -88,8 +77,8 @@ def load() -> bool:
         total = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
         acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32) + v.to(tl.float32)[None, :]
         for start in range(0, last, BLOCK_L):
-            next_keys, next_values = _cached_tile(cache_k_ptr, cache_v_ptr, blocks, start + BLOCK_L, last, h,
-                                                  stride_cb, stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
+            next_keys, next_values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, start + BLOCK_L, last, h,
+                                                 stride_cb, stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
             seen = start + tl.arange(0, BLOCK_L) < last
             scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # inductor passes scale as fp64
             scores = tl.where(seen[None, :], scores, float("-inf"))

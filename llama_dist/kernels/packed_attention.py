@@ -33,11 +33,14 @@ _KERNELS: dict = {}
 def load() -> bool:
     """Define the kernel (importing Triton takes seconds, which CPU runs should not pay). False without
     Triton or on GPUs older than Ampere (its bf16 tensor-core products need sm_80)."""
+    global cached_tile  # (the kernel's helper: looked up there)
     if not bf16_tensor_cores():
         return False
     try:
         import triton
         import triton.language as tl
+
+        from .paged_triton import cached_tile
     except ImportError:
         return False
 
@@ -76,12 +79,9 @@ def load() -> bool:
         total = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
         for start in range(0, last + 1, BLOCK_N):
+            keys, values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, start, last + 1, h // N_REP, stride_cb,
+                                       stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_N)
             cols = start + tl.arange(0, BLOCK_N)
-            inside = cols <= last
-            at = (tl.load(blocks + cols // KV_BLOCK, mask=inside, other=0) * stride_cb + (h // N_REP) * stride_ch
-                  + (cols % KV_BLOCK) * stride_cl)[:, None] + dims[None, :]
-            keys = tl.load(cache_k_ptr + at, mask=inside[:, None], other=0.0)
-            values = tl.load(cache_v_ptr + at, mask=inside[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(keys)) * scale
             scores = tl.where(cols[None, :] <= q_pos[:, None], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
