@@ -129,9 +129,11 @@ from llama_dist.model.transformer import apply_rotary, rope_table
 from tests.helpers import paged, unpaged
 assert load()
 g = torch.Generator().manual_seed(0)
-# random positions, and the first, a tile's last and the next tile's first (the interpreter's tiles hold 16)
+# random positions, and the first, a tile's last and the next tile's first (the interpreter's tiles hold 16), and
+# rows whose positions fill two and three parts of 32; the interpreter's GPU runs 8 programs at once, so the batches
+# of 1 x 4 and 4 x 1 kv heads (and every row alone) split rows across programs, 3 x 2 reads each row whole
 for bsz, n_kv, n_rep, length, d, at in ((1, 4, 1, 40, 32, None), (3, 2, 3, 70, 16, None), (2, 1, 8, 17, 64, None),
-                                        (3, 2, 1, 33, 16, [0, 15, 16])):
+                                        (3, 2, 1, 33, 16, [0, 15, 16]), (4, 1, 2, 70, 16, [31, 32, 64, 69])):
     table = rope_table(ModelArgs(dim=d, n_heads=1, rope_theta=1000.0), length)
     qkv = torch.randn(bsz, 1, (n_rep + 2) * n_kv * d, generator=g)
     cache_k, cache_v = (torch.randn(bsz + 2, n_kv, length, d, generator=g) for _ in range(2))
@@ -146,12 +148,20 @@ for bsz, n_kv, n_rep, length, d, at in ((1, 4, 1, 40, 32, None), (3, 2, 3, 70, 1
     ref_k[slots, :, pos], ref_v[slots, :, pos] = k[:, 0], v.view(bsz, n_kv, d)
     mask = (torch.arange(length) <= pos[:, None])[:, None, None, :]
     ref = F.scaled_dot_product_attention(q, ref_k[slots], ref_v[slots], attn_mask=mask).reshape(bsz, 1, -1)
-    (pages_k, table), (pages_v, _) = (paged(c, 16, torch.Generator().manual_seed(1)) for c in (cache_k, cache_v))
-    out = decode_attention(qkv, rope, pages_k, pages_v, table, slots, torch.stack([pos, pos], 1)[:, 0],
-                           n_rep)  # (strided positions)
-    assert torch.equal(unpaged(pages_k, table, length), ref_k)  # the new key and value written
-    assert torch.equal(unpaged(pages_v, table, length), ref_v)
-    assert (out - ref).abs().max() < 1e-5, (bsz, n_kv, n_rep, (out - ref).abs().max())
+    for invariant in (False, True):
+        (pages_k, table), (pages_v, _) = (paged(c, 16, torch.Generator().manual_seed(1)) for c in (cache_k, cache_v))
+        out = decode_attention(qkv, rope, pages_k, pages_v, table, slots, torch.stack([pos, pos], 1)[:, 0], n_rep,
+                               invariant)  # (strided positions)
+        assert torch.equal(unpaged(pages_k, table, length), ref_k)  # the new key and value written
+        assert torch.equal(unpaged(pages_v, table, length), ref_v)
+        assert (out - ref).abs().max() < 1e-5, (bsz, n_kv, n_rep, invariant, (out - ref).abs().max())
+        # alone, a row has more programs (and without invariant, in parts where the batch had one); invariant:
+        # the same bits as in the batch
+        for i in range(bsz):
+            alone = decode_attention(qkv[i:i + 1], rope[i:i + 1], pages_k, pages_v, table, slots[i:i + 1],
+                                     pos[i:i + 1], n_rep, invariant)
+            assert (alone - ref[i:i + 1]).abs().max() < 1e-5, (bsz, n_kv, n_rep, invariant, i)
+            assert torch.equal(alone, out[i:i + 1]) or not invariant, (bsz, n_kv, n_rep, i)
 print("ok")
 """
 
@@ -163,8 +173,9 @@ def run_interpreted(script: str) -> None:
 
 
 def test_decode_attention_kernel_in_the_interpreter():
-    """Rows at different positions in any cache rows, MHA and GQA groups of 3 and 8 query heads: the rotated key and
-    the value land in the cache, the output equals rotary + SDPA's."""
+    """Rows at different positions in any cache rows, MHA and GQA groups of 3 and 8 query heads, read whole or in
+    parts by several programs: the rotated key and the value land in the cache, the output equals rotary + SDPA's;
+    batch-invariant, a row alone gives the same bits as in its batch."""
     run_interpreted(ATTENTION_SCRIPT)
 
 
@@ -301,7 +312,7 @@ args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
 tokens = torch.tensor([[5, 17, 99, 3, 250], [1, 2, 3, 4, 5], [300, 8, 8, 8, 41]])
 state = random_state_dict(args)
-config = LoadConfig(dtype="float32", quantize="none", n_ctx=32, max_batch_size=3)
+config = LoadConfig(dtype="float32", quantize="none", n_ctx=64, max_batch_size=3)
 kernels = Kernels("triton", row_kernels=True, batch_invariant=True)
 
 
@@ -320,6 +331,16 @@ for j in range(3):  # each row alone, in a model of its own (cache row 0): the v
     alone = model()
     for i in range(tokens.shape[1]):
         assert torch.equal(alone(tokens[j:j + 1, i:i + 1], i), steps[i][j:j + 1]), (j, i)
+# past the decode attention's first part (the interpreter's hold 32 positions), where a row alone is read by more
+# programs than in the batch: the same bits
+prompts = torch.randint(0, args.vocab_size, (3, 37), generator=torch.Generator().manual_seed(2))
+together = model()
+together(prompts[:, :36].reshape(1, -1), 0, Packed.of((0, 1, 2), (0, 0, 0), (36, 36, 36), "cpu"), last_only=True)
+step = together(prompts[:, 36:], 36)
+for j in range(3):
+    alone = model()
+    alone(prompts[j:j + 1, :36], 0, Packed.of((0,), (0,), (36,), "cpu"), last_only=True)
+    assert torch.equal(alone(prompts[j:j + 1, 36:], 36), step[j:j + 1]), j
 # prompts packed side by side against each alone: each run's last logits, bit for bit
 both = model()(tokens.reshape(1, -1), 0, Packed.of((0, 1, 2), (0, 0, 0), (5, 5, 5), "cpu"), last_only=True)
 for j in range(3):

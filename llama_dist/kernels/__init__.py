@@ -111,7 +111,8 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
         attention_kernel = ((kernels.attention == "triton" and decode_attention.supports(head_dim))
                             or (kernels.attention == "cpp" and decode_attention.supports(head_dim, "cpu")))
         if kernels.gemv or attention_kernel or kernels.row_kernels:
-            _specialise(block, FusedTransformerBlock).configure(kernels.gemv, attention_kernel, kernels.row_kernels)
+            _specialise(block, FusedTransformerBlock).configure(kernels.gemv, attention_kernel, kernels.row_kernels,
+                                                                kernels.batch_invariant)
     if kernels.gemv and model.is_last:
         _specialise(model.output, OneRowColumnParallelLinear)
     if kernels.batch_invariant:

@@ -9,6 +9,10 @@ new key and value to the row's place in the paged cache, then attends to the new
 and streams the cached positions [0, pos) in tiles (each position found through the block table) with an
 online softmax (GQA without copying the cache; the window's masked tail is never read). The first tile is
 read before the wait for the q/k/v product, so at short contexts its read overlaps that kernel's end.
+When the rows are too few to fill the GPU, a row's positions fall in parts of PART_L and several programs take
+its parts at once (as flash-decoding splits the cache); the parts' softmax states merge in a fixed order.
+Otherwise one program reads the whole row (nothing to merge). Batch-invariant runs always read in parts, so a
+row's result is the same whatever the batch.
 Prefill and other shapes keep the step-by-step path.
 """
 from __future__ import annotations
@@ -24,62 +28,53 @@ from .gemv import INTERPRETED, bf16_tensor_cores, on_cpp_kernels
 def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
-    global _await_inputs, _release_dependents, cached_tile  # (the kernel's helpers: looked up there)
+    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend  # (the kernel's helpers: found there)
     if not bf16_tensor_cores():
         return False
     try:
         import triton
         import triton.language as tl
 
-        from .gemv_triton import _await_inputs, _release_dependents, pdl_launch
+        from .gemv_triton import _await_inputs, _release_dependents, pdl_launch, split_sums
         from .paged_triton import cached_tile
-        from .tuning import autotune
     except ImportError:
         return False
 
     @triton.jit
-    def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
-                          stride_cb, stride_ch, stride_cl, stride_t, scale, N_REP: tl.constexpr,
-                          HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr, BLOCK_R: tl.constexpr,
-                          BLOCK_L: tl.constexpr):
-        """qkv [B, (n_kv * N_REP + 2 n_kv) * HEAD_DIM]: the new token's q, k, v heads; rope [B, HEAD_DIM / 2, 2]
-        (cos, sin); caches [blocks, n_kv, KV_BLOCK, HEAD_DIM] paged by table [rows, blocks per row]; cache row
-        slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]."""
-        b, h = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
-        n_kv = tl.num_programs(1)
-        # before the wait, what the q/k/v product does not write: the step's positions and block table (set
-        # before its first kernel) and the first tile of earlier positions (written by earlier steps)
-        last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
-        blocks = table_ptr + slot * stride_t  # this row's blocks
-        keys, values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, 0, last, h, stride_cb, stride_ch, stride_cl,
-                                   HEAD_DIM, KV_BLOCK, BLOCK_L)
-        _await_inputs()  # (a programmatic dependent of the q/k/v product)
+    def _new_token(qkv_ptr, rope_ptr, b, h, n_kv, N_REP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+        """Row b's new query heads of kv head h (BLOCK_R rows, past N_REP zero) and key, rotated (Meta's
+        interleaved pairs), its value, and where the query heads sit in a row of q or of the output."""
         reps, dims, pairs = tl.arange(0, BLOCK_R), tl.arange(0, HEAD_DIM), tl.arange(0, HEAD_DIM // 2)
         row = qkv_ptr + b * (n_kv * (N_REP + 2) * HEAD_DIM)
         cos = tl.load(rope_ptr + b * HEAD_DIM + 2 * pairs)
         sin = tl.load(rope_ptr + b * HEAD_DIM + 2 * pairs + 1)
-
         q_at = (h * N_REP + reps)[:, None] * HEAD_DIM + dims[None, :]
         q = tl.load(row + q_at, mask=(reps < N_REP)[:, None], other=0.0).to(tl.float32)
         q0, q1 = tl.split(tl.reshape(q, (BLOCK_R, HEAD_DIM // 2, 2)))
         q = tl.reshape(tl.join(q0 * cos - q1 * sin, q0 * sin + q1 * cos), (BLOCK_R, HEAD_DIM))
-        q = q.to(qkv_ptr.dtype.element_ty)
         k = tl.load(row + (n_kv * N_REP + h) * HEAD_DIM + dims).to(tl.float32)
         k0, k1 = tl.split(tl.reshape(k, (HEAD_DIM // 2, 2)))
-        k = tl.reshape(tl.join(k0 * cos - k1 * sin, k0 * sin + k1 * cos), (HEAD_DIM,)).to(cache_k_ptr.dtype.element_ty)
-        v = tl.load(row + (n_kv * (N_REP + 1) + h) * HEAD_DIM + dims).to(cache_v_ptr.dtype.element_ty)
-        new = tl.load(blocks + last // KV_BLOCK) * stride_cb + h * stride_ch + (last % KV_BLOCK) * stride_cl
-        tl.store(cache_k_ptr + new + dims, k)
-        tl.store(cache_v_ptr + new + dims, v)
+        k = tl.reshape(tl.join(k0 * cos - k1 * sin, k0 * sin + k1 * cos), (HEAD_DIM,))
+        v = tl.load(row + (n_kv * (N_REP + 1) + h) * HEAD_DIM + dims)
+        return q.to(qkv_ptr.dtype.element_ty), k, v, q_at
 
-        # the new position from registers, then the cached ones, each tile read while the one before is used
-        top = tl.sum(q.to(tl.float32) * k.to(tl.float32)[None, :], axis=1) * scale
-        total = tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
-        acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32) + v.to(tl.float32)[None, :]
-        for start in range(0, last, BLOCK_L):
-            next_keys, next_values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, start + BLOCK_L, last, h,
+    @triton.jit
+    def _attend(q, keys, values, top, total, acc, cache_k_ptr, cache_v_ptr, blocks, start, end, next_start,
+                next_end, h, stride_cb, stride_ch, stride_cl, scale, HEAD_DIM: tl.constexpr,
+                KV_BLOCK: tl.constexpr, BLOCK_L: tl.constexpr, SPLIT: tl.constexpr):
+        """The online softmax (top, total, acc) of q taken on over cached positions [start, end), whose first tile
+        is (keys, values): each tile read while the one before is used, and after the last, the first of
+        [next_start, next_end), returned with the softmax."""
+        for first in range(start, end, BLOCK_L):
+            if SPLIT:
+                more = first + BLOCK_L < end
+                next_first, next_last = tl.where(more, first + BLOCK_L, next_start), tl.where(more, end, next_end)
+            else:
+                next_first, next_last = first + BLOCK_L, end
+            next_keys, next_values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, next_first, next_last, h,
                                                  stride_cb, stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
-            seen = start + tl.arange(0, BLOCK_L) < last
+            seen = first + tl.arange(0, BLOCK_L) < end
             scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # inductor passes scale as fp64
             scores = tl.where(seen[None, :], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
@@ -89,31 +84,138 @@ def load() -> bool:
             acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values)
             top = new_top
             keys, values = next_keys, next_values
-        _release_dependents()
-        out = acc / total[:, None]
-        o_at = b * (n_kv * N_REP * HEAD_DIM) + q_at
-        tl.store(o_ptr + o_at, out.to(o_ptr.dtype.element_ty), mask=(reps < N_REP)[:, None])
+        return top, total, acc, keys, values
 
-    configs = [triton.Config({"BLOCK_L": bl}, num_warps=4, num_stages=s) for bl in (32, 64, 128) for s in (2, 3)]
-    if INTERPRETED:
-        kernel, fixed = _attention_kernel, {"BLOCK_L": 16}
-    else:
-        kernel, fixed = autotune(configs, ["N_REP", "HEAD_DIM"], "decode_attention")(_attention_kernel), {}
+    @triton.jit
+    def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
+                          parts_ptr, tickets_ptr, max_parts, stride_cb, stride_ch, stride_cl, stride_t, scale,
+                          N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
+                          BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, PART_L: tl.constexpr, SPLIT: tl.constexpr):
+        """qkv [B, (n_kv * N_REP + 2 n_kv) * HEAD_DIM]: the new token's q, k, v heads; rope [B, HEAD_DIM / 2, 2]
+        (cos, sin); caches [blocks, n_kv, KV_BLOCK, HEAD_DIM] paged by table [rows, blocks per row]; cache row
+        slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]. Not SPLIT: program (b, h) reads all of
+        [0, pos]. SPLIT: positions [0, pos] fall in parts of PART_L and program (b, h, p) takes parts p, p + P, ...
+        of P; a row of several parts leaves each part's softmax state in parts [B, n_kv, max_parts, N_REP,
+        HEAD_DIM + 2] and its last program to finish (tickets [B * n_kv]) merges them in order, so a row's result
+        does not depend on P."""
+        b, h, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        n_kv, programs = tl.num_programs(1), tl.num_programs(2)
+        # before the wait, what the q/k/v product does not write: the step's positions and block table (set
+        # before its first kernel) and the first tile of earlier positions (written by earlier steps)
+        last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
+        blocks = table_ptr + slot * stride_t  # this row's blocks
+        if SPLIT:
+            n_parts = (last // PART_L + 1).to(tl.int32)
+            first_end = tl.minimum(p * PART_L + PART_L, last)
+        else:
+            n_parts = 1
+            first_end = last
+        keys, values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, p * PART_L, first_end, h, stride_cb, stride_ch,
+                                   stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
+        if p < n_parts:  # (the row's positions may need fewer parts than the launch has programs)
+            _await_inputs()  # (a programmatic dependent of the q/k/v product)
+            q, k, v, q_at = _new_token(qkv_ptr, rope_ptr, b, h, n_kv, N_REP, HEAD_DIM, BLOCK_R)
+            dims = tl.arange(0, HEAD_DIM)
+            if p == (n_parts - 1) % programs:  # the program whose parts include the new position's
+                new = tl.load(blocks + last // KV_BLOCK) * stride_cb + h * stride_ch + (last % KV_BLOCK) * stride_cl
+                tl.store(cache_k_ptr + new + dims, k.to(cache_k_ptr.dtype.element_ty))
+                tl.store(cache_v_ptr + new + dims, v.to(cache_v_ptr.dtype.element_ty))
+            # the new position's softmax, from registers (k and v as the cache holds them)
+            new_top = tl.sum(q.to(tl.float32) * k.to(cache_k_ptr.dtype.element_ty).to(tl.float32)[None, :], axis=1)
+            new_top, new_acc = new_top * scale, v.to(cache_v_ptr.dtype.element_ty).to(tl.float32)[None, :]
+            asked = (tl.arange(0, BLOCK_R) < N_REP)  # (rows past N_REP pad the tile for tl.dot)
+            o_at = o_ptr + b * (n_kv * N_REP * HEAD_DIM) + q_at
+            if not SPLIT:
+                top, total = new_top, tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
+                acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32) + new_acc
+                top, total, acc, keys, values = _attend(q, keys, values, top, total, acc, cache_k_ptr, cache_v_ptr,
+                                                        blocks, 0, last, last, last, h, stride_cb, stride_ch,
+                                                        stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L, SPLIT)
+                _release_dependents()
+                tl.store(o_at, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=asked[:, None])
+            else:
+                states = (parts_ptr + (b * n_kv + h) * max_parts * (N_REP * (HEAD_DIM + 2))
+                          + tl.arange(0, BLOCK_R) * (HEAD_DIM + 2))
+                for part in range(p, n_parts, programs):
+                    start, later = part * PART_L, (part + programs) * PART_L  # (later: this program's next part)
+                    with_new = part == n_parts - 1  # (the new position is in the last part)
+                    top = tl.where(with_new, new_top, float("-inf"))
+                    total = tl.where(with_new, 1.0, 0.0) + tl.zeros((BLOCK_R,), dtype=tl.float32)
+                    acc = tl.where(with_new, new_acc, 0.0) + tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
+                    top, total, acc, keys, values = _attend(q, keys, values, top, total, acc, cache_k_ptr,
+                                                            cache_v_ptr, blocks, start,
+                                                            tl.minimum(start + PART_L, last), later,
+                                                            tl.minimum(later + PART_L, last), h, stride_cb,
+                                                            stride_ch, stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L,
+                                                            SPLIT)
+                    if n_parts == 1:
+                        tl.store(o_at, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=asked[:, None])
+                    else:
+                        state = states + part * (N_REP * (HEAD_DIM + 2))
+                        tl.store(state[:, None] + dims[None, :], acc, mask=asked[:, None])
+                        tl.store(state + HEAD_DIM, top, mask=asked)
+                        tl.store(state + HEAD_DIM + 1, total, mask=asked)
+                _release_dependents()
+                if n_parts > 1:
+                    mine = (n_parts - 1 - p) // programs + 1  # parts this program merged in
+                    tl.debug_barrier()  # every thread's state before the ticket
+                    ticket = tl.atomic_add(tickets_ptr + b * n_kv + h, mine, sem="acq_rel", scope="gpu")
+                    if ticket + mine == n_parts:
+                        tl.atomic_xchg(tickets_ptr + b * n_kv + h, 0, sem="relaxed")  # for the next launch
+                        top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
+                        for part in range(0, n_parts):  # (read from L2, where the other programs' states land)
+                            state = states + part * (N_REP * (HEAD_DIM + 2))
+                            top = tl.maximum(top, tl.load(state + HEAD_DIM, mask=asked, other=0.0,
+                                                          cache_modifier=".cg"))
+                        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
+                        acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
+                        for part in range(0, n_parts):
+                            state = states + part * (N_REP * (HEAD_DIM + 2))
+                            weight = tl.exp(tl.load(state + HEAD_DIM, mask=asked, other=0.0,
+                                                    cache_modifier=".cg") - top)
+                            total += tl.load(state + HEAD_DIM + 1, mask=asked, other=1.0,
+                                             cache_modifier=".cg") * weight
+                            acc += tl.load(state[:, None] + dims[None, :], mask=asked[:, None], other=0.0,
+                                           cache_modifier=".cg") * weight[:, None]
+                        tl.store(o_at, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=asked[:, None])
+
+    # One tile, not autotuned: the tuner timed the first call's context, and a tile that wins there loses
+    # elsewhere (64 positions: faster at 4k, slower at 16; 128 spills registers and was picked once;
+    # benchmarks/RESULTS.md)
+    tile = {"BLOCK_L": 16 if INTERPRETED else 32}  # (4 warps, Triton's default)
 
     @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
     def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                             block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
-                            n_rep: int) -> torch.Tensor:
+                            n_rep: int, invariant: bool = False) -> torch.Tensor:
         """Arguments as decode_attention's."""
         bsz, n_kv, head_dim = qkv.shape[0], cache_k.shape[1], cache_k.shape[3]
         out = torch.empty((bsz, n_kv * n_rep * head_dim), dtype=qkv.dtype, device=qkv.device)
-        torch.library.wrap_triton(kernel)[(bsz, n_kv)](
-            qkv, rope, cache_k, cache_v, block_table, slots, pos, out, cache_k.stride(0), cache_k.stride(1),
-            cache_k.stride(2), block_table.stride(0), head_dim ** -0.5, N_REP=n_rep, HEAD_DIM=head_dim,
-            KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)), **fixed, **pdl_launch())
+        max_parts = triton.cdiv(block_table.shape[1] * cache_k.shape[2], PART_L)
+        programs = max(1, min(max_parts, _resident_programs(qkv.device) // (bsz * n_kv)))
+        split = programs > 1 or invariant  # (otherwise parts would not run at once: one program reads a row)
+        states, tickets = split_sums(qkv, bsz * n_kv * max_parts * n_rep * (head_dim + 2), bsz * n_kv)
+        torch.library.wrap_triton(_attention_kernel)[(bsz, n_kv, programs)](
+            qkv, rope, cache_k, cache_v, block_table, slots, pos, out, states, tickets, max_parts,
+            cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), block_table.stride(0), head_dim ** -0.5,
+            N_REP=n_rep, HEAD_DIM=head_dim, KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)),
+            PART_L=PART_L, SPLIT=split, **tile, **pdl_launch())
         return out
 
     return True
+
+
+# a row's positions fall in parts of PART_L, each part's softmax taken by one program and the parts merged: with
+# few rows a long context is read by several programs at once (the interpreter's parts are small, to test them)
+PART_L = 32 if INTERPRETED else 512
+
+
+def _resident_programs(device: torch.device) -> int:
+    """Programs of the kernel the GPU runs at once: two an SM (its 4 warps take up to 255 registers a thread,
+    half an SM's; a launch of more runs a second wave). The interpreter: 8."""
+    if INTERPRETED:
+        return 8
+    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supports(head_dim: int, device_type: str = "cuda") -> bool:
@@ -124,15 +226,18 @@ def supports(head_dim: int, device_type: str = "cuda") -> bool:
 
 
 def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
-                     block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, n_rep: int) -> torch.Tensor:
+                     block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, n_rep: int,
+                     invariant: bool = False) -> torch.Tensor:
     """Attention of one new token per row. qkv [B, 1, (q heads + 2 kv heads) * head_dim]: its q, k, v before
     the rotary embedding; rope [B, 1, head_dim / 2, 2]; caches [blocks, kv heads, block, head_dim] paged by
     block_table [cache rows, blocks per row] (model.transformer.Attention's); slots [B]: each row's cache row;
     pos [B]: its position (the row sees [0, pos]). Writes the new keys and values to the caches; returns
-    [B, 1, q heads * head_dim]."""
+    [B, 1, q heads * head_dim]. invariant: a row's result the same whatever the batch (CPUs: always so)."""
     bsz = qkv.shape[0]
-    ops = torch.ops.llama_dist
-    op = ops.cpu_decode_attention if on_cpp_kernels(qkv.device) else ops.decode_attention
-    out = op(qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(), cache_k, cache_v, block_table,
-             slots.contiguous(), pos.contiguous(), n_rep)
+    args = (qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(), cache_k, cache_v, block_table,
+            slots.contiguous(), pos.contiguous(), n_rep)
+    if on_cpp_kernels(qkv.device):
+        out = torch.ops.llama_dist.cpu_decode_attention(*args)
+    else:
+        out = torch.ops.llama_dist.decode_attention(*args, invariant)
     return out.view(bsz, 1, -1)

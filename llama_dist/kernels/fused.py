@@ -105,8 +105,10 @@ class FusedTransformerBlock(TransformerBlock):
     kernel after it), and attention in one kernel (decode_attention: Triton on CUDA, C++ on CPUs). Prompts
     (packed ones too) take the plain block, with the norms and SwiGLU as row kernels where those are installed."""
 
-    def configure(self, use_gemv: bool, attention_kernel: bool, row_kernels: bool = False) -> None:
+    def configure(self, use_gemv: bool, attention_kernel: bool, row_kernels: bool = False,
+                  batch_invariant: bool = False) -> None:
         self.use_gemv, self.attention_kernel, self.row_kernels = use_gemv, attention_kernel, row_kernels
+        self.batch_invariant = batch_invariant
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                 slots: Slots, length: int) -> torch.Tensor:
@@ -129,7 +131,8 @@ class FusedTransformerBlock(TransformerBlock):
         if self.attention_kernel:  # one token per row: its mask is always "up to pos"
             cache_row = cache_rows(slots, qkv.shape[0], qkv.device)
             out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v,
-                                                    attention.block_table, cache_row, pos[:, 0], attention.n_rep)
+                                                    attention.block_table, cache_row, pos[:, 0], attention.n_rep,
+                                                    self.batch_invariant)
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
         into = (None, None) if peer is None else (PeerSum(peer, sites[0]), PeerSum(peer, sites[1]))
