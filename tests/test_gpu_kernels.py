@@ -130,8 +130,8 @@ from tests.helpers import paged, unpaged
 assert load()
 g = torch.Generator().manual_seed(0)
 # random positions, and the first, a tile's last and the next tile's first (the interpreter's tiles hold 16), and
-# rows whose positions fill two and three parts of 32; the interpreter's GPU runs 8 programs at once, so the batches
-# of 1 x 4 and 4 x 1 kv heads (and every row alone) split rows across programs, 3 x 2 reads each row whole
+# rows whose positions fill two and three parts of 32; the interpreter's GPU runs 8 programs at once, so batches of
+# at most 4 rows x kv heads (and every row alone) split rows across programs, 3 rows x 2 kv heads read them whole
 for bsz, n_kv, n_rep, length, d, at in ((1, 4, 1, 40, 32, None), (3, 2, 3, 70, 16, None), (2, 1, 8, 17, 64, None),
                                         (3, 2, 1, 33, 16, [0, 15, 16]), (4, 1, 2, 70, 16, [31, 32, 64, 69])):
     table = rope_table(ModelArgs(dim=d, n_heads=1, rope_theta=1000.0), length)

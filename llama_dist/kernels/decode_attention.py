@@ -210,6 +210,7 @@ def load() -> bool:
 PART_L = 32 if INTERPRETED else 512
 
 
+@functools.cache  # (asked at every launch)
 def _resident_programs(device: torch.device) -> int:
     """Programs of the kernel the GPU runs at once: two an SM (its 4 warps take up to 255 registers a thread,
     half an SM's; a launch of more runs a second wave). The interpreter: 8."""
