@@ -20,6 +20,7 @@ import asyncio
 import concurrent.futures
 import json
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import statistics
 import subprocess
@@ -116,9 +117,13 @@ def summary(results: list[dict], elapsed: float) -> dict:
 
 
 async def level_part(url: str, concurrency: int, prompts: list[int], tokens: int, words: int,
-                     temperature: float) -> list[dict]:
-    """One client process's share of a level: streams for these prompt numbers, `concurrency` at a time."""
+                     temperature: float, start_at: float) -> list[dict]:
+    """One client process's share of a level: streams for these prompt numbers, `concurrency` at a time, from
+    `start_at` (perf_counter), with the client made and its connections opened before then (a process's first
+    client takes tens of ms to make: started unsynchronised, the level's first requests arrived over ~100 ms)."""
     async with httpx.AsyncClient(timeout=600, limits=limits(concurrency + 4)) as client:
+        await asyncio.gather(*(client.get(f"{url}/health") for _ in range(concurrency)))
+        await asyncio.sleep(max(0.0, start_at - time.perf_counter()))
         gate = asyncio.Semaphore(concurrency)
 
         async def one(i: int) -> dict:
@@ -132,6 +137,20 @@ async def level_part(url: str, concurrency: int, prompts: list[int], tokens: int
 
 def run_part(*args) -> list[dict]:
     return asyncio.run(level_part(*args))
+
+
+_clients: multiprocessing.synchronize.Barrier | None = None  # (in each client process)
+
+
+def join_clients(barrier: multiprocessing.synchronize.Barrier) -> None:
+    global _clients
+    _clients = barrier
+
+
+def meet_clients() -> None:
+    """Return once every client process is up and waiting here: a level then starts with all of them (one still
+    importing when a level began sent its share ~330 ms late, 24 rows a step meanwhile)."""
+    _clients.wait(timeout=300)
 
 
 STEP_SERIES = {"steps": "llamadist_step_decode_rows_count", "decode_rows": "llamadist_step_decode_rows_sum",
@@ -154,8 +173,9 @@ def load_level(clients: concurrent.futures.ProcessPoolExecutor, processes: int, 
     before = step_counts(url)
     parts = min(processes, concurrency)
     shares = [concurrency // parts + (p < concurrency % parts) for p in range(parts)]
+    start_at = time.perf_counter() + 0.5  # (kept-alive connections close after limits()' 1 s)
     futures = [clients.submit(run_part, url, share, list(range(offset + p, offset + requests, parts)), tokens, words,
-                              temperature) for p, share in enumerate(shares)]
+                              temperature, start_at) for p, share in enumerate(shares)]
     results = [r for f in futures for r in f.result()]
     elapsed = max(r["times"][-1] for r in results if r["times"]) - min(r["start"] for r in results)
     steps = {key: value - before[key] for key, value in step_counts(url).items()}
@@ -265,8 +285,10 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
                 pass
             time.sleep(0.25)
         result["ready_s"] = time.perf_counter() - start
-        with concurrent.futures.ProcessPoolExecutor(client_procs, multiprocessing.get_context("spawn")) as clients:
-            for started in [clients.submit(time.sleep, 1.0) for _ in range(client_procs)]:  # all started now
+        spawn = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(client_procs, spawn, initializer=join_clients,
+                                                    initargs=(spawn.Barrier(client_procs),)) as clients:
+            for started in [clients.submit(meet_clients) for _ in range(client_procs)]:
                 started.result()
             for i, c in enumerate(levels):
                 result[f"concurrency_{c}"] = load_level(clients, client_procs, url, c, max(waves * c, 8), tokens,
