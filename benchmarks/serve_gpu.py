@@ -12,7 +12,8 @@ mean time, decode rows and how many read prompts) (each client streams /completi
 prompts, no prefix reuse);
 the time to first token of a second request sharing a ~1k-token prefix, against the first; inter-token
 times of running streams while long prompts arrive; 256 streaming clients, a tenth leaving mid-stream, and how
-many of the rest got their prompt's answer alone; then `bench` batch 1 and 32 on the same checkpoint.
+many of the rest got their prompt's answer alone; then `bench` batch 1 and 32 on the same checkpoint. A level's
+clock starts when all its clients are ready (connections open), so it measures the server, not their start.
 """
 from __future__ import annotations
 
@@ -246,7 +247,8 @@ async def long_prompts_arriving(url: str, streams: int, tokens: int, long_words:
 def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = None, max_batch: int = 128,
         n_ctx: int = 1024, levels: tuple[int, ...] = (1, 8, 32, 128), tokens: int = 64, words: int = 40,
         bench_batches: tuple[int, ...] = (1, 32), extra: str = "", switch_interval: float | None = None,
-        tp: int = 1, waves: int = 2, checks: bool = True, temperature: float = 0.0, client_procs: int = 4) -> dict:
+        tp: int = 1, waves: int = 2, checks: bool = True, temperature: float = 0.0, client_procs: int = 4,
+        trace: str | None = None) -> dict:
     """extra: more `serve` flags, given with `=` (`--extra="--cuda_graphs False"`: fire reads a separate value
     that starts with `--` as a flag of its own); switch_interval: the server
     process's sys.setswitchinterval (how long a thread holds the GIL while another waits; Python's is 5 ms);
@@ -254,7 +256,9 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
     waves: each level sends this many times its concurrency of requests; checks: the shared prefix, long prompts
     and nothing-lost runs after the levels (False: the levels alone, for an A/B); temperature: the levels'
     sampling (llama.cpp's other defaults: top-k 40, top-p 0.95, min-p 0.05; 0 is greedy); client_procs: the
-    processes the levels' clients are shared out over (each level's concurrency split between at most that many)."""
+    processes the levels' clients are shared out over (each level's concurrency split between at most that many);
+    trace: write the server's engine steps to this file and report their summary over the whole run
+    (benchmarks/engine_trace.py; one server process: tp 1)."""
     if not isinstance(extra, str):
         raise SystemExit(f'--extra is a string of serve flags, given with "=" (--extra="--flag value"); got {extra!r}')
     path = Path(checkpoint)
@@ -265,8 +269,15 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
         result["checkpoint_write_s"] = write_checkpoint(path)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    launch = ["-m", "llama_dist.cli"] if switch_interval is None else [
-        "-c", f"import sys; sys.setswitchinterval({switch_interval}); from llama_dist.cli import main; main()"]
+    setup = [f"sys.setswitchinterval({switch_interval})"] if switch_interval is not None else []
+    if trace:
+        if tp > 1:
+            raise SystemExit("--trace follows one server process: run it with --tp 1")
+        trace = str(Path(trace).resolve())
+        setup.append(f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); from engine_trace import install; "
+                     f"install({trace!r})")
+    launch = ["-c", "; ".join(["import sys", *setup, "from llama_dist.cli import main; main()"])] if setup else [
+        "-m", "llama_dist.cli"]
     if tp > 1:
         launch = ["-m", "torch.distributed.run", "--nproc_per_node", str(tp), *launch]
     cmd = [sys.executable, *launch, "serve", "--model", str(path), "--tokenizer", tokenizer,
@@ -302,6 +313,10 @@ def run(tokenizer: str, checkpoint: str = "/tmp/serve-7b", out: str | None = Non
     finally:
         server.terminate()
         result["server_exit"] = server.wait(timeout=120)
+    if trace:
+        from engine_trace import summary  # (benchmarks/, this script's folder)
+
+        result["engine_trace"] = summary(trace, max_batch)
     if bench_batches and tp == 1:
         from llama_dist.bench import bench
 
