@@ -6,7 +6,8 @@ issue a step, the GPU's busy time, the wall time.
     torchrun --nproc_per_node 2 benchmarks/profile_decode.py --prompt 512 --layers 8   # a plain prompt pass instead
 
 Prints per token: wall ms, host ms to issue one step (the call returns before the GPU finishes), GPU kernel
-ms (summed over kernels) and the top kernels. GPU time near the wall time: the kernels are the cost (set their
+ms (summed over kernels), the top kernels and, where the one-row product kernel runs them all, its time by
+matrix (LLAMA_DIST_PDL=0 times each kernel alone). GPU time near the wall time: the kernels are the cost (set their
 bytes against the bandwidth). GPU time well under it: the GPU waits, for the host (issue time near the wall
 time) or for the other ranks.
 """
@@ -69,10 +70,11 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bo
             step()
         sync(ctx.device)
     kernels: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[event.name][0] += event.time_range.elapsed_us() / steps
-            kernels[event.name][1] += 1 / steps
+    launches = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                      key=lambda e: e.time_range.start)
+    for event in launches:
+        kernels[event.name][0] += event.time_range.elapsed_us() / steps
+        kernels[event.name][1] += 1 / steps
     gpu_ms = sum(us for us, _ in kernels.values()) / 1e3
     device = torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu"
     per = "pass" if prompt else "token"
@@ -82,12 +84,32 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bo
               f"gpu_kernel_ms_per_{per}": gpu_ms, f"kernels_per_{per}": sum(n for _, n in kernels.values()),
               "top_kernels": [{"name": name[:90], f"us_per_{per}": round(us, 1), f"calls_per_{per}": round(n, 1)}
                               for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
+    if not prompt:
+        result["products_us_per_token"] = products(launches, args.n_layers if not layers else layers, steps)
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
         if os.environ.get("OUT"):
             name = f"profile_{config}_tp{ctx.tp_size}{tag and '_' + tag}.json"
             Path(os.environ["OUT"], name).write_text(json.dumps(result, indent=1))
     ctx.shutdown()
+
+
+PRODUCTS = ("wqkv", "wo", "w13", "w2")  # a block's one-row products, in launch order; the output's after the last
+
+
+def products(launches: list, n_layers: int, steps: int) -> dict[str, float] | None:
+    """The one-row product kernel's time a token by matrix (by its place in the step's launches: each block's
+    four in order, then the output), where it runs every product of the step (a single GPU's uncompiled step).
+    With PDL a kernel's time includes its wait for the one before: set LLAMA_DIST_PDL=0 to time each alone."""
+    calls = [e for e in launches if e.name.startswith("_gemv_kernel")]
+    if len(calls) != steps * (len(PRODUCTS) * n_layers + 1):
+        return None
+    per = defaultdict(float)
+    for i, event in enumerate(calls):
+        place = i % (len(PRODUCTS) * n_layers + 1)
+        per["output" if place == len(PRODUCTS) * n_layers else PRODUCTS[place % len(PRODUCTS)]] += \
+            event.time_range.elapsed_us() / steps
+    return {name: round(us, 1) for name, us in per.items()}
 
 
 if __name__ == "__main__":
