@@ -28,7 +28,8 @@ from .gemv import INTERPRETED, bf16_tensor_cores, on_cpp_kernels
 def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
-    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend  # (the kernel's helpers: found there)
+    # (the kernel's helpers, module globals: the interpreter finds them there)
+    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend, _store
     if not bf16_tensor_cores():
         return False
     try:
@@ -87,6 +88,11 @@ def load() -> bool:
         return top, total, acc, keys, values
 
     @triton.jit
+    def _store(o_at, acc, total, asked):
+        """A softmax's result, the weighted values over their weights' total, to the output's query heads."""
+        tl.store(o_at, (acc / total[:, None]).to(o_at.dtype.element_ty), mask=asked[:, None])
+
+    @triton.jit
     def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
                           parts_ptr, tickets_ptr, max_parts, stride_cb, stride_ch, stride_cl, stride_t, scale,
                           N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
@@ -132,7 +138,7 @@ def load() -> bool:
                                                         blocks, 0, last, last, last, h, stride_cb, stride_ch,
                                                         stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L, SPLIT)
                 _release_dependents()
-                tl.store(o_at, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=asked[:, None])
+                _store(o_at, acc, total, asked)
             else:
                 states = (parts_ptr + (b * n_kv + h) * max_parts * (N_REP * (HEAD_DIM + 2))
                           + tl.arange(0, BLOCK_R) * (HEAD_DIM + 2))
@@ -149,7 +155,7 @@ def load() -> bool:
                                                             stride_ch, stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L,
                                                             SPLIT)
                     if n_parts == 1:
-                        tl.store(o_at, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=asked[:, None])
+                        _store(o_at, acc, total, asked)
                     else:
                         state = states + part * (N_REP * (HEAD_DIM + 2))
                         tl.store(state[:, None] + dims[None, :], acc, mask=asked[:, None])
@@ -177,7 +183,7 @@ def load() -> bool:
                                              cache_modifier=".cg") * weight
                             acc += tl.load(state[:, None] + dims[None, :], mask=asked[:, None], other=0.0,
                                            cache_modifier=".cg") * weight[:, None]
-                        tl.store(o_at, (acc / total[:, None]).to(o_ptr.dtype.element_ty), mask=asked[:, None])
+                        _store(o_at, acc, total, asked)
 
     # One tile, not autotuned: the tuner timed the first call's context, and a tile that wins there loses
     # elsewhere (64 positions: faster at 4k, slower at 16; 128 spills registers and was picked once;
