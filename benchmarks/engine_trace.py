@@ -2,7 +2,8 @@
 
 install(path), called in the server process before it starts, wraps Engine._plan, submit and _finish: each
 step that runs something writes `P time plan_s decode_rows prompt_tokens running queued`, each request `S time`
-when submitted and `F time` when finished. summary(path) reads it back: how full the steps were, whether a free
+when submitted and `F time` when finished, and each garbage collection `G time seconds generation` (every thread
+waits for one). summary(path) reads it back: how full the steps were, whether a free
 slot ever had a request waiting (admission the limit) or none (the clients), the step intervals with and
 without prompts, the clients' turnaround (a finish to the next submit), and the rows of the first 400 steps
 (`+`: the step read prompts too).
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import gc
 import time
 
 
@@ -38,13 +40,23 @@ def install(path: str) -> None:
         return finish(self, request, *args, **kwargs)
 
     engine.Engine._plan, engine.Engine.submit, engine.Engine._finish = traced_plan, traced_submit, traced_finish
+    collecting = {}
+
+    def traced_collection(phase: str, info: dict) -> None:
+        if phase == "start":
+            collecting["start"] = time.perf_counter()
+        elif "start" in collecting:
+            start = collecting.pop("start")
+            out.write(f"G {start:.6f} {time.perf_counter() - start:.6f} {info['generation']}\n")
+
+    gc.callbacks.append(traced_collection)
 
 
 def summary(path: str, max_batch: int) -> dict:
-    steps, submits, finishes = [], [], []
+    steps, submits, finishes, pauses = [], [], [], []
     for line in open(path):
         kind, *values = line.split()
-        {"P": steps, "S": submits, "F": finishes}[kind].append([float(v) for v in values])
+        {"P": steps, "S": submits, "F": finishes, "G": pauses}[kind].append([float(v) for v in values])
     if not steps:
         return {"steps": 0}
     starts = [s[0] for s in steps]
@@ -67,4 +79,7 @@ def summary(path: str, max_batch: int) -> dict:
             "interval_ms": {"with_prompt": mean_ms(with_prompt), "decode_only": mean_ms(decode_only)},
             "turnaround_ms_p10_p50_p90": [round(1e3 * turnaround[int(q * (len(turnaround) - 1))], 2)
                                           for q in (0.1, 0.5, 0.9)] if turnaround else [],
+            "collections_by_generation": dict(sorted(collections.Counter(int(c[2]) for c in pauses).items())),
+            "collection_ms_max_by_generation": {int(g): round(1e3 * max(c[1] for c in pauses if c[2] == g), 2)
+                                                for g in sorted({c[2] for c in pauses})},
             "rows": " ".join(f"{int(s[2])}{'+' if s[3] else ''}" for s in steps[:400])}
