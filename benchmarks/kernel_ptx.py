@@ -5,8 +5,8 @@ instructions and the widths of its global loads.
     python benchmarks/kernel_ptx.py --format int4 --block_n 64 --block_k 256 --split_k 8 --warps 8 [--norm]
     python benchmarks/kernel_ptx.py --format int4 --rows 32 --block_n 128 --block_k 128 --warps 4 [--swap]
 
-Prints one JSON line: instructions per iteration and per weight, the global loads by width, every instruction's
-count (commonest first); then the same loop in the machine code ptxas made of it (SASS, read by the nvdisasm in
+Prints one JSON line: instructions per iteration and per weight, the registers a thread and programs an SM holds
+at once (ptxas's report), the global loads by width, every instruction's count (commonest first); then the same loop in the machine code ptxas made of it (SASS, read by the nvdisasm in
 Triton's wheel), which is what the GPU issues.
 
 Triton compiles for a named target without a device (its wheel carries ptxas), so a tile's code can be read where
@@ -80,6 +80,27 @@ def sass_loop(cubin: bytes) -> list[str] | None:
     return longest_loop(lines, r"^(\.L_x_\d+):$", r"BRA\s+(?:`\()?(\.L_x_\d+)")
 
 
+SHARED_KB = {80: 164, 86: 100, 89: 100, 90: 228}  # shared memory an SM, by compute capability
+
+
+def residency(ptx: str, arch: int, warps: int, shared: int) -> tuple[int | None, int | None]:
+    """(registers a thread, as ptxas allocates them; programs an SM can hold at once: 65,536 registers in units
+    of 256 a warp, 64 warps, 32 programs, the SM's shared memory), or (None, None) without ptxas."""
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        return None, None
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        report = subprocess.run([str(ptxas), f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", f.name, "-o",
+                                 "/dev/null"], capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", report).group(1))
+    per_warp = -(-registers // 8) * 8 * 32
+    programs = min(65536 // (per_warp * warps), 64 // warps, 32,
+                   SHARED_KB.get(arch, 100) * 1024 // shared if shared else 32)
+    return registers, programs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--format", choices=sorted(WEIGHT), default="int4")
@@ -117,11 +138,13 @@ def main() -> None:
     ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration
     sass = sass_loop(kernel.asm["cubin"])
+    registers, programs = residency(kernel.asm["ptx"], a.arch, a.warps, kernel.metadata.shared)
     sass_ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in sass or [])
     print(json.dumps({"format": a.format, "tile": [a.block_n, a.block_k], "split_k": a.split_k, "warps": a.warps,
                       "rows": a.rows, "swap": a.swap,
                       "norm": a.norm, "arch": a.arch, "instructions": sum(ops.values()), "weights": weights,
                       "per_weight": round(sum(ops.values()) / weights, 2),
+                      "registers": registers, "programs_per_sm": programs,
                       "global_loads": {op: n for op, n in ops.items() if op.startswith("ld.global")},
                       "counts": dict(ops.most_common()),
                       "sass_per_weight": round(len(sass) / weights, 2) if sass is not None else None,
