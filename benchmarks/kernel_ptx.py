@@ -85,14 +85,18 @@ SHARED_KB = {80: 164, 86: 100, 89: 100, 90: 228}  # shared memory an SM, by comp
 
 def residency(ptx: str, arch: int, warps: int, shared: int) -> tuple[int | None, int | None]:
     """(registers a thread, as ptxas allocates them; programs an SM can hold at once: 65,536 registers in units
-    of 256 a warp, 64 warps, 32 programs, the SM's shared memory), or (None, None) without ptxas."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
+    of 256 a warp, 64 warps, 32 programs, the SM's shared memory), or (None, None) without ptxas. The ptxas is
+    the one Triton compiled with (its wheel carries one per PTX version)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        ptxas = get_ptxas(arch).path
+    except (ImportError, AttributeError, RuntimeError):
         return None, None
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        report = subprocess.run([str(ptxas), f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", f.name, "-o",
+        report = subprocess.run([ptxas, f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", f.name, "-o",
                                  "/dev/null"], capture_output=True, text=True, check=True).stderr
     registers = int(re.search(r"Used (\d+) registers", report).group(1))
     per_warp = -(-registers // 8) * 8 * 32

@@ -59,6 +59,9 @@ def test_kernel_ptx_reads_the_one_row_kernels_loop():
     assert int4["counts"].get("dp4a.u32.s32", 0) > 0
     for r in (bf16, int4):
         assert r["per_weight"] == round(r["instructions"] / r["weights"], 2) > 0
+        if r["registers"] is not None:  # (ptxas ships in Triton's wheel) what an SM holds at once, by registers
+            assert 0 < r["registers"] <= 255 and 1 <= r["programs_per_sm"] <= 64 // 4
+            assert r["programs_per_sm"] * 4 * 32 * -(-r["registers"] // 8) * 8 <= 65536
     if int4["sass_per_weight"] is not None:  # (nvdisasm ships in Triton's wheel)
         assert int4["sass_counts"].get("IDP", 0) > 0 and bf16["sass_counts"].get("HFMA2", 0) + \
             bf16["sass_counts"].get("FFMA", 0) > 0 and int4["sass_per_weight"] > 0
