@@ -3,10 +3,7 @@
 install(path), called in the server process before it starts, wraps Engine._plan, submit and _finish: each
 step that runs something writes `P time plan_s decode_rows prompt_tokens running queued`, each request `S time`
 when submitted and `F time` when finished, and each garbage collection `G time seconds generation` (every thread
-waits for one). summary(path) reads it back: how full the steps were, whether a free
-slot ever had a request waiting (admission the limit) or none (the clients), the step intervals with and
-without prompts, the clients' turnaround (a finish to the next submit), and the rows of the first 400 steps
-(`+`: the step read prompts too).
+waits for one). summary(path) reads it back.
 """
 from __future__ import annotations
 
@@ -17,6 +14,7 @@ import time
 
 
 def install(path: str) -> None:
+    """Trace this process's engine to `path` from now on."""
     from llama_dist.serving import engine
 
     out = open(path, "w", buffering=1 << 16)
@@ -53,6 +51,9 @@ def install(path: str) -> None:
 
 
 def summary(path: str, max_batch: int) -> dict:
+    """How full the steps were; whether a free slot ever had a request waiting (admission the limit) or none (the
+    clients); the step intervals with and without prompts; the clients' turnaround (a finish to the next
+    submit); the collections; the rows of the first 400 steps (`+`: the step read prompts too)."""
     steps, submits, finishes, pauses = [], [], [], []
     for line in open(path):
         kind, *values = line.split()

@@ -6,8 +6,9 @@ instructions and the widths of its global loads.
     python benchmarks/kernel_ptx.py --format int4 --rows 32 --block_n 128 --block_k 128 --warps 4 [--swap]
 
 Prints one JSON line: instructions per iteration and per weight, the registers a thread and programs an SM holds
-at once (ptxas's report), the global loads by width, every instruction's count (commonest first); then the same loop in the machine code ptxas made of it (SASS, read by the nvdisasm in
-Triton's wheel), which is what the GPU issues.
+at once (ptxas's report), the global loads by width, every instruction's count (commonest first); then the same
+loop in the machine code ptxas made of it (SASS, read by the nvdisasm in Triton's wheel), which is what the GPU
+issues.
 
 Triton compiles for a named target without a device (its wheel carries ptxas), so a tile's code can be read where
 no GPU is lent: a load that is 8 bytes wide where 16 would do, or a layout that sends every group's sum through
