@@ -85,7 +85,7 @@ def main(config: str = "llama-2-7b", steps: int = 32, top: int = 12, compile: bo
               "top_kernels": [{"name": name[:90], f"us_per_{per}": round(us, 1), f"calls_per_{per}": round(n, 1)}
                               for name, (us, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]]}
     if not prompt:
-        result["products_us_per_token"] = products(launches, args.n_layers if not layers else layers, steps)
+        result["products_us_per_token"] = products(launches, result["layers"], steps)
     if ctx.is_driver:
         print(json.dumps(result, indent=1))
         if os.environ.get("OUT"):
