@@ -11,6 +11,8 @@ SwiGLU or residual folded in), timed as benchmarks/gemv_kernels.py times them (C
 so the weights come from memory, launched as the model launches them: programmatic dependent launches where the
 GPU has them); each config's largest error against the fp32 product is printed beside it. --wide times a wider
 field than the tuner's lists (1-8 warps, 4-256 rows, 256-1024 inputs, 1-4 parts), to find tiles to add to them.
+Last, per format, the line through each matrix's best time against its bytes (`launch_cost`): what a launch costs
+besides its bytes, and the rate the bytes stream at.
 """
 from __future__ import annotations
 
@@ -68,6 +70,17 @@ def operands(fmt: str, ws: list[torch.Tensor]) -> tuple[list[tuple], torch.Tenso
     return copies, int4_dequantize(*int4_quantize(ws[0], 32)), n * k // 2 + n * k // 32 * 4
 
 
+def launch_cost(points: list[tuple[int, float]]) -> dict:
+    """The straight line through (bytes, us) of each matrix's best tile: a launch's fixed cost (us at zero bytes)
+    and the rate its bytes stream at (TB/s), least squares. Where the rate is the read bandwidth, what a launch
+    loses is its start and end, not its streaming: fewer or overlapped launches are the cure, not other tiles."""
+    n = len(points)
+    mean_b, mean_t = sum(b for b, _ in points) / n, sum(t for _, t in points) / n
+    slope = (sum((b - mean_b) * (t - mean_t) for b, t in points)
+             / sum((b - mean_b) ** 2 for b, _ in points))  # us per byte
+    return {"fixed_us": round(mean_t - slope * mean_b, 2), "streaming_tb_s": round(1e-6 / slope, 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--formats", default="int4,int8,bf16")
@@ -79,7 +92,7 @@ def main() -> None:
     bw = read_bandwidth(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     shapes = decode_matrices(a)
-    results = []
+    results, best = [], {}
     for name, (n, k) in shapes.items():
         copies = max(2, int(400e6 // (n * k * 2)))  # > 50 MB L2 several times over
         ws = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -105,14 +118,18 @@ def main() -> None:
                               "programs": programs, "waves": round(programs / (sms * per_sm), 2) if per_sm else None,
                               "max_rel_error": round(err, 5)})
             tiles.sort(key=lambda t: -t["of_bandwidth"])
+            best.setdefault(fmt, []).append((nbytes, tiles[0]["us"]))
             row = {"shape": name, "n": n, "k": k, "format": fmt, "tiles": tiles}
             results.append(row)
             print(json.dumps({**row, "tiles": tiles[:3] + tiles[-1:]}), flush=True)  # best three and the worst
         del ws
+    launches = {fmt: {**launch_cost(points), "read_tb_s": round(bw / 1e12, 3)}
+                for fmt, points in best.items() if len(points) > 1}
+    print(json.dumps({"launch_cost": launches}))
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "gemv_tiles.json").write_text(json.dumps(
             {"device": torch.cuda.get_device_name(dev), "read_bandwidth_gbs": bw / 1e9, "sms": sms,
-             "rows": results}, indent=1))
+             "launch_cost": launches, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

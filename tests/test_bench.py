@@ -67,6 +67,19 @@ def test_kernel_ptx_reads_the_one_row_kernels_loop():
             bf16["sass_counts"].get("FFMA", 0) > 0 and int4["sass_per_weight"] > 0
 
 
+def test_gemv_tiles_splits_a_launch_into_fixed_cost_and_streaming():
+    """gemv_tiles.py's line through (bytes, us) of the matrices' best tiles gives back a known launch cost and
+    streaming rate, and a matrix off the line moves them."""
+    pytest.importorskip("triton")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gemv_tiles import launch_cost
+
+    sizes = [31_457_280, 10_485_760, 56_360_960, 28_180_480, 81_920_000]  # the 7B int4 matrices' bytes
+    assert launch_cost([(b, 3.0 + b / 4.25e6) for b in sizes]) == {"fixed_us": 3.0, "streaming_tb_s": 4.25}
+    slow_start = launch_cost([(b, 3.0 + b / 4.25e6 + (2.0 if b < 3e7 else 0.0)) for b in sizes])
+    assert slow_start["fixed_us"] > 3.5 and slow_start["streaming_tb_s"] > 4.25
+
+
 def test_kernel_ptx_reads_the_tensor_core_kernel_swapped_onto_wgmma():
     """With --rows, kernel_ptx.py compiles the quantized tensor-core kernel: a 16-row tile multiplies with
     mma.sync, and swapped ((W x^T)^T, the converted weights as the 64-row left operand) with Hopper's wgmma."""
