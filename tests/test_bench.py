@@ -67,11 +67,11 @@ def test_kernel_ptx_reads_the_one_row_kernels_loop():
             bf16["sass_counts"].get("FFMA", 0) > 0 and int4["sass_per_weight"] > 0
 
 
-def test_gemv_tiles_splits_a_launch_into_fixed_cost_and_streaming():
+def test_gemv_tiles_splits_a_launch_into_fixed_cost_and_streaming(monkeypatch):
     """gemv_tiles.py's line through (bytes, us) of the matrices' best tiles gives back a known launch cost and
     streaming rate, and a matrix off the line moves them."""
     pytest.importorskip("triton")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
     from gemv_tiles import launch_cost
 
     sizes = [31_457_280, 10_485_760, 56_360_960, 28_180_480, 81_920_000]  # the 7B int4 matrices' bytes
