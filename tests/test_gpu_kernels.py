@@ -179,6 +179,29 @@ def test_decode_attention_kernel_in_the_interpreter():
     run_interpreted(ATTENTION_SCRIPT)
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_decode_attention_compiles_with_the_arguments_inductor_passes(split):
+    """Under torch.compile, inductor types the kernel's float argument (the softmax scale) as fp64: the kernel
+    still compiles for sm_90 (no GPU needed: Triton's wheel carries ptxas), read whole and in parts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from llama_dist.kernels import decode_attention
+
+    assert decode_attention.load()
+    kernel = decode_attention._attention_kernel
+    constants = {"N_REP": 4, "HEAD_DIM": 128, "KV_BLOCK": 16, "BLOCK_R": 16, "BLOCK_L": 32, "PART_L": 512,
+                 "SPLIT": split}
+    types = {"qkv_ptr": "*bf16", "rope_ptr": "*fp32", "cache_k_ptr": "*bf16", "cache_v_ptr": "*bf16",
+             "o_ptr": "*bf16", "parts_ptr": "*fp32", "scale": "fp64"}
+    signature = {name: "constexpr" if name in constants else types.get(name, "*i32" if name.endswith("_ptr") else
+                                                                         "i32") for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
+                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert "mma" in compiled.asm["ptx"]  # (q times the keys on tensor cores)
+
+
 def test_gemv_kernel_in_the_interpreter():
     """Dense, int8 and int4 one-row products with the norm, SwiGLU and residual folded in (int4 against the same
     arithmetic with 8-bit activations, exactly, and against the dequantized product, closely); int8 and int4

@@ -28,8 +28,8 @@ from .gemv import INTERPRETED, bf16_tensor_cores, on_cpp_kernels
 def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
-    # (the kernel's helpers, module globals: the interpreter finds them there)
-    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend, _store
+    # (the kernel and its helpers, module globals: the interpreter finds the helpers there, tests the kernel)
+    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend, _store, _attention_kernel
     if not bf16_tensor_cores():
         return False
     try:
@@ -76,7 +76,7 @@ def load() -> bool:
             next_keys, next_values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, next_first, next_last, h,
                                                  stride_cb, stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
             seen = first + tl.arange(0, BLOCK_L) < end
-            scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # inductor passes scale as fp64
+            scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # (inductor passes scale as fp64)
             scores = tl.where(seen[None, :], scores, float("-inf"))
             new_top = tl.maximum(top, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_top[:, None])
@@ -120,6 +120,7 @@ def load() -> bool:
                                    stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
         if p < n_parts:  # (the row's positions may need fewer parts than the launch has programs)
             _await_inputs()  # (a programmatic dependent of the q/k/v product)
+            _release_dependents()
             q, k, v, q_at = _new_token(qkv_ptr, rope_ptr, b, h, n_kv, N_REP, HEAD_DIM, BLOCK_R)
             dims = tl.arange(0, HEAD_DIM)
             if p == (n_parts - 1) % programs:  # the program whose parts include the new position's
@@ -128,7 +129,8 @@ def load() -> bool:
                 tl.store(cache_v_ptr + new + dims, v.to(cache_v_ptr.dtype.element_ty))
             # the new position's softmax, from registers (k and v as the cache holds them)
             new_top = tl.sum(q.to(tl.float32) * k.to(cache_k_ptr.dtype.element_ty).to(tl.float32)[None, :], axis=1)
-            new_top, new_acc = new_top * scale, v.to(cache_v_ptr.dtype.element_ty).to(tl.float32)[None, :]
+            new_top = (new_top * scale).to(tl.float32)  # (fp32 whatever type scale comes in)
+            new_acc = v.to(cache_v_ptr.dtype.element_ty).to(tl.float32)[None, :]
             asked = (tl.arange(0, BLOCK_R) < N_REP)  # (rows past N_REP pad the tile for tl.dot)
             o_at = o_ptr + b * (n_kv * N_REP * HEAD_DIM) + q_at
             if not SPLIT:
@@ -137,7 +139,6 @@ def load() -> bool:
                 top, total, acc, keys, values = _attend(q, keys, values, top, total, acc, cache_k_ptr, cache_v_ptr,
                                                         blocks, 0, last, last, last, h, stride_cb, stride_ch,
                                                         stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L, SPLIT)
-                _release_dependents()
                 _store(o_at, acc, total, asked)
             else:
                 states = (parts_ptr + (b * n_kv + h) * max_parts * (N_REP * (HEAD_DIM + 2))
@@ -161,7 +162,6 @@ def load() -> bool:
                         tl.store(state[:, None] + dims[None, :], acc, mask=asked[:, None])
                         tl.store(state + HEAD_DIM, top, mask=asked)
                         tl.store(state + HEAD_DIM + 1, total, mask=asked)
-                _release_dependents()
                 if n_parts > 1:
                     mine = (n_parts - 1 - p) // programs + 1  # parts this program merged in
                     tl.debug_barrier()  # every thread's state before the ticket

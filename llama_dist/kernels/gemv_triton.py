@@ -69,7 +69,9 @@ def _await_inputs():
 
 @triton.jit
 def _release_dependents():
-    """Let the kernel after this one start (its weights streaming in) while this one finishes."""
+    """Let the kernel after this one start: its programs take their places and load their first weights while
+    this one streams. Called right after _await_inputs: releasing only after the loop leaves the next launch's
+    start-up exposed (benchmarks/RESULTS.md)."""
     if _GDC:
         gdc_launch_dependents()
 
@@ -258,6 +260,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     # the first tile of weights streams in while the kernel before this one ends (PDL) and the peers' parts arrive
     w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, DP4A, BLOCK_K)
     _await_inputs()
+    _release_dependents()
     if X_SLOTS:
         _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
     acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
@@ -266,7 +269,6 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
         w = _weights(w_ptr, rows, row_ok, k0, K, INT4, DP4A, BLOCK_K)
         acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
                                    SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
-    _release_dependents()
     y = tl.sum(acc, axis=1)
     square_sum = tl.sum(squares, axis=0)
     if SPLIT_K > 1:  # each part to its own place, summed in a fixed order: the same result every run
