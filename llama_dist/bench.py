@@ -145,12 +145,12 @@ def hf_figures(args: ModelArgs, device: torch.device, steps: int, batches: tuple
 def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[int, ...] = (1, 8, 32),
           steps: int = 128, prefill: int = 512, hf: bool = True, n_ctx: int = 1024, out: str | None = None,
           context: int = 16, **options: Any) -> dict:
-    """options: LoadConfig / ParallelConfig fields (backend, pp, ...; here compile defaults to True and quantize
-    to "none"); out: a folder to write the JSON result into; context: the prompt's tokens before the decode
-    steps (each step's attention reads that many cached positions and more)."""
+    """options: LoadConfig / ParallelConfig fields (backend, pp, compile, ...; here quantize defaults to "none");
+    out: a folder to write the JSON result into; context: the prompt's tokens before the decode steps (each
+    step's attention reads that many cached positions and more)."""
     if context < 1 or context + steps + 3 > n_ctx:
         raise ValueError(f"--context {context} and --steps {steps} (+3 warm-up steps) must fit --n_ctx {n_ctx}")
-    options = {"compile": True, "quantize": "none", **options}
+    options = {"quantize": "none", **options}
     load, parallel = make_configs(model or str(config), n_ctx, max(batches), **options)
     ctx = init_distributed(parallel.backend, parallel.device, pp=parallel.pp)
     if model:

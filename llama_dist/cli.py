@@ -125,8 +125,7 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple =
           prefill: int = 512, hf: bool = True, n_ctx: int = 1024, context: int = 16, **options: Any) -> None:
     """Prefill and decode tokens/s beside the bandwidth ceiling and HF transformers (random weights of a
     configs/ shape, or --model); prints JSON on rank 0 (and writes it under --out, a folder, if given).
-    --context: the prompt's tokens before the timed decode steps. Defaults differ here: --compile True,
-    --quantize none."""
+    --context: the prompt's tokens before the timed decode steps. --quantize defaults to none here."""
     from .bench import bench as run
 
     run(config, model, tuple(batches), steps, prefill, hf, n_ctx, context=context, **options)
