@@ -3,7 +3,9 @@
 Their speed is a GPU-only question (benchmarks/gemv_kernels.py); here: the values, with masked edges
 (an input length that is not a multiple of the tile, fewer rows than a tile), dense and int8, and the work it
 folds in (RMSNorm of the input, SwiGLU of a [gate, up] input, a residual) against the model's own modules; the
-decode attention against SDPA; a whole model's decode steps through both against the step-by-step path."""
+decode attention against SDPA; a whole model's decode steps through both against the step-by-step path. Some
+are compiled for sm_90 instead (Triton's wheel carries ptxas), where the question is the GPU code itself: the
+arguments torch.compile passes, the order of the programmatic-launch instructions."""
 import os
 import subprocess
 import sys
@@ -200,6 +202,57 @@ def test_decode_attention_compiles_with_the_arguments_inductor_passes(split):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
                               target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
     assert "mma" in compiled.asm["ptx"]  # (q times the keys on tensor cores)
+
+
+PDL_ORDER_SCRIPT = """
+import sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from llama_dist.kernels import gemv_triton
+gemv_triton._GDC = tl.constexpr(True)  # the griddepcontrol instructions compiled in, as on sm_90 GPUs
+from llama_dist.kernels import decode_attention
+assert decode_attention.load()
+sys.path.insert(0, "benchmarks")
+from kernel_ptx import POINTERS
+
+
+def wait_then_release(fn, constants, types):
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+    ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
+                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    wait, release = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
+    assert 0 <= wait < release, (fn.__name__, constants, wait, release)
+
+
+base = {"SCALED": False, "INT4": False, "DP4A": False, "NORM": False, "GATED": False, "RESIDUAL": False,
+        "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": 16, "BLOCK_K": 256,
+        "SPLIT_K": 1}
+for flags, weight in (({"INT4": True, "NORM": True}, "*i32"), ({"SCALED": True, "DP4A": True, "SPLIT_K": 4}, "*i8"),
+                      ({"GATED": True, "RESIDUAL": True}, "*bf16"),
+                      ({"WORLD": 2, "X_SLOTS": True, "R_SLOTS": True, "Y_SLOTS": True}, "*bf16")):
+    wait_then_release(gemv_triton._gemv_kernel, {**base, **flags}, {**POINTERS, "w_ptr": weight, "eps": "fp32"})
+for split in (False, True):
+    wait_then_release(decode_attention._attention_kernel,
+                      {"N_REP": 4, "HEAD_DIM": 128, "KV_BLOCK": 16, "BLOCK_R": 16, "BLOCK_L": 32, "PART_L": 512,
+                       "SPLIT": split},
+                      {"qkv_ptr": "*bf16", "rope_ptr": "*fp32", "cache_k_ptr": "*bf16", "cache_v_ptr": "*bf16",
+                       "table_ptr": "*i32", "slot_ptr": "*i32", "pos_ptr": "*i32", "o_ptr": "*bf16",
+                       "parts_ptr": "*fp32", "tickets_ptr": "*i32", "scale": "fp32"})
+print("ok")
+"""
+
+
+def test_kernels_release_the_next_one_only_after_their_own_wait():
+    """Launched as programmatic dependents, a kernel starts before the one before it has finished and reads only
+    weights and earlier steps' cache until its wait. That is safe while every kernel lets the next one start only
+    after its own wait (then the kernel two launches back has finished): compiled for sm_90 with the
+    griddepcontrol instructions in, each one-row product's (plain, split, with peer slots) and the decode
+    attention's wait comes before its release."""
+    out = subprocess.run([sys.executable, "-c", PDL_ORDER_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
 
 
 def test_gemv_kernel_in_the_interpreter():
