@@ -40,6 +40,16 @@ POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf1
             "arrivals_ptr": "*i32", "peers_ptr": "*i64", "epoch_ptr": "*i32"}
 
 
+def compile_for(fn, constants: dict, types: dict, arch: int = 90, aligned: tuple[str, ...] = (), **options):
+    """Triton kernel fn compiled for sm_{arch} on this machine, no GPU needed (Triton's wheel carries ptxas):
+    constants are its constexprs, types the other arguments' Triton types (i32 where not named), `aligned` the
+    arguments known to be multiples of 16."""
+    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name in aligned}
+    return triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
+                          target=GPUTarget("cuda", arch, 32), options=options)
+
+
 def longest_loop(lines: list[str], label: str, branch: str) -> list[str]:
     """The longest run of lines from a label to a branch back to it (the weights' loop), branch included, labels
     left out; `label` and `branch` are patterns whose first group is the label's name."""
@@ -132,13 +142,9 @@ def main() -> None:
                      "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": a.block_n, "BLOCK_K": a.block_k,
                      "SPLIT_K": a.split_k}
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
-    signature = {name: "constexpr" if name in constants else pointers.get(name, "fp32" if name == "eps" else "i32")
-                 for name in fn.arg_names}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if name in pointers or name in ("N", "K")}
     options = {"num_warps": a.warps, **({"num_stages": a.stages} if a.rows else {})}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=aligned),
-                            target=GPUTarget("cuda", a.arch, 32), options=options)
+    kernel = compile_for(fn, constants, {**pointers, "eps": "fp32"}, a.arch, aligned=(*pointers, "N", "K"),
+                         **options)
     body = loop_body(kernel.asm["ptx"])
     ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from .helpers import ROOT
+from .helpers import ATTENTION_CONSTANTS, ATTENTION_POINTERS, ROOT
 
 # Triton 3.6's interpreter (the version torch 2.11's CUDA wheels pin) cannot take loop bounds computed by
 # tl.minimum, as the split-K kernels' are; the kernels themselves compile there (benchmarks/kernel_ptx.py)
@@ -182,46 +182,34 @@ def test_decode_attention_kernel_in_the_interpreter():
 
 
 @pytest.mark.parametrize("split", [False, True])
-def test_decode_attention_compiles_with_the_arguments_inductor_passes(split):
+def test_decode_attention_compiles_with_the_arguments_inductor_passes(split, monkeypatch):
     """Under torch.compile, inductor types the kernel's float argument (the softmax scale) as fp64: the kernel
     still compiles for sm_90 (no GPU needed: Triton's wheel carries ptxas), read whole and in parts."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from llama_dist.kernels import decode_attention
 
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from kernel_ptx import compile_for
+
     assert decode_attention.load()
-    kernel = decode_attention._attention_kernel
-    constants = {"N_REP": 4, "HEAD_DIM": 128, "KV_BLOCK": 16, "BLOCK_R": 16, "BLOCK_L": 32, "PART_L": 512,
-                 "SPLIT": split}
-    types = {"qkv_ptr": "*bf16", "rope_ptr": "*fp32", "cache_k_ptr": "*bf16", "cache_v_ptr": "*bf16",
-             "o_ptr": "*bf16", "parts_ptr": "*fp32", "scale": "fp64"}
-    signature = {name: "constexpr" if name in constants else types.get(name, "*i32" if name.endswith("_ptr") else
-                                                                         "i32") for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constants),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    compiled = compile_for(decode_attention._attention_kernel, {**ATTENTION_CONSTANTS, "SPLIT": split},
+                           {**ATTENTION_POINTERS, "scale": "fp64"}, num_warps=4)
     assert "mma" in compiled.asm["ptx"]  # (q times the keys on tensor cores)
 
 
 PDL_ORDER_SCRIPT = """
 import sys
-import triton
 import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 from llama_dist.kernels import gemv_triton
 gemv_triton._GDC = tl.constexpr(True)  # the griddepcontrol instructions compiled in, as on sm_90 GPUs
 from llama_dist.kernels import decode_attention
+from tests.helpers import ATTENTION_CONSTANTS, ATTENTION_POINTERS
 assert decode_attention.load()
 sys.path.insert(0, "benchmarks")
-from kernel_ptx import POINTERS
+from kernel_ptx import POINTERS, compile_for
 
 
 def wait_then_release(fn, constants, types):
-    signature = {name: "constexpr" if name in constants else types.get(name, "i32") for name in fn.arg_names}
-    ptx = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants),
-                         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["ptx"]
+    ptx = compile_for(fn, constants, types, num_warps=4).asm["ptx"]
     wait, release = ptx.find("griddepcontrol.wait"), ptx.find("griddepcontrol.launch_dependents")
     assert 0 <= wait < release, (fn.__name__, constants, wait, release)
 
@@ -234,12 +222,8 @@ for flags, weight in (({"INT4": True, "NORM": True}, "*i32"), ({"SCALED": True, 
                       ({"WORLD": 2, "X_SLOTS": True, "R_SLOTS": True, "Y_SLOTS": True}, "*bf16")):
     wait_then_release(gemv_triton._gemv_kernel, {**base, **flags}, {**POINTERS, "w_ptr": weight, "eps": "fp32"})
 for split in (False, True):
-    wait_then_release(decode_attention._attention_kernel,
-                      {"N_REP": 4, "HEAD_DIM": 128, "KV_BLOCK": 16, "BLOCK_R": 16, "BLOCK_L": 32, "PART_L": 512,
-                       "SPLIT": split},
-                      {"qkv_ptr": "*bf16", "rope_ptr": "*fp32", "cache_k_ptr": "*bf16", "cache_v_ptr": "*bf16",
-                       "table_ptr": "*i32", "slot_ptr": "*i32", "pos_ptr": "*i32", "o_ptr": "*bf16",
-                       "parts_ptr": "*fp32", "tickets_ptr": "*i32", "scale": "fp32"})
+    wait_then_release(decode_attention._attention_kernel, {**ATTENTION_CONSTANTS, "SPLIT": split},
+                      {**ATTENTION_POINTERS, "scale": "fp32"})
 print("ok")
 """
 
