@@ -60,34 +60,33 @@ def decode_tok_s(runner: Runner, ctx, batch: int, steps: int, prompt_len: int = 
                  greedy: list[int] | None = None, top2: list[tuple[float, float]] | None = None) -> float:
     """Greedy decode tokens/s after a prompt of prompt_len tokens; `greedy`, if given, receives row 0's tokens and
     `top2` its two largest logits at each step (to compare runs: the same weights at any tensor-parallel size
-    should choose the same tokens, except where the top two nearly tie and rounding may pick either)."""
+    should choose the same tokens, except where the top two nearly tie and rounding may pick either). The top two
+    come from a second pass over the same steps, each fed the token the timed pass chose: the timed steps run only
+    what a user's decode runs."""
     # the same prompt on every rank (tensor-parallel ranks must feed identical tokens)
     tokens = (torch.arange(batch * prompt_len, device=ctx.device) % runner.model.args.vocab_size).view(batch, prompt_len)
     runner.forward(tokens, 0, last_only=True)
     if runner.stage.pipelined and batch > 1:
         return interleaved_tok_s(runner, ctx, tokens, steps)
-    nxt = tokens[:, -1:]
-    chosen, tops = [], []
+    fed = [tokens[:, -1:]]  # each step's input: the prompt's last token, then each step's choice
 
-    def advance(pos: int, nxt: torch.Tensor) -> torch.Tensor:
-        logits = runner.decode(nxt, pos)[:, -1]
-        if top2 is not None:  # one small kernel per step, no synchronisation
-            tops.append(logits[0].float().topk(2).values)
-        nxt = ctx.comm.broadcast(logits.argmax(-1, keepdim=True))
-        chosen.append(nxt[0])
-        return nxt
+    def advance(pos: int) -> None:
+        fed.append(ctx.comm.broadcast(runner.decode(fed[-1], pos)[:, -1].argmax(-1, keepdim=True)))
 
-    for pos in range(prompt_len, prompt_len + 3):  # compile and warm up
-        nxt = advance(pos, nxt)
+    first = prompt_len + 3
+    for pos in range(prompt_len, first):  # compile and warm up
+        advance(pos)
     sync(ctx.device)
     start = time.perf_counter()
-    for pos in range(prompt_len + 3, prompt_len + 3 + steps):
-        nxt = advance(pos, nxt)
+    for pos in range(first, first + steps):
+        advance(pos)
     sync(ctx.device)
     elapsed = time.perf_counter() - start
     if greedy is not None:
-        greedy.extend(torch.cat(chosen).tolist())
+        greedy.extend(torch.cat(fed[1:], dim=1)[0].tolist())
     if top2 is not None:
+        tops = [runner.decode(fed[i], pos)[0, -1].float().topk(2).values
+                for i, pos in enumerate(range(prompt_len, first + steps))]
         top2.extend(tuple(t) for t in torch.stack(tops).tolist())
     return batch * steps / elapsed
 

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from .helpers import ROOT
 
@@ -23,6 +24,29 @@ def test_bench_prints_decode_prefill_ceiling_and_hf_figures():
     assert len(result["greedy_b1"]) == len(result["top2_b1"]) == 7
     assert all(top >= second for top, second in result["top2_b1"])
     assert result["decode_context"] == 40  # decoded after a 40-token prompt
+
+
+def test_bench_top_two_are_those_of_the_tokens_it_timed():
+    """The top two logits are taken in a pass of their own, out of the timing: each step's are still those of the
+    steps timed, the logits of one forward pass over the prompt and the tokens the timed steps chose."""
+    from llama_dist.bench import decode_tok_s
+    from llama_dist.checkpoint.config import LoadConfig
+    from llama_dist.checkpoint.source import RandomSource
+    from llama_dist.distributed.context import init_distributed
+    from llama_dist.generation.llama import load_runner
+    from llama_dist.model.args import ModelArgs
+    ctx = init_distributed("auto", "cpu")
+    args = ModelArgs.from_params_json(ROOT / "configs" / "tiny-gqa.json")
+    runner = load_runner(RandomSource(args, ctx.device, torch.float32), ctx,
+                         LoadConfig(dtype="float32", n_ctx=64, max_batch_size=1, compile=False), progress=False)
+    greedy: list[int] = []
+    top2: list[tuple[float, float]] = []
+    decode_tok_s(runner, ctx, 1, 5, prompt_len=8, greedy=greedy, top2=top2)
+    assert len(greedy) == len(top2) == 8  # 3 warm-up steps and 5 timed ones
+    prompt = torch.arange(8) % args.vocab_size  # (the first step is fed the prompt's last token again)
+    logits = runner.forward(torch.cat([prompt, prompt[-1:], torch.tensor(greedy[:-1])])[None], 0)[0, 8:]
+    assert logits.argmax(-1).tolist() == greedy
+    torch.testing.assert_close(torch.tensor(top2), logits.topk(2).values, rtol=1e-5, atol=1e-5)
 
 
 def test_bench_refuses_a_context_its_cache_cannot_hold():
