@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Llama-family inference sharded with tensor parallelism on any backend: one process, NCCL, Gloo, MPI",
     packages=find_packages(include=["llama_dist", "llama_dist.*"]),
-    package_data={"llama_dist.serving": ["static/*.html"], "llama_dist.csrc": ["*.cpp"]},
+    package_data={"llama_dist.serving": ["static/*.html"], "llama_dist.csrc": ["*.cpp"],
+                  "llama_dist.kernels": ["tiles/*.json"]},
     python_requires=">=3.9",
     install_requires=[
         "torch>=2.1",

@@ -1,5 +1,8 @@
 """The kernel choice (made once, from the device and our switches), the CPU backend against the plain model, and
 the configs that carry a run's options."""
+import json
+import os
+
 import pytest
 import torch
 
@@ -129,20 +132,89 @@ def test_one_call_decode_step_equals_the_per_layer_calls(model):
         assert torch.equal(a.attention.cache_k, b.attention.cache_k) and torch.equal(a.attention.cache_v, b.attention.cache_v)
 
 
-def test_tiles_picked_names_each_tuned_kernels_choice_per_key():
-    triton = pytest.importorskip("triton")
-    from llama_dist.kernels import tuning
-
+def _test_tuner(tuning, triton, **options):
     @triton.jit
     def kernel(x_ptr, n, BLOCK: triton.language.constexpr):
         pass
 
-    tuner = tuning.autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32})], ["n"], "test_tiles")(kernel)
+    return tuning.autotune([triton.Config({"BLOCK": 16}), triton.Config({"BLOCK": 32}, num_warps=8)], ["n"],
+                           "test_tiles", **options)(kernel)
+
+
+def test_tiles_picked_is_a_tile_table_of_each_tuned_kernels_choice_per_key():
+    triton = pytest.importorskip("triton")
+    from llama_dist.kernels import tuning
+    tuner = _test_tuner(tuning, triton)
     try:
         assert "test_tiles" not in tuning.tiles_picked()  # not run yet: nothing picked
         tuner.cache[(4096, "torch.bfloat16")] = tuner.configs[1]  # what a run's timing leaves there
-        assert tuning.tiles_picked()["test_tiles"] == {"4096, torch.bfloat16": str(tuner.configs[1])}
-        assert "BLOCK: 32" in str(tuner.configs[1])
+        assert tuning.tiles_picked()["test_tiles"] == {"n=4096": {"BLOCK": 32, "num_warps": 8, "num_stages": 3}}
+    finally:
+        tuning._TUNED.pop("test_tiles")
+
+
+def test_the_tuner_times_only_the_tile_tables_choice_where_it_has_one(tmp_path, monkeypatch):
+    triton = pytest.importorskip("triton")
+    from llama_dist.kernels import tuning
+    table = tmp_path / "tiles.json"
+    table.write_text(json.dumps({"test_tiles": {"n=4096": {"BLOCK": 32, "num_warps": 8, "num_stages": 3},
+                                                "n=64": {"BLOCK": 32, "num_warps": 2, "num_stages": 3}}}))
+    monkeypatch.setenv("LLAMA_DIST_TILES", str(table))
+    tuner = _test_tuner(tuning, triton)
+    try:
+        def pruned(n):
+            tuner.nargs = {"x_ptr": torch.zeros(1), "n": n}  # (as Autotuner.run sets them before pruning)
+            return tuner.prune_configs({})
+        assert pruned(4096) == [tuner.configs[1]]
+        assert pruned(1024) == tuner.configs  # not in the table: every config timed
+        assert pruned(64) == tuner.configs  # the table's tile is not among the configs: every config timed
+        monkeypatch.setenv("LLAMA_DIST_TILES", str(tmp_path / "missing.json"))
+        with pytest.raises(FileNotFoundError, match="LLAMA_DIST_TILES="):
+            pruned(4096)
+        # a kernel's own pruning (tiles that do not fit) comes first, the table's tile only among what is left
+        monkeypatch.setenv("LLAMA_DIST_TILES", str(table))
+        tuner = _test_tuner(tuning, triton, prune_configs_by={
+            "early_config_prune": lambda configs, named_args, **kwargs: [c for c in configs if c.num_warps == 4]})
+        assert pruned(4096) == pruned(1024) == [tuner.configs[0]]
+    finally:
+        tuning._TUNED.pop("test_tiles")
+
+
+def test_shipped_tile_tables_name_configs_the_tuners_have():
+    """A table's tile outside its kernel's list of configs would count for nothing: each must be in the list."""
+    pytest.importorskip("triton")
+    from llama_dist.kernels import gemv_triton, tuning
+    lists = {"gemv": gemv_triton._CONFIGS, "gemv_int4": gemv_triton._INT4_CONFIGS,
+             "gemv_int8": gemv_triton._DP4A_CONFIGS}
+    tables = sorted(tuning._TABLES.glob("*.json"))
+    assert tuning.table_path("NVIDIA H200") in tables
+    for path in tables:
+        for name, rows in tuning.tile_table(str(path)).items():
+            assert rows, path
+            for key, tile in rows.items():
+                assert key.startswith("N=") and tile in [tuning.tile_fields(c) for c in lists[name]], (path, key)
+
+
+def test_disk_timings_reads_the_tuners_latest_full_timing_of_a_key(tmp_path):
+    triton = pytest.importorskip("triton")
+    from llama_dist.kernels import tuning
+    tuner = _test_tuner(tuning, triton)
+
+    def keep(folder, key, timings, age):
+        file = tmp_path / folder / "kernel.autotune.json"
+        file.parent.mkdir()
+        kept = [(c.__dict__ | {"pre_hook": None}, t) for c, t in zip(tuner.configs, timings)]  # as Triton writes it
+        file.write_text(json.dumps({"key": key, "configs_timings": kept}))
+        os.utime(file, (age, age))
+    try:
+        keep("a", [4096, "torch.bfloat16"], [[2.0, 1.9, 2.1], [1.0, 0.9, 1.1]], 100)
+        keep("b", [4096, "torch.bfloat16"], [[1.0, 0.9, 1.1], [3.0, 2.9, 3.1]], 200)  # the latest
+        keep("c", [4096, "torch.bfloat16"], [[0.5, 0.4, 0.6]], 300)  # one config: a table's, not a full timing
+        keep("d", [2048, "torch.bfloat16"], [[0.1, 0.1, 0.1], [0.2, 0.2, 0.2]], 400)  # another key
+        assert tuning.disk_timings("test_tiles", "n=4096", str(tmp_path)) == [
+            ({"BLOCK": 16, "num_warps": 4, "num_stages": 3}, 1.0),
+            ({"BLOCK": 32, "num_warps": 8, "num_stages": 3}, 3.0)]
+        assert tuning.disk_timings("test_tiles", "n=8", str(tmp_path)) == []
     finally:
         tuning._TUNED.pop("test_tiles")
 

@@ -8,6 +8,8 @@
                                   (each starting while the one before it ends)
     LLAMA_DIST_SYMM_MEM=0         CUDA, tensor-parallel: all-reduces through NCCL, not in-kernel sums through peer
                                   slots (one row) or a symmetric-memory one-shot (compiled graphs)
+    LLAMA_DIST_TILES=FILE         CUDA: the tiles to use, a table as benchmarks/step_tiles.py writes (default:
+                                  llama_dist/kernels/tiles/<GPU>.json, if any); a file holding {} times them all
     LLAMA_DIST_CPU_KERNELS=0|avx2|scalar  CPUs: no C++ kernels, or their AVX2 build (not AVX-512 VNNI), or their
                                   portable (plain C++) build
 
@@ -28,6 +30,7 @@ class Settings:
     attention: bool = True
     pdl: bool = True
     symm_mem: bool = True
+    tiles: str = ""  # a tile table's path; "" for the one shipped for the GPU
     cpu_kernels: str = "auto"  # "auto" (the CPU's best: AVX-512 VNNI, AVX2), "avx2", "scalar" or "off"
 
 
@@ -42,5 +45,5 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(timeout_s=float(env.get("LLAMA_DIST_TIMEOUT", 300)),
                     heartbeat_timeout_s=float(env.get("LLAMA_DIST_HEARTBEAT_TIMEOUT", 10)),
                     gemv=on("LLAMA_DIST_GEMV"), attention=on("LLAMA_DIST_ATTENTION"), pdl=on("LLAMA_DIST_PDL"),
-                    symm_mem=on("LLAMA_DIST_SYMM_MEM"),
+                    symm_mem=on("LLAMA_DIST_SYMM_MEM"), tiles=env.get("LLAMA_DIST_TILES", ""),
                     cpu_kernels={"0": "off", "avx2": "avx2", "scalar": "scalar"}.get(cpu, "auto"))
