@@ -54,6 +54,9 @@ def main(config: str = "llama-2-7b", quantize: str = "int4", kernel: str = "gemv
     best = {kernel: dict(tuned[kernel])}
     for key, taken in tuned[kernel].items():
         others = [fields for fields, _ in disk_timings(kernel, key) if fields != taken][:top]
+        if not others:
+            print(json.dumps({"key": key, "no timings in Triton's cache": True}), flush=True)
+            continue
         arms = [dict(best[kernel])] + [{**best[kernel], key: fields} for fields in others]
         rates: list[list[float]] = [[] for _ in arms]
         for _ in range(rounds):

@@ -49,6 +49,15 @@ def test_bench_top_two_are_those_of_the_tokens_it_timed():
     torch.testing.assert_close(torch.tensor(top2), logits.topk(2).values, rtol=1e-5, atol=1e-5)
 
 
+def test_step_tiles_times_the_tuned_step_through_bench_and_says_when_no_tiles_were_tuned():
+    """benchmarks/step_tiles.py on a CPU: its first arm (bench in a process of its own, an empty tile table) runs
+    and is timed; with no GPU no one-row tile was tuned, and it says so rather than writing an empty table."""
+    out = subprocess.run([sys.executable, "benchmarks/step_tiles.py", "--config", "configs/tiny-gqa.json",
+                          "--quantize", "none", "--steps", "4"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0 and "no gemv_int4 tiles taken" in out.stderr, out.stderr[-3000:]
+    assert json.loads(out.stdout.splitlines()[0])["tok_s"] > 0
+
+
 def test_bench_refuses_a_context_its_cache_cannot_hold():
     from llama_dist.bench import bench
     with pytest.raises(ValueError, match="must fit --n_ctx 64"):
