@@ -12,7 +12,6 @@ live in llama_dist/kernels/tiles/<GPU>.json (the tuner reads them first).
 """
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -27,21 +26,19 @@ from llama_dist.kernels.tuning import Table, disk_timings  # noqa: E402
 
 
 def step_tok_s(table: Table, config: str, quantize: str, steps: int) -> tuple[float, Table]:
-    """Batch-1 tokens/s of the graphed step with these tiles (bench in a process of its own), and the tiles its
-    tuners took."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(table, f)
-    try:
+    """Batch-1 tokens/s of the graphed step with these tiles (bench in a process of its own, its JSON written into
+    a fresh folder), and the tiles its tuners took."""
+    with tempfile.TemporaryDirectory() as out:
+        tiles = Path(out, "tiles.json")
+        tiles.write_text(json.dumps(table))
         run = subprocess.run([sys.executable, str(Path(__file__).with_name("gpu_decode.py")), "--config", config,
                               "--quantize", quantize, "--batches", "(1,)", "--steps", str(steps), "--prefill", "16",
-                              "--hf", "False"], env={**os.environ, "LLAMA_DIST_TILES": f.name},
+                              "--hf", "False", "--out", out], env={**os.environ, "LLAMA_DIST_TILES": str(tiles)},
                              capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    starts = [m.start() for m in re.finditer(r"^\{", run.stdout, re.M)]
-    if run.returncode or not starts:
-        raise RuntimeError(f"bench failed ({run.returncode}): {run.stderr[-2000:]}")
-    result = json.loads(run.stdout[starts[-1]:])
+        files = list(Path(out).glob("bench_*.json"))
+        if run.returncode or not files:
+            raise RuntimeError(f"bench failed ({run.returncode}): {run.stderr[-2000:]}")
+        result = json.loads(files[0].read_text())
     return result["decode_b1_tok_s"], result.get("tiles", {})
 
 

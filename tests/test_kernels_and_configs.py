@@ -169,6 +169,7 @@ def test_the_tuner_times_only_the_tile_tables_choice_where_it_has_one(tmp_path, 
         assert pruned(1024) == tuner.configs  # not in the table: every config timed
         assert pruned(64) == tuner.configs  # the table's tile is not among the configs: every config timed
         monkeypatch.setenv("LLAMA_DIST_TILES", str(tmp_path / "missing.json"))
+        tuner = _test_tuner(tuning, triton)  # (the switch is read once, as a tuner is made)
         with pytest.raises(FileNotFoundError, match="LLAMA_DIST_TILES="):
             pruned(4096)
         # a kernel's own pruning (tiles that do not fit) comes first, the table's tile only among what is left

@@ -42,7 +42,7 @@ def autotune(configs: list[triton.Config], key: list[str], name: str, **options:
 
     def tune(fn: Callable) -> Any:
         _TUNED[name] = triton.autotune(configs=configs, key=key, prune_configs_by={
-            "early_config_prune": _table_first(name, key, fits)}, **options)(fn)
+            "early_config_prune": _table_first(name, key, fits, read_settings().tiles)}, **options)(fn)
         return _TUNED[name]
     return tune
 
@@ -74,14 +74,14 @@ def tile_table(path: str, required: bool = False) -> Table:
     return json.loads(file.read_text()) if file.is_file() else {}
 
 
-def _table_first(name: str, key: list[str], fits: Callable | None) -> Callable:
+def _table_first(name: str, key: list[str], fits: Callable | None, chosen: str) -> Callable:
     """The tuner's early_config_prune: of the configs that fit (the kernel's own early_config_prune, if any), where
-    the GPU's table (LLAMA_DIST_TILES, else the one shipped for the GPU model) has a tile for this key among them,
-    that tile alone (the tuner then only times it), else all (a table from an older list counts for nothing)."""
+    the GPU's table (`chosen`, LLAMA_DIST_TILES, else the one shipped for the GPU model) has a tile for this key
+    among them, that tile alone (the tuner then only times it), else all (a table from an older list counts for
+    nothing)."""
     def prune(configs: list[triton.Config], named_args: dict, **kwargs: Any) -> list[triton.Config]:
         configs = fits(configs, named_args, **kwargs) if fits else configs
         args = {**named_args, **kwargs}
-        chosen = read_settings().tiles
         if chosen:
             table = tile_table(chosen, required=True)
         else:
