@@ -172,6 +172,11 @@ def test_the_tuner_times_only_the_tile_tables_choice_where_it_has_one(tmp_path, 
         tuner = _test_tuner(tuning, triton)  # (the switch is read once, as a tuner is made)
         with pytest.raises(FileNotFoundError, match="LLAMA_DIST_TILES="):
             pruned(4096)
+        (tmp_path / "broken.json").write_text("{'n=4096': 16")
+        monkeypatch.setenv("LLAMA_DIST_TILES", str(tmp_path / "broken.json"))
+        tuner = _test_tuner(tuning, triton)
+        with pytest.raises(ValueError, match="broken.json: not a tile table"):
+            pruned(4096)
         # a kernel's own pruning (tiles that do not fit) comes first, the table's tile only among what is left
         monkeypatch.setenv("LLAMA_DIST_TILES", str(table))
         tuner = _test_tuner(tuning, triton, prune_configs_by={

@@ -71,7 +71,12 @@ def tile_table(path: str, required: bool = False) -> Table:
     file = Path(path)
     if required and not file.is_file():
         raise FileNotFoundError(f"LLAMA_DIST_TILES={path}: no such file")
-    return json.loads(file.read_text()) if file.is_file() else {}
+    if not file.is_file():
+        return {}
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a tile table, which is JSON as benchmarks/step_tiles.py writes ({e})") from e
 
 
 def _table_first(name: str, key: list[str], fits: Callable | None, chosen: str) -> Callable:
