@@ -164,6 +164,12 @@ for bsz, n_kv, n_rep, length, d, at in ((1, 4, 1, 40, 32, None), (3, 2, 3, 70, 1
                                      pos[i:i + 1], n_rep, invariant)
             assert (alone - ref[i:i + 1]).abs().max() < 1e-5, (bsz, n_kv, n_rep, invariant, i)
             assert torch.equal(alone, out[i:i + 1]) or not invariant, (bsz, n_kv, n_rep, i)
+            # a window of the row's own length launches programs for its parts only; one too short, fewer still
+            for window in (int(pos[i]) + 1, 1):
+                short = decode_attention(qkv[i:i + 1], rope[i:i + 1], pages_k, pages_v, table, slots[i:i + 1],
+                                         pos[i:i + 1], n_rep, invariant, window)
+                assert (short - ref[i:i + 1]).abs().max() < 1e-5, (bsz, n_kv, n_rep, invariant, i, window)
+                assert torch.equal(short, out[i:i + 1]) or not invariant, (bsz, n_kv, n_rep, i, window)
 print("ok")
 """
 
@@ -565,16 +571,34 @@ plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
 fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False),
                 Kernels("triton", gemv=True, row_kernels=True))
 step = GraphedStep(fused, record=rerun)
-assert step.windows == [600]  # the attention kernel reads each row up to its position: one graph per bucket
-prompt = torch.tensor([[5, 17, 99, 3], [1, 2, 3, 4]])
+# the attention kernel reads each row up to its position: per bucket a graph for rows within one part of its split
+# (the interpreter's parts are 32 positions) and one for longer rows
+assert step.windows == [32, 600]
+prompt = torch.randint(0, args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
 for model in (plain, fused):
     model(prompt, 0)
 tokens = prompt[:, -1:]
-for pos in range(4, 8):
+for pos in range(30, 36):  # two steps in the short window, four past it (two parts a row, merged)
     want = plain(tokens, pos, last_only=True)
     got = step(tokens, pos)
     assert (got - want).abs().max() < 1e-4 * want.abs().max(), (pos, (got - want).abs().max())
     tokens = want[:, -1].argmax(-1, keepdim=True)
+# what a one-row step launches (views launch nothing): the embedding and rotary lookups, each layer's four products
+# and attention, and the output product with the final norm folded in; no attention mask, no norm of its own
+from torch.utils._python_dispatch import TorchDispatchMode
+class Launches(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func).removesuffix(".default"))
+        return func(*args, **(kwargs or {}))
+with Launches() as launches:
+    fused(tokens[:1], torch.tensor([8]), torch.tensor([0]), length=600, last_only=True)
+layer = ["llama_dist.gemv", "llama_dist.decode_attention", "llama_dist.gemv", "llama_dist.gemv", "llama_dist.gemv"]
+assert launches.ops == ["aten.embedding", "aten.index.Tensor", *layer * args.n_layers, "llama_dist.gemv"], launches.ops
 # prompt passes: any packing replayed from the graph of its token bucket, as the model's own pass computes it
 config = LoadConfig(dtype="float32", quantize="none", n_ctx=64, max_batch_size=3)
 plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
@@ -611,7 +635,9 @@ print("ok")
 
 def test_graphed_step_with_the_kernels_installed():
     """Replayed steps (runner/graphs.py, recorded by re-running on CPUs) through the Triton kernels give the plain
-    model's logits; the attention kernel needs no window, so one graph per batch bucket. Packed prompt passes
+    model's logits; the attention kernel needs no window, so two graphs per batch bucket (rows of one part of its
+    split, and longer ones; both checked), and a step builds no mask
+    (one row: its kernels and two lookups, nothing else). Packed prompt passes
     replayed from their token bucket's graph (padded tokens and runs) give the plain model's packed pass."""
     run_interpreted(GRAPHED_SCRIPT)
 

@@ -42,7 +42,7 @@ from ..model.transformer import RMSNorm, Transformer
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
 from ..quant.weights import Int4Weight, Int8Weight
 from . import decode_attention, gemv, invariant, packed_attention, quant_matmul, rows
-from .fused import (CppDecodeTransformer, CpuDecodeAttention, FusedTransformerBlock, OneRowColumnParallelLinear,
+from .fused import (CppDecodeTransformer, CpuDecodeAttention, FusedTransformer, FusedTransformerBlock,
                     PeerReducedTransformer, TritonPromptAttention)
 
 ATTENTION_CHOICES = ("sdpa", "cpu", "cpp", "triton")
@@ -113,8 +113,8 @@ def install(model: Transformer, kernels: Kernels) -> Transformer:
         if kernels.gemv or attention_kernel or kernels.row_kernels:
             _specialise(block, FusedTransformerBlock).configure(kernels.gemv, attention_kernel, kernels.row_kernels,
                                                                 kernels.batch_invariant)
-    if kernels.gemv and model.is_last:
-        _specialise(model.output, OneRowColumnParallelLinear)
+    if any(isinstance(b, FusedTransformerBlock) for b in model.layers.values()):
+        _specialise(model, FusedTransformer).configure(kernels.gemv and model.is_last, kernels.row_kernels)
     if kernels.batch_invariant:
         for layer in model.modules():
             if type(layer) is ColumnParallelLinear:

@@ -193,12 +193,12 @@ def load() -> bool:
     @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
     def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                             block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
-                            n_rep: int, invariant: bool = False) -> torch.Tensor:
+                            n_rep: int, invariant: bool, window: int) -> torch.Tensor:
         """Arguments as decode_attention's."""
         bsz, n_kv, head_dim = qkv.shape[0], cache_k.shape[1], cache_k.shape[3]
         out = torch.empty((bsz, n_kv * n_rep * head_dim), dtype=qkv.dtype, device=qkv.device)
         max_parts = triton.cdiv(block_table.shape[1] * cache_k.shape[2], PART_L)
-        programs = max(1, min(max_parts, _resident_programs(qkv.device) // (bsz * n_kv)))
+        programs = max(1, min(triton.cdiv(window, PART_L), max_parts, _resident_programs(qkv.device) // (bsz * n_kv)))
         split = programs > 1 or invariant  # (otherwise parts would not run at once: one program reads a row)
         states, tickets = split_sums(qkv, bsz * n_kv * max_parts * n_rep * (head_dim + 2), bsz * n_kv)
         torch.library.wrap_triton(_attention_kernel)[(bsz, n_kv, programs)](
@@ -232,19 +232,29 @@ def supports(head_dim: int, device_type: str = "cuda") -> bool:
     return head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
+def windows(n_ctx: int) -> list[int]:
+    """The cache windows past which the CUDA kernel's launch changes, so that a CUDA graph per window replays the
+    right one: up to PART_L positions one program per row and kv head, past them a row's parts over several."""
+    return sorted({min(PART_L, n_ctx), n_ctx})
+
+
 def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                      block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor, n_rep: int,
-                     invariant: bool = False) -> torch.Tensor:
+                     invariant: bool = False, window: int | None = None) -> torch.Tensor:
     """Attention of one new token per row. qkv [B, 1, (q heads + 2 kv heads) * head_dim]: its q, k, v before
     the rotary embedding; rope [B, 1, head_dim / 2, 2]; caches [blocks, kv heads, block, head_dim] paged by
     block_table [cache rows, blocks per row] (model.transformer.Attention's); slots [B]: each row's cache row;
     pos [B]: its position (the row sees [0, pos]). Writes the new keys and values to the caches; returns
-    [B, 1, q heads * head_dim]. invariant: a row's result the same whatever the batch (CPUs: always so)."""
+    [B, 1, q heads * head_dim]. invariant: a row's result the same whatever the batch (CPUs: always so).
+    window: a length every row's positions lie within (default: the cache's); the CUDA kernel launches programs
+    for at most as many parts of a row as it holds, so a short window launches none that would find nothing to
+    read (one too short costs only speed: a program takes the parts past its window's too)."""
     bsz = qkv.shape[0]
     args = (qkv.reshape(bsz, -1).contiguous(), rope.reshape(bsz, -1).contiguous(), cache_k, cache_v, block_table,
             slots.contiguous(), pos.contiguous(), n_rep)
     if on_cpp_kernels(qkv.device):
         out = torch.ops.llama_dist.cpu_decode_attention(*args)
     else:
-        out = torch.ops.llama_dist.decode_attention(*args, invariant)
+        capacity = block_table.shape[1] * cache_k.shape[2]
+        out = torch.ops.llama_dist.decode_attention(*args, invariant, capacity if window is None else window)
     return out.view(bsz, 1, -1)

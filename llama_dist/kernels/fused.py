@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from ..distributed.peer_memory import PeerSlots, PeerSum
 from ..model.transformer import Attention, Packed, RMSNorm, Slots, Transformer, TransformerBlock, cache_rows
-from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, ShardedWeight
+from ..parallel.layers import RowParallelLinear, ShardedWeight
 from . import decode_attention, gemv, packed_attention, rows
 
 class CpuDecodeAttention(Attention):
@@ -92,13 +92,6 @@ def fused_linear(layer: ShardedWeight, x: torch.Tensor | PeerSum, use_gemv: bool
     return y if residual is None else residual + y
 
 
-class OneRowColumnParallelLinear(ColumnParallelLinear):
-    """The output projection of one decoded row through the one-row kernel."""
-
-    def local_linear(self, x: torch.Tensor) -> torch.Tensor:
-        return fused_linear(self, x, use_gemv=True)
-
-
 class FusedTransformerBlock(TransformerBlock):
     """The block of a decode step (one token per row): norms, SwiGLU and residuals folded into the projections'
     kernels (residuals added by tensor-parallel rank 0 before the all-reduce, so no rank runs another
@@ -132,7 +125,7 @@ class FusedTransformerBlock(TransformerBlock):
             cache_row = cache_rows(slots, qkv.shape[0], qkv.device)
             out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v,
                                                     attention.block_table, cache_row, pos[:, 0], attention.n_rep,
-                                                    self.batch_invariant)
+                                                    self.batch_invariant, length)
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
         into = (None, None) if peer is None else (PeerSum(peer, sites[0]), PeerSum(peer, sites[1]))
@@ -150,7 +143,25 @@ class FusedTransformerBlock(TransformerBlock):
         return y if into is not None else layer.comm.all_reduce(y)
 
 
-class PeerReducedTransformer(Transformer):
+class FusedTransformer(Transformer):
+    """A model of FusedTransformerBlocks. A decoded token builds no attention mask where every block's attention
+    kernel reads each row's cache up to the row's position; with the one-row kernels (or on CPUs the C++ block
+    kernels) the final RMSNorm is folded into the output projection's kernel, as the blocks' norms are into
+    theirs. A decode step then launches, besides its blocks, the embedding and rotary lookups and that kernel."""
+
+    def configure(self, use_gemv: bool, row_kernels: bool) -> None:
+        self.use_gemv, self.row_kernels = use_gemv, row_kernels
+        self.decodes_by_position = all(isinstance(b, FusedTransformerBlock) and b.attention_kernel
+                                       for b in self.layers.values())
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.use_gemv:
+            return super().logits(h)
+        y = fused_linear(self.output, h, use_gemv=True, norm=self.norm, row_kernels=self.row_kernels)
+        return self.output.comm.all_gather(y, dim=-1).float()
+
+
+class PeerReducedTransformer(FusedTransformer):
     """Tensor-parallel ranks on GPUs of one host decoding one row: each block's two row-parallel products leave
     their parts in peer slots (distributed/peer_memory.py) and the kernel that reads the sum next adds them, so a
     layer runs the five kernels it runs in one process, with no all-reduce between them. Batches, prompts and
@@ -177,7 +188,7 @@ class PeerReducedTransformer(Transformer):
         return gemv.peer_sum(h)
 
 
-class CppDecodeTransformer(Transformer):
+class CppDecodeTransformer(FusedTransformer):
     """One process on a CPU, every block's weights in the C++ kernels' formats: a decode step runs all of this
     stage's blocks in one C++ call (csrc/decode_step.cpp), the same kernels in the same order as
     FusedTransformerBlock's calls, so the same results without Python between them. Prompts, and steps being

@@ -299,6 +299,10 @@ class Transformer(nn.Module):
                                                dtype=dtype, device=device)
         self.rope: torch.Tensor | None = None
 
+    # Whether one token per row attends without a mask whatever the rows' positions: where every block's attention
+    # kernel reads each row's cache up to the row's own position (kernels/fused.py)
+    decodes_by_position = False
+
     @property
     def act_dtype(self) -> torch.dtype:
         return next(iter(self.layers.values())).attention_norm.weight.dtype
@@ -359,7 +363,11 @@ class Transformer(nn.Module):
             h = h[:, slots.finals]
         elif last_only:
             h = h[:, -1:]
-        return self.norm(h).float() if hidden else self.output(self.norm(h)).float()
+        return self.norm(h).float() if hidden else self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and the output projection: float32 logits."""
+        return self.output(self.norm(h)).float()
 
     def run_layers(self, h: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,
                    slots: Slots, length: int) -> torch.Tensor:
@@ -378,19 +386,18 @@ class Transformer(nn.Module):
                 raise ValueError(f"Packed sequences are one row of tokens, not {bsz}.")
             check_packed(slots.slots, slots.starts, slots.lengths, seqlen, self.max_batch_size, self.n_ctx)
             return slots.positions[None], None, max(s + n for s, n in zip(slots.starts, slots.lengths))
-        offsets = torch.arange(seqlen, device=device)
         if isinstance(start_pos, int):
             end = start_pos + seqlen
-            pos = (start_pos + offsets).expand(bsz, seqlen)
+            pos = (start_pos + torch.arange(seqlen, device=device)).expand(bsz, seqlen)
         else:
-            pos = start_pos.view(bsz, 1) + offsets
+            pos = start_pos.view(bsz, 1)
+            pos = pos if seqlen == 1 else pos + torch.arange(seqlen, device=device)
             end = None
         if length is None:
             length = end if end is not None else int(pos.max()) + 1
         if length > self.n_ctx or (slots is None and bsz > self.max_batch_size):
             raise ValueError(f"{bsz} x {length} tokens exceed the cache ({self.max_batch_size} x "
                              f"{self.n_ctx}); raise max_batch_size / n_ctx.")
-        mask = None
-        if not (seqlen == 1 and end == length):
-            mask = visible(pos, length)
-        return pos, mask, length
+        # no mask where each row sees the whole window, or the attention kernels read each row up to its position
+        unmasked = seqlen == 1 and (end == length or self.decodes_by_position)
+        return pos, None if unmasked else visible(pos, length), length

@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 
 from ..distributed.context import free_at_shutdown
-from ..kernels.fused import FusedTransformerBlock, TritonPromptAttention
+from ..kernels import decode_attention
+from ..kernels.fused import TritonPromptAttention
 from ..model.transformer import Packed, Slots, Transformer, cache_rows, check_packed, packed_index, to_device
 from .step import MIN_ATTENTION_WINDOW, attention_window
 
@@ -90,11 +91,10 @@ class GraphedStep:
     def __init__(self, model: Transformer, record: Recorder | None = None):
         self.model = model
         self.buckets = batch_buckets(model.max_batch_size)
-        # The Triton decode kernel reads each row's cache up to its position, whatever window it is given;
-        # SDPA attends over the window it is given, with a mask: a graph per window.
-        self.windowless = all(isinstance(b, FusedTransformerBlock) and b.attention_kernel
-                              for b in model.layers.values())
-        self.windows = [model.n_ctx] if self.windowless else sorted(
+        # SDPA attends over the window it is given, with a mask: a graph per window. The Triton decode kernel
+        # reads each row's cache up to its position, whatever window it is given; it launches differently for
+        # short rows and long ones only.
+        self.windows = decode_attention.windows(model.n_ctx) if model.decodes_by_position else sorted(
             {attention_window(p, model.n_ctx) for p in range(MIN_ATTENTION_WINDOW - 1, model.n_ctx,
                                                               MIN_ATTENTION_WINDOW)} | {model.n_ctx})
         record = record or cuda_graph_recorder()
@@ -117,8 +117,7 @@ class GraphedStep:
             raise ValueError(f"{n} rows exceed the largest captured batch, {self.buckets[-1]}.")
         positions = torch.full((n,), pos, device=device) if isinstance(pos, int) else to_device(pos, device)
         last = max(pos) if isinstance(pos, list) else pos
-        window = self.model.n_ctx if self.windowless else attention_window(last, self.model.n_ctx)
-        graph = self.graphs[bucket, window]
+        graph = self.graphs[bucket, next(w for w in self.windows if w > last)]
         for static, value in ((graph.x, x), (graph.positions, positions), (graph.rows, cache_rows(slots, n, device))):
             static[:n].copy_(value)
             static[n:].copy_(value[-1:].expand_as(static[n:]))
