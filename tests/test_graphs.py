@@ -1,6 +1,7 @@
 """The decode step replayed from graphs captured at load (runner/graphs.py), on CPUs: a recorder that runs the
 step again on the same static buffers stands in for the CUDA graph, so what is checked is everything around it:
 the buckets, padding a batch by its last row, the windows, copying inputs in and outputs out."""
+import pytest
 import torch
 
 from llama_dist.checkpoint.config import LoadConfig
@@ -60,3 +61,13 @@ def test_graphed_step_equals_the_eager_step():
     for layer in ("0", "1"):  # the padded rows wrote only what the last row wrote
         torch.testing.assert_close(graphed.layers[layer].attention.cached(slots, 300),
                                    eager.layers[layer].attention.cached(slots, 300), rtol=1e-5, atol=1e-5)
+    # rows 0..2 without slots (the graph keeps them between such replays), the slots' rows between: each replay
+    # reads and writes the rows asked for
+    for i, rows in enumerate((None, None, slots, None)):
+        want = eager(tokens, 40 + i, rows, last_only=True)
+        torch.testing.assert_close(step(tokens, 40 + i, rows), want, rtol=1e-5, atol=1e-5)
+    for layer in ("0", "1"):
+        torch.testing.assert_close(graphed.layers[layer].attention.cached(torch.arange(5), 300),
+                                   eager.layers[layer].attention.cached(torch.arange(5), 300), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="past the cache"):  # a replay would write there unchecked
+        step(tokens, 300, slots)

@@ -117,6 +117,8 @@ class GraphedStep:
             raise ValueError(f"{n} rows exceed the largest captured batch, {self.buckets[-1]}.")
         positions = torch.full((n,), pos, device=device) if isinstance(pos, int) else to_device(pos, device)
         last = max(pos) if isinstance(pos, list) else pos
+        if last >= self.model.n_ctx:  # (a replay checks nothing: it would write past the cache)
+            raise ValueError(f"Position {last} is past the cache's {self.model.n_ctx} positions; raise n_ctx.")
         graph = self.graphs[bucket, next(w for w in self.windows if w > last)]
         for static, value in ((graph.x, x), (graph.positions, positions), (graph.rows, cache_rows(slots, n, device))):
             static[:n].copy_(value)
