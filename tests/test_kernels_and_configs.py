@@ -180,8 +180,10 @@ def test_the_tuner_times_only_the_tile_tables_choice_where_it_has_one(tmp_path, 
         # a kernel's own pruning (tiles that do not fit) comes first, the table's tile only among what is left
         monkeypatch.setenv("LLAMA_DIST_TILES", str(table))
         tuner = _test_tuner(tuning, triton, prune_configs_by={
-            "early_config_prune": lambda configs, named_args, **kwargs: [c for c in configs if c.num_warps == 4]})
+            "early_config_prune": lambda configs, named_args, **kwargs: [c for c in configs if c.num_warps == 4],
+            "top_k": 2})
         assert pruned(4096) == pruned(1024) == [tuner.configs[0]]
+        assert tuner.configs_top_k == 2  # (the pruning's other entries reach the tuner as given)
     finally:
         tuning._TUNED.pop("test_tiles")
 

@@ -38,11 +38,12 @@ def autotune(configs: list[triton.Config], key: list[str], name: str, **options:
     if "cache_results" in inspect.signature(triton.autotune).parameters:
         options["cache_results"] = True
 
-    fits = options.pop("prune_configs_by", {}).get("early_config_prune")
+    pruning = options.pop("prune_configs_by", {})  # (its other entries, perf_model and top_k, kept as given)
 
     def tune(fn: Callable) -> Any:
+        table_first = _table_first(name, key, pruning.get("early_config_prune"), read_settings().tiles)
         _TUNED[name] = triton.autotune(configs=configs, key=key, prune_configs_by={
-            "early_config_prune": _table_first(name, key, fits, read_settings().tiles)}, **options)(fn)
+            **pruning, "early_config_prune": table_first}, **options)(fn)
         return _TUNED[name]
     return tune
 
