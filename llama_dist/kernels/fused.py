@@ -158,7 +158,7 @@ class FusedTransformer(Transformer):
         if not self.use_gemv:
             return super().logits(h)
         y = fused_linear(self.output, h, use_gemv=True, norm=self.norm, row_kernels=self.row_kernels)
-        return self.output.comm.all_gather(y, dim=-1).float()
+        return self.output.finish(y).float()
 
 
 class PeerReducedTransformer(FusedTransformer):

@@ -59,7 +59,10 @@ class ColumnParallelLinear(ShardedWeight):
                                  requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.local_linear(x)
+        return self.finish(self.local_linear(x))
+
+    def finish(self, y: torch.Tensor) -> torch.Tensor:
+        """This shard's product -> the layer's output: the bias added, the slices gathered where asked."""
         if self.bias is not None:
             y = y + self.bias
         return self.comm.all_gather(y, dim=-1) if self.gather_output else y
