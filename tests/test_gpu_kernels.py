@@ -81,6 +81,12 @@ for n, k in ((40, 288), (3, 64), (70, 1024)):
     # bf16 pairs (a GPU's): each read as one 4-byte word and widened by shifts, the same values as fp32 ones
     sz16 = sz.to(torch.bfloat16)
     assert torch.equal(gemv(x, words, sz16), gemv(x, words, sz16.float())), (n, k)
+    # bf16 activations, float32 out (logits): the bf16 result's bits and more
+    x16, norm16 = x.bfloat16(), norm.weight.bfloat16()
+    y16 = gemv(x16, words, sz16, norm_weight=norm16, eps=norm.eps)
+    y32 = gemv(x16, words, sz16, norm_weight=norm16, eps=norm.eps, fp32_out=True)
+    assert y16.dtype == torch.bfloat16 and y32.dtype == torch.float32, (n, k)
+    assert ((y32 - y16.float()).abs() <= y32.abs() * 2 ** -7).all() and not torch.equal(y32, y16.float()), (n, k)
 # several rows of int8 through the tensor-core kernel (fewer than a tile, more than one tile, ragged edges)
 from llama_dist.kernels.quant_matmul import load as load_quantized
 assert load_quantized()
@@ -132,8 +138,9 @@ from tests.helpers import paged, unpaged
 assert load()
 g = torch.Generator().manual_seed(0)
 # random positions, and the first, a tile's last and the next tile's first (the interpreter's tiles hold 16), and
-# rows whose positions fill two and three parts of 32; the interpreter's GPU runs 8 programs at once, so batches of
-# at most 4 rows x kv heads (and every row alone) split rows across programs, 3 rows x 2 kv heads read them whole
+# rows whose positions fill two and three parts of 32 (invariant); the interpreter's GPU runs 8 programs at once, so
+# batches of at most 4 rows x kv heads (and every row alone) split rows across programs (not invariant: a row's
+# positions over 2 of them, or alone over up to 8), 3 rows x 2 kv heads read them whole
 for bsz, n_kv, n_rep, length, d, at in ((1, 4, 1, 40, 32, None), (3, 2, 3, 70, 16, None), (2, 1, 8, 17, 64, None),
                                         (3, 2, 1, 33, 16, [0, 15, 16]), (4, 1, 2, 70, 16, [31, 32, 64, 69])):
     table = rope_table(ModelArgs(dim=d, n_heads=1, rope_theta=1000.0), length)
@@ -571,14 +578,14 @@ plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
 fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False),
                 Kernels("triton", gemv=True, row_kernels=True))
 step = GraphedStep(fused, record=rerun)
-# the attention kernel reads each row up to its position: per bucket a graph for rows within one part of its split
-# (the interpreter's parts are 32 positions) and one for longer rows
-assert step.windows == [32, 600]
-prompt = torch.randint(0, args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+# the attention kernel reads each row up to its position: per bucket a graph for rows within its shortest part
+# (the interpreter's 16 positions), one program a row and kv head, and one for longer rows, shared over programs
+assert step.windows == [16, 600]
+prompt = torch.randint(0, args.vocab_size, (2, 14), generator=torch.Generator().manual_seed(3))
 for model in (plain, fused):
     model(prompt, 0)
 tokens = prompt[:, -1:]
-for pos in range(30, 36):  # two steps in the short window, four past it (two parts a row, merged)
+for pos in range(14, 20):  # two steps in the short window, four past it (two parts a row, merged)
     want = plain(tokens, pos, last_only=True)
     got = step(tokens, pos)
     assert (got - want).abs().max() < 1e-4 * want.abs().max(), (pos, (got - want).abs().max())

@@ -9,10 +9,12 @@ new key and value to the row's place in the paged cache, then attends to the new
 and streams the cached positions [0, pos) in tiles (each position found through the block table) with an
 online softmax (GQA without copying the cache; the window's masked tail is never read). The first tile is
 read before the wait for the q/k/v product, so at short contexts its read overlaps that kernel's end.
-When the rows are too few to fill the GPU, a row's positions fall in parts of PART_L and several programs take
-its parts at once (as flash-decoding splits the cache); the parts' softmax states merge in a fixed order.
-Otherwise one program reads the whole row (nothing to merge). Batch-invariant runs always read in parts, so a
-row's result is the same whatever the batch.
+When the rows are too few to fill the GPU, a row's positions fall in parts and several programs take its parts
+at once (as flash-decoding splits the cache); the parts' softmax states merge in a fixed order. Each row shares its
+own positions out evenly, in whole tiles, over the programs it has, so a short row is read in one or two tiles per
+program, all of them loaded before the wait for the q/k/v product. Otherwise one program reads the whole row
+(nothing to merge). Batch-invariant runs always read in parts of PART_L, so a row's result is the same whatever
+the batch.
 Prefill and other shapes keep the step-by-step path.
 """
 from __future__ import annotations
@@ -96,27 +98,32 @@ def load() -> bool:
     def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
                           parts_ptr, tickets_ptr, max_parts, stride_cb, stride_ch, stride_cl, stride_t, scale,
                           N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
-                          BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, PART_L: tl.constexpr, SPLIT: tl.constexpr):
+                          BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, PART_L: tl.constexpr, SPLIT: tl.constexpr,
+                          EVEN: tl.constexpr):
         """qkv [B, (n_kv * N_REP + 2 n_kv) * HEAD_DIM]: the new token's q, k, v heads; rope [B, HEAD_DIM / 2, 2]
         (cos, sin); caches [blocks, n_kv, KV_BLOCK, HEAD_DIM] paged by table [rows, blocks per row]; cache row
         slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]. Not SPLIT: program (b, h) reads all of
-        [0, pos]. SPLIT: positions [0, pos] fall in parts of PART_L and program (b, h, p) takes parts p, p + P, ...
-        of P; a row of several parts leaves each part's softmax state in parts [B, n_kv, max_parts, N_REP,
-        HEAD_DIM + 2] and its last program to finish (tickets [B * n_kv]) merges them in order, so a row's result
-        does not depend on P."""
+        [0, pos]. SPLIT: positions [0, pos] fall in parts and program (b, h, p) takes parts p, p + P, ... of P;
+        a row of several parts leaves each part's softmax state in parts [B, n_kv, max_parts, N_REP,
+        HEAD_DIM + 2] and its last program to finish (tickets [B * n_kv]) merges them in order. EVEN: a row's
+        parts are at most P, of whole tiles; else of PART_L (so a row's result does not depend on P)."""
         b, h, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         n_kv, programs = tl.num_programs(1), tl.num_programs(2)
         # before the wait, what the q/k/v product does not write: the step's positions and block table (set
         # before its first kernel) and the first tile of earlier positions (written by earlier steps)
         last, slot = tl.load(pos_ptr + b), tl.load(slot_ptr + b)
         blocks = table_ptr + slot * stride_t  # this row's blocks
+        if EVEN:  # [0, last] over at most `programs` parts
+            part_l = tl.cdiv(tl.cdiv(last + 1, programs), BLOCK_L) * BLOCK_L
+        else:
+            part_l = PART_L
         if SPLIT:
-            n_parts = (last // PART_L + 1).to(tl.int32)
-            first_end = tl.minimum(p * PART_L + PART_L, last)
+            n_parts = (last // part_l + 1).to(tl.int32)
+            first_end = tl.minimum(p * part_l + part_l, last)
         else:
             n_parts = 1
             first_end = last
-        keys, values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, p * PART_L, first_end, h, stride_cb, stride_ch,
+        keys, values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, p * part_l, first_end, h, stride_cb, stride_ch,
                                    stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
         if p < n_parts:  # (the row's positions may need fewer parts than the launch has programs)
             _await_inputs()  # (a programmatic dependent of the q/k/v product)
@@ -144,15 +151,15 @@ def load() -> bool:
                 states = (parts_ptr + (b * n_kv + h) * max_parts * (N_REP * (HEAD_DIM + 2))
                           + tl.arange(0, BLOCK_R) * (HEAD_DIM + 2))
                 for part in range(p, n_parts, programs):
-                    start, later = part * PART_L, (part + programs) * PART_L  # (later: this program's next part)
+                    start, later = part * part_l, (part + programs) * part_l  # (later: this program's next part)
                     with_new = part == n_parts - 1  # (the new position is in the last part)
                     top = tl.where(with_new, new_top, float("-inf"))
                     total = tl.where(with_new, 1.0, 0.0) + tl.zeros((BLOCK_R,), dtype=tl.float32)
                     acc = tl.where(with_new, new_acc, 0.0) + tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
                     top, total, acc, keys, values = _attend(q, keys, values, top, total, acc, cache_k_ptr,
                                                             cache_v_ptr, blocks, start,
-                                                            tl.minimum(start + PART_L, last), later,
-                                                            tl.minimum(later + PART_L, last), h, stride_cb,
+                                                            tl.minimum(start + part_l, last), later,
+                                                            tl.minimum(later + part_l, last), h, stride_cb,
                                                             stride_ch, stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L,
                                                             SPLIT)
                     if n_parts == 1:
@@ -185,11 +192,6 @@ def load() -> bool:
                                            cache_modifier=".cg") * weight[:, None]
                         _store(o_at, acc, total, asked)
 
-    # One tile, not autotuned: the tuner timed the first call's context, and a tile that wins there loses
-    # elsewhere (64 positions: faster at 4k, slower at 16; 128 spills registers and was picked once;
-    # benchmarks/RESULTS.md)
-    tile = {"BLOCK_L": 16 if INTERPRETED else 32}  # (4 warps, Triton's default)
-
     @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
     def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                             block_table: torch.Tensor, slots: torch.Tensor, pos: torch.Tensor,
@@ -197,22 +199,30 @@ def load() -> bool:
         """Arguments as decode_attention's."""
         bsz, n_kv, head_dim = qkv.shape[0], cache_k.shape[1], cache_k.shape[3]
         out = torch.empty((bsz, n_kv * n_rep * head_dim), dtype=qkv.dtype, device=qkv.device)
-        max_parts = triton.cdiv(block_table.shape[1] * cache_k.shape[2], PART_L)
-        programs = max(1, min(triton.cdiv(window, PART_L), max_parts, _resident_programs(qkv.device) // (bsz * n_kv)))
+        window = min(window, block_table.shape[1] * cache_k.shape[2])
+        part = PART_L if invariant else BLOCK_L  # (not invariant: the shortest part, one tile)
+        programs = max(1, min(triton.cdiv(window, part), _resident_programs(qkv.device) // (bsz * n_kv)))
         split = programs > 1 or invariant  # (otherwise parts would not run at once: one program reads a row)
-        states, tickets = split_sums(qkv, bsz * n_kv * max_parts * n_rep * (head_dim + 2), bsz * n_kv)
+        # invariant: parts of PART_L over the whole cache; else at most one part a program
+        max_parts = triton.cdiv(block_table.shape[1] * cache_k.shape[2], PART_L) if invariant else programs
+        states, tickets = split_sums(qkv, bsz * n_kv * max_parts * n_rep * (head_dim + 2) if split else 0, bsz * n_kv)
         torch.library.wrap_triton(_attention_kernel)[(bsz, n_kv, programs)](
             qkv, rope, cache_k, cache_v, block_table, slots, pos, out, states, tickets, max_parts,
             cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), block_table.stride(0), head_dim ** -0.5,
             N_REP=n_rep, HEAD_DIM=head_dim, KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)),
-            PART_L=PART_L, SPLIT=split, **tile, **pdl_launch())
+            BLOCK_L=BLOCK_L, PART_L=PART_L, SPLIT=split, EVEN=not invariant, **pdl_launch())
         return out
 
     return True
 
 
-# a row's positions fall in parts of PART_L, each part's softmax taken by one program and the parts merged: with
-# few rows a long context is read by several programs at once (the interpreter's parts are small, to test them)
+# With few rows a long context is read by several programs at once: a row's positions fall in parts, each part's
+# softmax taken by one program and the parts merged. Batch-invariant runs: parts of PART_L; others: a row's
+# positions shared evenly over the programs, in whole tiles of BLOCK_L (parts of 32 against 64 and 512:
+# benchmarks/RESULTS.md). The interpreter's are small, to test them.
+# One tile, not autotuned: the tuner timed the first call's context, and a tile that wins there loses elsewhere
+# (64 positions: faster at 4k, slower at 16; 128 spills registers and was picked once). 4 warps, Triton's default.
+BLOCK_L = 16 if INTERPRETED else 32
 PART_L = 32 if INTERPRETED else 512
 
 
@@ -234,8 +244,8 @@ def supports(head_dim: int, device_type: str = "cuda") -> bool:
 
 def windows(n_ctx: int) -> list[int]:
     """The cache windows past which the CUDA kernel's launch changes, so that a CUDA graph per window replays the
-    right one: up to PART_L positions one program per row and kv head, past them a row's parts over several."""
-    return sorted({min(PART_L, n_ctx), n_ctx})
+    right one: up to one tile of positions one program per row and kv head, past it a row's parts over several."""
+    return sorted({min(BLOCK_L, n_ctx), n_ctx})
 
 
 def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,

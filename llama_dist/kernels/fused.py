@@ -64,11 +64,12 @@ def _attention_fp32(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 
 def fused_linear(layer: ShardedWeight, x: torch.Tensor | PeerSum, use_gemv: bool, norm: RMSNorm | None = None,
                  gated: bool = False, residual: torch.Tensor | PeerSum | None = None,
-                 row_kernels: bool = False, into: PeerSum | None = None) -> torch.Tensor | PeerSum:
+                 row_kernels: bool = False, into: PeerSum | None = None,
+                 fp32_out: bool = False) -> torch.Tensor | PeerSum:
     """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when gated):
-    in one kernel where one reads the weight (on CUDA the one-row Triton kernel, for one row; on CPUs the C++
-    block kernels, for any rows), else step by step (the norm and SwiGLU in a Triton kernel each with
-    row_kernels). Sums still in peer slots (x, residual) and `into` take the one-row kernel, which reads and
+    in one kernel where one reads the weight (on CUDA the one-row Triton kernel, for one row, which writes float32
+    if fp32_out; on CPUs the C++ block kernels, for any rows), else step by step (the norm and SwiGLU in a Triton
+    kernel each with row_kernels). Sums still in peer slots (x, residual) and `into` take the one-row kernel, which reads and
     writes them (PeerReducedTransformer.runs checks that every projection has it)."""
     fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
     peers = isinstance(x, PeerSum) or isinstance(residual, PeerSum) or into is not None
@@ -79,7 +80,7 @@ def fused_linear(layer: ShardedWeight, x: torch.Tensor | PeerSum, use_gemv: bool
     elif use_gemv and (peers or x.numel() == x.shape[-1]):
         operands = (layer.weight, None) if layer.qweight is None else layer.qweight.gemv_operands()
         if operands is not None:
-            return gemv.gemv(x, *operands, gated=gated, residual=residual, into=into, **fold)
+            return gemv.gemv(x, *operands, gated=gated, residual=residual, into=into, fp32_out=fp32_out, **fold)
     if norm is not None:
         x = rows.rms_norm(x, norm.weight, norm.eps) if row_kernels else norm(x)
     if gated:
@@ -147,7 +148,8 @@ class FusedTransformer(Transformer):
     """A model of FusedTransformerBlocks. A decoded token builds no attention mask where every block's attention
     kernel reads each row's cache up to the row's position; with the one-row kernels (or on CPUs the C++ block
     kernels) the final RMSNorm is folded into the output projection's kernel, as the blocks' norms are into
-    theirs. A decode step then launches, besides its blocks, the embedding and rotary lookups and that kernel."""
+    theirs, which writes the logits in float32. A decode step then launches, besides its blocks, the embedding and
+    rotary lookups and that kernel."""
 
     def configure(self, use_gemv: bool, row_kernels: bool) -> None:
         self.use_gemv, self.row_kernels = use_gemv, row_kernels
@@ -157,8 +159,8 @@ class FusedTransformer(Transformer):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if not self.use_gemv:
             return super().logits(h)
-        y = fused_linear(self.output, h, use_gemv=True, norm=self.norm, row_kernels=self.row_kernels)
-        return self.output.finish(y).float()
+        y = fused_linear(self.output, h, use_gemv=True, norm=self.norm, row_kernels=self.row_kernels, fp32_out=True)
+        return self.output.finish(y).float()  # (float32 already where the one-row kernel wrote it)
 
 
 class PeerReducedTransformer(FusedTransformer):

@@ -67,11 +67,12 @@ def load() -> bool:
 
 def gemv(x: torch.Tensor | PeerSum, w: torch.Tensor, scales: torch.Tensor | None = None, *,
          norm_weight: torch.Tensor | None = None, eps: float = 0.0, gated: bool = False,
-         residual: torch.Tensor | PeerSum | None = None, into: PeerSum | None = None) -> torch.Tensor | PeerSum:
+         residual: torch.Tensor | PeerSum | None = None, into: PeerSum | None = None,
+         fp32_out: bool = False) -> torch.Tensor | PeerSum:
     """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W.
 
     norm_weight: RMS-normalise x first (with eps); gated: x is [gate, up] and the input silu(gate) * up;
-    residual [..., out]: added to the result. Across tensor-parallel ranks (distributed/peer_memory.py), x and
+    residual [..., out]: added to the result; fp32_out: the result in float32 (logits), not x's dtype. Across tensor-parallel ranks (distributed/peer_memory.py), x and
     residual may be sums still in peer slots, and `into` sends this rank's part of the result to the slots of a
     site (returned as the sum it will be)."""
     peer = next((p.peer for p in (x, residual, into) if isinstance(p, PeerSum)), None)
@@ -85,7 +86,7 @@ def gemv(x: torch.Tensor | PeerSum, w: torch.Tensor, scales: torch.Tensor | None
     y = torch.ops.llama_dist.gemv(
         flat, w, flat if scales is None else scales, flat if norm_weight is None else norm_weight,
         flat if residual is None else residual.reshape(1, -1), eps,
-        scales is not None, norm_weight is not None, gated, residual is not None)
+        scales is not None, norm_weight is not None, gated, residual is not None, fp32_out)
     return y.reshape(*x.shape[:-1], -1)
 
 

@@ -394,11 +394,12 @@ def plain_arguments(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
 def gemv_op(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
             residual: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
-            add: bool) -> torch.Tensor:
-    """x [1, in] (or [1, 2 * in] when gated) -> [1, out]. Tensors whose flag is off are unused. The weight's dtype
-    says its format: int8 with per-row scales, int32 int4 words with group scales (both `scaled`), or dense."""
+            add: bool, fp32_out: bool = False) -> torch.Tensor:
+    """x [1, in] (or [1, 2 * in] when gated) -> [1, out], in x's dtype or float32. Tensors whose flag is off are
+    unused. The weight's dtype says its format: int8 with per-row scales, int32 int4 words with group scales (both
+    `scaled`), or dense."""
     n = _shape(w)[0]
-    y = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    y = torch.empty((1, n), dtype=torch.float32 if fp32_out else x.dtype, device=x.device)
     args, flags = plain_arguments(x, w, scales, norm_weight, residual, y, eps, scaled, norm, gated, add)
     kernel, fixed = _tuned(w)
     torch.library.wrap_triton(kernel)[lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])](

@@ -81,6 +81,7 @@ class _Graph:
     rows: torch.Tensor
     out: torch.Tensor
     replay: Callable[[], None]
+    first_rows: int = 0  # n where rows holds cache rows 0..n-1 (padded), as a step without slots asks: kept
 
 
 class GraphedStep:
@@ -115,16 +116,29 @@ class GraphedStep:
         bucket = next((b for b in self.buckets if b >= n), None)
         if bucket is None:
             raise ValueError(f"{n} rows exceed the largest captured batch, {self.buckets[-1]}.")
-        positions = torch.full((n,), pos, device=device) if isinstance(pos, int) else to_device(pos, device)
         last = max(pos) if isinstance(pos, list) else pos
         if last >= self.model.n_ctx:  # (a replay checks nothing: it would write past the cache)
             raise ValueError(f"Position {last} is past the cache's {self.model.n_ctx} positions; raise n_ctx.")
         graph = self.graphs[bucket, next(w for w in self.windows if w > last)]
-        for static, value in ((graph.x, x), (graph.positions, positions), (graph.rows, cache_rows(slots, n, device))):
-            static[:n].copy_(value)
-            static[n:].copy_(value[-1:].expand_as(static[n:]))
+        # each input in as few kernels as it takes (at batch 1 each costs a few percent of a token's time)
+        _fill(graph.x, x)
+        if isinstance(pos, int):
+            graph.positions.fill_(pos)
+        else:
+            _fill(graph.positions, to_device(pos, device))
+        if slots is not None or graph.first_rows != n:
+            _fill(graph.rows, cache_rows(slots, n, device))
+            graph.first_rows = n if slots is None else 0
         graph.replay()
         return graph.out[:n].clone()  # the next replay overwrites out; a pipeline may still be sending this
+
+
+def _fill(static: torch.Tensor, value: torch.Tensor) -> None:
+    """A graph's input: value's rows, then its last row repeated over the bucket's padding."""
+    n = value.shape[0]
+    static[:n].copy_(value)
+    if n < static.shape[0]:
+        static[n:].copy_(value[-1:].expand_as(static[n:]))
 
 
 @dataclass
