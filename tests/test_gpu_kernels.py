@@ -194,18 +194,33 @@ def test_decode_attention_kernel_in_the_interpreter():
     run_interpreted(ATTENTION_SCRIPT)
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_decode_attention_compiles_with_the_arguments_inductor_passes(split, monkeypatch):
+def test_decode_attention_launch_by_rows_and_window():
+    """How the CUDA kernel is launched (an H200: 264 programs of 4 warps at once; 7B's 32 kv heads): one row reads
+    a short window whole, one tile in one program of 8 warps; longer, over 8 programs in tiles of 32; 8 rows or
+    more fill the GPU with one program of 4 warps a row and head; batch-invariant runs always in parts of 512."""
+    from llama_dist.kernels.decode_attention import launch
+
+    assert launch(64, 32, False, 264) == (1, 64, 8)
+    assert launch(4224, 32, False, 264) == (8, 32, 4)
+    assert launch(96, 32, False, 264) == (3, 32, 4)
+    assert launch(64, 8 * 32, False, 264) == launch(4224, 32 * 32, False, 264) == (1, 32, 4)
+    assert launch(64, 32, True, 264) == (1, 32, 4) and launch(4224, 32, True, 264) == (8, 32, 4)
+
+
+@pytest.mark.parametrize("split, tile, warps", [(False, 64, 8), (True, 32, 4)])
+def test_decode_attention_compiles_with_the_arguments_inductor_passes(split, tile, warps, monkeypatch):
     """Under torch.compile, inductor types the kernel's float argument (the softmax scale) as fp64: the kernel
-    still compiles for sm_90 (no GPU needed: Triton's wheel carries ptxas), read whole and in parts."""
+    still compiles for sm_90 (no GPU needed: Triton's wheel carries ptxas), read whole (a GPU's short rows: one
+    tile of 64 positions, 8 warps) and in parts."""
     from llama_dist.kernels import decode_attention
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
     from kernel_ptx import compile_for
 
     assert decode_attention.load()
-    compiled = compile_for(decode_attention._attention_kernel, {**ATTENTION_CONSTANTS, "SPLIT": split},
-                           {**ATTENTION_POINTERS, "scale": "fp64"}, num_warps=4)
+    compiled = compile_for(decode_attention._attention_kernel,
+                           {**ATTENTION_CONSTANTS, "SPLIT": split, "BLOCK_L": tile, "WHOLE": not split},
+                           {**ATTENTION_POINTERS, "scale": "fp64"}, num_warps=warps)
     assert "mma" in compiled.asm["ptx"]  # (q times the keys on tensor cores)
 
 
@@ -578,14 +593,14 @@ plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
 fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False),
                 Kernels("triton", gemv=True, row_kernels=True))
 step = GraphedStep(fused, record=rerun)
-# the attention kernel reads each row up to its position: per bucket a graph for rows within its shortest part
-# (the interpreter's 16 positions), one program a row and kv head, and one for longer rows, shared over programs
-assert step.windows == [16, 600]
-prompt = torch.randint(0, args.vocab_size, (2, 14), generator=torch.Generator().manual_seed(3))
+# the attention kernel reads each row up to its position: per bucket a graph for rows it reads whole (the
+# interpreter's 32 positions: one tile, one program a row and kv head) and one for longer rows, shared over programs
+assert step.windows == [32, 600]
+prompt = torch.randint(0, args.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
 for model in (plain, fused):
     model(prompt, 0)
 tokens = prompt[:, -1:]
-for pos in range(14, 20):  # two steps in the short window, four past it (two parts a row, merged)
+for pos in range(30, 36):  # two steps in the short window, four past it (two parts a row, merged)
     want = plain(tokens, pos, last_only=True)
     got = step(tokens, pos)
     assert (got - want).abs().max() < 1e-4 * want.abs().max(), (pos, (got - want).abs().max())

@@ -11,10 +11,10 @@ online softmax (GQA without copying the cache; the window's masked tail is never
 read before the wait for the q/k/v product, so at short contexts its read overlaps that kernel's end.
 When the rows are too few to fill the GPU, a row's positions fall in parts and several programs take its parts
 at once (as flash-decoding splits the cache); the parts' softmax states merge in a fixed order. Each row shares its
-own positions out evenly, in whole tiles, over the programs it has, so a short row is read in one or two tiles per
-program, all of them loaded before the wait for the q/k/v product. Otherwise one program reads the whole row
-(nothing to merge). Batch-invariant runs always read in parts of PART_L, so a row's result is the same whatever
-the batch.
+own positions out evenly, in whole tiles, over the programs it has, so a short row is read in one tile per
+program, loaded before the wait for the q/k/v product; rows within one larger tile (launch()) are read whole by one
+program, with nothing to merge. Otherwise one program reads the whole row. Batch-invariant runs always read in
+parts of PART_L, so a row's result is the same whatever the batch.
 Prefill and other shapes keep the step-by-step path.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
     # (the kernel and its helpers, module globals: the interpreter finds the helpers there, tests the kernel)
-    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend, _store, _attention_kernel
+    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend, _take_tile, _store, _attention_kernel
     if not bf16_tensor_cores():
         return False
     try:
@@ -77,17 +77,23 @@ def load() -> bool:
                 next_first, next_last = first + BLOCK_L, end
             next_keys, next_values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, next_first, next_last, h,
                                                  stride_cb, stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
-            seen = first + tl.arange(0, BLOCK_L) < end
-            scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # (inductor passes scale as fp64)
-            scores = tl.where(seen[None, :], scores, float("-inf"))
-            new_top = tl.maximum(top, tl.max(scores, axis=1))
-            weights = tl.exp(scores - new_top[:, None])
-            shrink = tl.exp(top - new_top)
-            total = total * shrink + tl.sum(weights, axis=1)
-            acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values)
-            top = new_top
+            top, total, acc = _take_tile(q, keys, values, top, total, acc, first, end, scale, BLOCK_L)
             keys, values = next_keys, next_values
         return top, total, acc, keys, values
+
+    @triton.jit
+    def _take_tile(q, keys, values, top, total, acc, first, end, scale, BLOCK_L: tl.constexpr):
+        """The online softmax (top, total, acc) of q taken on over the tile of positions [first, first + BLOCK_L)
+        before `end`."""
+        seen = first + tl.arange(0, BLOCK_L) < end
+        scores = (tl.dot(q, tl.trans(keys)) * scale).to(tl.float32)  # (inductor passes scale as fp64)
+        scores = tl.where(seen[None, :], scores, float("-inf"))
+        new_top = tl.maximum(top, tl.max(scores, axis=1))
+        weights = tl.exp(scores - new_top[:, None])
+        shrink = tl.exp(top - new_top)
+        total = total * shrink + tl.sum(weights, axis=1)
+        acc = acc * shrink[:, None] + tl.dot(weights.to(values.dtype), values)
+        return new_top, total, acc
 
     @triton.jit
     def _store(o_at, acc, total, asked):
@@ -99,14 +105,15 @@ def load() -> bool:
                           parts_ptr, tickets_ptr, max_parts, stride_cb, stride_ch, stride_cl, stride_t, scale,
                           N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, PART_L: tl.constexpr, SPLIT: tl.constexpr,
-                          EVEN: tl.constexpr):
+                          EVEN: tl.constexpr, WHOLE: tl.constexpr):
         """qkv [B, (n_kv * N_REP + 2 n_kv) * HEAD_DIM]: the new token's q, k, v heads; rope [B, HEAD_DIM / 2, 2]
         (cos, sin); caches [blocks, n_kv, KV_BLOCK, HEAD_DIM] paged by table [rows, blocks per row]; cache row
         slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]. Not SPLIT: program (b, h) reads all of
         [0, pos]. SPLIT: positions [0, pos] fall in parts and program (b, h, p) takes parts p, p + P, ... of P;
         a row of several parts leaves each part's softmax state in parts [B, n_kv, max_parts, N_REP,
         HEAD_DIM + 2] and its last program to finish (tickets [B * n_kv]) merges them in order. EVEN: a row's
-        parts are at most P, of whole tiles; else of PART_L (so a row's result does not depend on P)."""
+        parts are at most P, of whole tiles; else of PART_L (so a row's result does not depend on P). WHOLE (not
+        SPLIT): the window fits one tile, so no next tile is read ahead."""
         b, h, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
         n_kv, programs = tl.num_programs(1), tl.num_programs(2)
         # before the wait, what the q/k/v product does not write: the step's positions and block table (set
@@ -143,9 +150,17 @@ def load() -> bool:
             if not SPLIT:
                 top, total = new_top, tl.full((BLOCK_R,), 1.0, dtype=tl.float32)
                 acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32) + new_acc
-                top, total, acc, keys, values = _attend(q, keys, values, top, total, acc, cache_k_ptr, cache_v_ptr,
-                                                        blocks, 0, last, last, last, h, stride_cb, stride_ch,
-                                                        stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L, SPLIT)
+                if WHOLE:  # (no next tile to hold beside this one)
+                    top, total, acc = _take_tile(q, keys, values, top, total, acc, 0, last, scale, BLOCK_L)
+                    for first in range(BLOCK_L, last, BLOCK_L):  # (only past a window too short for the row)
+                        keys, values = cached_tile(cache_k_ptr, cache_v_ptr, blocks, first, last, h, stride_cb,
+                                                   stride_ch, stride_cl, HEAD_DIM, KV_BLOCK, BLOCK_L)
+                        top, total, acc = _take_tile(q, keys, values, top, total, acc, first, last, scale, BLOCK_L)
+                else:
+                    top, total, acc, keys, values = _attend(q, keys, values, top, total, acc, cache_k_ptr,
+                                                            cache_v_ptr, blocks, 0, last, last, last, h, stride_cb,
+                                                            stride_ch, stride_cl, scale, HEAD_DIM, KV_BLOCK, BLOCK_L,
+                                                            SPLIT)
                 _store(o_at, acc, total, asked)
             else:
                 states = (parts_ptr + (b * n_kv + h) * max_parts * (N_REP * (HEAD_DIM + 2))
@@ -200,8 +215,7 @@ def load() -> bool:
         bsz, n_kv, head_dim = qkv.shape[0], cache_k.shape[1], cache_k.shape[3]
         out = torch.empty((bsz, n_kv * n_rep * head_dim), dtype=qkv.dtype, device=qkv.device)
         window = min(window, block_table.shape[1] * cache_k.shape[2])
-        part = PART_L if invariant else BLOCK_L  # (not invariant: the shortest part, one tile)
-        programs = max(1, min(triton.cdiv(window, part), _resident_programs(qkv.device) // (bsz * n_kv)))
+        programs, tile_l, warps = launch(window, bsz * n_kv, invariant, _resident_programs(qkv.device))
         split = programs > 1 or invariant  # (otherwise parts would not run at once: one program reads a row)
         # invariant: parts of PART_L over the whole cache; else at most one part a program
         max_parts = triton.cdiv(block_table.shape[1] * cache_k.shape[2], PART_L) if invariant else programs
@@ -210,7 +224,8 @@ def load() -> bool:
             qkv, rope, cache_k, cache_v, block_table, slots, pos, out, states, tickets, max_parts,
             cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), block_table.stride(0), head_dim ** -0.5,
             N_REP=n_rep, HEAD_DIM=head_dim, KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)),
-            BLOCK_L=BLOCK_L, PART_L=PART_L, SPLIT=split, EVEN=not invariant, **pdl_launch())
+            BLOCK_L=tile_l, PART_L=PART_L, SPLIT=split, EVEN=not invariant, WHOLE=not split and window <= tile_l,
+            num_warps=warps, **pdl_launch())
         return out
 
     return True
@@ -224,6 +239,21 @@ def load() -> bool:
 # (64 positions: faster at 4k, slower at 16; 128 spills registers and was picked once). 4 warps, Triton's default.
 BLOCK_L = 16 if INTERPRETED else 32
 PART_L = 32 if INTERPRETED else 512
+# Rows within WHOLE_L positions, where they are too few to fill the GPU: one program a row and kv head reads them
+# as one tile of WHOLE_L, every position loaded before the wait (no parts to merge), with WHOLE_WARPS warps (64 and
+# 8 against 32 / 4, 128 / 8 and 128 / 16: benchmarks/RESULTS.md). With more rows, whose programs fill the GPU
+# anyway, those warps' registers would leave one program an SM.
+WHOLE_L, WHOLE_WARPS = (32, 4) if INTERPRETED else (64, 8)
+
+
+def launch(window: int, rows: int, invariant: bool, resident: int) -> tuple[int, int, int]:
+    """(programs per row and kv head, tile length, warps) of a launch for `rows` rows x kv heads whose positions
+    lie within `window`, on a GPU that runs `resident` programs of 4 warps at once."""
+    if invariant:
+        return max(1, min(-(-window // PART_L), resident // rows)), BLOCK_L, 4
+    if window <= WHOLE_L and resident // rows > 1:
+        return 1, WHOLE_L, WHOLE_WARPS
+    return max(1, min(-(-window // BLOCK_L), resident // rows)), BLOCK_L, 4
 
 
 @functools.cache  # (asked at every launch)
@@ -244,8 +274,8 @@ def supports(head_dim: int, device_type: str = "cuda") -> bool:
 
 def windows(n_ctx: int) -> list[int]:
     """The cache windows past which the CUDA kernel's launch changes, so that a CUDA graph per window replays the
-    right one: up to one tile of positions one program per row and kv head, past it a row's parts over several."""
-    return sorted({min(BLOCK_L, n_ctx), n_ctx})
+    right one: rows within WHOLE_L positions read whole, longer ones in parts over several programs."""
+    return sorted({min(WHOLE_L, n_ctx), n_ctx})
 
 
 def decode_attention(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
