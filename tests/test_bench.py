@@ -58,6 +58,21 @@ def test_step_tiles_times_the_tuned_step_through_bench_and_says_when_no_tiles_we
     assert json.loads(out.stdout.splitlines()[0])["tok_s"] > 0
 
 
+def test_step_ab_captures_each_arm_with_its_settings_and_times_them_all():
+    """benchmarks/step_ab.py on a CPU: an arm's settings are in force while its step is captured (its windows) and
+    restored after (the next arm's are the tree's); every arm is timed at every context."""
+    arm = "short=llama_dist.kernels.decode_attention.WHOLE_L:16"
+    out = subprocess.run([sys.executable, "benchmarks/step_ab.py", "--config", "configs/tiny-gqa.json", "--contexts",
+                          "(4,12)", "--steps", "6", "--rounds", "1", "--arms", f"('{arm}', 'main=')"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert lines[:2] == ["short: windows [16, 26]", "main: windows [26]"], lines
+    result = json.loads(lines[-1])
+    assert all(v[0] > 0 for arm in ("short", "main") for v in result["tok_s"][arm].values())
+    assert sorted(result["tok_s"]["main"]) == ["12", "4"]
+
+
 def test_bench_refuses_a_context_its_cache_cannot_hold():
     from llama_dist.bench import bench
     with pytest.raises(ValueError, match="must fit --n_ctx 64"):
