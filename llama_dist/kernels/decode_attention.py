@@ -231,13 +231,13 @@ def load() -> bool:
     return True
 
 
+# One tile, not autotuned: the tuner timed the first call's context, and a tile that wins there loses elsewhere
+# (64 positions: faster at 4k, slower at 16; 128 spills registers and was picked once). 4 warps, Triton's default.
+BLOCK_L = 16 if INTERPRETED else 32
 # With few rows a long context is read by several programs at once: a row's positions fall in parts, each part's
 # softmax taken by one program and the parts merged. Batch-invariant runs: parts of PART_L; others: a row's
 # positions shared evenly over the programs, in whole tiles of BLOCK_L (parts of 32 against 64 and 512:
 # benchmarks/RESULTS.md). The interpreter's are small, to test them.
-# One tile, not autotuned: the tuner timed the first call's context, and a tile that wins there loses elsewhere
-# (64 positions: faster at 4k, slower at 16; 128 spills registers and was picked once). 4 warps, Triton's default.
-BLOCK_L = 16 if INTERPRETED else 32
 PART_L = 32 if INTERPRETED else 512
 # Rows within WHOLE_L positions, where they are too few to fill the GPU: one program a row and kv head reads them
 # as one tile of WHOLE_L, every position loaded before the wait (no parts to merge), with WHOLE_WARPS warps (64 and
