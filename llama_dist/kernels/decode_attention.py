@@ -258,8 +258,9 @@ def launch(window: int, rows: int, invariant: bool, resident: int) -> tuple[int,
 
 @functools.cache  # (asked at every launch)
 def _resident_programs(device: torch.device) -> int:
-    """Programs of the kernel the GPU runs at once: two an SM (its 4 warps take up to 255 registers a thread,
-    half an SM's; a launch of more runs a second wave). The interpreter: 8."""
+    """Programs of the kernel the GPU runs at once: two an SM (4 warps of up to 255 registers a thread fill half
+    an SM's; it takes 168 for sm_90, so three would fit: untried; twice two, in two waves, lost). The interpreter:
+    8."""
     if INTERPRETED:
         return 8
     return 2 * torch.cuda.get_device_properties(device).multi_processor_count
