@@ -256,14 +256,19 @@ def launch(window: int, rows: int, invariant: bool, resident: int) -> tuple[int,
     return max(1, min(-(-window // BLOCK_L), resident // rows)), BLOCK_L, 4
 
 
-@functools.cache  # (asked at every launch)
+# Programs of 4 warps an SM runs at once, as launch() counts them: up to 255 registers a thread fill half an SM's
+# (the kernel takes 168 for sm_90, so three would fit: untried; four, in two waves, lost: benchmarks/RESULTS.md)
+PROGRAMS_PER_SM = 2
+
+
 def _resident_programs(device: torch.device) -> int:
-    """Programs of the kernel the GPU runs at once: two an SM (4 warps of up to 255 registers a thread fill half
-    an SM's; it takes 168 for sm_90, so three would fit: untried; twice two, in two waves, lost). The interpreter:
-    8."""
-    if INTERPRETED:
-        return 8
-    return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    """Programs of the kernel the GPU runs at once (the interpreter: 8)."""
+    return 8 if INTERPRETED else PROGRAMS_PER_SM * _sm_count(device)
+
+
+@functools.cache  # (asked at every launch)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def supports(head_dim: int, device_type: str = "cuda") -> bool:
