@@ -326,7 +326,7 @@ from llama_dist.kernels import attention_product
 assert attention_product.load()
 wait_then_release(attention_product._attention_product_kernel,
                   {"HEAD_DIM": 128, "KV_BLOCK": 16, "BLOCK_L": 64, "SCALED": False, "INT4": True, "DP4A": False,
-                   "BLOCK_N": 512},
+                   "BLOCK_N": 512, "BLOCK_H": 32},
                   {**ATTENTION_POINTERS, "w_ptr": "*i32", "s_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16",
                    "sums_ptr": "*fp32", "scale": "fp32"})
 print("ok")

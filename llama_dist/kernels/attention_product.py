@@ -3,7 +3,7 @@ ENABLED): multi-head attention (one query head per kv head) over a short window,
 
 Each program takes a block of wo's rows and one head: before its wait for the q/k/v product it loads its slice of
 wo (the rows' inputs of that head) and the head's cached positions (one tile), then rotates q and k, attends,
-and multiplies its slice by the head's output; the heads' parts of each row are summed in order by the last
+and multiplies its slice by the head's output; the heads' parts of each row are summed in a fixed order by the last
 program to finish the row block (as the one-row kernel's split inputs are), which adds the residual. The step
 loses the attention kernel and the wait between it and wo, and wo's weights stream while the q/k/v product ends;
 each head's attention is computed once per row block (the cache read that many times, so short windows only).
@@ -44,10 +44,11 @@ def load() -> bool:
                                   w_ptr, s_ptr, r_ptr, y_ptr, sums_ptr, tickets_ptr, N, K, stride_cb, stride_ch,
                                   stride_cl, stride_t, scale, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
                                   BLOCK_L: tl.constexpr, SCALED: tl.constexpr, INT4: tl.constexpr,
-                                  DP4A: tl.constexpr, BLOCK_N: tl.constexpr):
+                                  DP4A: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr):
         """y [N] = r + wo [N, K] times the attention output of the new token (qkv [(n_kv + 2 n_kv) * HEAD_DIM],
         rope [HEAD_DIM / 2, 2], cache row slot[0] at position pos[0], caches and table as decode_attention's).
-        Program (i, h): rows block i, head h; W formats as the one-row kernel's (gemv_triton._gemv_kernel)."""
+        Program (i, h): rows block i, head h (of n_kv <= BLOCK_H); W formats as the one-row kernel's
+        (gemv_triton._gemv_kernel)."""
         block, h = tl.program_id(0), tl.program_id(1).to(tl.int64)
         n_kv = tl.num_programs(1)
         rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
@@ -99,9 +100,11 @@ def load() -> bool:
         tl.debug_barrier()  # every thread's part before the ticket
         if tl.atomic_add(tickets_ptr + block, 1, sem="acq_rel", scope="gpu") == n_kv - 1:
             tl.atomic_xchg(tickets_ptr + block, 0, sem="relaxed")  # for the next launch
-            y = tl.zeros_like(y)
-            for i in range(0, n_kv):  # in head order: the same sum every run (read from L2)
-                y += tl.load(sums_ptr + i * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            heads = tl.arange(0, BLOCK_H)  # (every head's part asked for at once, read from L2; summed as a tree of
+            # fixed shape: the same sum every run)
+            parts = tl.load(sums_ptr + heads[:, None] * N + rows[None, :],
+                            mask=(heads < n_kv)[:, None] & row_ok[None, :], other=0.0, cache_modifier=".cg")
+            y = tl.sum(parts, axis=0)
             if SCALED:
                 y = y * tl.load(s_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
             y += tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -123,7 +126,7 @@ def load() -> bool:
             qkv, rope, cache_k, cache_v, block_table, slots, pos, w, scales, residual, y, sums, tickets, n, k,
             cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), block_table.stride(0), head_dim ** -0.5,
             HEAD_DIM=head_dim, KV_BLOCK=cache_k.shape[2], BLOCK_L=max(WINDOW, 16), **_format(w, scaled),
-            BLOCK_N=block_n, num_warps=4, **pdl_launch())
+            BLOCK_N=block_n, BLOCK_H=triton.next_power_of_2(n_kv), num_warps=4, **pdl_launch())
         return y
 
     return True
