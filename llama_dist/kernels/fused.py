@@ -69,8 +69,8 @@ def fused_linear(layer: ShardedWeight, x: torch.Tensor | PeerSum, use_gemv: bool
     """residual + (this shard's product with norm(x), or with silu(gate) * up of x = [gate, up] when gated):
     in one kernel where one reads the weight (on CUDA the one-row Triton kernel, for one row, which writes float32
     if fp32_out; on CPUs the C++ block kernels, for any rows), else step by step (the norm and SwiGLU in a Triton
-    kernel each with row_kernels). Sums still in peer slots (x, residual) and `into` take the one-row kernel, which reads and
-    writes them (PeerReducedTransformer.runs checks that every projection has it)."""
+    kernel each with row_kernels). Sums still in peer slots (x, residual) and `into` take the one-row kernel, which
+    reads and writes them (PeerReducedTransformer.runs checks that every projection has it)."""
     fold = {} if norm is None else {"norm_weight": norm.weight, "eps": norm.eps}
     peers = isinstance(x, PeerSum) or isinstance(residual, PeerSum) or into is not None
     if use_gemv and not peers and gemv.on_cpp_kernels(x.device):

@@ -120,7 +120,8 @@ class GraphedStep:
         if last >= self.model.n_ctx:  # (a replay checks nothing: it would write past the cache)
             raise ValueError(f"Position {last} is past the cache's {self.model.n_ctx} positions; raise n_ctx.")
         graph = self.graphs[bucket, next(w for w in self.windows if w > last)]
-        # each input in as few kernels as it takes (at batch 1 each costs a few percent of a token's time)
+        # each input in as few kernels as it takes (with the logits' float(), the 3 kernels saved came to 0.7% of a
+        # 7B int4 token at batch 1)
         _fill(graph.x, x)
         if isinstance(pos, int):
             graph.positions.fill_(pos)
