@@ -29,7 +29,7 @@ from llama_dist.checkpoint.source import RandomSource  # noqa: E402
 from llama_dist.distributed.context import init_distributed  # noqa: E402
 from llama_dist.generation.llama import load_runner, make_configs  # noqa: E402
 from llama_dist.model.args import ModelArgs  # noqa: E402
-from llama_dist.runner.graphs import GraphedStep  # noqa: E402
+from llama_dist.runner.graphs import GraphedStep, rerun  # noqa: E402
 
 Setting = tuple[Any, str, Any]  # (module, name, value)
 
@@ -43,12 +43,6 @@ def parse_arm(text: str) -> tuple[str, list[Setting]]:
         module, _, attr = target.strip().rpartition(".")
         settings.append((importlib.import_module(module), attr, ast.literal_eval(value.strip())))
     return name.strip(), settings
-
-
-def rerun(step):
-    """A CPU's stand-in for recording a CUDA graph: a replay runs the step again into the recorded output."""
-    out = step()
-    return (lambda: out.copy_(step())), out
 
 
 def capture(model, settings: list[Setting]) -> GraphedStep:

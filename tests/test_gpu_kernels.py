@@ -659,9 +659,8 @@ from llama_dist.distributed.context import init_distributed
 from llama_dist.kernels import Kernels, install
 from llama_dist.model.args import ModelArgs
 from llama_dist.model.transformer import Packed, run_ends
-from llama_dist.runner.graphs import GraphedPrompts, GraphedStep
+from llama_dist.runner.graphs import GraphedPrompts, GraphedStep, rerun
 from tests.helpers import TINY_GQA, random_state_dict
-from tests.test_graphs import rerun
 args = ModelArgs(**TINY_GQA)
 ctx = init_distributed(backend="gloo")
 config = LoadConfig(dtype="float32", quantize="none", n_ctx=600, max_batch_size=3)

@@ -9,16 +9,9 @@ from llama_dist.checkpoint.loader import load_model
 from llama_dist.checkpoint.source import StateDictSource
 from llama_dist.distributed.context import init_distributed
 from llama_dist.model.args import ModelArgs
-from llama_dist.runner.graphs import GraphedStep, batch_buckets, token_buckets
+from llama_dist.runner.graphs import GraphedStep, batch_buckets, rerun, token_buckets
 
 from .helpers import TINY_GQA, random_state_dict
-
-
-def rerun(step):
-    """Records `step` by keeping its output; a replay runs it again into that output (tests/test_gpu_kernels.py
-    uses it with the Triton kernels too)."""
-    out = step()
-    return (lambda: out.copy_(step())), out
 
 
 def test_buckets():

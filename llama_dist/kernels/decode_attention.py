@@ -214,11 +214,12 @@ def load() -> bool:
         """Arguments as decode_attention's."""
         bsz, n_kv, head_dim = qkv.shape[0], cache_k.shape[1], cache_k.shape[3]
         out = torch.empty((bsz, n_kv * n_rep * head_dim), dtype=qkv.dtype, device=qkv.device)
-        window = min(window, block_table.shape[1] * cache_k.shape[2])
+        capacity = block_table.shape[1] * cache_k.shape[2]
+        window = min(window, capacity)
         programs, tile_l, warps = launch(window, bsz * n_kv, invariant, _resident_programs(qkv.device))
         split = programs > 1 or invariant  # (otherwise parts would not run at once: one program reads a row)
         # invariant: parts of PART_L over the whole cache; else at most one part a program
-        max_parts = triton.cdiv(block_table.shape[1] * cache_k.shape[2], PART_L) if invariant else programs
+        max_parts = triton.cdiv(capacity, PART_L) if invariant else programs
         states, tickets = split_sums(qkv, bsz * n_kv * max_parts * n_rep * (head_dim + 2) if split else 0, bsz * n_kv)
         torch.library.wrap_triton(_attention_kernel)[(bsz, n_kv, programs)](
             qkv, rope, cache_k, cache_v, block_table, slots, pos, out, states, tickets, max_parts,

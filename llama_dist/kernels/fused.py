@@ -78,7 +78,7 @@ def fused_linear(layer: ShardedWeight, x: torch.Tensor | PeerSum, use_gemv: bool
         if y is not None:
             return y
     elif use_gemv and (peers or x.numel() == x.shape[-1]):
-        operands = (layer.weight, None) if layer.qweight is None else layer.qweight.gemv_operands()
+        operands = layer.gemv_operands()
         if operands is not None:
             return gemv.gemv(x, *operands, gated=gated, residual=residual, into=into, fp32_out=fp32_out, **fold)
     if norm is not None:
@@ -144,7 +144,7 @@ class FusedTransformerBlock(TransformerBlock):
         if not (attention_product.ENABLED and self.use_gemv and self.attention_kernel and not self.batch_invariant
                 and wo.comm.world_size == 1 and not gemv.on_cpp_kernels(qkv.device)):
             return None
-        operands = (wo.weight, None) if wo.qweight is None else wo.qweight.gemv_operands()
+        operands = wo.gemv_operands()
         if operands is None or not attention_product.serves(qkv.shape[0], attention.n_rep, attention.head_dim,
                                                             operands[0], length, qkv.device):
             return None
@@ -195,7 +195,7 @@ class PeerReducedTransformer(FusedTransformer):
         """Whether every block is a fused one whose projections all take the one-row kernel."""
         return model.comm.world_size > 1 and all(
             isinstance(b, FusedTransformerBlock) and b.use_gemv
-            and all(p.qweight is None or p.qweight.gemv_operands() is not None for p in _projections(b))
+            and all(p.gemv_operands() is not None for p in _projections(b))
             for b in model.layers.values())
 
     def run_layers(self, h: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor, mask: torch.Tensor | None,

@@ -71,10 +71,10 @@ def gemv(x: torch.Tensor | PeerSum, w: torch.Tensor, scales: torch.Tensor | None
          fp32_out: bool = False) -> torch.Tensor | PeerSum:
     """x [..., in] with one row -> [..., out]: x W^T, times `scales` per output row for int8 W.
 
-    norm_weight: RMS-normalise x first (with eps); gated: x is [gate, up] and the input silu(gate) * up; residual [...,
-    out]: added to the result; fp32_out: the result in float32 (logits), not x's dtype. Across tensor-parallel ranks
-    (distributed/peer_memory.py), x and residual may be sums still in peer slots, and `into` sends this rank's part
-    of the result to the slots of a site (returned as the sum it will be)."""
+    norm_weight: RMS-normalise x first (with eps); gated: x is [gate, up] and the input silu(gate) * up;
+    residual [..., out]: added to the result; fp32_out: the result in float32 (logits), not x's dtype. Across
+    tensor-parallel ranks (distributed/peer_memory.py), x and residual may be sums still in peer slots, and `into`
+    sends this rank's part of the result to the slots of a site (returned as the sum it will be)."""
     peer = next((p.peer for p in (x, residual, into) if isinstance(p, PeerSum)), None)
     if peer is not None:
         from .gemv_triton import gemv_peers

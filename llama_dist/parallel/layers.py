@@ -40,6 +40,11 @@ class ShardedWeight(nn.Module):
     def local_lookup(self, ids: torch.Tensor) -> torch.Tensor:
         return self.qweight.rows(ids) if self.qweight is not None else F.embedding(ids, self.weight)
 
+    def gemv_operands(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(W, its scales or None) of this shard for the CUDA one-row kernels (kernels/gemv.py), or None where
+        its quantized format has no such form."""
+        return (self.weight, None) if self.qweight is None else self.qweight.gemv_operands()
+
 
 class ColumnParallelLinear(ShardedWeight):
     """y = x A^T with A split along its output rows; each rank computes its slice of y.

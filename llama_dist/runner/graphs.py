@@ -74,6 +74,13 @@ def cuda_graph_recorder() -> Recorder:
     return record
 
 
+def rerun(step: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+    """A recorder for CPUs, which have no CUDA graphs: it keeps the step's output, and a replay runs the step
+    again into it (what the tests and benchmarks/step_ab.py check everything around the graphs with)."""
+    out = step()
+    return (lambda: out.copy_(step())), out
+
+
 @dataclass
 class _Graph:
     x: torch.Tensor  # static inputs, filled before each replay
