@@ -35,13 +35,19 @@ Setting = tuple[Any, str, Any]  # (module, name, value)
 
 
 def parse_arm(text: str) -> tuple[str, list[Setting]]:
-    """"name=module.NAME:value,..." -> (name, the settings)."""
+    """"name=module.NAME:value,..." -> (name, the settings). A NAME the module lacks is refused: setting it would
+    change nothing, and the arm would time the tree as it is under another name."""
     name, _, rest = text.partition("=")
     settings = []
     for item in filter(None, rest.split(",")):
         target, _, value = item.partition(":")
-        module, _, attr = target.strip().rpartition(".")
-        settings.append((importlib.import_module(module), attr, ast.literal_eval(value.strip())))
+        module_name, _, attr = target.strip().rpartition(".")
+        if not module_name or not value.strip():
+            raise ValueError(f"Arm {name!r}: {item!r} is not module.NAME:value.")
+        module = importlib.import_module(module_name)
+        if not hasattr(module, attr):
+            raise ValueError(f"Arm {name!r}: {module_name} has no {attr}.")
+        settings.append((module, attr, ast.literal_eval(value.strip())))
     return name.strip(), settings
 
 

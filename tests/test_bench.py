@@ -73,6 +73,17 @@ def test_step_ab_captures_each_arm_with_its_settings_and_times_them_all():
     assert sorted(result["tok_s"]["main"]) == ["12", "4"]
 
 
+def test_step_ab_refuses_an_arm_that_would_set_nothing(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from step_ab import parse_arm
+
+    with pytest.raises(ValueError, match="llama_dist.kernels.decode_attention has no WHOLE_LL"):
+        parse_arm("typo=llama_dist.kernels.decode_attention.WHOLE_LL:32")
+    with pytest.raises(ValueError, match="is not module.NAME:value"):
+        parse_arm("bare=WHOLE_L:32")
+    assert parse_arm("ok=llama_dist.kernels.decode_attention.WHOLE_L:32")[1][0][1:] == ("WHOLE_L", 32)
+
+
 def test_bench_refuses_a_context_its_cache_cannot_hold():
     from llama_dist.bench import bench
     with pytest.raises(ValueError, match="must fit --n_ctx 64"):
