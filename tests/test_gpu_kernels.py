@@ -194,76 +194,6 @@ def test_decode_attention_kernel_in_the_interpreter():
     run_interpreted(ATTENTION_SCRIPT)
 
 
-ATTENTION_PRODUCT_SCRIPT = """
-import torch
-from llama_dist.kernels import attention_product
-from llama_dist.kernels.decode_attention import decode_attention
-from llama_dist.kernels.gemv import gemv
-from llama_dist.model.args import ModelArgs
-from llama_dist.model.transformer import rope_table
-from llama_dist.quant.weights import int4_quantize, int4_words, int8_quantize
-from tests.helpers import paged
-assert attention_product.load()
-g = torch.Generator().manual_seed(0)
-# one row, MHA, heads of 32 and 64; positions within one tile of the interpreter's 32, and past it (a window too
-# short for the row); wo dense, int8 rows (4 words a group) and int4 words
-for n_kv, d, n, pos in ((2, 32, 40, 5), (3, 64, 70, 31), (2, 32, 40, 45), (2, 32, 33, 0)):
-    length = 64
-    table = rope_table(ModelArgs(dim=d, n_heads=1, rope_theta=1000.0), length)
-    qkv = torch.randn(1, 1, 3 * n_kv * d, generator=g)
-    cache_k, cache_v = (torch.randn(3, n_kv, length, d, generator=g) for _ in range(2))
-    slots, at, rope = torch.tensor([1]), torch.tensor([pos]), table[[pos]].unsqueeze(1)
-    w, r = torch.randn(n, n_kv * d, generator=g), torch.randn(1, 1, n, generator=g)
-    q8, s8 = int8_quantize(w)
-    q4, scales, zeros = int4_quantize(w, 32)
-    sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
-    for operands, tol in (((w, None), 1e-5), ((q8, s8), 1e-4), ((int4_words(q4), sz), 1e-4)):
-        (k1, t1), (v1, _) = (paged(c, 16, torch.Generator().manual_seed(1)) for c in (cache_k, cache_v))
-        (k2, t2), (v2, _) = (paged(c, 16, torch.Generator().manual_seed(1)) for c in (cache_k, cache_v))
-        out = decode_attention(qkv, rope, k1, v1, t1, slots, at, 1)
-        want = gemv(out, *operands, residual=r)
-        got = attention_product.attention_product(qkv, rope, k2, v2, t2, slots, at, *operands, residual=r)
-        assert torch.equal(k1, k2) and torch.equal(v1, v2), (n_kv, d, pos)  # the new key and value, written once
-        err = (got - want).abs().max() / want.abs().max()
-        assert got.shape == want.shape and err < tol, (n_kv, d, n, pos, operands[0].dtype, err)
-# in a model (MHA, heads of 32): decode steps within its window take it and give the plain model's logits
-from llama_dist.checkpoint.config import LoadConfig
-from llama_dist.checkpoint.loader import load_model
-from llama_dist.checkpoint.source import StateDictSource
-from llama_dist.distributed.context import init_distributed
-from llama_dist.kernels import Kernels, install
-from tests.helpers import random_state_dict
-args = ModelArgs(dim=64, n_layers=2, n_heads=2, vocab_size=384, multiple_of=32)
-ctx = init_distributed(backend="gloo")
-config = LoadConfig(dtype="float32", quantize="none", n_ctx=64, max_batch_size=1)
-state = random_state_dict(args)
-plain = load_model(StateDictSource(args, state), ctx, config, progress=False)
-fused = install(load_model(StateDictSource(args, state), ctx, config, progress=False), Kernels("triton", gemv=True))
-attention_product.ENABLED = True
-served = []
-serves = attention_product.serves
-attention_product.serves = lambda *a: served.append(serves(*a)) or served[-1]
-prompt = torch.randint(0, args.vocab_size, (1, 20), generator=g)
-for model in (plain, fused):
-    model(prompt, 0)
-tokens = prompt[:, -1:]
-for pos in range(20, 24):
-    want, got = plain(tokens, pos, last_only=True), fused(tokens, pos, last_only=True)
-    assert (got - want).abs().max() < 1e-4 * want.abs().max(), (pos, (got - want).abs().max())
-    tokens = want[:, -1].argmax(-1, keepdim=True)
-assert served == [True] * 8, served  # (2 layers a step)
-print("ok")
-"""
-
-
-def test_attention_inside_the_output_projection_in_the_interpreter():
-    """attention_product (an experiment, off by default): the new token's attention computed in wo's kernel, per
-    block of rows and head, the heads' parts summed in order, gives what the attention kernel then the one-row
-    product give (dense closely; int8 and int4 within their 8-bit activations' rounding) and writes the same
-    cache."""
-    run_interpreted(ATTENTION_PRODUCT_SCRIPT)
-
-
 def test_decode_attention_launch_by_rows_and_window():
     """How the CUDA kernel is launched (an H200: 264 programs of 4 warps at once; 7B's 32 kv heads): one row reads
     a short window whole, one tile in one program of 8 warps; longer, over 8 programs in tiles of 32; 8 rows or
@@ -322,13 +252,6 @@ for flags, weight in (({"INT4": True, "NORM": True}, "*i32"), ({"SCALED": True, 
 for split in (False, True):
     wait_then_release(decode_attention._attention_kernel, {**ATTENTION_CONSTANTS, "SPLIT": split},
                       {**ATTENTION_POINTERS, "scale": "fp32"})
-from llama_dist.kernels import attention_product
-assert attention_product.load()
-wait_then_release(attention_product._attention_product_kernel,
-                  {"HEAD_DIM": 128, "KV_BLOCK": 16, "BLOCK_L": 64, "SCALED": False, "INT4": True, "DP4A": False,
-                   "BLOCK_N": 512, "BLOCK_H": 32},
-                  {**ATTENTION_POINTERS, "w_ptr": "*i32", "s_ptr": "*bf16", "r_ptr": "*bf16", "y_ptr": "*bf16",
-                   "sums_ptr": "*fp32", "scale": "fp32"})
 print("ok")
 """
 

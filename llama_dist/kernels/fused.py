@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from ..distributed.peer_memory import PeerSlots, PeerSum
 from ..model.transformer import Attention, Packed, RMSNorm, Slots, Transformer, TransformerBlock, cache_rows
 from ..parallel.layers import RowParallelLinear, ShardedWeight
-from . import attention_product, decode_attention, gemv, packed_attention, rows
+from . import decode_attention, gemv, packed_attention, rows
 
 class CpuDecodeAttention(Attention):
     def attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -123,34 +123,16 @@ class FusedTransformerBlock(TransformerBlock):
         attention, ffn = self.attention, self.feed_forward
         qkv = fused_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
         into = (None, None) if peer is None else (PeerSum(peer, sites[0]), PeerSum(peer, sites[1]))
-        h = None if peer is not None else self._attended_product(qkv, x, pos, rope, slots, length)
-        if h is None:
-            if self.attention_kernel:  # one token per row: its mask is always "up to pos"
-                cache_row = cache_rows(slots, qkv.shape[0], qkv.device)
-                out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v,
-                                                        attention.block_table, cache_row, pos[:, 0], attention.n_rep,
-                                                        self.batch_invariant, length)
-            else:
-                out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
-            h = self._reduce(attention.wo, out, residual=x, into=into[0])
+        if self.attention_kernel:  # one token per row: its mask is always "up to pos"
+            cache_row = cache_rows(slots, qkv.shape[0], qkv.device)
+            out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v,
+                                                    attention.block_table, cache_row, pos[:, 0], attention.n_rep,
+                                                    self.batch_invariant, length)
+        else:
+            out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
+        h = self._reduce(attention.wo, out, residual=x, into=into[0])
         gate_up = fused_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm, row_kernels=self.row_kernels)
         return self._reduce(ffn.w2, gate_up, gated=True, residual=h, into=into[1])
-
-    def _attended_product(self, qkv: torch.Tensor, x: torch.Tensor, pos: torch.Tensor, rope: torch.Tensor,
-                          slots: Slots, length: int) -> torch.Tensor | None:
-        """x + wo's product with the attention, in one kernel (kernels/attention_product.py) where it serves this
-        step and one process holds wo; else None."""
-        attention, wo = self.attention, self.attention.wo
-        if not (attention_product.ENABLED and self.use_gemv and self.attention_kernel and not self.batch_invariant
-                and wo.comm.world_size == 1 and not gemv.on_cpp_kernels(qkv.device)):
-            return None
-        operands = wo.gemv_operands()
-        if operands is None or not attention_product.serves(qkv.shape[0], attention.n_rep, attention.head_dim,
-                                                            operands[0], length, qkv.device):
-            return None
-        return attention_product.attention_product(qkv, rope, attention.cache_k, attention.cache_v,
-                                                   attention.block_table, cache_rows(slots, 1, qkv.device),
-                                                   pos[:, 0], *operands, residual=x)
 
     def _reduce(self, layer: RowParallelLinear, x: torch.Tensor, residual: torch.Tensor | PeerSum,
                 gated: bool = False, into: PeerSum | None = None) -> torch.Tensor | PeerSum:
