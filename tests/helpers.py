@@ -27,7 +27,7 @@ TINY_GQA = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=384, mul
 # the decode attention compiled for sm_90 in tests (benchmarks/kernel_ptx.compile_for): its constexprs but SPLIT
 # (a 7B-like head, GQA groups of 4, a row's positions shared over its programs) and its pointers' types
 ATTENTION_CONSTANTS = {"N_REP": 4, "HEAD_DIM": 128, "KV_BLOCK": 16, "BLOCK_R": 16, "BLOCK_L": 32, "PART_L": 512,
-                       "EVEN": True, "WHOLE": False}
+                       "EVEN": True, "WHOLE": False, "MERGE_R": 4, "MERGE_P": 8}
 ATTENTION_POINTERS = {"qkv_ptr": "*bf16", "rope_ptr": "*fp32", "cache_k_ptr": "*bf16", "cache_v_ptr": "*bf16",
                       "table_ptr": "*i32", "slot_ptr": "*i32", "pos_ptr": "*i32", "o_ptr": "*bf16",
                       "parts_ptr": "*fp32", "tickets_ptr": "*i32"}

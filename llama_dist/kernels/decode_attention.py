@@ -31,7 +31,8 @@ def load() -> bool:
     """Define the kernel and its op (Triton is imported only for CUDA models); False without Triton or on
     GPUs older than Ampere (its bf16 tensor-core products need sm_80; SDPA serves there)."""
     # (the kernel and its helpers, module globals: the interpreter finds the helpers there, tests the kernel)
-    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend, _take_tile, _store, _attention_kernel
+    global _await_inputs, _release_dependents, cached_tile, _new_token, _attend, _take_tile, _store, _merge
+    global _attention_kernel
     if not bf16_tensor_cores():
         return False
     try:
@@ -101,17 +102,44 @@ def load() -> bool:
         tl.store(o_at, (acc / total[:, None]).to(o_at.dtype.element_ty), mask=asked[:, None])
 
     @triton.jit
+    def _merge(states, n_parts, o_row, N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, MERGE_R: tl.constexpr,
+               MERGE_P: tl.constexpr):
+        """A row's parts' softmax states (states [n_parts, N_REP, HEAD_DIM + 2]: acc, top, total) merged in order
+        into its result, to o_row's N_REP query heads. MERGE_P parts' states are read at once, from L2 where the
+        other programs' states land (a loop over the parts would wait for each read in turn)."""
+        parts, reps, dims = tl.arange(0, MERGE_P), tl.arange(0, MERGE_R), tl.arange(0, HEAD_DIM)
+        top = tl.full((MERGE_R,), float("-inf"), dtype=tl.float32)
+        total = tl.zeros((MERGE_R,), dtype=tl.float32)
+        acc = tl.zeros((MERGE_R, HEAD_DIM), dtype=tl.float32)
+        for first in range(0, n_parts, MERGE_P):
+            held = ((first + parts) < n_parts)[:, None] & (reps < N_REP)[None, :]
+            at = states + (first + parts)[:, None] * (N_REP * (HEAD_DIM + 2)) + reps[None, :] * (HEAD_DIM + 2)
+            tops = tl.load(at + HEAD_DIM, mask=held, other=float("-inf"), cache_modifier=".cg")
+            tops = tl.where((reps < N_REP)[None, :], tops, 0.0)  # (rows past N_REP: finite, never stored)
+            totals = tl.load(at + HEAD_DIM + 1, mask=held, other=1.0, cache_modifier=".cg")
+            accs = tl.load(at[:, :, None] + dims[None, None, :], mask=held[:, :, None], other=0.0,
+                           cache_modifier=".cg")
+            new_top = tl.maximum(top, tl.max(tops, axis=0))
+            weights = tl.exp(tops - new_top[None, :])
+            shrink = tl.exp(top - new_top)
+            total = total * shrink + tl.sum(totals * weights, axis=0)
+            acc = acc * shrink[:, None] + tl.sum(accs * weights[:, :, None], axis=0)
+            top = new_top
+        o_at = o_row + reps[:, None] * HEAD_DIM + dims[None, :]
+        tl.store(o_at, (acc / total[:, None]).to(o_at.dtype.element_ty), mask=(reps < N_REP)[:, None])
+
+    @triton.jit
     def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,
                           parts_ptr, tickets_ptr, max_parts, stride_cb, stride_ch, stride_cl, stride_t, scale,
                           N_REP: tl.constexpr, HEAD_DIM: tl.constexpr, KV_BLOCK: tl.constexpr,
                           BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, PART_L: tl.constexpr, SPLIT: tl.constexpr,
-                          EVEN: tl.constexpr, WHOLE: tl.constexpr):
+                          EVEN: tl.constexpr, WHOLE: tl.constexpr, MERGE_R: tl.constexpr, MERGE_P: tl.constexpr):
         """qkv [B, (n_kv * N_REP + 2 n_kv) * HEAD_DIM]: the new token's q, k, v heads; rope [B, HEAD_DIM / 2, 2]
         (cos, sin); caches [blocks, n_kv, KV_BLOCK, HEAD_DIM] paged by table [rows, blocks per row]; cache row
         slot[b] gets position pos[b]; o [B, n_kv * N_REP * HEAD_DIM]. Not SPLIT: program (b, h) reads all of
         [0, pos]. SPLIT: positions [0, pos] fall in parts and program (b, h, p) takes parts p, p + P, ... of P;
         a row of several parts leaves each part's softmax state in parts [B, n_kv, max_parts, N_REP,
-        HEAD_DIM + 2] and its last program to finish (tickets [B * n_kv]) merges them in order. EVEN: a row's
+        HEAD_DIM + 2] and its last program to finish (tickets [B * n_kv]) merges them in order (_merge). EVEN: a row's
         parts are at most P, of whole tiles; else of PART_L (so a row's result does not depend on P). WHOLE (not
         SPLIT): the window fits one tile, so no next tile is read ahead."""
         b, h, p = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64), tl.program_id(2)
@@ -163,8 +191,7 @@ def load() -> bool:
                                                             SPLIT)
                 _store(o_at, acc, total, asked)
             else:
-                states = (parts_ptr + (b * n_kv + h) * max_parts * (N_REP * (HEAD_DIM + 2))
-                          + tl.arange(0, BLOCK_R) * (HEAD_DIM + 2))
+                states = parts_ptr + (b * n_kv + h) * max_parts * (N_REP * (HEAD_DIM + 2))  # this row's and head's
                 for part in range(p, n_parts, programs):
                     start, later = part * part_l, (part + programs) * part_l  # (later: this program's next part)
                     with_new = part == n_parts - 1  # (the new position is in the last part)
@@ -180,7 +207,7 @@ def load() -> bool:
                     if n_parts == 1:
                         _store(o_at, acc, total, asked)
                     else:
-                        state = states + part * (N_REP * (HEAD_DIM + 2))
+                        state = states + part * (N_REP * (HEAD_DIM + 2)) + tl.arange(0, BLOCK_R) * (HEAD_DIM + 2)
                         tl.store(state[:, None] + dims[None, :], acc, mask=asked[:, None])
                         tl.store(state + HEAD_DIM, top, mask=asked)
                         tl.store(state + HEAD_DIM + 1, total, mask=asked)
@@ -190,22 +217,8 @@ def load() -> bool:
                     ticket = tl.atomic_add(tickets_ptr + b * n_kv + h, mine, sem="acq_rel", scope="gpu")
                     if ticket + mine == n_parts:
                         tl.atomic_xchg(tickets_ptr + b * n_kv + h, 0, sem="relaxed")  # for the next launch
-                        top = tl.full((BLOCK_R,), float("-inf"), dtype=tl.float32)
-                        for part in range(0, n_parts):  # (read from L2, where the other programs' states land)
-                            state = states + part * (N_REP * (HEAD_DIM + 2))
-                            top = tl.maximum(top, tl.load(state + HEAD_DIM, mask=asked, other=0.0,
-                                                          cache_modifier=".cg"))
-                        total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-                        acc = tl.zeros((BLOCK_R, HEAD_DIM), dtype=tl.float32)
-                        for part in range(0, n_parts):
-                            state = states + part * (N_REP * (HEAD_DIM + 2))
-                            weight = tl.exp(tl.load(state + HEAD_DIM, mask=asked, other=0.0,
-                                                    cache_modifier=".cg") - top)
-                            total += tl.load(state + HEAD_DIM + 1, mask=asked, other=1.0,
-                                             cache_modifier=".cg") * weight
-                            acc += tl.load(state[:, None] + dims[None, :], mask=asked[:, None], other=0.0,
-                                           cache_modifier=".cg") * weight[:, None]
-                        _store(o_at, acc, total, asked)
+                        _merge(states, n_parts, o_ptr + b * (n_kv * N_REP * HEAD_DIM) + h * N_REP * HEAD_DIM, N_REP,
+                               HEAD_DIM, MERGE_R, MERGE_P)
 
     @torch.library.triton_op("llama_dist::decode_attention", mutates_args={"cache_k", "cache_v"})
     def decode_attention_op(qkv: torch.Tensor, rope: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
@@ -221,12 +234,14 @@ def load() -> bool:
         # invariant: parts of PART_L over the whole cache; else at most one part a program
         max_parts = triton.cdiv(capacity, PART_L) if invariant else programs
         states, tickets = split_sums(qkv, bsz * n_kv * max_parts * n_rep * (head_dim + 2) if split else 0, bsz * n_kv)
+        merge_r = triton.next_power_of_2(n_rep)
+        merge_p = max(1, min(triton.next_power_of_2(max_parts), MERGE_STATES // merge_r))
         torch.library.wrap_triton(_attention_kernel)[(bsz, n_kv, programs)](
             qkv, rope, cache_k, cache_v, block_table, slots, pos, out, states, tickets, max_parts,
             cache_k.stride(0), cache_k.stride(1), cache_k.stride(2), block_table.stride(0), head_dim ** -0.5,
             N_REP=n_rep, HEAD_DIM=head_dim, KV_BLOCK=cache_k.shape[2], BLOCK_R=max(16, triton.next_power_of_2(n_rep)),
             BLOCK_L=tile_l, PART_L=PART_L, SPLIT=split, EVEN=not invariant, WHOLE=not split and window <= tile_l,
-            num_warps=warps, **pdl_launch())
+            MERGE_R=merge_r, MERGE_P=merge_p, num_warps=warps, **pdl_launch())
         return out
 
     return True
@@ -245,6 +260,10 @@ PART_L = 32 if INTERPRETED else 512
 # 8 against 32 / 4, 128 / 8 and 128 / 16: benchmarks/RESULTS.md). With more rows, whose programs fill the GPU
 # anyway, fewer of those programs fit an SM at once than of 4 warps (batch 32: -6%).
 WHOLE_L, WHOLE_WARPS = (32, 4) if INTERPRETED else (64, 8)
+# A row's parts merge MERGE_STATES // n_rep at a time, read at once (32 states of head_dim 128 in fp32: 32 registers
+# a thread of 4 warps; against one part at a time: benchmarks/RESULTS.md). The interpreter's few, so that a merge
+# takes several reads.
+MERGE_STATES = 4 if INTERPRETED else 32
 
 
 def launch(window: int, rows: int, invariant: bool, resident: int) -> tuple[int, int, int]:
