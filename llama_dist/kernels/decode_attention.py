@@ -277,7 +277,7 @@ def launch(window: int, rows: int, invariant: bool, resident: int) -> tuple[int,
 
 
 # Programs of 4 warps an SM runs at once, as launch() counts them: up to 255 registers a thread fill half an SM's
-# (the kernel takes 168 for sm_90, so three would fit: untried; four, in two waves, lost: benchmarks/RESULTS.md)
+# (the kernel takes 168 for sm_90, so three fit, but lost, as did four in two waves: benchmarks/RESULTS.md)
 PROGRAMS_PER_SM = 2
 
 
