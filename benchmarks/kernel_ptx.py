@@ -5,10 +5,10 @@ instructions and the widths of its global loads.
     python benchmarks/kernel_ptx.py --format int4 --block_n 64 --block_k 256 --split_k 8 --warps 8 [--norm]
     python benchmarks/kernel_ptx.py --format int4 --rows 32 --block_n 128 --block_k 128 --warps 4 [--swap]
 
-Prints one JSON line: instructions per iteration and per weight, the registers a thread and programs an SM holds
-at once (ptxas's report), the global loads by width, every instruction's count (commonest first); then the same
-loop in the machine code ptxas made of it (SASS, read by the nvdisasm in Triton's wheel), which is what the GPU
-issues.
+Prints one JSON line: instructions per iteration and per weight, the registers a thread, programs an SM holds
+at once and bytes spilled (ptxas's report; `--max_registers` caps the registers as a config's maxnreg does), the
+global loads by width, every instruction's count (commonest first); then the same loop in the machine code ptxas
+made of it (SASS, read by the nvdisasm in Triton's wheel), which is what the GPU issues.
 
 Triton compiles for a named target without a device (its wheel carries ptxas), so a tile's code can be read where
 no GPU is lent: a load that is 8 bytes wide where 16 would do, or a layout that sends every group's sum through
@@ -94,16 +94,17 @@ def sass_loop(cubin: bytes) -> list[str] | None:
 SHARED_KB = {80: 164, 86: 100, 89: 100, 90: 228}  # shared memory an SM, by compute capability
 
 
-def residency(ptx: str, arch: int, warps: int, shared: int) -> tuple[int | None, int | None]:
+def residency(ptx: str, arch: int, warps: int, shared: int) -> tuple[int | None, int | None, int | None]:
     """(registers a thread, as ptxas allocates them; programs an SM can hold at once: 65,536 registers in units
-    of 256 a warp, 64 warps, 32 programs, the SM's shared memory), or (None, None) without ptxas. The ptxas is
-    the one Triton compiled with (its wheel carries one per PTX version)."""
+    of 256 a warp, 64 warps, 32 programs, the SM's shared memory; bytes a thread spills to local memory), or
+    (None, None, None) without ptxas. The ptxas is the one Triton compiled with (its wheel carries one per PTX
+    version)."""
     try:
         from triton.backends.nvidia.compiler import get_ptxas
 
         ptxas = get_ptxas(arch).path
     except (ImportError, AttributeError, RuntimeError):
-        return None, None
+        return None, None, None
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
@@ -113,7 +114,8 @@ def residency(ptx: str, arch: int, warps: int, shared: int) -> tuple[int | None,
     per_warp = -(-registers // 8) * 8 * 32
     programs = min(65536 // (per_warp * warps), 64 // warps, 32,
                    SHARED_KB.get(arch, 100) * 1024 // shared if shared else 32)
-    return registers, programs
+    spilled = int(re.search(r"(\d+) bytes spill stores", report).group(1))
+    return registers, programs, spilled
 
 
 def main() -> None:
@@ -128,6 +130,7 @@ def main() -> None:
     p.add_argument("--swap", action="store_true", help="the tensor-core tile as (W x^T)^T")
     p.add_argument("--stages", type=int, default=3, help="the tensor-core kernel's pipeline stages")
     p.add_argument("--arch", type=int, default=90, help="CUDA compute capability, e.g. 90 for H100/H200")
+    p.add_argument("--max_registers", type=int, default=0, help="a thread's registers capped (maxnreg); 0: not")
     a = p.parse_args()
     if a.rows:
         if a.format == "bf16":
@@ -142,20 +145,21 @@ def main() -> None:
                      "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": a.block_n, "BLOCK_K": a.block_k,
                      "SPLIT_K": a.split_k}
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
-    options = {"num_warps": a.warps, **({"num_stages": a.stages} if a.rows else {})}
+    options = {"num_warps": a.warps, **({"num_stages": a.stages} if a.rows else {}),
+               **({"maxnreg": a.max_registers} if a.max_registers else {})}
     kernel = compile_for(fn, constants, {**pointers, "eps": "fp32"}, a.arch, aligned=(*pointers, "N", "K"),
                          **options)
     body = loop_body(kernel.asm["ptx"])
     ops = collections.Counter(line.split()[1] if line.startswith("@") else line.split()[0] for line in body)
     weights = a.block_n * a.block_k / (32 * a.warps)  # per thread per iteration
     sass = sass_loop(kernel.asm["cubin"])
-    registers, programs = residency(kernel.asm["ptx"], a.arch, a.warps, kernel.metadata.shared)
+    registers, programs, spilled = residency(kernel.asm["ptx"], a.arch, a.warps, kernel.metadata.shared)
     sass_ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", i).split()[0].split(".")[0] for i in sass or [])
     print(json.dumps({"format": a.format, "tile": [a.block_n, a.block_k], "split_k": a.split_k, "warps": a.warps,
                       "rows": a.rows, "swap": a.swap,
                       "norm": a.norm, "arch": a.arch, "instructions": sum(ops.values()), "weights": weights,
                       "per_weight": round(sum(ops.values()) / weights, 2),
-                      "registers": registers, "programs_per_sm": programs,
+                      "registers": registers, "programs_per_sm": programs, "spill_bytes": spilled,
                       "global_loads": {op: n for op, n in ops.items() if op.startswith("ld.global")},
                       "counts": dict(ops.most_common()),
                       "sass_per_weight": round(len(sass) / weights, 2) if sass is not None else None,

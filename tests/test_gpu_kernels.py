@@ -6,6 +6,7 @@ folds in (RMSNorm of the input, SwiGLU of a [gate, up] input, a residual) agains
 decode attention against SDPA; a whole model's decode steps through both against the step-by-step path. Some
 are compiled for sm_90 instead (Triton's wheel carries ptxas), where the question is the GPU code itself: the
 arguments torch.compile passes, the order of the programmatic-launch instructions."""
+import inspect
 import os
 import subprocess
 import sys
@@ -205,6 +206,35 @@ def test_decode_attention_launch_by_rows_and_window():
     assert launch(96, 32, False, 264) == (3, 32, 4)
     assert launch(64, 8 * 32, False, 264) == launch(4224, 32 * 32, False, 264) == (1, 32, 4)
     assert launch(64, 32, True, 264) == (1, 32, 4) and launch(4224, 32, True, 264) == (8, 32, 4)
+
+
+def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch):
+    """The one-row int4 tiles compiled within a register cap (maxnreg), as the q/k/v and w1/w3 products with their
+    norm run them, take at most the cap and spill nothing, so four programs of 4 warps fit an SM: whether Triton
+    knows the sizes to be multiples of 16 or not (which changes the registers ptxas takes uncapped)."""
+    import triton
+
+    from llama_dist.kernels import gemv_triton
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from kernel_ptx import POINTERS, compile_for, residency
+
+    if "maxnreg" not in inspect.signature(triton.Config).parameters:
+        pytest.skip("this Triton cannot cap a kernel's registers")
+    capped = [c for c in gemv_triton._INT4_CONFIGS if c.maxnreg]
+    assert capped  # (the 32x1024 tile of 4 warps)
+    for config in capped:
+        constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": True, "GATED": False, "RESIDUAL": False,
+                     "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, **config.kwargs}
+        pointers = {**POINTERS, "w_ptr": "*i32"}
+        for aligned in (tuple(pointers), (*pointers, "N", "K")):
+            kernel = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=aligned,
+                                 num_warps=config.num_warps, maxnreg=config.maxnreg)
+            registers, programs, spilled = residency(kernel.asm["ptx"], 90, config.num_warps, kernel.metadata.shared)
+            if registers is None:
+                pytest.skip("no ptxas in this Triton")
+            assert registers <= config.maxnreg and spilled == 0, (config, aligned, registers, spilled)
+            assert programs * config.num_warps >= 16, (config, programs)
 
 
 @pytest.mark.parametrize("split, tile, warps", [(False, 64, 8), (True, 32, 4)])

@@ -2,6 +2,8 @@
 is given these kernels)."""
 from __future__ import annotations
 
+import inspect
+
 import torch
 import triton
 import triton.language as tl
@@ -26,13 +28,25 @@ _DP4A_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, nu
                                        (32, 256, 4, 4), (32, 512, 4, 8), (64, 256, 4, 8), (64, 512, 4, 8),
                                        (64, 256, 8, 8), (128, 256, 4, 8), (128, 256, 8, 8), (256, 256, 4, 8),
                                        (256, 256, 8, 8))]
+
+
+def _config(tile: dict[str, int], warps: int, max_registers: int | None = None) -> triton.Config:
+    """A tile's config, compiled within max_registers a thread where this Triton can cap them."""
+    capped = max_registers is not None and "maxnreg" in inspect.signature(triton.Config).parameters
+    return triton.Config(tile, num_warps=warps, **({"maxnreg": max_registers} if capped else {}))
+
+
 # int4 also: small programs (2-4 warps, 8-32 rows, up to 1024 inputs), many to an SM, whose rounding of x overlaps
 # the others' loads (an int4 row holds half an int8 row's bytes per rounded input), and the best of
-# benchmarks/gemv_tiles.py --wide per 7B matrix; not timed for int8 yet
-_INT4_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, num_warps=w)
-                 for bn, bk, sk, w in ((8, 512, 1, 2), (16, 256, 1, 2), (16, 512, 1, 2), (8, 1024, 1, 4),
-                                       (16, 512, 1, 4), (16, 1024, 1, 4), (32, 1024, 1, 4), (8, 512, 2, 4),
-                                       (8, 1024, 2, 4), (16, 1024, 4, 4), (64, 1024, 4, 8))] + _DP4A_CONFIGS
+# benchmarks/gemv_tiles.py --wide per 7B matrix; not timed for int8 yet. 32x1024 at 4 warps within 128 registers,
+# four programs an SM at least, without spilling (uncapped it may take up to 163, three an SM: 7B's w13 has 688
+# programs; on an H200 the cap gave int4 b1 +2.5%, a cap of 96, which spills, -5%: benchmarks/RESULTS.md). Other
+# tiles uncapped: under a cap ptxas may take more registers than they use now.
+_INT4_CONFIGS = [_config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, w, regs)
+                 for bn, bk, sk, w, regs in ((8, 512, 1, 2, None), (16, 256, 1, 2, None), (16, 512, 1, 2, None),
+                                             (8, 1024, 1, 4, None), (16, 512, 1, 4, None), (16, 1024, 1, 4, None),
+                                             (32, 1024, 1, 4, 128), (8, 512, 2, 4, None), (8, 1024, 2, 4, None),
+                                             (16, 1024, 4, 4, None), (64, 1024, 4, 8, None))] + _DP4A_CONFIGS
 
 
 @triton.jit
