@@ -38,10 +38,10 @@ def _config(tile: dict[str, int], warps: int, max_registers: int | None = None) 
 
 # int4 also: small programs (2-4 warps, 8-32 rows, up to 1024 inputs), many to an SM, whose rounding of x overlaps
 # the others' loads (an int4 row holds half an int8 row's bytes per rounded input), and the best of
-# benchmarks/gemv_tiles.py --wide per 7B matrix; not timed for int8 yet. 32x1024 at 4 warps within 128 registers,
-# four programs an SM at least, without spilling (uncapped it may take up to 163, three an SM: 7B's w13 has 688
-# programs; on an H200 the cap gave int4 b1 +2.5%, a cap of 96, which spills, -5%: benchmarks/RESULTS.md). Other
-# tiles uncapped: under a cap ptxas may take more registers than they use now.
+# benchmarks/gemv_tiles.py --wide per 7B matrix; not timed for int8 yet. 32x1024 at 4 warps within 128 registers
+# (four programs an SM, unspilled): on an H200, int4 b1 +2.5% (a cap of 96, which spills: -5%; benchmarks/RESULTS.md).
+# Uncapped, ptxas takes 124-162 by what Triton knows of the sizes (three an SM at 162) and schedules the loop
+# otherwise. Other tiles uncapped: under a cap ptxas may take more registers than they use now.
 _INT4_CONFIGS = [_config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, w, regs)
                  for bn, bk, sk, w, regs in ((8, 512, 1, 2, None), (16, 256, 1, 2, None), (16, 512, 1, 2, None),
                                              (8, 1024, 1, 4, None), (16, 512, 1, 4, None), (16, 1024, 1, 4, None),
