@@ -4,7 +4,8 @@ round after round. One process, one set of weights and one tuning: differences o
 33rd sessions' A/Bs, RESULTS.md), where separate processes differ by their tuners' picks.
 
 An arm is "name=module.NAME:value,module.NAME:value" (values as Python literals), or "name=" for the tree as it
-is. Each arm decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's
+is; NAME may go on into what it holds, by attribute and list index: "module.NAME[6].attr:value" (a tuner's config:
+`llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96`, the 32x1024 tile compiled within 96 registers). Each arm decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's
 figure: its first 20 tokens differ from the first arm's). On CPUs the step runs again instead of replaying a graph.
 
     python benchmarks/step_ab.py --config llama-2-7b --quantize int4 --contexts "(16,1000)" \\
@@ -14,6 +15,7 @@ import ast
 import dataclasses
 import importlib
 import json
+import re
 import statistics
 import sys
 import time
@@ -31,36 +33,70 @@ from llama_dist.generation.llama import load_runner, make_configs  # noqa: E402
 from llama_dist.model.args import ModelArgs  # noqa: E402
 from llama_dist.runner.graphs import GraphedStep, rerun  # noqa: E402
 
-Setting = tuple[Any, str, Any]  # (module, name, value)
+Setting = tuple[Any, str | int, Any]  # (what holds it, its attribute name or list index, value)
+
+
+def _get(owner: Any, key: str | int) -> Any:
+    return owner[key] if isinstance(key, int) else getattr(owner, key)
+
+
+def _set(owner: Any, key: str | int, value: Any) -> None:
+    if isinstance(key, int):
+        owner[key] = value
+    else:
+        setattr(owner, key, value)
+
+
+def _holds(owner: Any, key: str | int) -> bool:
+    return -len(owner) <= key < len(owner) if isinstance(key, int) else hasattr(owner, key)
+
+
+def parse_target(target: str) -> tuple[Any, str | int]:
+    """"module.NAME" or "module.NAME[i].attr..." -> (what holds the last attribute or index, that attribute or
+    index). One that does not exist is refused: setting it would change nothing, and the arm would time the tree as
+    it is under another name."""
+    head, bracket, rest = target.partition("[")
+    module_name, _, attr = head.rpartition(".")
+    steps = re.findall(r"\[(\d+)\]|\.([A-Za-z_]\w*)", bracket + rest)
+    keys: list[str | int] = [attr] + [int(i) if i else n for i, n in steps]
+    if not module_name or not attr.isidentifier() or "".join(
+            f"[{i}]" if i else f".{n}" for i, n in steps) != bracket + rest:
+        raise ValueError(f"{target!r} is not module.NAME, with [index] and .attr after it")
+    owner, where = importlib.import_module(module_name), module_name
+    for n, key in enumerate(keys):
+        if not _holds(owner, key):
+            raise ValueError(f"{where} has no {key}.")
+        if n < len(keys) - 1:
+            owner, where = _get(owner, key), f"{where}.{key}" if isinstance(key, str) else f"{where}[{key}]"
+    return owner, keys[-1]
 
 
 def parse_arm(text: str) -> tuple[str, list[Setting]]:
-    """"name=module.NAME:value,..." -> (name, the settings). A NAME the module lacks is refused: setting it would
-    change nothing, and the arm would time the tree as it is under another name."""
+    """"name=module.NAME:value,..." -> (name, the settings)."""
     name, _, rest = text.partition("=")
     settings = []
     for item in filter(None, rest.split(",")):
         target, _, value = item.partition(":")
-        module_name, _, attr = target.strip().rpartition(".")
-        if not module_name or not value.strip():
+        if not value.strip():
             raise ValueError(f"Arm {name!r}: {item!r} is not module.NAME:value.")
-        module = importlib.import_module(module_name)
-        if not hasattr(module, attr):
-            raise ValueError(f"Arm {name!r}: {module_name} has no {attr}.")
-        settings.append((module, attr, ast.literal_eval(value.strip())))
+        try:
+            owner, key = parse_target(target.strip())
+        except ValueError as e:
+            raise ValueError(f"Arm {name!r}: {e}") from None
+        settings.append((owner, key, ast.literal_eval(value.strip())))
     return name.strip(), settings
 
 
 def capture(model, settings: list[Setting]) -> GraphedStep:
     """The model's graphed step captured with these settings in force (restored after)."""
-    before = [(module, attr, getattr(module, attr)) for module, attr, _ in settings]
-    for module, attr, value in settings:
-        setattr(module, attr, value)
+    before = [(owner, key, _get(owner, key)) for owner, key, _ in settings]
+    for owner, key, value in settings:
+        _set(owner, key, value)
     try:
         return GraphedStep(model, record=None if model.device.type == "cuda" else rerun)
     finally:
-        for module, attr, value in before:
-            setattr(module, attr, value)
+        for owner, key, value in reversed(before):
+            _set(owner, key, value)
 
 
 def decode(step: GraphedStep, prompt: torch.Tensor, start: int, steps: int) -> torch.Tensor:

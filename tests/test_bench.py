@@ -74,14 +74,26 @@ def test_step_ab_captures_each_arm_with_its_settings_and_times_them_all():
 
 
 def test_step_ab_refuses_an_arm_that_would_set_nothing(monkeypatch):
+    """An arm names a module's constant, or what one holds by attribute and index (a tuner's config); one that
+    does not exist, or a setting without a value, is refused rather than timed as the tree under another name."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
     from step_ab import parse_arm
 
+    from llama_dist.kernels import gemv_triton
+
     with pytest.raises(ValueError, match="llama_dist.kernels.decode_attention has no WHOLE_LL"):
         parse_arm("typo=llama_dist.kernels.decode_attention.WHOLE_LL:32")
-    with pytest.raises(ValueError, match="is not module.NAME:value"):
+    with pytest.raises(ValueError, match="is not module.NAME"):
         parse_arm("bare=WHOLE_L:32")
+    with pytest.raises(ValueError, match="is not module.NAME:value"):
+        parse_arm("bare=llama_dist.kernels.decode_attention.WHOLE_L")
+    with pytest.raises(ValueError, match=r"gemv_triton._INT4_CONFIGS has no 999"):
+        parse_arm("past=llama_dist.kernels.gemv_triton._INT4_CONFIGS[999].maxnreg:96")
+    with pytest.raises(ValueError, match=r"_INT4_CONFIGS\[6\] has no max_reg"):
+        parse_arm("typo=llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].max_reg:96")
     assert parse_arm("ok=llama_dist.kernels.decode_attention.WHOLE_L:32")[1][0][1:] == ("WHOLE_L", 32)
+    (owner, key, value), = parse_arm("cap=llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96")[1]
+    assert owner is gemv_triton._INT4_CONFIGS[6] and (key, value) == ("maxnreg", 96)
 
 
 def test_bench_refuses_a_context_its_cache_cannot_hold():
