@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROMPT ?= Name the capital of France.
+# pytest processes (pytest-xdist): CI's two cores; the suite takes about two thirds of its serial time there
+TEST_WORKERS ?= 2
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -19,6 +21,6 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/lint-imports    # imports run one way (.importlinter)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) tests
 
 .PHONY: install run test

