@@ -4,8 +4,9 @@ round after round. One process, one set of weights and one tuning: differences o
 33rd sessions' A/Bs, RESULTS.md), where separate processes differ by their tuners' picks.
 
 An arm is "name=module.NAME:value,module.NAME:value" (values as Python literals), or "name=" for the tree as it
-is; NAME may go on into what it holds, by attribute and list index: "module.NAME[6].attr:value" (a tuner's config:
-`llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96`, the 32x1024 tile compiled within 96 registers). Each arm decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's
+is; NAME may go on into what it holds, by attribute, list index and dict key: "module.NAME[6].attr.key:value" (a
+tuner's config: `llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96`, the 32x1024 tile compiled within 96
+registers; `..._INT4_CONFIGS[6].kwargs.BLOCK_N:64`, every matrix that takes it with 64 rows a program). Each arm decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's
 figure: its first 20 tokens differ from the first arm's). On CPUs the step runs again instead of replaying a graph.
 
     python benchmarks/step_ab.py --config llama-2-7b --quantize int4 --contexts "(16,1000)" \\
@@ -36,24 +37,31 @@ from llama_dist.runner.graphs import GraphedStep, rerun  # noqa: E402
 Setting = tuple[Any, str | int, Any]  # (what holds it, its attribute name or list index, value)
 
 
+def _by_item(owner: Any, key: str | int) -> bool:
+    """Whether `key` names an item of owner (a list's index, a dict's key) rather than an attribute."""
+    return isinstance(key, int) or isinstance(owner, dict)
+
+
 def _get(owner: Any, key: str | int) -> Any:
-    return owner[key] if isinstance(key, int) else getattr(owner, key)
+    return owner[key] if _by_item(owner, key) else getattr(owner, key)
 
 
 def _set(owner: Any, key: str | int, value: Any) -> None:
-    if isinstance(key, int):
+    if _by_item(owner, key):
         owner[key] = value
     else:
         setattr(owner, key, value)
 
 
 def _holds(owner: Any, key: str | int) -> bool:
-    return -len(owner) <= key < len(owner) if isinstance(key, int) else hasattr(owner, key)
+    if isinstance(key, int):
+        return -len(owner) <= key < len(owner)
+    return key in owner if isinstance(owner, dict) else hasattr(owner, key)
 
 
 def parse_target(target: str) -> tuple[Any, str | int]:
-    """"module.NAME" or "module.NAME[i].attr..." -> (what holds the last attribute or index, that attribute or
-    index). One that does not exist is refused: setting it would change nothing, and the arm would time the tree as
+    """"module.NAME" or "module.NAME[i].attr.key..." -> (what holds the last attribute, index or key, that
+    attribute, index or key). One that does not exist is refused: setting it would change nothing, and the arm would time the tree as
     it is under another name."""
     head, bracket, rest = target.partition("[")
     module_name, _, attr = head.rpartition(".")

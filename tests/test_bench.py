@@ -94,6 +94,10 @@ def test_step_ab_refuses_an_arm_that_would_set_nothing(monkeypatch):
     assert parse_arm("ok=llama_dist.kernels.decode_attention.WHOLE_L:32")[1][0][1:] == ("WHOLE_L", 32)
     (owner, key, value), = parse_arm("cap=llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96")[1]
     assert owner is gemv_triton._INT4_CONFIGS[6] and (key, value) == ("maxnreg", 96)
+    (owner, key, value), = parse_arm("rows=llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].kwargs.BLOCK_N:64")[1]
+    assert owner is gemv_triton._INT4_CONFIGS[6].kwargs and (key, value) == ("BLOCK_N", 64)
+    with pytest.raises(ValueError, match=r"_INT4_CONFIGS\[6\].kwargs has no BLOCK_M"):
+        parse_arm("typo=llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].kwargs.BLOCK_M:64")
 
 
 def test_bench_refuses_a_context_its_cache_cannot_hold():
