@@ -6,8 +6,9 @@ round after round. One process, one set of weights and one tuning: differences o
 An arm is "name=module.NAME:value,module.NAME:value" (values as Python literals), or "name=" for the tree as it
 is; NAME may go on into what it holds, by attribute, list index and dict key: "module.NAME[6].attr.key:value" (a
 tuner's config: `llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96`, the 32x1024 tile compiled within 96
-registers; `..._INT4_CONFIGS[6].kwargs.BLOCK_N:64`, every matrix that takes it with 64 rows a program). Each arm decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's
-figure: its first 20 tokens differ from the first arm's). On CPUs the step runs again instead of replaying a graph.
+registers; `..._INT4_CONFIGS[6].kwargs.BLOCK_N:64`, every matrix that takes it with 64 rows a program). Each arm
+decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's figure: its
+first 20 tokens differ from the first arm's). On CPUs the step runs again instead of replaying a graph.
 
     python benchmarks/step_ab.py --config llama-2-7b --quantize int4 --contexts "(16,1000)" \\
         --arms "('main=', 'tile32=llama_dist.kernels.decode_attention.WHOLE_L:32')"
@@ -34,7 +35,7 @@ from llama_dist.generation.llama import load_runner, make_configs  # noqa: E402
 from llama_dist.model.args import ModelArgs  # noqa: E402
 from llama_dist.runner.graphs import GraphedStep, rerun  # noqa: E402
 
-Setting = tuple[Any, str | int, Any]  # (what holds it, its attribute name or list index, value)
+Setting = tuple[Any, str | int, Any]  # (what holds it, its attribute, index or key, value)
 
 
 def _by_item(owner: Any, key: str | int) -> bool:
@@ -61,8 +62,8 @@ def _holds(owner: Any, key: str | int) -> bool:
 
 def parse_target(target: str) -> tuple[Any, str | int]:
     """"module.NAME" or "module.NAME[i].attr.key..." -> (what holds the last attribute, index or key, that
-    attribute, index or key). One that does not exist is refused: setting it would change nothing, and the arm would time the tree as
-    it is under another name."""
+    attribute, index or key). One that does not exist is refused: setting it would change nothing, and the arm
+    would time the tree as it is under another name."""
     head, bracket, rest = target.partition("[")
     module_name, _, attr = head.rpartition(".")
     steps = re.findall(r"\[(\d+)\]|\.([A-Za-z_]\w*)", bracket + rest)
