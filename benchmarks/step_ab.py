@@ -8,7 +8,9 @@ is; NAME may go on into what it holds, by attribute, list index and dict key: "m
 tuner's config: `llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96`, the 32x1024 tile compiled within 96
 registers; `..._INT4_CONFIGS[6].kwargs.BLOCK_N:64`, every matrix that takes it with 64 rows a program). Each arm
 decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's figure: its
-first 20 tokens differ from the first arm's). On CPUs the step runs again instead of replaying a graph.
+first 20 tokens differ from the first arm's). The last line, JSON, holds the figures and, on a GPU, each kernel
+variant the arms loaded with its registers and spills (`compiled`). On CPUs the step runs again instead of
+replaying a graph.
 
     python benchmarks/step_ab.py --config llama-2-7b --quantize int4 --contexts "(16,1000)" \\
         --arms "('main=', 'tile32=llama_dist.kernels.decode_attention.WHOLE_L:32')"
@@ -153,8 +155,13 @@ def main(arms: tuple[str, ...], config: str = "llama-2-7b", quantize: str = "non
             print(f"round {r} context {c}: " + "  ".join(
                 f"{name} {tok_s[name][c][-1]:.1f}{'' if torch.equal(tokens[name][:20], tokens[first][:20]) else '*'}"
                 for name in graphed), flush=True)
+    compiled = []
+    if ctx.device.type == "cuda":  # (Triton is imported only for CUDA models)
+        from llama_dist.kernels.tuning import compiled_variants
+        compiled = compiled_variants()
     print(json.dumps({"config": config, "quantize": quantize, "steps": steps, "tok_s": tok_s,
-                      "device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu"}))
+                      "device": torch.cuda.get_device_name() if ctx.device.type == "cuda" else "cpu",
+                      "compiled": compiled}))
 
 
 if __name__ == "__main__":

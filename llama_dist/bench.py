@@ -186,8 +186,9 @@ def bench(config: str = "llama-2-7b", model: str | None = None, batches: tuple[i
         if b == 1:
             result["greedy_b1"], result["top2_b1"] = greedy, top2
     if ctx.device.type == "cuda":
-        from .kernels.tuning import tiles_picked
+        from .kernels.tuning import compiled_variants, tiles_picked
         result["tiles"] = tiles_picked()
+        result["compiled"] = compiled_variants()
     if "decode_b1_tok_s" in result:
         result["b1_fraction_of_ceiling"] = result["decode_b1_tok_s"] / result["ceiling_tok_s"]
     if hf and ctx.world_size == 1 and not model:

@@ -153,6 +153,29 @@ def test_tiles_picked_is_a_tile_table_of_each_tuned_kernels_choice_per_key():
         tuning._TUNED.pop("test_tiles")
 
 
+def test_compiled_variants_name_each_loaded_kernels_tile_and_registers(monkeypatch):
+    """What benchmarks print of the kernels a GPU run loaded: each variant's constexprs and warps by name, its
+    register cap, the integer arguments taken as multiples of 16, and the registers and spills the driver reported
+    (set here as loading sets them, on a kernel compiled for sm_90 without a GPU); variants never loaded are left
+    out."""
+    triton = pytest.importorskip("triton")
+    from llama_dist.kernels import tuning
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    from kernel_ptx import compile_for
+
+    monkeypatch.setitem(globals(), "triton", triton)  # (the test kernel's annotation names it; compiling reads it)
+    tuner = _test_tuner(tuning, triton)
+    try:
+        loaded, unloaded = (compile_for(tuner.fn, {"BLOCK": 32}, {"x_ptr": "*fp32"}, aligned=("x_ptr", "n"),
+                                        num_warps=8, maxnreg=64) for _ in range(2))
+        loaded.n_regs, loaded.n_spills = 40, 0  # (what the driver's load_binary sets)
+        tuner.fn.device_caches["test device"] = ({"a": loaded, "b": unloaded}, None, None, None, None)
+        assert tuning.compiled_variants() == [{"kernel": "kernel", "BLOCK": 32, "num_warps": 8, "maxnreg": 64,
+                                               "multiples_of_16": ["n"], "registers": 40, "spilled": 0}]
+    finally:
+        tuning._TUNED.pop("test_tiles")
+
+
 def test_the_tuner_times_only_the_tile_tables_choice_where_it_has_one(tmp_path, monkeypatch):
     triton = pytest.importorskip("triton")
     from llama_dist.kernels import tuning

@@ -146,6 +146,30 @@ def tiles_picked() -> Table:
             for name, tuner in _TUNED.items() if tuner.cache}
 
 
+def compiled_variants() -> list[dict[str, Any]]:
+    """The autotuned kernels' variants this process has launched: each one's constexprs, warps, register cap, the
+    integer arguments Triton took as multiples of 16, and the registers a thread and bytes spilled that the driver
+    reports on loading it, which is what the GPU's ptxas made (a compile elsewhere, by another Triton or without
+    those multiples, may differ: RESULTS.md, 34th session). Benchmarks print it beside the tiles picked."""
+    variants = []
+    for jit in {id(t.fn): t.fn for t in _TUNED.values()}.values():
+        names = jit.arg_names
+        for kernel_cache, *_ in getattr(jit, "device_caches", {}).values():
+            for kernel in kernel_cache.values():
+                src = getattr(kernel, "src", None)
+                # (never loaded; or a Triton that keeps these otherwise: nothing reported rather than a run failed)
+                if getattr(kernel, "n_regs", None) is None or not hasattr(src, "attrs"):
+                    continue
+                constants = {names[path[0]]: v for path, v in src.constants.items()
+                             if len(path) == 1 and isinstance(v, (bool, int))}
+                sixteens = [names[path[0]] for path, attrs in src.attrs.items()
+                            if ["tt.divisibility", 16] in attrs and not names[path[0]].endswith("_ptr")]
+                variants.append({"kernel": jit.__name__, **constants, "num_warps": kernel.metadata.num_warps,
+                                 "maxnreg": getattr(kernel.metadata, "maxnreg", None), "multiples_of_16": sixteens,
+                                 "registers": kernel.n_regs, "spilled": kernel.n_spills})
+    return variants
+
+
 def disk_timings(name: str, key: str, cache_dir: str | None = None) -> list[tuple[dict[str, int], float]]:
     """How the tuner timed each of the kernel's configs for this key (tile_fields, median ms), fastest first, as
     Triton's cache keeps them (TRITON_CACHE_DIR, else ~/.triton/cache): the latest full timing there, [] if none."""
