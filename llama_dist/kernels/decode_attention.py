@@ -108,14 +108,15 @@ def load() -> bool:
         into its result, to o_row's N_REP query heads. MERGE_P parts' states are read at once, from L2 where the
         other programs' states land (a loop over the parts would wait for each read in turn)."""
         parts, reps, dims = tl.arange(0, MERGE_P), tl.arange(0, MERGE_R), tl.arange(0, HEAD_DIM)
+        asked = reps < N_REP  # (rows past N_REP pad the tile to a power of two)
         top = tl.full((MERGE_R,), float("-inf"), dtype=tl.float32)
         total = tl.zeros((MERGE_R,), dtype=tl.float32)
         acc = tl.zeros((MERGE_R, HEAD_DIM), dtype=tl.float32)
         for first in range(0, n_parts, MERGE_P):
-            held = ((first + parts) < n_parts)[:, None] & (reps < N_REP)[None, :]
+            held = ((first + parts) < n_parts)[:, None] & asked[None, :]
             at = states + (first + parts)[:, None] * (N_REP * (HEAD_DIM + 2)) + reps[None, :] * (HEAD_DIM + 2)
             tops = tl.load(at + HEAD_DIM, mask=held, other=float("-inf"), cache_modifier=".cg")
-            tops = tl.where((reps < N_REP)[None, :], tops, 0.0)  # (rows past N_REP: finite, never stored)
+            tops = tl.where(asked[None, :], tops, 0.0)  # (rows past N_REP: finite, never stored)
             totals = tl.load(at + HEAD_DIM + 1, mask=held, other=1.0, cache_modifier=".cg")
             accs = tl.load(at[:, :, None] + dims[None, None, :], mask=held[:, :, None], other=0.0,
                            cache_modifier=".cg")
@@ -125,8 +126,7 @@ def load() -> bool:
             total = total * shrink + tl.sum(totals * weights, axis=0)
             acc = acc * shrink[:, None] + tl.sum(accs * weights[:, :, None], axis=0)
             top = new_top
-        o_at = o_row + reps[:, None] * HEAD_DIM + dims[None, :]
-        tl.store(o_at, (acc / total[:, None]).to(o_at.dtype.element_ty), mask=(reps < N_REP)[:, None])
+        _store(o_row + reps[:, None] * HEAD_DIM + dims[None, :], acc, total, asked)
 
     @triton.jit
     def _attention_kernel(qkv_ptr, rope_ptr, cache_k_ptr, cache_v_ptr, table_ptr, slot_ptr, pos_ptr, o_ptr,

@@ -122,7 +122,6 @@ class FusedTransformerBlock(TransformerBlock):
         go to the slots of `sites` instead of through all-reduces, and x may be such a sum."""
         attention, ffn = self.attention, self.feed_forward
         qkv = fused_linear(attention.wqkv, x, self.use_gemv, norm=self.attention_norm, row_kernels=self.row_kernels)
-        into = (None, None) if peer is None else (PeerSum(peer, sites[0]), PeerSum(peer, sites[1]))
         if self.attention_kernel:  # one token per row: its mask is always "up to pos"
             cache_row = cache_rows(slots, qkv.shape[0], qkv.device)
             out = decode_attention.decode_attention(qkv, rope, attention.cache_k, attention.cache_v,
@@ -130,6 +129,7 @@ class FusedTransformerBlock(TransformerBlock):
                                                     self.batch_invariant, length)
         else:
             out = attention.cached_attention(qkv, pos, rope, mask, slots, length)
+        into = (None, None) if peer is None else (PeerSum(peer, sites[0]), PeerSum(peer, sites[1]))
         h = self._reduce(attention.wo, out, residual=x, into=into[0])
         gate_up = fused_linear(ffn.w13, h, self.use_gemv, norm=self.ffn_norm, row_kernels=self.row_kernels)
         return self._reduce(ffn.w2, gate_up, gated=True, residual=h, into=into[1])
