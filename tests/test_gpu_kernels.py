@@ -209,9 +209,10 @@ def test_decode_attention_launch_by_rows_and_window():
 
 
 def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch):
-    """The one-row int4 tiles compiled within a register cap (maxnreg), as the q/k/v and w1/w3 products with their
-    norm run them, take at most the cap and spill nothing, so four programs of 4 warps fit an SM: whether Triton
-    knows the sizes to be multiples of 16 or not (which changes the registers ptxas takes uncapped)."""
+    """The one-row int4 tiles compiled within a register cap (maxnreg), as the H200 table's products run them (q/k/v
+    with its norm the one-row tile, w2 with its gate and residual the split-K one), take at most the cap and spill
+    nothing, so four programs of 4 warps fit an SM: whether Triton knows the sizes to be multiples of 16 or not
+    (which changes the registers ptxas takes uncapped)."""
     import triton
 
     from llama_dist.kernels import gemv_triton
@@ -222,10 +223,12 @@ def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch)
     if "maxnreg" not in inspect.signature(triton.Config).parameters:
         pytest.skip("this Triton cannot cap a kernel's registers")
     capped = [c for c in gemv_triton._INT4_CONFIGS if c.maxnreg]
-    assert capped  # (the 32x1024 tile of 4 warps)
+    assert len(capped) == 2  # (the 32x1024 tiles of 4 warps, one-row and split-K)
     for config in capped:
-        constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": True, "GATED": False, "RESIDUAL": False,
-                     "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, **config.kwargs}
+        split = config.kwargs["SPLIT_K"] > 1
+        constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": not split, "GATED": split,
+                     "RESIDUAL": split, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
+                     **config.kwargs}
         pointers = {**POINTERS, "w_ptr": "*i32"}
         for aligned in (tuple(pointers), (*pointers, "N", "K")):
             kernel = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=aligned,

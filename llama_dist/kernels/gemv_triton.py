@@ -40,13 +40,16 @@ def _config(tile: dict[str, int], warps: int, max_registers: int | None = None) 
 # the others' loads (an int4 row holds half an int8 row's bytes per rounded input), and the best of
 # benchmarks/gemv_tiles.py --wide per 7B matrix; not timed for int8 yet. 32x1024 at 4 warps within 128 registers
 # (four programs an SM, unspilled): on an H200, int4 b1 +2.5% (a cap of 96, which spills: -5%; benchmarks/RESULTS.md).
-# Uncapped, ptxas takes 124-162 by what Triton knows of the sizes (three an SM at 162) and schedules the loop
-# otherwise. Other tiles uncapped: under a cap ptxas may take more registers than they use now.
+# Uncapped, ptxas takes 124-162 by what Triton knows of the sizes and schedules the loop otherwise. Other tiles
+# uncapped: under a cap ptxas may take more registers than they use now. The last two, the best in the 7B int4
+# step on an H200 (+5% together, RESULTS.md, 35th session): 64x512 for w1/w3 (each program rounds x once for twice
+# the rows of 32x1024, and its 344 programs fit at once), and the split-K 32x1024 (capped as above) for wo and w2.
 _INT4_CONFIGS = [_config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, w, regs)
                  for bn, bk, sk, w, regs in ((8, 512, 1, 2, None), (16, 256, 1, 2, None), (16, 512, 1, 2, None),
                                              (8, 1024, 1, 4, None), (16, 512, 1, 4, None), (16, 1024, 1, 4, None),
                                              (32, 1024, 1, 4, 128), (8, 512, 2, 4, None), (8, 1024, 2, 4, None),
-                                             (16, 1024, 4, 4, None), (64, 1024, 4, 8, None))] + _DP4A_CONFIGS
+                                             (16, 1024, 4, 4, None), (64, 1024, 4, 8, None), (64, 512, 1, 4, None),
+                                             (32, 1024, 4, 4, 128))] + _DP4A_CONFIGS
 
 
 @triton.jit
@@ -437,7 +440,9 @@ def _tile(w: torch.Tensor, k_in: int, dtype: torch.dtype, scaled: bool, norm: bo
         scales = scratch[:2 * n * k // 32 if w.dtype == torch.int32 else n]
         gemv_op(scratch[None, :k_in], w, scales, scratch[:k], scratch[None, :n], 1e-5, scaled, norm, gated, add)
         config = _tuned(w)[0].best_config
-        _TILES[key] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+        cap = getattr(config, "maxnreg", None)  # (a Triton that has it)
+        _TILES[key] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
+                       **({"maxnreg": cap} if cap else {})}
     return _TILES[key]
 
 
