@@ -126,6 +126,11 @@ for n, k in ((40, 288), (9, 1024)):
     sz = torch.stack([scales, zeros], -1).transpose(0, 1).contiguous()
     got = torch.ops.llama_dist.dequantize(int4_words(q), sz, torch.float32)
     assert torch.equal(got, int4_dequantize(q, scales, zeros)), (n, k)
+    # into bf16 from bf16 pairs, two at a time: the values rounded once (the interpreter truncates: a bf16 step)
+    scales, zeros, sz = scales.to(torch.bfloat16), zeros.to(torch.bfloat16), sz.to(torch.bfloat16)
+    got = torch.ops.llama_dist.dequantize(int4_words(q), sz, torch.bfloat16)
+    dense = int4_dequantize(q, scales.float(), zeros.float())
+    assert got.dtype == torch.bfloat16 and ((got.float() - dense).abs() <= dense.abs() / 128).all(), (n, k)
 print("ok")
 """
 

@@ -163,12 +163,14 @@ def _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr
 def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """y [N, K] = the matrix's values: int8 W times its row scales, or the int4 matrix's from its words and group
-    pairs (_int4_tile); rounded once to y's dtype."""
+    pairs (_int4_tile; into bf16 from bf16 pairs two at a time, _int4_tile_bf16); rounded once to y's dtype."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
     ok = (rows < N)[:, None] & (ks < K)[None, :]
-    if INT4:
+    if INT4 and y_ptr.dtype.element_ty == tl.bfloat16 and sz_ptr.dtype.element_ty == tl.bfloat16:
+        y = _int4_tile_bf16(w_ptr, sz_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
+    elif INT4:
         y = _int4_tile(w_ptr, sz_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
     else:
         y = _exact_float(_weights(w_ptr, rows, rows < N, k0, K, False, False, BLOCK_K).to(tl.int32))
@@ -200,7 +202,8 @@ _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K
             for sk in splits for s in (3, 4) for swap in ((False, True) if bm < 64 else (False,))]
 _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
 _DEQUANTIZE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
-                       for bn, bk, w in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (32, 256, 8))]
+                       for bn, bk, w in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (32, 256, 8), (64, 256, 8),
+                                         (32, 512, 8))]
 if INTERPRETED:  # the interpreter cannot time configs: one tile, K in two parts
     _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2,
                                                         "SWAP": False}
