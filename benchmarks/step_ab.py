@@ -6,7 +6,11 @@ round after round. One process, one set of weights and one tuning: differences o
 An arm is "name=module.NAME:value,module.NAME:value" (values as Python literals), or "name=" for the tree as it
 is; NAME may go on into what it holds, by attribute, list index and dict key: "module.NAME[6].attr.key:value" (a
 tuner's config: `llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].maxnreg:96`, the 32x1024 tile compiled within 96
-registers; `..._INT4_CONFIGS[6].kwargs.BLOCK_N:64`, every matrix that takes it with 64 rows a program). Each arm
+registers; `..._INT4_CONFIGS[6].kwargs.BLOCK_N:64`, every matrix that takes it with 64 rows a program). A setting
+"tuner[FIELD=v;...]:FIELD=v;..." gives the matrices whose tuning keys match the first fields (the one-row
+kernel's tuners as tiles_picked names them: gemv, gemv_int4, gemv_int8) a tile of their own, the tile they took
+with the second fields changed: `gemv_int4[N=22016]:BLOCK_N=32;BLOCK_K=1024;maxnreg=128` (w1/w3 of 7B alone;
+maxnreg=None uncaps); one decode step runs before the arms are captured, so that the tuners have picked. Each arm
 decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's figure: its
 first 20 tokens differ from the first arm's). The last line, JSON, holds the figures and, on a GPU, each kernel
 variant the arms loaded with its registers and spills (`compiled`). On CPUs the step runs again instead of
@@ -38,6 +42,50 @@ from llama_dist.model.args import ModelArgs  # noqa: E402
 from llama_dist.runner.graphs import GraphedStep, rerun  # noqa: E402
 
 Setting = tuple[Any, str | int, Any]  # (what holds it, its attribute, index or key, value)
+TILE = re.compile(r"(\w+)\[(\w+=[^\]]+)\]$")  # tuner[FIELD=v;...]
+
+
+@dataclasses.dataclass
+class TileSetting:
+    """A tile for the matrices whose tuning keys match `keys`: the tile each took, with `fields` changed. Resolved
+    when its arm is captured, after the tuners have picked (resolve)."""
+    tuner: str
+    keys: dict[str, Any]
+    fields: dict[str, Any]
+
+
+def _fields(text: str) -> dict[str, Any]:
+    """"A=1;B=None" -> {"A": 1, "B": None}."""
+    pairs = [item.partition("=") for item in filter(None, text.split(";"))]
+    if not pairs or any(not name.strip().isidentifier() or not eq or not value.strip() for name, eq, value in pairs):
+        raise ValueError(f"{text!r} is not FIELD=value;...")
+    return {name.strip(): ast.literal_eval(value.strip()) for name, _, value in pairs}
+
+
+def resolve(setting: Setting | TileSetting) -> list[Setting]:
+    """A setting as what it sets: a TileSetting as each matching key's entry in its tuner's cache, set to a
+    config of the tile it took with the fields changed."""
+    if not isinstance(setting, TileSetting):
+        return [setting]
+    import triton
+
+    from llama_dist.kernels.tuning import _TUNED
+    if setting.tuner not in _TUNED:
+        raise ValueError(f"No tuner {setting.tuner!r} has run (those that have: {sorted(_TUNED)}).")
+    tuner, found = _TUNED[setting.tuner], []
+    for key, config in tuner.cache.items():
+        named = dict(zip(tuner.keys, key))
+        if all(named.get(k) == v for k, v in setting.keys.items()):
+            options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                       "maxnreg": getattr(config, "maxnreg", None)}
+            options.update((k, v) for k, v in setting.fields.items() if k in options)
+            kwargs = {**config.kwargs, **{k: v for k, v in setting.fields.items() if k not in options}}
+            if options["maxnreg"] is None:
+                del options["maxnreg"]
+            found.append((tuner.cache, key, triton.Config(kwargs, **options)))
+    if not found:
+        raise ValueError(f"{setting.tuner} took no tile for a key with {setting.keys}.")
+    return found
 
 
 def _by_item(owner: Any, key: str | int) -> bool:
@@ -82,15 +130,19 @@ def parse_target(target: str) -> tuple[Any, str | int]:
     return owner, keys[-1]
 
 
-def parse_arm(text: str) -> tuple[str, list[Setting]]:
-    """"name=module.NAME:value,..." -> (name, the settings)."""
+def parse_arm(text: str) -> tuple[str, list[Setting | TileSetting]]:
+    """"name=module.NAME:value,..." (or tuner[...]:..., a TileSetting) -> (name, the settings)."""
     name, _, rest = text.partition("=")
-    settings = []
+    settings: list[Setting | TileSetting] = []
     for item in filter(None, rest.split(",")):
         target, _, value = item.partition(":")
         if not value.strip():
             raise ValueError(f"Arm {name!r}: {item!r} is not module.NAME:value.")
         try:
+            tile = TILE.match(target.strip())
+            if tile:
+                settings.append(TileSetting(tile[1], _fields(tile[2]), _fields(value)))
+                continue
             owner, key = parse_target(target.strip())
         except ValueError as e:
             raise ValueError(f"Arm {name!r}: {e}") from None
@@ -98,8 +150,9 @@ def parse_arm(text: str) -> tuple[str, list[Setting]]:
     return name.strip(), settings
 
 
-def capture(model, settings: list[Setting]) -> GraphedStep:
+def capture(model, settings: list[Setting | TileSetting]) -> GraphedStep:
     """The model's graphed step captured with these settings in force (restored after)."""
+    settings = [s for setting in settings for s in resolve(setting)]
     before = [(owner, key, _get(owner, key)) for owner, key, _ in settings]
     for owner, key, value in settings:
         _set(owner, key, value)
@@ -132,10 +185,11 @@ def main(arms: tuple[str, ...], config: str = "llama-2-7b", quantize: str = "non
                          progress=False)
     model = runner.model
     named = dict(map(parse_arm, arms))
+    prompt = (torch.arange(n_ctx - 8, device=ctx.device) % model.args.vocab_size)[None]
+    model(prompt[:, :1], 0)  # (a decode step: the one-row kernels' tuners pick their tiles)
     graphed = {name: capture(model, settings) for name, settings in named.items()}
     for name, step in graphed.items():
         print(f"{name}: windows {step.windows}", flush=True)
-    prompt = (torch.arange(n_ctx - 8, device=ctx.device) % model.args.vocab_size)[None]
     model(prompt, 0)  # every arm then writes the same cache places again
     first = next(iter(graphed))
     tok_s: dict[str, dict[int, list[float]]] = {name: {c: [] for c in contexts} for name in graphed}

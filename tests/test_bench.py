@@ -100,6 +100,49 @@ def test_step_ab_refuses_an_arm_that_would_set_nothing(monkeypatch):
         parse_arm("typo=llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].kwargs.BLOCK_M:64")
 
 
+def test_step_ab_tile_settings_give_matching_keys_a_tile_of_their_own(monkeypatch):
+    """"tuner[N=..]:FIELD=v;..." sets, for each key of that tuner matching the first fields, the tile it took with
+    the second fields changed (warps and register cap among them; the rest kept); a tuner that has not run, or no
+    matching key, is refused."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from step_ab import TileSetting, capture, parse_arm, resolve
+
+    from llama_dist.kernels import tuning
+
+    @triton.jit
+    def kernel(x_ptr, N, K, BLOCK_N: triton.language.constexpr, BLOCK_K: triton.language.constexpr):
+        pass
+
+    tuner = tuning.autotune([triton.Config({"BLOCK_N": 32, "BLOCK_K": 1024}, num_warps=4)], ["N", "K"],
+                           "test_step_tiles")(kernel)
+    try:
+        name, (setting,) = parse_arm("w13=test_step_tiles[N=22016]:BLOCK_N=64;num_warps=8;maxnreg=None")
+        assert name == "w13" and setting == TileSetting("test_step_tiles", {"N": 22016},
+                                                        {"BLOCK_N": 64, "num_warps": 8, "maxnreg": None})
+        took = tuner.configs[0]
+        tuner.cache.update({(22016, 4096, "torch.bfloat16"): took, (4096, 4096, "torch.bfloat16"): took})
+        (owner, key, config), = resolve(setting)
+        assert owner is tuner.cache and key == (22016, 4096, "torch.bfloat16")
+        assert config.kwargs == {"BLOCK_N": 64, "BLOCK_K": 1024} and config.num_warps == 8
+        assert getattr(config, "maxnreg", None) is None and took.kwargs["BLOCK_N"] == 32
+        assert len(resolve(parse_arm("k=test_step_tiles[K=4096]:BLOCK_K=512")[1][0])) == 2
+        with pytest.raises(ValueError, match="took no tile for a key with"):
+            resolve(parse_arm("none=test_step_tiles[N=11008]:BLOCK_N=64")[1][0])
+        with pytest.raises(ValueError, match="No tuner 'gemv_int5'"):
+            resolve(parse_arm("typo=gemv_int5[N=22016]:BLOCK_N=64")[1][0])
+        with pytest.raises(ValueError, match="is not FIELD=value"):
+            parse_arm("bad=test_step_tiles[N=22016]:BLOCK_N")
+        # in force while an arm's step is captured, the tile it took back after
+        seen = []
+        monkeypatch.setattr("step_ab.GraphedStep", lambda model, record: seen.append(
+            tuner.cache[(22016, 4096, "torch.bfloat16")].kwargs["BLOCK_N"]))
+        capture(type("Model", (), {"device": torch.device("cpu")})(), [setting])
+        assert seen == [64] and tuner.cache[(22016, 4096, "torch.bfloat16")] is took
+    finally:
+        tuning._TUNED.pop("test_step_tiles")
+
+
 def test_bench_refuses_a_context_its_cache_cannot_hold():
     from llama_dist.bench import bench
     with pytest.raises(ValueError, match="must fit --n_ctx 64"):
