@@ -69,20 +69,18 @@ def resolve(setting: Setting | TileSetting) -> list[Setting]:
         return [setting]
     import triton
 
-    from llama_dist.kernels.tuning import _TUNED
+    from llama_dist.kernels.tuning import _TUNED, tile_fields
     if setting.tuner not in _TUNED:
         raise ValueError(f"No tuner {setting.tuner!r} has run (those that have: {sorted(_TUNED)}).")
     tuner, found = _TUNED[setting.tuner], []
     for key, config in tuner.cache.items():
         named = dict(zip(tuner.keys, key))
         if all(named.get(k) == v for k, v in setting.keys.items()):
-            options = {"num_warps": config.num_warps, "num_stages": config.num_stages,
-                       "maxnreg": getattr(config, "maxnreg", None)}
-            options.update((k, v) for k, v in setting.fields.items() if k in options)
-            kwargs = {**config.kwargs, **{k: v for k, v in setting.fields.items() if k not in options}}
+            fields = {**tile_fields(config), "maxnreg": getattr(config, "maxnreg", None), **setting.fields}
+            options = {k: fields.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
             if options["maxnreg"] is None:
                 del options["maxnreg"]
-            found.append((tuner.cache, key, triton.Config(kwargs, **options)))
+            found.append((tuner.cache, key, triton.Config(fields, **options)))
     if not found:
         raise ValueError(f"{setting.tuner} took no tile for a key with {setting.keys}.")
     return found

@@ -13,7 +13,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..distributed.peer_memory import PeerSlots
 from ..distributed.settings import read_settings
 from .gemv import INTERPRETED
-from .tuning import autotune, streamed_time
+from .tuning import autotune, streamed_time, tile_fields
 
 # (no num_stages: it does not change this kernel's code, whose loop has no tl.dot for Triton's pipeliner to stage;
 # the machine code of num_stages 2, 3 and 4 is the same, so timing each only doubled the tuning)
@@ -441,8 +441,7 @@ def _tile(w: torch.Tensor, k_in: int, dtype: torch.dtype, scaled: bool, norm: bo
         gemv_op(scratch[None, :k_in], w, scales, scratch[:k], scratch[None, :n], 1e-5, scaled, norm, gated, add)
         config = _tuned(w)[0].best_config
         cap = getattr(config, "maxnreg", None)  # (a Triton that has it)
-        _TILES[key] = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages,
-                       **({"maxnreg": cap} if cap else {})}
+        _TILES[key] = {**tile_fields(config), **({"maxnreg": cap} if cap else {})}
     return _TILES[key]
 
 

@@ -60,10 +60,8 @@ def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sums_ptr, tickets_ptr, M, N
     for k0 in range(k_first, tl.minimum(k_first + k_step, K), BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rows[:, None] * K + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
-        if INT4 and x_ptr.dtype.element_ty == tl.bfloat16 and s_ptr.dtype.element_ty == tl.bfloat16:
-            w = _int4_tile_bf16(w_ptr, s_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
-        elif INT4:
-            w = _int4_tile(w_ptr, s_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
+        if INT4:
+            w = _int4_values(w_ptr, s_ptr, x_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
         else:
             w = _exact_float(_weights(w_ptr, cols, cols < N, k0, K, False, False, BLOCK_K).to(tl.int32))
         w = w.to(x.dtype)
@@ -160,18 +158,27 @@ def _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr
 
 
 @triton.jit
+def _int4_values(w_ptr, sz_ptr, like_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The int4 tile's values for a product or copy in like_ptr's dtype: two at a time in bf16 where that dtype and
+    the (scale, zero) pairs are bf16 (_int4_tile_bf16), else in fp32 (_int4_tile)."""
+    if like_ptr.dtype.element_ty == tl.bfloat16 and sz_ptr.dtype.element_ty == tl.bfloat16:
+        values = _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N, BLOCK_K)
+    else:
+        values = _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N, BLOCK_K)
+    return values
+
+
+@triton.jit
 def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: tl.constexpr,
                        BLOCK_K: tl.constexpr):
     """y [N, K] = the matrix's values: int8 W times its row scales, or the int4 matrix's from its words and group
-    pairs (_int4_tile; into bf16 from bf16 pairs two at a time, _int4_tile_bf16); rounded once to y's dtype."""
+    pairs (_int4_values); rounded once to y's dtype."""
     rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
     ks = k0 + tl.arange(0, BLOCK_K)
     ok = (rows < N)[:, None] & (ks < K)[None, :]
-    if INT4 and y_ptr.dtype.element_ty == tl.bfloat16 and sz_ptr.dtype.element_ty == tl.bfloat16:
-        y = _int4_tile_bf16(w_ptr, sz_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
-    elif INT4:
-        y = _int4_tile(w_ptr, sz_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
+    if INT4:
+        y = _int4_values(w_ptr, sz_ptr, y_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
     else:
         y = _exact_float(_weights(w_ptr, rows, rows < N, k0, K, False, False, BLOCK_K).to(tl.int32))
         y = y * tl.load(sz_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
