@@ -69,17 +69,18 @@ def resolve(setting: Setting | TileSetting) -> list[Setting]:
         return [setting]
     import triton
 
-    from llama_dist.kernels.tuning import _TUNED, tile_fields
+    from llama_dist.kernels.tuning import _TUNED, launch_fields
     if setting.tuner not in _TUNED:
         raise ValueError(f"No tuner {setting.tuner!r} has run (those that have: {sorted(_TUNED)}).")
     tuner, found = _TUNED[setting.tuner], []
     for key, config in tuner.cache.items():
         named = dict(zip(tuner.keys, key))
         if all(named.get(k) == v for k, v in setting.keys.items()):
-            fields = {**tile_fields(config), "maxnreg": getattr(config, "maxnreg", None), **setting.fields}
-            options = {k: fields.pop(k) for k in ("num_warps", "num_stages", "maxnreg")}
-            if options["maxnreg"] is None:
-                del options["maxnreg"]
+            fields = {**launch_fields(config), **setting.fields}
+            options = {k: fields.pop(k) for k in ("num_warps", "num_stages")}
+            cap = fields.pop("maxnreg", None)  # (None in the setting: uncapped)
+            if cap is not None:
+                options["maxnreg"] = cap
             found.append((tuner.cache, key, triton.Config(fields, **options)))
     if not found:
         raise ValueError(f"{setting.tuner} took no tile for a key with {setting.keys}.")

@@ -13,7 +13,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 from ..distributed.peer_memory import PeerSlots
 from ..distributed.settings import read_settings
 from .gemv import INTERPRETED
-from .tuning import autotune, streamed_time, tile_fields
+from .tuning import autotune, launch_fields, streamed_time
 
 # (no num_stages: it does not change this kernel's code, whose loop has no tl.dot for Triton's pipeliner to stage;
 # the machine code of num_stages 2, 3 and 4 is the same, so timing each only doubled the tuning)
@@ -439,9 +439,7 @@ def _tile(w: torch.Tensor, k_in: int, dtype: torch.dtype, scaled: bool, norm: bo
         scratch = torch.zeros(max(n + k_in, 2 * n * k // 32), dtype=dtype, device=w.device)
         scales = scratch[:2 * n * k // 32 if w.dtype == torch.int32 else n]
         gemv_op(scratch[None, :k_in], w, scales, scratch[:k], scratch[None, :n], 1e-5, scaled, norm, gated, add)
-        config = _tuned(w)[0].best_config
-        cap = getattr(config, "maxnreg", None)  # (a Triton that has it)
-        _TILES[key] = {**tile_fields(config), **({"maxnreg": cap} if cap else {})}
+        _TILES[key] = launch_fields(_tuned(w)[0].best_config)
     return _TILES[key]
 
 

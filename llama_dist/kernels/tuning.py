@@ -55,6 +55,13 @@ def tile_fields(config: triton.Config | dict) -> dict[str, int]:
     return {**fields["kwargs"], "num_warps": fields["num_warps"], "num_stages": fields["num_stages"]}
 
 
+def launch_fields(config: triton.Config) -> dict[str, int]:
+    """A config's tile_fields and, where it has one, its register cap (maxnreg): what a launch with exactly this
+    config passes (tile tables leave the cap out: their tiles name the configs of a list)."""
+    cap = getattr(config, "maxnreg", None)  # (a Triton that has it)
+    return {**tile_fields(config), **({"maxnreg": cap} if cap else {})}
+
+
 def key_text(names: Sequence[str], values: Sequence[Any]) -> str:
     """A tuning key as a tile table names it: "N=4096, K=4096, ..." (the dtypes Triton adds to the key left out,
     as they do not change which tile streams a matrix fastest)."""
