@@ -42,8 +42,9 @@ def _config(tile: dict[str, int], warps: int, max_registers: int | None = None) 
 # (four programs an SM, unspilled): on an H200, int4 b1 +2.5% (a cap of 96, which spills: -5%; benchmarks/RESULTS.md).
 # Uncapped, ptxas takes 124-162 by what Triton knows of the sizes and schedules the loop otherwise. Other tiles
 # uncapped: under a cap ptxas may take more registers than they use now. The last two, the best in the 7B int4
-# step on an H200 (+5% together, RESULTS.md, 35th session): 64x512 for w1/w3 (each program rounds x once for twice
-# the rows of 32x1024, and its 344 programs fit at once), and the split-K 32x1024 (capped as above) for wo and w2.
+# step on an H200 (+5% together, RESULTS.md, 35th session): 64x512 for w1/w3 (half the programs of 32x1024, all 344
+# resident at once; not for rounding x less often: rounding it once a step lost, 36th session), and the split-K
+# 32x1024 (capped as above) for wo and w2.
 _INT4_CONFIGS = [_config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, w, regs)
                  for bn, bk, sk, w, regs in ((8, 512, 1, 2, None), (16, 256, 1, 2, None), (16, 512, 1, 2, None),
                                              (8, 1024, 1, 4, None), (16, 512, 1, 4, None), (16, 1024, 1, 4, None),
