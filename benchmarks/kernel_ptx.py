@@ -143,7 +143,7 @@ def main() -> None:
         constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "DP4A": a.format == "int8",
                      "NORM": a.norm, "GATED": False, "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False,
                      "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": a.block_n, "BLOCK_K": a.block_k,
-                     "SPLIT_K": a.split_k}
+                     "SPLIT_K": a.split_k, "EVICTION": gemv_triton._weights_eviction()}
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
     options = {"num_warps": a.warps, **({"num_stages": a.stages} if a.rows else {}),
                **({"maxnreg": a.max_registers} if a.max_registers else {})}

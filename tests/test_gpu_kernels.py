@@ -8,6 +8,7 @@ are compiled for sm_90 instead (Triton's wheel carries ptxas), where the questio
 arguments torch.compile passes, the order of the programmatic-launch instructions."""
 import inspect
 import os
+import re
 import subprocess
 import sys
 
@@ -233,7 +234,7 @@ def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch)
         split = config.kwargs["SPLIT_K"] > 1
         constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": not split, "GATED": split,
                      "RESIDUAL": split, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
-                     **config.kwargs}
+                     "EVICTION": gemv_triton._weights_eviction(), **config.kwargs}
         pointers = {**POINTERS, "w_ptr": "*i32"}
         for aligned in (tuple(pointers), (*pointers, "N", "K")):
             kernel = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=aligned,
@@ -243,6 +244,27 @@ def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch)
                 pytest.skip("no ptxas in this Triton")
             assert registers <= config.maxnreg and spilled == 0, (config, aligned, registers, spilled)
             assert programs * config.num_warps >= 16, (config, programs)
+
+
+def test_one_row_kernel_loads_only_its_weights_as_first_to_leave_l2(monkeypatch):
+    """The weights, read once a step, are loaded evict_first as the model launches the kernel; x, the group scales
+    and the residual, which other programs and kernels read again, keep L2's default policy."""
+    from llama_dist.kernels import gemv_triton
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from kernel_ptx import POINTERS, compile_for
+
+    constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": True, "GATED": False, "RESIDUAL": True,
+                 "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": 32, "BLOCK_K": 1024,
+                 "SPLIT_K": 1, "EVICTION": gemv_triton._weights_eviction()}
+    pointers = {**POINTERS, "w_ptr": "*i32"}
+    ptx = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=tuple(pointers),
+                      num_warps=4).asm["ptx"]
+    loads = re.findall(r"ld\.global\S*", ptx)
+    first = [op for op in loads if "evict_first" in op]
+    # 32 rows x 128 words a tile, two tiles' loads in the code (before the wait and in the loop): 16-byte loads
+    assert len(first) == 2 * 32 * 128 // (4 * 128) and all(op.endswith(".v4.b32") for op in first), loads
+    assert len(first) < len(loads)
 
 
 @pytest.mark.parametrize("split, tile, warps", [(False, 64, 8), (True, 32, 4)])
@@ -282,7 +304,7 @@ def wait_then_release(fn, constants, types):
 
 base = {"SCALED": False, "INT4": False, "DP4A": False, "NORM": False, "GATED": False, "RESIDUAL": False,
         "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": 16, "BLOCK_K": 256,
-        "SPLIT_K": 1}
+        "SPLIT_K": 1, "EVICTION": gemv_triton._weights_eviction()}
 for flags, weight in (({"INT4": True, "NORM": True}, "*i32"), ({"SCALED": True, "DP4A": True, "SPLIT_K": 4}, "*i8"),
                       ({"GATED": True, "RESIDUAL": True}, "*bf16"),
                       ({"WORLD": 2, "X_SLOTS": True, "R_SLOTS": True, "Y_SLOTS": True}, "*bf16")):

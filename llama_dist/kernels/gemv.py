@@ -9,8 +9,9 @@ zero each: 8 weights per 32-bit word, multiplied against x rounded to int8 per g
 dp4a, four products per instruction, each group's scale applied to its integer sum, as llama.cpp's CUDA kernels
 do (float conversions took ~4 instructions per weight: RESULTS.md, "Quantized GPU kernels"). Tile sizes are
 autotuned per shape; int4's may also share a row's inputs out over several programs (the last adds their parts
-in a fixed order), so that matrices of few rows fill the GPU with tiles tall enough to round x to int8 for many
-rows at once.
+in a fixed order), so that matrices of few rows fill the GPU with tall tiles, few programs each resident at once
+(rounding x once a step instead of in every program lost: benchmarks/RESULTS.md). The weights are loaded as the
+first lines L2 gives up, being read once a step, so that what is read again stays there.
 
 int8 rows whose length is whole groups of 32 are read four weights to a word and multiplied the same way, against
 x rounded to int8 per group of 32 (llama.cpp's Q8_0 x Q8_1), the row scale applied to the finished sum: about a

@@ -100,6 +100,12 @@ def pdl_launch() -> dict:
     return {"launch_pdl": True} if _PDL and not torch.compiler.is_compiling() else {}
 
 
+# The one-row kernel loads its weights as the first lines L2 gives up (evict_first): each is read once a step, and
+# what is read again (x, the norms, split-K's parts, the attention's cache) stays. On an H200, b1 +0.6-1.2% (int4),
+# +0.9-1.4% (int8), +1.2-1.8% (bf16); int4's group scales loaded so too lose 1.4-2.7% (benchmarks/RESULTS.md).
+WEIGHTS_EVICT_FIRST = True
+
+
 @triton.jit
 def _load_acquire(ptr):
     """*ptr, with later loads ordered after it at system scope (what sees the peers' writes)."""
@@ -203,22 +209,24 @@ def _int4_groups_product(w, x, s_ptr, rows, row_ok, k0, N, K, BLOCK_K: tl.conste
 
 
 @triton.jit
-def _weights(w_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, DP4A: tl.constexpr, BLOCK_K: tl.constexpr):
+def _weights(w_ptr, rows, row_ok, k0, K, INT4: tl.constexpr, DP4A: tl.constexpr, BLOCK_K: tl.constexpr,
+             EVICTION: tl.constexpr):
     """This tile of W: [BLOCK_N, BLOCK_K] values, or for INT4 [BLOCK_N, BLOCK_K / 8] words of 8 inputs, or for
     DP4A (int8) [BLOCK_N, BLOCK_K / 4] words of 4."""
     if DP4A:
         cols = k0 // 4 + tl.arange(0, BLOCK_K // 4)
         words = tl.multiple_of(K // 4, 4)  # (K is whole groups of 32: 16-byte loads)
         w = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * words + cols[None, :],
-                    mask=row_ok[:, None] & (cols < words)[None, :], other=0)
+                    mask=row_ok[:, None] & (cols < words)[None, :], other=0, eviction_policy=EVICTION)
     elif INT4:
         cols = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         words = tl.multiple_of(K // 8, 4)  # (K is whole groups of 32: rows start 16-byte aligned, loads take 16 bytes)
         w = tl.load(w_ptr + rows[:, None] * words + cols[None, :], mask=row_ok[:, None] & (cols < words)[None, :],
-                    other=0)
+                    other=0, eviction_policy=EVICTION)
     else:
         cols = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+        w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0,
+                    eviction_policy=EVICTION)
     return w
 
 
@@ -253,7 +261,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
                  SCALED: tl.constexpr, INT4: tl.constexpr, DP4A: tl.constexpr, NORM: tl.constexpr,
                  GATED: tl.constexpr, RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr,
                  R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr):
+                 SPLIT_K: tl.constexpr, EVICTION: tl.constexpr = ""):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED (DP4A: against x in int8 per group of 32,
     four products per instruction: _int8_groups_product), or when INT4 int4 words [N, K / 8] with (scale, zero)
     per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
@@ -266,7 +274,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     SPLIT_K > 1: the inputs are shared out over SPLIT_K programs per block of rows (grid axis 1); each writes its
     partial sums (and sum of squares) to its part of sums [SPLIT_K, N + row blocks] and takes a ticket in tickets
     [row blocks], and the last of a block adds the parts in order, finishes the rows as above and leaves the
-    tickets zeroed for the next launch."""
+    tickets zeroed for the next launch.
+
+    EVICTION: the weights' L2 eviction policy (tl.load's eviction_policy)."""
     block = tl.program_id(0)
     rows = (block * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     row_ok = rows < N
@@ -276,7 +286,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     k_next = tl.program_id(1) * k_step
     k_end = tl.minimum(k_next + k_step, K)
     # the first tile of weights streams in while the kernel before this one ends (PDL) and the peers' parts arrive
-    w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, DP4A, BLOCK_K)
+    w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, DP4A, BLOCK_K, EVICTION)
     _await_inputs()
     _release_dependents()
     if X_SLOTS:
@@ -284,7 +294,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
                                N, K, SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
     for k0 in range(k_next + BLOCK_K, k_end, BLOCK_K):
-        w = _weights(w_ptr, rows, row_ok, k0, K, INT4, DP4A, BLOCK_K)
+        w = _weights(w_ptr, rows, row_ok, k0, K, INT4, DP4A, BLOCK_K, EVICTION)
         acc, squares = _accumulate(acc, squares, w, k0, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok, N, K,
                                    SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
     y = tl.sum(acc, axis=1)
@@ -398,6 +408,11 @@ def _format(w: torch.Tensor, scaled: bool) -> dict:
     return {"SCALED": int8, "INT4": w.dtype == torch.int32, "DP4A": int8 and _dp4a_rows(w)}
 
 
+def _weights_eviction() -> str:
+    """The weights' eviction_policy for the one-row kernel's launches (WEIGHTS_EVICT_FIRST)."""
+    return "evict_first" if WEIGHTS_EVICT_FIRST else ""
+
+
 def plain_arguments(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm_weight: torch.Tensor,
                     residual: torch.Tensor, y: torch.Tensor, eps: float, scaled: bool, norm: bool, gated: bool,
                     add: bool) -> tuple[list, dict]:
@@ -406,7 +421,7 @@ def plain_arguments(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm
     sums, tickets = split_sums(x, _MAX_SPLIT * 2 * n, n)
     return ([x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0],
             {**_format(w, scaled), "NORM": norm, "GATED": gated, "RESIDUAL": add, "WORLD": 0, "X_SLOTS": False,
-             "R_SLOTS": False, "Y_SLOTS": False, **pdl_launch()})
+             "R_SLOTS": False, "Y_SLOTS": False, "EVICTION": _weights_eviction(), **pdl_launch()})
 
 
 @torch.library.triton_op("llama_dist::gemv", mutates_args={})
@@ -466,7 +481,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
         **_format(w, scales is not None), NORM=norm_weight is not None, GATED=gated,
         RESIDUAL=residual is not None,
         WORLD=peer.world_size, X_SLOTS=x_site is not None, R_SLOTS=r_site is not None,
-        Y_SLOTS=y_site is not None, **tile, **pdl_launch())
+        Y_SLOTS=y_site is not None, EVICTION=_weights_eviction(), **tile, **pdl_launch())
     return y
 
 

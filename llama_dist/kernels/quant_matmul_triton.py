@@ -24,7 +24,7 @@ def _int4_tile(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr, BLO
     [N, K / 8] (byte b of word j: input 8j + b in its low nibble, 8j + 4 + b in its high one) and (scale, zero)
     [K / 32, N, 2]: value = (q - 8) * scale + zero. Whole words and one pair per group are loaded (an
     element-wise kernel that loads a word per value ran at half the speed)."""
-    words = _weights(w_ptr, rows, row_ok, k0, K, True, False, BLOCK_K)
+    words = _weights(w_ptr, rows, row_ok, k0, K, True, False, BLOCK_K, "")
     i = tl.arange(0, 8)  # input 8j + i sits at bit 8 (i % 4) + 4 (i // 4) of word j
     q = (words[:, :, None] >> (8 * (i % 4) + 4 * (i // 4))[None, None, :]) & 0xF
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
@@ -63,7 +63,7 @@ def _quant_matmul_kernel(x_ptr, w_ptr, s_ptr, y_ptr, sums_ptr, tickets_ptr, M, N
         if INT4:
             w = _int4_values(w_ptr, s_ptr, x_ptr, cols, cols < N, k0, N, K, BLOCK_N, BLOCK_K)
         else:
-            w = _exact_float(_weights(w_ptr, cols, cols < N, k0, K, False, False, BLOCK_K).to(tl.int32))
+            w = _exact_float(_weights(w_ptr, cols, cols < N, k0, K, False, False, BLOCK_K, "").to(tl.int32))
         w = w.to(x.dtype)
         acc += _dot(w, tl.trans(x)) if SWAP else _dot(x, tl.trans(w))
     at = out_rows * N + out_cols
@@ -132,7 +132,7 @@ def _int4_tile_bf16(w_ptr, sz_ptr, rows, row_ok, k0, N, K, BLOCK_N: tl.constexpr
     word, or'ed into 0x4300 halves, are the bf16 pair 128 + q; one bf16x2 fused multiply-add takes 136 off
     (exact), another gives (q - 8) * scale + zero rounded once. Per weight a shift, a mask and an or per two, and
     two multiply-adds per two: no conversion instruction. (scale, zero) pairs [K / 32, N, 2] must be bf16."""
-    words = _weights(w_ptr, rows, row_ok, k0, K, True, False, BLOCK_K)
+    words = _weights(w_ptr, rows, row_ok, k0, K, True, False, BLOCK_K, "")
     groups = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     ok = row_ok[:, None] & (groups < K // 32)[None, :]  # (a masked pair read past the end could be a NaN)
     pair = tl.load(sz_ptr.to(tl.pointer_type(tl.int32)) + groups[None, :] * N + rows[:, None], mask=ok, other=0)
@@ -180,7 +180,7 @@ def _dequantize_kernel(w_ptr, sz_ptr, y_ptr, N, K, INT4: tl.constexpr, BLOCK_N: 
     if INT4:
         y = _int4_values(w_ptr, sz_ptr, y_ptr, rows, rows < N, k0, N, K, BLOCK_N, BLOCK_K)
     else:
-        y = _exact_float(_weights(w_ptr, rows, rows < N, k0, K, False, False, BLOCK_K).to(tl.int32))
+        y = _exact_float(_weights(w_ptr, rows, rows < N, k0, K, False, False, BLOCK_K, "").to(tl.int32))
         y = y * tl.load(sz_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)[:, None]
     tl.store(y_ptr + rows[:, None] * K + ks[None, :], y.to(y_ptr.dtype.element_ty), mask=ok)
 
