@@ -173,7 +173,9 @@ def test_kernel_ptx_reads_the_one_row_kernels_loop():
         assert out.returncode == 0, out.stderr[-3000:]
         results[fmt] = json.loads(out.stdout.strip().splitlines()[-1])
     bf16, int4 = results["bf16"], results["int4"]
-    assert bf16["global_loads"].get("ld.global.v4.b32", 0) > 0 and bf16["weights"] == 16 * 256 / 128
+    # (whatever their cache policy: the weights' loads are evict_first)
+    assert sum(n for op, n in bf16["global_loads"].items() if op.endswith(".v4.b32")) > 0
+    assert bf16["weights"] == 16 * 256 / 128
     assert int4["counts"].get("dp4a.u32.s32", 0) > 0
     for r in (bf16, int4):
         assert r["per_weight"] == round(r["instructions"] / r["weights"], 2) > 0
