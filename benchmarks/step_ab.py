@@ -149,6 +149,24 @@ def parse_arm(text: str) -> tuple[str, list[Setting | TileSetting]]:
     return name.strip(), settings
 
 
+def parse_arms(arms: Any) -> dict[str, list[Setting | TileSetting]]:
+    """--arms as {name: settings}, in order. Refused: a string instead of a tuple (what fire passes when the tuple
+    does not parse, e.g. a quote inside an arm ends its string; it would be timed one arm per character), an arm
+    without "name=", and a name given twice (the later would replace the earlier)."""
+    if isinstance(arms, str) or not all(isinstance(a, str) for a in arms):
+        raise ValueError(f"--arms is not a tuple of strings: {arms!r}. Write it as \"('main=', "
+                         f"'name=module.NAME:value')\", with no quote of the same kind inside an arm.")
+    named: dict[str, list[Setting | TileSetting]] = {}
+    for text in arms:
+        name, settings = parse_arm(text)
+        if "=" not in text or not name:
+            raise ValueError(f"Arm {text!r} is not name=settings (\"name=\" for the tree as it is).")
+        if name in named:
+            raise ValueError(f"Two arms are named {name!r}.")
+        named[name] = settings
+    return named
+
+
 def capture(model, settings: list[Setting | TileSetting]) -> GraphedStep:
     """The model's graphed step captured with these settings in force (restored after)."""
     settings = [s for setting in settings for s in resolve(setting)]
@@ -173,6 +191,7 @@ def decode(step: GraphedStep, prompt: torch.Tensor, start: int, steps: int) -> t
 
 def main(arms: tuple[str, ...], config: str = "llama-2-7b", quantize: str = "none", contexts: tuple = (16,),
          steps: int = 128, rounds: int = 3) -> None:
+    named = parse_arms(arms)  # (before the model loads: a mistyped arm costs nothing)
     contexts = (contexts,) if isinstance(contexts, int) else tuple(contexts)
     n_ctx = max(contexts) + steps + 8
     load, parallel = make_configs(config, n_ctx, 1, quantize=quantize)
@@ -183,7 +202,6 @@ def main(arms: tuple[str, ...], config: str = "llama-2-7b", quantize: str = "non
     runner = load_runner(RandomSource(ModelArgs.from_params_json(path), ctx.device), ctx, load, parallel,
                          progress=False)
     model = runner.model
-    named = dict(map(parse_arm, arms))
     prompt = (torch.arange(n_ctx - 8, device=ctx.device) % model.args.vocab_size)[None]
     model(prompt[:, :1], 0)  # (a decode step: the one-row kernels' tuners pick their tiles)
     graphed = {name: capture(model, settings) for name, settings in named.items()}

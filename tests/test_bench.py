@@ -100,6 +100,23 @@ def test_step_ab_refuses_an_arm_that_would_set_nothing(monkeypatch):
         parse_arm("typo=llama_dist.kernels.gemv_triton._INT4_CONFIGS[6].kwargs.BLOCK_M:64")
 
 
+def test_step_ab_refuses_arms_it_would_misread(monkeypatch):
+    """--arms that fire could not read as a tuple (a quote inside an arm) arrive as one string, which would be
+    timed as one arm per character; an arm without a name or with another's name would time the tree under
+    another name or replace an arm. Each is refused before the model loads."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from step_ab import parse_arms
+
+    with pytest.raises(ValueError, match="not a tuple of strings"):
+        parse_arms("('main=', 'ef=llama_dist.kernels.gemv_triton.WEIGHTS_EVICT_FIRST:'x'')")
+    with pytest.raises(ValueError, match="is not name=settings"):
+        parse_arms(("main=", "("))
+    with pytest.raises(ValueError, match="Two arms are named 'main'"):
+        parse_arms(("main=", "main=llama_dist.kernels.decode_attention.WHOLE_L:32"))
+    named = parse_arms(("main=", "short=llama_dist.kernels.decode_attention.WHOLE_L:16"))
+    assert list(named) == ["main", "short"] and named["main"] == [] and named["short"][0][1:] == ("WHOLE_L", 16)
+
+
 def test_step_ab_tile_settings_give_matching_keys_a_tile_of_their_own(monkeypatch):
     """"tuner[N=..]:FIELD=v;..." sets, for each key of that tuner matching the first fields, the tile it took with
     the second fields changed (warps and register cap among them; the rest kept); a tuner that has not run, or no
