@@ -131,7 +131,9 @@ def parse_target(target: str) -> tuple[Any, str | int]:
 
 def parse_arm(text: str) -> tuple[str, list[Setting | TileSetting]]:
     """"name=module.NAME:value,..." (or tuner[...]:..., a TileSetting) -> (name, the settings)."""
-    name, _, rest = text.partition("=")
+    name, eq, rest = text.partition("=")
+    if not eq or not name.strip():
+        raise ValueError(f"Arm {text!r} is not name=settings (\"name=\" for the tree as it is).")
     settings: list[Setting | TileSetting] = []
     for item in filter(None, rest.split(",")):
         target, _, value = item.partition(":")
@@ -151,16 +153,14 @@ def parse_arm(text: str) -> tuple[str, list[Setting | TileSetting]]:
 
 def parse_arms(arms: Any) -> dict[str, list[Setting | TileSetting]]:
     """--arms as {name: settings}, in order. Refused: a string instead of a tuple (what fire passes when the tuple
-    does not parse, e.g. a quote inside an arm ends its string; it would be timed one arm per character), an arm
-    without "name=", and a name given twice (the later would replace the earlier)."""
+    does not parse, e.g. a quote inside an arm ends its string; it would be timed one arm per character) and a name
+    given twice (the later would replace the earlier); parse_arm refuses an arm without "name="."""
     if isinstance(arms, str) or not all(isinstance(a, str) for a in arms):
         raise ValueError(f"--arms is not a tuple of strings: {arms!r}. Write it as \"('main=', "
                          f"'name=module.NAME:value')\", with no quote of the same kind inside an arm.")
     named: dict[str, list[Setting | TileSetting]] = {}
     for text in arms:
         name, settings = parse_arm(text)
-        if "=" not in text or not name:
-            raise ValueError(f"Arm {text!r} is not name=settings (\"name=\" for the tree as it is).")
         if name in named:
             raise ValueError(f"Two arms are named {name!r}.")
         named[name] = settings

@@ -261,7 +261,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
                  SCALED: tl.constexpr, INT4: tl.constexpr, DP4A: tl.constexpr, NORM: tl.constexpr,
                  GATED: tl.constexpr, RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr,
                  R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EVICTION: tl.constexpr = ""):
+                 SPLIT_K: tl.constexpr, EVICTION: tl.constexpr):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED (DP4A: against x in int8 per group of 32,
     four products per instruction: _int8_groups_product), or when INT4 int4 words [N, K / 8] with (scale, zero)
     per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
