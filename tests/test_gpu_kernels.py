@@ -267,6 +267,30 @@ def test_one_row_kernel_loads_only_its_weights_as_first_to_leave_l2(monkeypatch)
     assert len(first) < len(loads)
 
 
+def test_residual_is_read_before_the_split_k_ticket(monkeypatch):
+    """A split-K launch reads its residual while its weights stream, not after the ticket that names the block's
+    last program (where the read would sit on the path the next kernel waits for): the kernel with a residual
+    issues one more global load before its first atomic than the same kernel without, and none more after it."""
+    from llama_dist.kernels import gemv_triton
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from kernel_ptx import POINTERS, compile_for
+
+    pointers = {**POINTERS, "w_ptr": "*i32"}
+
+    def loads(residual: bool) -> tuple[int, int]:
+        constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": False, "GATED": True, "RESIDUAL": residual,
+                     "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": 32, "BLOCK_K": 1024,
+                     "SPLIT_K": 4, "EVICTION": gemv_triton._weights_eviction()}
+        ptx = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=tuple(pointers),
+                          num_warps=4).asm["ptx"]
+        ticket = ptx.index("atom.global")
+        return len(re.findall(r"ld\.global", ptx[:ticket])), len(re.findall(r"ld\.global", ptx[ticket:]))
+
+    (before, after), (plain_before, plain_after) = loads(True), loads(False)
+    assert (before, after) == (plain_before + 1, plain_after), (before, after, plain_before, plain_after)
+
+
 @pytest.mark.parametrize("split, tile, warps", [(False, 64, 8), (True, 32, 4)])
 def test_decode_attention_compiles_with_the_arguments_inductor_passes(split, tile, warps, monkeypatch):
     """Under torch.compile, inductor types the kernel's float argument (the softmax scale) as fp64: the kernel

@@ -289,6 +289,12 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     w = _weights(w_ptr, rows, row_ok, k_next, K, INT4, DP4A, BLOCK_K, EVICTION)
     _await_inputs()
     _release_dependents()
+    # the residual read now, while the weights stream, not after the sums (split-K: after the ticket), where its
+    # read would wait on the path every later kernel waits for (bf16 b1 +1.4-1.8%, int4 +0.4%: RESULTS.md)
+    if RESIDUAL and not R_SLOTS:
+        residual = tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    else:
+        residual = tl.zeros((BLOCK_N,), dtype=tl.float32)
     if X_SLOTS:
         _wait_for_site(counters_ptr, epoch_ptr, x_site, WORLD)
     acc, squares = _accumulate(acc, squares, w, k_next, x_ptr, g_ptr, s_ptr, slots_ptr, x_site, rows, row_ok,
@@ -312,18 +318,19 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
                 part = sums_ptr + i * (N + tl.num_programs(0))
                 y += tl.load(part + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
                 square_sum += tl.load(part + N + block, cache_modifier=".cg")
-            _finish(y, square_sum, rows, row_ok, s_ptr, r_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
-                    r_site, y_site, rank, SCALED, NORM, RESIDUAL, WORLD, R_SLOTS, Y_SLOTS)
+            _finish(y, square_sum, rows, row_ok, s_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
+                    r_site, y_site, rank, residual, SCALED, NORM, RESIDUAL, WORLD, R_SLOTS, Y_SLOTS)
     else:
-        _finish(y, square_sum, rows, row_ok, s_ptr, r_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
-                r_site, y_site, rank, SCALED, NORM, RESIDUAL, WORLD, R_SLOTS, Y_SLOTS)
+        _finish(y, square_sum, rows, row_ok, s_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
+                r_site, y_site, rank, residual, SCALED, NORM, RESIDUAL, WORLD, R_SLOTS, Y_SLOTS)
 
 
 @triton.jit
-def _finish(y, square_sum, rows, row_ok, s_ptr, r_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
-            r_site, y_site, rank, SCALED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+def _finish(y, square_sum, rows, row_ok, s_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
+            r_site, y_site, rank, residual, SCALED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
             WORLD: tl.constexpr, R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr):
-    """The rows' sums y to outputs: the norm's 1/rms, int8's row scales, the residual, then y or the peer slots."""
+    """The rows' sums y to outputs: the norm's 1/rms, int8's row scales, the residual (its rows as read, or the
+    sum in peer slots), then y or the peer slots."""
     if NORM:
         y = y * tl.rsqrt(square_sum / K + eps)
     if SCALED:
@@ -331,7 +338,7 @@ def _finish(y, square_sum, rows, row_ok, s_ptr, r_ptr, y_ptr, N, K, eps, slots_p
     if R_SLOTS:
         y = y + _peer_sum(slots_ptr, r_site, rows, row_ok, N, WORLD)
     elif RESIDUAL:
-        y = y + tl.load(r_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        y = y + residual
     if Y_SLOTS:
         part = y.to(slots_ptr.dtype.element_ty)
         for r in tl.static_range(WORLD):
