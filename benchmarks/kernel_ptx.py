@@ -40,6 +40,14 @@ POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf1
             "arrivals_ptr": "*i32", "peers_ptr": "*i64", "epoch_ptr": "*i32"}
 
 
+def one_row_constants(**chosen) -> dict:
+    """The one-row kernel's constexprs: every flag off (one process, no peer slots, whole inputs a program), the
+    weights' eviction policy as the model launches it, then `chosen` (format flags, folded work, the tile)."""
+    return {"SCALED": False, "INT4": False, "DP4A": False, "NORM": False, "GATED": False, "RESIDUAL": False,
+            "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "SPLIT_K": 1,
+            "EVICTION": gemv_triton._weights_eviction(), **chosen}
+
+
 def compile_for(fn, constants: dict, types: dict, arch: int = 90, aligned: tuple[str, ...] = (), **options):
     """Triton kernel fn compiled for sm_{arch} on this machine, no GPU needed (Triton's wheel carries ptxas):
     constants are its constexprs, types the other arguments' Triton types (i32 where not named), `aligned` the
@@ -140,10 +148,8 @@ def main() -> None:
                      "SPLIT_K": a.split_k, "SWAP": a.swap}
     else:
         fn = gemv_triton._gemv_kernel
-        constants = {"SCALED": a.format == "int8", "INT4": a.format == "int4", "DP4A": a.format == "int8",
-                     "NORM": a.norm, "GATED": False, "RESIDUAL": False, "WORLD": 1, "X_SLOTS": False,
-                     "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": a.block_n, "BLOCK_K": a.block_k,
-                     "SPLIT_K": a.split_k, "EVICTION": gemv_triton._weights_eviction()}
+        constants = one_row_constants(SCALED=a.format == "int8", INT4=a.format == "int4", DP4A=a.format == "int8",
+                                      NORM=a.norm, BLOCK_N=a.block_n, BLOCK_K=a.block_k, SPLIT_K=a.split_k)
     pointers = {**POINTERS, "w_ptr": WEIGHT[a.format]}
     options = {"num_warps": a.warps, **({"num_stages": a.stages} if a.rows else {}),
                **({"maxnreg": a.max_registers} if a.max_registers else {})}

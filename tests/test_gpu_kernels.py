@@ -224,7 +224,7 @@ def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch)
     from llama_dist.kernels import gemv_triton
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
-    from kernel_ptx import POINTERS, compile_for, residency
+    from kernel_ptx import POINTERS, compile_for, one_row_constants, residency
 
     if "maxnreg" not in inspect.signature(triton.Config).parameters:
         pytest.skip("this Triton cannot cap a kernel's registers")
@@ -232,9 +232,7 @@ def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch)
     assert len(capped) == 2  # (the 32x1024 tiles of 4 warps, one-row and split-K)
     for config in capped:
         split = config.kwargs["SPLIT_K"] > 1
-        constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": not split, "GATED": split,
-                     "RESIDUAL": split, "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False,
-                     "EVICTION": gemv_triton._weights_eviction(), **config.kwargs}
+        constants = one_row_constants(INT4=True, NORM=not split, GATED=split, RESIDUAL=split, **config.kwargs)
         pointers = {**POINTERS, "w_ptr": "*i32"}
         for aligned in (tuple(pointers), (*pointers, "N", "K")):
             kernel = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=aligned,
@@ -252,11 +250,9 @@ def test_one_row_kernel_loads_only_its_weights_as_first_to_leave_l2(monkeypatch)
     from llama_dist.kernels import gemv_triton
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
-    from kernel_ptx import POINTERS, compile_for
+    from kernel_ptx import POINTERS, compile_for, one_row_constants
 
-    constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": True, "GATED": False, "RESIDUAL": True,
-                 "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": 32, "BLOCK_K": 1024,
-                 "SPLIT_K": 1, "EVICTION": gemv_triton._weights_eviction()}
+    constants = one_row_constants(INT4=True, NORM=True, RESIDUAL=True, BLOCK_N=32, BLOCK_K=1024)
     pointers = {**POINTERS, "w_ptr": "*i32"}
     ptx = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=tuple(pointers),
                       num_warps=4).asm["ptx"]
@@ -274,14 +270,12 @@ def test_residual_is_read_before_the_split_k_ticket(monkeypatch):
     from llama_dist.kernels import gemv_triton
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
-    from kernel_ptx import POINTERS, compile_for
+    from kernel_ptx import POINTERS, compile_for, one_row_constants
 
     pointers = {**POINTERS, "w_ptr": "*i32"}
 
     def loads(residual: bool) -> tuple[int, int]:
-        constants = {"SCALED": False, "INT4": True, "DP4A": False, "NORM": False, "GATED": True, "RESIDUAL": residual,
-                     "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": 32, "BLOCK_K": 1024,
-                     "SPLIT_K": 4, "EVICTION": gemv_triton._weights_eviction()}
+        constants = one_row_constants(INT4=True, GATED=True, RESIDUAL=residual, BLOCK_N=32, BLOCK_K=1024, SPLIT_K=4)
         ptx = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=tuple(pointers),
                           num_warps=4).asm["ptx"]
         ticket = ptx.index("atom.global")
@@ -317,7 +311,7 @@ from llama_dist.kernels import decode_attention
 from tests.helpers import ATTENTION_CONSTANTS, ATTENTION_POINTERS
 assert decode_attention.load()
 sys.path.insert(0, "benchmarks")
-from kernel_ptx import POINTERS, compile_for
+from kernel_ptx import POINTERS, compile_for, one_row_constants
 
 
 def wait_then_release(fn, constants, types):
@@ -326,9 +320,7 @@ def wait_then_release(fn, constants, types):
     assert 0 <= wait < release, (fn.__name__, constants, wait, release)
 
 
-base = {"SCALED": False, "INT4": False, "DP4A": False, "NORM": False, "GATED": False, "RESIDUAL": False,
-        "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "BLOCK_N": 16, "BLOCK_K": 256,
-        "SPLIT_K": 1, "EVICTION": gemv_triton._weights_eviction()}
+base = one_row_constants(BLOCK_N=16, BLOCK_K=256)
 for flags, weight in (({"INT4": True, "NORM": True}, "*i32"), ({"SCALED": True, "DP4A": True, "SPLIT_K": 4}, "*i8"),
                       ({"GATED": True, "RESIDUAL": True}, "*bf16"),
                       ({"WORLD": 2, "X_SLOTS": True, "R_SLOTS": True, "Y_SLOTS": True}, "*bf16")):
