@@ -189,6 +189,17 @@ def decode(step: GraphedStep, prompt: torch.Tensor, start: int, steps: int) -> t
     return torch.cat(out, 1)[0]
 
 
+def check_tickets(arm: str, device: torch.device) -> None:
+    """Refuse to go on after an arm whose kernels left split-K tickets set: the arms share the tickets, and every
+    arm timed after it would skip rows (the 38th session timed such an arm's successors as a gain)."""
+    if device.type != "cuda":
+        return
+    from llama_dist.kernels.gemv_triton import tickets_left
+    if left := tickets_left():
+        raise RuntimeError(f"Arm {arm!r} left {left} split-K tickets set: its kernels break the ticket protocol, "
+                           f"and the arms after it would run with them. Time it in a process of its own.")
+
+
 def main(arms: tuple[str, ...], config: str = "llama-2-7b", quantize: str = "none", contexts: tuple = (16,),
          steps: int = 128, rounds: int = 3) -> None:
     named = parse_arms(arms)  # (before the model loads: a mistyped arm costs nothing)
@@ -223,6 +234,7 @@ def main(arms: tuple[str, ...], config: str = "llama-2-7b", quantize: str = "non
                     sync(ctx.device)
                     times.append(time.perf_counter() - start)
                 tok_s[name][c].append(steps / statistics.median(times))
+                check_tickets(name, ctx.device)
             print(f"round {r} context {c}: " + "  ".join(
                 f"{name} {tok_s[name][c][-1]:.1f}{'' if torch.equal(tokens[name][:20], tokens[first][:20]) else '*'}"
                 for name in graphed), flush=True)

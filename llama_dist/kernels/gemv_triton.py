@@ -390,6 +390,12 @@ def split_sums(x: torch.Tensor, sums: int, tickets: int) -> tuple[torch.Tensor, 
     return buffers[-1]
 
 
+def tickets_left() -> int:
+    """How many split-K tickets are set now, on every device (0 between launches: a launch that leaves one set
+    breaks the next launch that shares the pair, which then never finishes some of its rows)."""
+    return sum(int(tickets.count_nonzero()) for pairs in _SPLIT_SUMS.values() for _, tickets in pairs)
+
+
 def _tuned(w: torch.Tensor):
     """The autotuned kernel for this weight's format (int4 words and int8 against 8-bit inputs have configs of
     their own) and the tile the interpreter takes instead of tuning."""
