@@ -12,9 +12,9 @@ kernel's tuners as tiles_picked names them: gemv, gemv_int4, gemv_int8) a tile o
 with the second fields changed: `gemv_int4[N=22016]:BLOCK_N=32;BLOCK_K=1024;maxnreg=128` (w1/w3 of 7B alone;
 maxnreg=None uncaps); one decode step runs before the arms are captured, so that the tuners have picked. Each arm
 decodes greedily `steps` tokens from each context, the median of 3 runs a round (a "*" after an arm's figure: its
-first 20 tokens differ from the first arm's). The last line, JSON, holds the figures and, on a GPU, each kernel
-variant the arms loaded with its registers and spills (`compiled`). On CPUs the step runs again instead of
-replaying a graph.
+first 20 tokens differ from the first arm's; an arm whose kernels leave split-K tickets set stops the run, as the
+arms share them). The last line, JSON, holds the figures and, on a GPU, each kernel variant the arms loaded with its
+registers and spills (`compiled`). On CPUs the step runs again instead of replaying a graph.
 
     python benchmarks/step_ab.py --config llama-2-7b --quantize int4 --contexts "(16,1000)" \\
         --arms "('main=', 'tile32=llama_dist.kernels.decode_attention.WHOLE_L:32')"
