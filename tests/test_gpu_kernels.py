@@ -132,7 +132,28 @@ for n, k in ((40, 288), (9, 1024)):
     got = torch.ops.llama_dist.dequantize(int4_words(q), sz, torch.bfloat16)
     dense = int4_dequantize(q, scales.float(), zeros.float())
     assert got.dtype == torch.bfloat16 and ((got.float() - dense).abs() <= dense.abs() / 128).all(), (n, k)
-# every split-K launch above (int4 one-row products, tensor-core tiles in parts) left its tickets as it found them
+# split-K parts meeting in pairs by atomic exchange (2, 4 and 8 parts, the residual and int8's row scales folded
+# in): the ticket's rows for two parts bit for bit (p0 + p1 either way), close to them for more (another order)
+import triton
+from llama_dist.kernels import gemv_triton
+q, scales, zeros = int4_quantize(torch.randn(40, 512, generator=g), 32)
+int4 = (int4_words(q), torch.stack([scales, zeros], -1).transpose(0, 1).contiguous())
+int8 = int8_quantize(torch.randn(40, 512, generator=g))
+for w, s in (int4, int8):
+    x, r = torch.randn(1, 512, generator=g), torch.randn(1, 40, generator=g)
+    for split in (2, 4, 8):
+        rows = {}
+        for exchange in (True, False):
+            y = torch.empty(1, 40)
+            args, flags = gemv_triton.plain_arguments(x, w, s, x, r, y, 1e-5, True, False, False, True)
+            gemv_triton._gemv_kernel[(triton.cdiv(40, 8), split)](
+                *args, **{**flags, "EXCHANGE": exchange, "BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": split})
+            rows[exchange] = y
+        assert torch.equal(rows[True], rows[False]) if split == 2 else torch.allclose(rows[True], rows[False],
+                                                                                   rtol=1e-5, atol=1e-5), split
+        assert not torch.equal(rows[True], torch.zeros_like(rows[True]))
+# every split-K launch above (int4 one-row products, tensor-core tiles in parts, exchanges) left its tickets and
+# slots as it found them
 from llama_dist.kernels.gemv_triton import tickets_left
 assert tickets_left() == 0
 print("ok")
