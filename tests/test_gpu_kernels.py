@@ -145,7 +145,8 @@ for w, s in (int4, int8):
         rows = {}
         for exchange in (True, False):
             y = torch.empty(1, 40)
-            args, flags = gemv_triton.plain_arguments(x, w, s, x, r, y, 1e-5, True, False, False, True)
+            args, flags = gemv_triton.plain_arguments(x, w, s, x, r, y, 1e-5, scaled=True, norm=False, gated=False,
+                                                      add=True)
             gemv_triton._gemv_kernel[(triton.cdiv(40, 8), split)](
                 *args, **{**flags, "EXCHANGE": exchange, "BLOCK_N": 8, "BLOCK_K": 64, "SPLIT_K": split})
             rows[exchange] = y
@@ -287,10 +288,12 @@ def test_one_row_kernel_loads_only_its_weights_as_first_to_leave_l2(monkeypatch)
     assert len(first) < len(loads)
 
 
-def test_residual_is_read_before_the_split_k_ticket(monkeypatch):
-    """A split-K launch reads its residual while its weights stream, not after the ticket that names the block's
-    last program (where the read would sit on the path the next kernel waits for): the kernel with a residual
-    issues one more global load before its first atomic than the same kernel without, and none more after it."""
+@pytest.mark.parametrize("exchange", [True, False])
+def test_residual_is_read_before_the_split_k_ticket(exchange, monkeypatch):
+    """A split-K launch reads its residual while its weights stream, not after the ticket (or the exchange) that
+    names the program finishing each row (where the read would sit on the path the next kernel waits for): the
+    kernel with a residual issues one more global load before its first atomic than the same kernel without, and
+    none more after it."""
     from llama_dist.kernels import gemv_triton
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
@@ -299,7 +302,8 @@ def test_residual_is_read_before_the_split_k_ticket(monkeypatch):
     pointers = {**POINTERS, "w_ptr": "*i32"}
 
     def loads(residual: bool) -> tuple[int, int]:
-        constants = one_row_constants(INT4=True, GATED=True, RESIDUAL=residual, BLOCK_N=32, BLOCK_K=1024, SPLIT_K=4)
+        constants = one_row_constants(INT4=True, GATED=True, RESIDUAL=residual, BLOCK_N=32, BLOCK_K=1024, SPLIT_K=4,
+                                      EXCHANGE=exchange)
         ptx = compile_for(gemv_triton._gemv_kernel, constants, {**pointers, "eps": "fp32"}, aligned=tuple(pointers),
                           num_warps=4).asm["ptx"]
         ticket = ptx.index("atom.global")

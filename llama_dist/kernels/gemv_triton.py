@@ -403,15 +403,16 @@ _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter
 # trip to L2 fewer at the end of each split launch (7B b1 int4 +3.5%, int8 +2.6%: benchmarks/RESULTS.md)
 SPLIT_EXCHANGE = True
 # the exchange's int64 slots, (SPLIT_K - 1) a row, in the tickets' int32 (both zeroed between launches)
-_EXCHANGE_SLOTS = 2 * max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS + _DP4A_CONFIGS)
+_EXCHANGE_SLOTS = 2 * max(c.kwargs["SPLIT_K"] for c in _CONFIGS + _INT4_CONFIGS + _DP4A_CONFIGS)
 _SPLIT_SUMS: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def split_sums(x: torch.Tensor, sums: int, tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial sums [>= sums] fp32, zeroed tickets [>= tickets] int32) for split-K launches on x's device, which
-    leave the tickets (and the exchanges' slots among them) zeroed; one pair per device, as launches on it run one after another. A larger pair is added
-    when needed, the old ones kept: CUDA graphs captured earlier still point at them. Traced by torch.compile
-    (fake tensors), a pair of the compiled graph's own (a kept one would be a fake tensor)."""
+    leave the tickets (and the exchanges' slots among them) zeroed; one pair per device, as launches on it run one
+    after another. A larger pair is added when needed, the old ones kept: CUDA graphs captured earlier still point
+    at them. Traced by torch.compile (fake tensors), a pair of the compiled graph's own (a kept one would be a fake
+    tensor)."""
     if is_fake(x):
         return (torch.empty(sums, dtype=torch.float32, device=x.device),
                 torch.zeros(tickets, dtype=torch.int32, device=x.device))
