@@ -42,11 +42,11 @@ POINTERS = {"x_ptr": "*bf16", "s_ptr": "*bf16", "g_ptr": "*bf16", "r_ptr": "*bf1
 
 def one_row_constants(**chosen) -> dict:
     """The one-row kernel's constexprs: every flag off (one process, no peer slots, whole inputs a program), the
-    weights' eviction policy and split-K's exchange as the model launches them, then `chosen` (format flags,
+    weights' eviction policy and split-K's fixed-point sums as the model launches them, then `chosen` (format flags,
     folded work, the tile)."""
     return {"SCALED": False, "INT4": False, "DP4A": False, "NORM": False, "GATED": False, "RESIDUAL": False,
             "WORLD": 1, "X_SLOTS": False, "R_SLOTS": False, "Y_SLOTS": False, "SPLIT_K": 1,
-            "EVICTION": gemv_triton._weights_eviction(), "EXCHANGE": gemv_triton.SPLIT_EXCHANGE, **chosen}
+            "EVICTION": gemv_triton._weights_eviction(), "FIXED_POINT": gemv_triton.SPLIT_FIXED_POINT, **chosen}
 
 
 def compile_for(fn, constants: dict, types: dict, arch: int = 90, aligned: tuple[str, ...] = (), **options):

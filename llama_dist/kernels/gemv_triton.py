@@ -41,16 +41,17 @@ def _config(tile: dict[str, int], warps: int, max_registers: int | None = None) 
 # benchmarks/gemv_tiles.py --wide per 7B matrix; not timed for int8 yet. 32x1024 at 4 warps within 128 registers
 # (four programs an SM, unspilled): on an H200, int4 b1 +2.5% (a cap of 96, which spills: -5%; benchmarks/RESULTS.md).
 # Uncapped, ptxas takes 124-162 by what Triton knows of the sizes and schedules the loop otherwise. Other tiles
-# uncapped: under a cap ptxas may take more registers than they use now. The last two, the best in the 7B int4
-# step on an H200 (+5% together, RESULTS.md, 35th session): 64x512 for w1/w3 (half the programs of 32x1024, all 344
-# resident at once; not for rounding x less often: rounding it once a step lost, 36th session), and the split-K
-# 32x1024 (capped as above) for wo and w2.
+# uncapped: under a cap ptxas may take more registers than they use now. The last three, the best in the 7B int4
+# step on an H200 (RESULTS.md): 64x512 for w1/w3 (half the programs of 32x1024, all 344 resident at once; not for
+# rounding x less often: rounding it once a step lost, 36th session) and the split-K 32x1024 (capped as above) for
+# wo and w2 (+5% together, 35th session); w2's 64x512 in 8 parts (512 programs, capped) once a row's parts met in
+# one atomic whatever their number (+0.4-2.4%, 41st session).
 _INT4_CONFIGS = [_config({"BLOCK_N": bn, "BLOCK_K": bk, "SPLIT_K": sk}, w, regs)
                  for bn, bk, sk, w, regs in ((8, 512, 1, 2, None), (16, 256, 1, 2, None), (16, 512, 1, 2, None),
                                              (8, 1024, 1, 4, None), (16, 512, 1, 4, None), (16, 1024, 1, 4, None),
                                              (32, 1024, 1, 4, 128), (8, 512, 2, 4, None), (8, 1024, 2, 4, None),
                                              (16, 1024, 4, 4, None), (64, 1024, 4, 8, None), (64, 512, 1, 4, None),
-                                             (32, 1024, 4, 4, 128))] + _DP4A_CONFIGS
+                                             (32, 1024, 4, 4, 128), (64, 512, 8, 4, 128))] + _DP4A_CONFIGS
 
 
 @triton.jit
@@ -261,7 +262,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
                  SCALED: tl.constexpr, INT4: tl.constexpr, DP4A: tl.constexpr, NORM: tl.constexpr,
                  GATED: tl.constexpr, RESIDUAL: tl.constexpr, WORLD: tl.constexpr, X_SLOTS: tl.constexpr,
                  R_SLOTS: tl.constexpr, Y_SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 SPLIT_K: tl.constexpr, EVICTION: tl.constexpr, EXCHANGE: tl.constexpr):
+                 SPLIT_K: tl.constexpr, EVICTION: tl.constexpr, FIXED_POINT: tl.constexpr):
     """W [N, K] dense, or int8 times one scale per row s[N] when SCALED (DP4A: against x in int8 per group of 32,
     four products per instruction: _int8_groups_product), or when INT4 int4 words [N, K / 8] with (scale, zero)
     per group of 32 in s [K / 32, N, 2] (x in int8 per group: _int4_groups_product). NORM: x is
@@ -274,9 +275,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
     SPLIT_K > 1: the inputs are shared out over SPLIT_K programs per block of rows (grid axis 1); each writes its
     partial sums (and sum of squares) to its part of sums [SPLIT_K, N + row blocks] and takes a ticket in tickets
     [row blocks], and the last of a block adds the parts in order, finishes the rows as above and leaves the
-    tickets zeroed for the next launch. EXCHANGE (where neither the norm nor peer slots need the whole block's
-    sums): the parts meet in pairs instead, row by row, through atomic exchanges in the zeroed tickets
-    (_exchange_sum); no fence, no ticket, no read of the parts after it.
+    tickets zeroed for the next launch. FIXED_POINT (where neither the norm nor peer slots need the whole block's
+    sums): the parts add their rows' sums in fixed point to zeroed slots in the tickets instead, one atomic a row,
+    and the last to add finishes the row (_fixed_point_sum); no fence, no ticket, no read of the parts after it.
 
     EVICTION: the weights' L2 eviction policy (tl.load's eviction_policy)."""
     block = tl.program_id(0)
@@ -307,8 +308,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
                                    SCALED, INT4, DP4A, NORM, GATED, WORLD, X_SLOTS, BLOCK_K)
     y = tl.sum(acc, axis=1)
     square_sum = tl.sum(squares, axis=0)
-    if SPLIT_K > 1 and EXCHANGE and not NORM and not R_SLOTS and not Y_SLOTS:
-        y, rows_left = _exchange_sum(y, tickets_ptr, rows, row_ok, N, SPLIT_K)
+    if SPLIT_K > 1 and FIXED_POINT and not NORM and not R_SLOTS and not Y_SLOTS:
+        y, rows_left = _fixed_point_sum(y, tickets_ptr, rows, row_ok, SPLIT_K)
         _finish(y, square_sum, rows, rows_left, s_ptr, y_ptr, N, K, eps, slots_ptr, arrivals_ptr, peers_ptr,
                 r_site, y_site, rank, residual, SCALED, NORM, RESIDUAL, WORLD, R_SLOTS, Y_SLOTS)
     elif SPLIT_K > 1:  # each part to its own place, summed in a fixed order: the same result every run
@@ -332,26 +333,22 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, r_ptr, y_ptr, N, K, eps, sums_ptr, 
 
 
 @triton.jit
-def _exchange_sum(y, slots_ptr, rows, row_ok, N, SPLIT_K: tl.constexpr):
-    """_gemv_kernel's EXCHANGE split-K sums: (the sums of the rows this program finishes, those rows). Parts 2i
-    and 2i + 1 swap their rows' sums into a pair of slots, each sum tagged so that no slot holds 0 (zeroed slots
-    are empty): where a program gets a sum back it came second, adds it (a + b is b + a, bit for bit) and zeroes
-    the slot; those sums meet their neighbours' as pairs again, up the tree. A fixed order, ((p0 + p1) + (p2 +
-    p3)) for four parts, without fence or ticket: the exchange carries the sum itself. Slots [(SPLIT_K - 1) N]
-    int64, level after level."""
-    tl.static_assert(SPLIT_K <= 8 and (SPLIT_K & (SPLIT_K - 1)) == 0, "parts in pairs, three levels at most")
-    part = tl.program_id(1)
-    slots = slots_ptr.to(tl.pointer_type(tl.int64), bitcast=True)
-    left = row_ok
-    for level in tl.static_range(3):
-        if (SPLIT_K >> level) > 1:
-            at = slots + N * (SPLIT_K - (SPLIT_K >> level)) + (part >> (level + 1)) * N + rows
-            word = (1 << 32) | (y.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
-            other = tl.atomic_xchg(at, word, mask=left, sem="relaxed", scope="gpu")
-            left = left & (other != 0)
-            y = y + (other & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-            tl.store(at, tl.zeros_like(other), mask=left)  # (for the next launch)
-    return y, left
+def _fixed_point_sum(y, slots_ptr, rows, row_ok, SPLIT_K: tl.constexpr):
+    """_gemv_kernel's FIXED_POINT split-K sums: (the sums of the rows this program finishes, those rows). Each part
+    adds its rows' sums, as integers in units of 2^-20, to a zeroed int64 slot a row with one relaxed atomic: integer
+    addition is associative, so the total is the same bits whatever order the parts arrive in, and the part whose
+    add brings the count to SPLIT_K came last: it finishes the row and zeroes the slot. A word's bits 0-3 count the
+    parts, bits 4-7 those whose sum is not finite or not within +-2^31 (more could overflow the slot): such a row is
+    NaN. Slots [N] int64."""
+    tl.static_assert(SPLIT_K <= 8, "at most 8 parts: 8 x 2^51 units above 8 bits of counts fit an int64")
+    slots = slots_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + rows
+    fits = tl.abs(y) < 2147483648.0  # (false for NaN and inf)
+    units = tl.floor(tl.where(fits, y, 0.0) * 1048576.0 + 0.5).to(tl.int64)
+    word = (units << 8) + tl.where(fits, 1, 17).to(tl.int64)
+    total = tl.atomic_add(slots, word, mask=row_ok, sem="relaxed", scope="gpu") + word
+    last = row_ok & ((total & 15) == SPLIT_K)
+    tl.store(slots, tl.zeros_like(total), mask=last)  # (for the next launch)
+    return tl.where((total & 240) == 0, (total >> 8).to(tl.float32) / 1048576.0, float("nan")), last
 
 
 @triton.jit
@@ -399,17 +396,15 @@ else:
     _FIXED = _INT4_FIXED = {}
 
 _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _INT4_CONFIGS)  # (the interpreter's 2 among them)
-# split-K parts of one row meet by atomic exchange where they can (_gemv_kernel's EXCHANGE), else by ticket: a round
-# trip to L2 fewer at the end of each split launch (7B b1 int4 +3.5%, int8 +2.6%: benchmarks/RESULTS.md)
-SPLIT_EXCHANGE = True
-# the exchange's int64 slots, (SPLIT_K - 1) a row, in the tickets' int32 (both zeroed between launches)
-_EXCHANGE_SLOTS = 2 * max(c.kwargs["SPLIT_K"] for c in _CONFIGS + _INT4_CONFIGS + _DP4A_CONFIGS)
+# split-K parts of one row meet in one fixed-point atomic a row where they can (_gemv_kernel's FIXED_POINT), else by
+# ticket: one round trip to L2 at the end of a split launch, not the ticket's three (benchmarks/RESULTS.md)
+SPLIT_FIXED_POINT = True
 _SPLIT_SUMS: dict[torch.device, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
 def split_sums(x: torch.Tensor, sums: int, tickets: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(partial sums [>= sums] fp32, zeroed tickets [>= tickets] int32) for split-K launches on x's device, which
-    leave the tickets (and the exchanges' slots among them) zeroed; one pair per device, as launches on it run one
+    leave the tickets (and the fixed-point slots among them) zeroed; one pair per device, as launches on it run one
     after another. A larger pair is added when needed, the old ones kept: CUDA graphs captured earlier still point
     at them. Traced by torch.compile (fake tensors), a pair of the compiled graph's own (a kept one would be a fake
     tensor)."""
@@ -426,7 +421,7 @@ def split_sums(x: torch.Tensor, sums: int, tickets: int) -> tuple[torch.Tensor, 
 
 
 def tickets_left() -> int:
-    """How many split-K tickets (or exchange slots) are set now, on every device (0 between launches: a launch
+    """How many split-K tickets (or fixed-point slots) are set now, on every device (0 between launches: a launch
     that leaves one set breaks the next launch that shares the pair, which then never finishes some of its rows)."""
     return sum(int(tickets.count_nonzero()) for pairs in _SPLIT_SUMS.values() for _, tickets in pairs)
 
@@ -466,10 +461,10 @@ def plain_arguments(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm
                     add: bool) -> tuple[list, dict]:
     """The one-row kernel's arguments for a launch without peer slots, all but the tile: (positional, keyword)."""
     n, k = _shape(w)
-    sums, tickets = split_sums(x, _MAX_SPLIT * 2 * n, _EXCHANGE_SLOTS * n)
+    sums, tickets = split_sums(x, _MAX_SPLIT * 2 * n, 2 * n)  # (int64 slots a row)
     return ([x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0],
             {**_format(w, scaled), "NORM": norm, "GATED": gated, "RESIDUAL": add, "WORLD": 0, "X_SLOTS": False,
-             "R_SLOTS": False, "Y_SLOTS": False, "EVICTION": _weights_eviction(), "EXCHANGE": SPLIT_EXCHANGE,
+             "R_SLOTS": False, "Y_SLOTS": False, "EVICTION": _weights_eviction(), "FIXED_POINT": SPLIT_FIXED_POINT,
              **pdl_launch()})
 
 
@@ -520,7 +515,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
     add = residual is not None or r_site is not None
     tile = _tile(w, 2 * k if gated else k, dtype, scales is not None, norm_weight is not None, gated, add)
     y = torch.empty((1, n), dtype=dtype, device=w.device) if y_site is None else None
-    sums, tickets = split_sums(w, _MAX_SPLIT * 2 * n, _EXCHANGE_SLOTS * n)
+    sums, tickets = split_sums(w, _MAX_SPLIT * 2 * n, 2 * n)
     _gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]), tile["SPLIT_K"])](
         stand_in if x is None else x, w, stand_in if scales is None else scales,
         stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,
@@ -530,7 +525,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
         **_format(w, scales is not None), NORM=norm_weight is not None, GATED=gated,
         RESIDUAL=residual is not None,
         WORLD=peer.world_size, X_SLOTS=x_site is not None, R_SLOTS=r_site is not None,
-        Y_SLOTS=y_site is not None, EVICTION=_weights_eviction(), EXCHANGE=SPLIT_EXCHANGE, **tile, **pdl_launch())
+        Y_SLOTS=y_site is not None, EVICTION=_weights_eviction(), FIXED_POINT=SPLIT_FIXED_POINT, **tile, **pdl_launch())
     return y
 
 
