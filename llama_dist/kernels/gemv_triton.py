@@ -338,8 +338,8 @@ def _fixed_point_sum(y, slots_ptr, rows, row_ok, SPLIT_K: tl.constexpr):
     adds its rows' sums, as integers in units of 2^-20, to a zeroed int64 slot a row with one relaxed atomic: integer
     addition is associative, so the total is the same bits whatever order the parts arrive in, and the part whose
     add brings the count to SPLIT_K came last: it finishes the row and zeroes the slot. A word's bits 0-3 count the
-    parts, bits 4-7 those whose sum is not finite or not within +-2^31 (more could overflow the slot): such a row is
-    NaN. Slots [N] int64."""
+    parts, bits 4-7 those whose sum is not finite or not within +-2^31 (more could overflow the slot; int8's sums,
+    before its row scales, are at most 127 times the part's sum of |x|): such a row is NaN. Slots [N] int64."""
     tl.static_assert(SPLIT_K <= 8, "at most 8 parts: 8 x 2^51 units above 8 bits of counts fit an int64")
     slots = slots_ptr.to(tl.pointer_type(tl.int64), bitcast=True) + rows
     fits = tl.abs(y) < 2147483648.0  # (false for NaN and inf)
