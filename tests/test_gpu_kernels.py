@@ -277,7 +277,7 @@ def test_capped_int4_tiles_fit_four_programs_an_sm_without_spilling(monkeypatch)
                 pytest.skip("no ptxas in this Triton")
             # (Triton 3.9 keeps one value of the split-K 32x1024 tile in local memory where it cannot take the sizes
             # to be multiples of 16: stored once before the loop, loaded once after it)
-            allowed = 4 if split and len(aligned) == len(pointers) else 0
+            allowed = 4 if split and "N" not in aligned else 0
             assert registers <= config.maxnreg and spilled <= allowed, (config, aligned, registers, spilled)
             assert programs * config.num_warps >= 16, (config, programs)
 

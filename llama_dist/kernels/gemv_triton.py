@@ -420,6 +420,12 @@ def split_sums(x: torch.Tensor, sums: int, tickets: int) -> tuple[torch.Tensor, 
     return buffers[-1]
 
 
+def _one_row_buffers(t: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """split_sums for a one-row launch of n rows on t's device: room for every part's sums and squares, and for an
+    int64 fixed-point slot a row (two int32s) among the tickets (more than its row blocks' tickets)."""
+    return split_sums(t, _MAX_SPLIT * 2 * n, 2 * n)
+
+
 def tickets_left() -> int:
     """How many split-K tickets (or fixed-point slots) are set now, on every device (0 between launches: a launch
     that leaves one set breaks the next launch that shares the pair, which then never finishes some of its rows)."""
@@ -461,7 +467,7 @@ def plain_arguments(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, norm
                     add: bool) -> tuple[list, dict]:
     """The one-row kernel's arguments for a launch without peer slots, all but the tile: (positional, keyword)."""
     n, k = _shape(w)
-    sums, tickets = split_sums(x, _MAX_SPLIT * 2 * n, 2 * n)  # (int64 slots a row)
+    sums, tickets = _one_row_buffers(x, n)
     return ([x, w, scales, norm_weight, residual, y, n, k, eps, sums, tickets, x, x, x, x, x, 0, 0, 0, 0],
             {**_format(w, scaled), "NORM": norm, "GATED": gated, "RESIDUAL": add, "WORLD": 0, "X_SLOTS": False,
              "R_SLOTS": False, "Y_SLOTS": False, "EVICTION": _weights_eviction(), "FIXED_POINT": SPLIT_FIXED_POINT,
@@ -515,7 +521,7 @@ def gemv_peers(x: torch.Tensor | None, w: torch.Tensor, scales: torch.Tensor | N
     add = residual is not None or r_site is not None
     tile = _tile(w, 2 * k if gated else k, dtype, scales is not None, norm_weight is not None, gated, add)
     y = torch.empty((1, n), dtype=dtype, device=w.device) if y_site is None else None
-    sums, tickets = split_sums(w, _MAX_SPLIT * 2 * n, 2 * n)
+    sums, tickets = _one_row_buffers(w, n)
     _gemv_kernel[(triton.cdiv(n, tile["BLOCK_N"]), tile["SPLIT_K"])](
         stand_in if x is None else x, w, stand_in if scales is None else scales,
         stand_in if norm_weight is None else norm_weight, stand_in if residual is None else residual,
