@@ -132,6 +132,25 @@ for n, k in ((40, 288), (9, 1024)):
     got = torch.ops.llama_dist.dequantize(int4_words(q), sz, torch.bfloat16)
     dense = int4_dequantize(q, scales.float(), zeros.float())
     assert got.dtype == torch.bfloat16 and ((got.float() - dense).abs() <= dense.abs() / 128).all(), (n, k)
+# a prompt's int8 rows (more than a decode step's, up to INT8_ROWS) through the TMA kernel: the products in fp32 of
+# the exact int8 and bf16 values times the row scales, rounded once (the interpreter truncates: within a bf16 step);
+# ragged row, column and K tiles. Rows it does not take (columns not a multiple of 8, fp32 activations, more than
+# INT8_ROWS rows) are the dequantized matrix's product, bit for bit
+assert quant_matmul_triton.INT8_ROWS < 300
+for rows, n, k in ((70, 40, 288), (33, 24, 1008), (20, 20, 64), (300, 16, 64)):
+    q, s = int8_quantize(torch.randn(n, k, generator=g))
+    s, x = s.to(torch.bfloat16), torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    got = torch.ops.llama_dist.int8_rows(x, q, s)
+    tree = torch.nn.functional.linear(x, torch.ops.llama_dist.dequantize(q, s, torch.bfloat16))
+    if n % 8 or rows > quant_matmul_triton.INT8_ROWS:
+        assert torch.equal(got, tree), (rows, n, k)
+        continue
+    ref = (x.float() @ q.float().t()) * s.float()
+    assert got.dtype == torch.bfloat16 and ((got.float() - ref).abs() <= ref.abs() * 2 ** -7).all(), (rows, n, k)
+    assert not torch.equal(got, tree), (rows, n, k)  # (the tree rounds each weight times its scale to bf16 first)
+    x32 = x.float()
+    assert torch.equal(torch.ops.llama_dist.int8_rows(x32, q, s),
+                       torch.nn.functional.linear(x32, torch.ops.llama_dist.dequantize(q, s, torch.float32)))
 # split-K parts meeting in one fixed-point atomic a row (2, 4 and 8 parts, the residual and int8's row scales folded
 # in): the ticket's rows, to within the fixed point's 2^-21 a part
 import triton
@@ -324,6 +343,26 @@ def test_residual_is_read_before_the_split_k_ticket(fixed_point, monkeypatch):
 
     (before, after), (plain_before, plain_after) = loads(True), loads(False)
     assert (before, after) == (plain_before + 1, plain_after), (before, after, plain_before, plain_after)
+
+
+def test_prompt_int8_tiles_arrive_by_tma_into_wgmma_with_the_weights_in_registers(monkeypatch):
+    """The int8 prompt kernel's speed rests on its form on Hopper (RESULTS.md, 42nd session): both tiles by TMA,
+    the int8 tile converted in registers and given to wgmma as its register operand (x's from shared memory), no
+    mma.sync; each of its tuned configs compiled for sm_90."""
+    from llama_dist.kernels import quant_matmul_triton
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # (for this test only)
+    from kernel_ptx import compile_for
+
+    for config in quant_matmul_triton._ROWS_CONFIGS:
+        m, n, k = (config.kwargs[f"BLOCK_{d}"] for d in "MNK")
+        types = {"x_desc": f"tensordesc<bf16[{m},{k}]>", "w_desc": f"tensordesc<i8[{n},{k}]>",
+                 "y_desc": f"tensordesc<bf16[{m},{n}]>", "s_ptr": "*bf16"}
+        ptx = compile_for(quant_matmul_triton._int8_rows_kernel, config.kwargs, types, num_warps=config.num_warps,
+                          num_stages=config.num_stages).asm["ptx"]
+        products = re.findall(r"wgmma\.mma_async\S*\.bf16\.bf16 \{[^}]*\}, (\S+)", ptx)
+        assert products and all(a.startswith("{%r") for a in products), (config, products[:2])
+        assert "mma.sync" not in ptx and "cp.async.bulk.tensor.2d" in ptx, config
 
 
 @pytest.mark.parametrize("split, tile, warps", [(False, 64, 8), (True, 32, 4)])

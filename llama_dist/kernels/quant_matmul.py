@@ -2,8 +2,9 @@
 Int4Weight. One row goes through the one-row kernel (gemv.py, which the fused decode block also calls with its
 norms and residuals folded in). A prompt's rows (many) go through the matrix dequantized by one Triton kernel
 into a scratch copy, then cuBLAS: there the product's arithmetic outweighs the conversion, and cuBLAS's
-bf16 GEMM is far faster than a tensor-core kernel converting tiles in registers (ours reached a quarter of it)
-or PyTorch's int4 kernel (benchmarks/RESULTS.md, "Quantized prompts"). A decode step's few rows (up to DOT_ROWS): our
+bf16 GEMM is faster than a tensor-core kernel converting tiles in registers or PyTorch's int4 kernel
+(benchmarks/RESULTS.md, "Quantized prompts"); int8 up to a few hundred rows, where writing the copy costs more
+than cuBLAS saves, goes through our TMA kernel instead (int8_rows). A decode step's few rows (up to DOT_ROWS): our
 tensor-core kernel, which converts weight tiles in registers, so a batch reads the quantized weights once, as one
 row does (int4 in bf16 two values at a time, without a conversion instruction: quant_matmul_triton.py).
 """
@@ -25,7 +26,8 @@ def load() -> bool:
     """Define the kernels and their ops (Triton imported only now). False where Triton is missing."""
     if not gemv.load():
         return False
-    from . import quant_matmul_triton  # noqa: F401  (registers llama_dist::int8_matmul, ::int4_matmul, ::dequantize)
+    from . import quant_matmul_triton  # noqa: F401  (registers llama_dist::int8_matmul, ::int4_matmul, ::int8_rows,
+    # ::dequantize)
     return True
 
 
@@ -36,8 +38,8 @@ class TritonInt8Weight(Int8Weight):
             y = gemv.gemv(flat, self.q, self.scales)
         elif flat.shape[0] <= DOT_ROWS:
             y = torch.ops.llama_dist.int8_matmul(flat.contiguous(), self.q, self.scales)
-        else:  # the scales in the matrix (one rounding per weight) rather than a pass over the product
-            y = F.linear(flat, torch.ops.llama_dist.dequantize(self.q, self.scales, flat.dtype))
+        else:
+            y = torch.ops.llama_dist.int8_rows(flat.contiguous(), self.q, self.scales)
         return y.reshape(*x.shape[:-1], -1).to(x.dtype)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -12,10 +13,18 @@ from .gemv import INTERPRETED
 from .gemv_triton import _PTX, _exact_float, _weights, split_sums
 from .tuning import autotune
 
+try:  # (Triton 3.4 on: tiles by TMA, described on the host)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 # autotuning keys on rows rounded up to a power of 2, from MIN_ROWS_BUCKET to MAX_ROWS_BUCKET, so that new batch
 # sizes reuse a tuning; up to 8 rows every tile has more rows than the product (16 at least), and 2, 4 and 8 rows
 # picked the same tiles (timing them was a third of this kernel's tuning at a quantized model's first start)
 MIN_ROWS_BUCKET, MAX_ROWS_BUCKET = 8, 128
+# int8 products of more rows than a decode step's, up to this many: _int8_rows_kernel (on Hopper), which writes no
+# dequantized copy; past it the copy costs less than the arithmetic cuBLAS does faster (RESULTS.md, 42nd session)
+INT8_ROWS = 256
 
 
 @triton.jit
@@ -97,6 +106,26 @@ def _store_tile(acc, s_ptr, y_ptr, at, ok, out_cols, N, INT4: tl.constexpr):
     if not INT4:
         acc = acc * tl.load(s_ptr + out_cols, mask=out_cols < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + at, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _int8_rows_kernel(x_desc, w_desc, y_desc, s_ptr, N, K, ROWS_BUCKET, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y [M, N] = x [M, K] q^T times q's row scales, for a prompt's rows: x's and q's tiles arrive by TMA
+    (pipelined over K by Triton), the int8 tile is converted in registers and is wgmma's left operand (Hopper
+    takes that one from registers), so the tile computed is (q x^T)^T. No dequantized copy of the matrix is
+    written and read back: up to INT8_ROWS rows that copy costs more than cuBLAS's faster arithmetic saves.
+    Programs next to each other take the same weight tile (the rows' tiles vary fastest), so q is read once."""
+    row0, col0 = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # (TMA fills tiles past the edges with zeros)
+        x, w = x_desc.load([row0, k0]), w_desc.load([col0, k0])
+        if _PTX:  # (the interpreter's int8 -> bf16 gives NaNs; _dot takes its tiles in fp32 anyway)
+            w = w.to(x.dtype)
+        acc += _dot(w, tl.trans(x))
+    cols = col0 + tl.arange(0, BLOCK_N)
+    acc = acc * tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[:, None]
+    y_desc.store([row0, col0], tl.trans(acc).to(y_desc.dtype))
 
 
 def _bf16_pairs_asm() -> str:
@@ -212,15 +241,39 @@ _MAX_SPLIT = max(c.kwargs["SPLIT_K"] for c in _CONFIGS)
 _DEQUANTIZE_CONFIGS = [triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w)
                        for bn, bk, w in ((8, 512, 4), (16, 256, 4), (32, 256, 4), (32, 256, 8), (16, 512, 4),
                                          (32, 512, 8))]
+
+
+def _tile_blocks(args: dict) -> None:
+    """A config's tile shapes onto the TMA descriptors of a launch (run before each: the tiles are the config's)."""
+    m, n, k = args["BLOCK_M"], args["BLOCK_N"], args["BLOCK_K"]
+    args["x_desc"].block_shape, args["w_desc"].block_shape, args["y_desc"].block_shape = [m, k], [n, k], [m, n]
+
+
+def _rows_fit(configs, named_args, **kwargs):
+    """No more rows to a tile than the bucket has (64 at least)."""
+    rows = {**named_args, **kwargs}["ROWS_BUCKET"]
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, rows)] or configs[:1]
+
+
+# the fastest on 7B's matrices at 128-512 rows on an H200 (RESULTS.md, 42nd session): (rows, weight rows, K, warps,
+# stages)
+_ROWS_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s,
+                               pre_hook=_tile_blocks)
+                 for bm, bn, bk, w, s in ((64, 64, 128, 4, 4), (128, 64, 64, 4, 4), (128, 128, 128, 8, 3),
+                                          (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (256, 128, 64, 8, 4),
+                                          (256, 64, 64, 4, 4))]
 if INTERPRETED:  # the interpreter cannot time configs: one tile, K in two parts
     _quant_matmul, _FIXED = _quant_matmul_kernel, {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2,
                                                         "SWAP": False}
     _dequantize, _DEQUANTIZE_FIXED = _dequantize_kernel, {"BLOCK_N": 8, "BLOCK_K": 64}
+    _int8_rows, _ROWS_FIXED = _int8_rows_kernel, {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 32}
 else:
     _quant_matmul = autotune(_CONFIGS, ["ROWS_BUCKET", "N", "K", "INT4"], "quant_matmul",
                              prune_configs_by={"early_config_prune": _fits})(_quant_matmul_kernel)
     _dequantize = autotune(_DEQUANTIZE_CONFIGS, ["N", "K", "INT4"], "dequantize")(_dequantize_kernel)
-    _FIXED, _DEQUANTIZE_FIXED = {}, {}
+    _int8_rows = autotune(_ROWS_CONFIGS, ["ROWS_BUCKET", "N", "K"], "int8_rows",
+                          prune_configs_by={"early_config_prune": _rows_fit})(_int8_rows_kernel)
+    _FIXED, _DEQUANTIZE_FIXED, _ROWS_FIXED = {}, {}, {}
 
 
 def _tiles_matmul(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, n: int, int4: bool) -> torch.Tensor:
@@ -257,3 +310,34 @@ def dequantize_op(w: torch.Tensor, scales_zeros: torch.Tensor, dtype: torch.dtyp
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
     torch.library.wrap_triton(_dequantize)[grid](w, scales_zeros, y, n, k, INT4=int4, **_DEQUANTIZE_FIXED)
     return y
+
+
+def _tma_fits(x: torch.Tensor, q: torch.Tensor) -> bool:
+    """Whether _int8_rows_kernel takes these operands: 16-bit activations (fp32 ones would meet tf32 tensor cores),
+    rows TMA can describe (16-byte aligned starts and row strides), and a GPU with TMA (Hopper on)."""
+    return (TensorDescriptor is not None and x.dtype in (torch.bfloat16, torch.float16) and q.shape[0] % 8 == 0
+            and all(t.stride(1) == 1 and t.stride(0) * t.element_size() % 16 == 0 and t.data_ptr() % 16 == 0
+                    for t in (x, q))
+            and (INTERPRETED or torch.cuda.get_device_capability(x.device) >= (9, 0)))
+
+
+@torch.library.custom_op("llama_dist::int8_rows", mutates_args=())
+def int8_rows_op(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] -> [M, N] through int8 q [N, K] with one scale per row [N], for more rows than a decode step's: up
+    to INT8_ROWS through _int8_rows_kernel where it takes them, else the matrix dequantized, then cuBLAS. Opaque
+    to torch.compile, which would rebuild the TMA descriptors with other tiles than the tuner's."""
+    (m, k), n = x.shape, q.shape[0]
+    if m > INT8_ROWS or not _tma_fits(x, q):  # (the scales in the matrix: one rounding a weight)
+        return F.linear(x, dequantize_op(q, scales, x.dtype))
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    descriptors = {name: TensorDescriptor.from_tensor(t, [1, 1]) for name, t in (("x_desc", x), ("w_desc", q),
+                                                                                  ("y_desc", y))}
+    _tile_blocks({**descriptors, **(_ROWS_FIXED or _ROWS_CONFIGS[0].kwargs)})  # (a tuned launch sets its config's)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _int8_rows[grid](*descriptors.values(), scales, n, k, triton.next_power_of_2(m), **_ROWS_FIXED)
+    return y
+
+
+@int8_rows_op.register_fake
+def _(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0], q.shape[0]))
